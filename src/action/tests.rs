@@ -1,0 +1,212 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn err(input: &str) -> String {
+    Action::parse(input).unwrap_err().to_string()
+}
+
+#[test]
+fn parses_the_readme_pipeline() {
+    let a = Action::parse("crop:w_300|rotate:a_90|resize:h_200|format:t_png").unwrap();
+    assert_eq!(
+        a.ops,
+        vec![
+            Op::Crop(Crop {
+                width: Some(300),
+                height: None,
+                anchor: CropAnchor::Gravity(Gravity::Center)
+            }),
+            Op::Rotate(Rotation::R90),
+            Op::Resize(Resize {
+                width: None,
+                height: Some(200),
+                mode: ResizeMode::Pad
+            }),
+            Op::Format(Format {
+                kind: FormatKind::Png,
+                quality: None
+            }),
+        ]
+    );
+    assert_eq!(
+        a.to_string(),
+        "crop:w_300,g_0|rotate:a_90|resize:h_200,m_0|format:t_png"
+    );
+}
+
+#[test]
+fn rotate_error_names_op_key_value_and_allowed() {
+    assert_eq!(
+        err("rotate:a_45"),
+        "rotate: a must be one of 0, 90, 180, 270, got 45"
+    );
+}
+
+#[test]
+fn unknown_operations_and_keys_are_errors() {
+    assert!(err("blur:r_3").contains("unknown operation `blur`"));
+    assert!(err("resize:w_10,x_3").contains("resize: unknown key `x`"));
+    assert!(err("resize:w_10,w_20").contains("given twice"));
+    assert!(err("resize:w10").contains("not of the form key_value"));
+    assert!(err("resize:m_1").contains("missing required key"));
+    assert!(err("resize:w_0").contains("resize: w must be an integer from 1"));
+    assert!(err("format:t_gif").contains("format: t must be one of jpeg, png, webp, tiff, got gif"));
+    assert!(err("format:t_jpeg,q_101").contains("q must be an integer from 1 to 100"));
+    assert!(err("crop:g_1,l_3").contains("g cannot be combined"));
+    assert!(err("crop:g_10").contains("crop: g must be an integer from 0 to 9, got 10"));
+    assert!(err("watermark:p_0.5").contains("missing required key `t`"));
+    assert!(err("watermark:t_!!!").contains("watermark: t must be non-empty UTF-8 text"));
+    assert!(err("watermark:t_YQ,p_0").contains("watermark: p must be a number above 0"));
+    assert!(err("").contains("empty"));
+    assert!(err("info||info").contains("position 2"));
+    assert!(err("info:x_1").contains("info: unknown key"));
+}
+
+#[test]
+fn opacity_above_one_is_clamped() {
+    let a = Action::parse("watermark:t_5rC05Y2w5paH5a2X,p_3").unwrap();
+    let Op::Watermark(w) = &a.ops[0] else {
+        panic!("not a watermark")
+    };
+    assert_eq!(w.opacity.get(), 1.0);
+    assert_eq!(w.text, "水印文字");
+    assert_eq!(w.dpi, 150);
+    assert!((w.em_px() - 20.833).abs() < 0.01);
+}
+
+#[test]
+fn base64_accepts_both_alphabets_with_or_without_padding() {
+    // "a?b>" encodes to "YT9iPg==" (standard) which has no +/; use bytes that do.
+    let text = "ü?>~";
+    for encoded in ["w7w/Pn4=", "w7w/Pn4", "w7w_Pn4=", "w7w_Pn4"] {
+        let a = Action::parse(&format!("watermark:t_{encoded}")).unwrap();
+        let Op::Watermark(w) = &a.ops[0] else {
+            panic!()
+        };
+        assert_eq!(w.text, text, "{encoded}");
+    }
+    let a = Action::parse("watermark:t_YQ,c_I2ZmMDAwMA").unwrap();
+    let Op::Watermark(w) = &a.ops[0] else {
+        panic!()
+    };
+    assert_eq!(w.color, Color { r: 255, g: 0, b: 0 });
+}
+
+#[test]
+fn defaults_and_quality() {
+    let a = Action::parse("format:t_webp").unwrap();
+    assert_eq!(a.output_format().unwrap().effective_quality(), 80);
+    let a = Action::parse("format:t_jpg").unwrap();
+    assert_eq!(a.output_format().unwrap().effective_quality(), 75);
+    assert_eq!(a.output_format().unwrap().kind, FormatKind::Jpeg);
+    let a = Action::parse("crop:l_10").unwrap();
+    assert_eq!(
+        a.ops[0],
+        Op::Crop(Crop {
+            width: None,
+            height: None,
+            anchor: CropAnchor::Offset { left: 10, top: 0 }
+        })
+    );
+    let a = Action::parse("save:b_out,k_a/b_c.jpg").unwrap();
+    assert_eq!(
+        a.ops[0],
+        Op::Save(Save {
+            bucket: "out".into(),
+            key: "a/b_c.jpg".into()
+        })
+    );
+}
+
+fn arb_opacity() -> impl Strategy<Value = Opacity> {
+    (1u32..=1000).prop_map(|n| Opacity::new(n as f32 / 1000.0).unwrap())
+}
+
+fn arb_side() -> impl Strategy<Value = Option<u32>> {
+    prop::option::of(1u32..=20000)
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    let name = "[a-zA-Z0-9/._-]{1,20}";
+    prop_oneof![
+        Just(Op::Info),
+        (arb_side(), arb_side(), 0u32..=9).prop_map(|(w, h, g)| Op::Crop(Crop {
+            width: w,
+            height: h,
+            anchor: CropAnchor::Gravity(Gravity::from_number(g).unwrap())
+        })),
+        (arb_side(), arb_side(), 0u32..5000, 0u32..5000).prop_map(|(w, h, l, t)| Op::Crop(
+            Crop {
+                width: w,
+                height: h,
+                anchor: CropAnchor::Offset { left: l, top: t }
+            }
+        )),
+        prop::sample::select(vec![0u32, 90, 180, 270])
+            .prop_map(|a| Op::Rotate(Rotation::from_degrees(a).unwrap())),
+        (arb_side(), 1u32..=20000, 0u32..=2, any::<bool>()).prop_map(|(w, h, m, swap)| {
+            let (width, height) = if swap { (Some(h), w) } else { (w, Some(h)) };
+            Op::Resize(Resize {
+                width,
+                height,
+                mode: ResizeMode::from_number(m).unwrap(),
+            })
+        }),
+        ("\\PC{1,12}", arb_opacity(), 1u32..=600, any::<[u8; 3]>()).prop_map(
+            |(text, opacity, dpi, c)| Op::Watermark(TextWatermark {
+                text,
+                opacity,
+                dpi,
+                color: Color {
+                    r: c[0],
+                    g: c[1],
+                    b: c[2]
+                }
+            })
+        ),
+        ("\\PC{1,40}", 0u32..4000, 0u32..4000, arb_opacity()).prop_map(
+            |(url, left, top, opacity)| Op::WatermarkImage(ImageWatermark {
+                url,
+                left,
+                top,
+                opacity
+            })
+        ),
+        (0usize..4, prop::option::of(1u8..=100)).prop_map(|(k, quality)| Op::Format(Format {
+            kind: [
+                FormatKind::Jpeg,
+                FormatKind::Png,
+                FormatKind::Webp,
+                FormatKind::Tiff
+            ][k],
+            quality
+        })),
+        (name, name).prop_map(|(bucket, key)| Op::Save(Save { bucket, key })),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn printing_round_trips(ops in prop::collection::vec(arb_op(), 1..6)) {
+        let action = Action { ops };
+        let printed = action.to_string();
+        let reparsed = Action::parse(&printed).unwrap();
+        prop_assert_eq!(&reparsed, &action);
+        prop_assert_eq!(reparsed.to_string(), printed);
+    }
+
+    #[test]
+    fn arbitrary_strings_never_panic(s in "\\PC{0,80}") {
+        let _ = Action::parse(&s);
+    }
+
+    #[test]
+    fn action_like_strings_never_panic(
+        s in "[a-z_]{0,16}(:[a-z]{0,2}_?[-0-9a-zA-Z.=+/#]{0,12}(,[a-z]{0,2}_?[-0-9a-zA-Z.=+/]{0,8}){0,4})?(\\|[a-z_]{0,16}:[a-z]_[0-9]{0,6}){0,3}"
+    ) {
+        if let Ok(a) = Action::parse(&s) {
+            prop_assert_eq!(Action::parse(&a.to_string()).unwrap(), a);
+        }
+    }
+}

@@ -1,0 +1,347 @@
+use std::io::Cursor;
+
+use image::codecs::gif::GifDecoder;
+use image::metadata::Orientation;
+use image::{AnimationDecoder, DynamicImage, Frame, ImageDecoder, ImageReader};
+use turbojpeg::{Colorspace, Decompressor, PixelFormat, ScalingFactor};
+
+use super::{ImageFormat, ImagingError, Limits};
+use crate::action::Resize;
+
+/// Decoded pixels: one still image (always `Rgb8` or `Rgba8`), or the
+/// composited frames of an animation.
+#[derive(Clone)]
+pub enum Pixels {
+    Still(DynamicImage),
+    Animated(Vec<Frame>),
+}
+
+/// Facts about the source that operations do not change.
+#[derive(Debug, Clone)]
+pub struct SourceMeta {
+    pub format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
+    /// EXIF orientation 1-8 (1 when absent), already applied to the pixels.
+    pub orientation: u8,
+    /// `srgb`, `b-w` or `cmyk`.
+    pub space: &'static str,
+    pub frames: usize,
+}
+
+/// The result of [`decode`].
+#[derive(Clone)]
+pub struct Decoded {
+    pub pixels: Pixels,
+    pub format: ImageFormat,
+    pub meta: SourceMeta,
+}
+
+/// Format and dimensions from the header, without decoding pixels.
+pub fn probe(input: &[u8]) -> Result<(ImageFormat, u32, u32), ImagingError> {
+    let format = sniff(input)?;
+    let (w, h) = match format {
+        ImageFormat::Jpeg => {
+            let header = turbojpeg::read_header(input).map_err(|e| decode_error(format, e))?;
+            (header.width as u32, header.height as u32)
+        }
+        _ => reader(input, format)?
+            .into_dimensions()
+            .map_err(|e| decode_error(format, e))?,
+    };
+    Ok((format, w, h))
+}
+
+/// Identifies the format from the leading bytes.
+fn sniff(input: &[u8]) -> Result<ImageFormat, ImagingError> {
+    match image::guess_format(input) {
+        Ok(image::ImageFormat::Jpeg) => Ok(ImageFormat::Jpeg),
+        Ok(image::ImageFormat::Png) => Ok(ImageFormat::Png),
+        Ok(image::ImageFormat::WebP) => Ok(ImageFormat::Webp),
+        Ok(image::ImageFormat::Tiff) => Ok(ImageFormat::Tiff),
+        Ok(image::ImageFormat::Gif) => Ok(ImageFormat::Gif),
+        Ok(image::ImageFormat::Bmp) => Ok(ImageFormat::Bmp),
+        _ => Err(ImagingError::UnknownFormat),
+    }
+}
+
+fn decode_error(format: ImageFormat, e: impl std::fmt::Display) -> ImagingError {
+    ImagingError::Decode {
+        format: format.name(),
+        message: e.to_string(),
+    }
+}
+
+fn check_pixels(width: u32, height: u32, limits: &Limits) -> Result<(), ImagingError> {
+    let pixels = width as u64 * height as u64;
+    if pixels > limits.max_pixels {
+        return Err(ImagingError::TooManyPixels {
+            width,
+            height,
+            pixels,
+            limit: limits.max_pixels,
+        });
+    }
+    if width == 0 || height == 0 {
+        return Err(ImagingError::Decode {
+            format: "image",
+            message: format!("image has no pixels ({width}x{height})"),
+        });
+    }
+    Ok(())
+}
+
+fn reader(input: &[u8], format: ImageFormat) -> Result<ImageReader<Cursor<&[u8]>>, ImagingError> {
+    let format = match format {
+        ImageFormat::Jpeg => image::ImageFormat::Jpeg,
+        ImageFormat::Png => image::ImageFormat::Png,
+        ImageFormat::Webp => image::ImageFormat::WebP,
+        ImageFormat::Tiff => image::ImageFormat::Tiff,
+        ImageFormat::Gif => image::ImageFormat::Gif,
+        ImageFormat::Bmp => image::ImageFormat::Bmp,
+    };
+    Ok(ImageReader::with_format(Cursor::new(input), format))
+}
+
+fn decoder_limits(limits: &Limits) -> image::Limits {
+    let mut l = image::Limits::default();
+    // Enough for the pixel limit at 16-bit RGBA; the pixel count itself is checked first.
+    l.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    l
+}
+
+/// Decodes `input` within `limits`, applying EXIF orientation. `shrink` is the
+/// pipeline's first operation when it is a resize: JPEG then decodes at 1/2,
+/// 1/4 or 1/8 size in the DCT domain, as long as the result still covers the
+/// size that resize needs.
+pub fn decode(
+    input: &[u8],
+    limits: &Limits,
+    shrink: Option<&Resize>,
+) -> Result<Decoded, ImagingError> {
+    if input.len() > limits.max_input_bytes {
+        return Err(ImagingError::InputTooLarge {
+            size: input.len(),
+            limit: limits.max_input_bytes,
+        });
+    }
+    let format = sniff(input)?;
+    match format {
+        ImageFormat::Jpeg => decode_jpeg(input, limits, shrink),
+        ImageFormat::Gif => decode_gif(input, limits),
+        _ => decode_generic(input, format, limits),
+    }
+}
+
+fn exif_orientation(input: &[u8]) -> u8 {
+    exif::Reader::new()
+        .read_from_container(&mut Cursor::new(input))
+        .ok()
+        .and_then(|e| {
+            e.get_field(exif::Tag::Orientation, exif::In::PRIMARY)
+                .and_then(|f| f.value.get_uint(0))
+        })
+        .filter(|o| (1..=8).contains(o))
+        .map(|o| o as u8)
+        .unwrap_or(1)
+}
+
+fn orient(img: DynamicImage, orientation: u8) -> DynamicImage {
+    let mut img = img;
+    if let Some(o) = Orientation::from_exif(orientation) {
+        img.apply_orientation(o);
+    }
+    img
+}
+
+fn decode_jpeg(
+    input: &[u8],
+    limits: &Limits,
+    shrink: Option<&Resize>,
+) -> Result<Decoded, ImagingError> {
+    let format = ImageFormat::Jpeg;
+    let mut d = Decompressor::new().map_err(|e| decode_error(format, e))?;
+    let header = d.read_header(input).map_err(|e| decode_error(format, e))?;
+    let (width, height) = (header.width as u32, header.height as u32);
+    check_pixels(width, height, limits)?;
+    let orientation = exif_orientation(input);
+    let swapped = orientation >= 5;
+    let space = match header.colorspace {
+        Colorspace::Gray => "b-w",
+        Colorspace::CMYK | Colorspace::YCCK => "cmyk",
+        _ => "srgb",
+    };
+    let meta = SourceMeta {
+        format,
+        width,
+        height,
+        orientation,
+        space,
+        frames: 1,
+    };
+    if space == "cmyk" {
+        // libjpeg-turbo cannot convert CMYK to RGB; the pure-Rust decoder can.
+        let img = decode_with_image_crate(input, format, limits)?;
+        return Ok(Decoded {
+            pixels: Pixels::Still(orient(img, orientation)),
+            format,
+            meta,
+        });
+    }
+    let denom = shrink
+        .map(|resize| {
+            let oriented = if swapped {
+                (height, width)
+            } else {
+                (width, height)
+            };
+            let (nw, nh) = super::geometry::scaled_size(resize, oriented);
+            let ratio = (oriented.0 as f64 / nw.max(1) as f64).min(oriented.1 as f64 / nh.max(1) as f64);
+            [8usize, 4, 2]
+                .into_iter()
+                .find(|&d| d as f64 <= ratio)
+                .unwrap_or(1)
+        })
+        .unwrap_or(1);
+    let factor = ScalingFactor::new(1, denom);
+    d.set_scaling_factor(factor)
+        .map_err(|e| decode_error(format, e))?;
+    let scaled = header.scaled(factor);
+    let mut pixels = vec![0u8; scaled.width * scaled.height * 3];
+    d.decompress(
+        input,
+        turbojpeg::Image {
+            pixels: &mut pixels[..],
+            width: scaled.width,
+            pitch: scaled.width * 3,
+            height: scaled.height,
+            format: PixelFormat::RGB,
+        },
+    )
+    .map_err(|e| decode_error(format, e))?;
+    let buffer = image::RgbImage::from_raw(scaled.width as u32, scaled.height as u32, pixels)
+        .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"))?;
+    Ok(Decoded {
+        pixels: Pixels::Still(orient(DynamicImage::ImageRgb8(buffer), orientation)),
+        format,
+        meta,
+    })
+}
+
+fn decode_with_image_crate(
+    input: &[u8],
+    format: ImageFormat,
+    limits: &Limits,
+) -> Result<DynamicImage, ImagingError> {
+    let mut r = reader(input, format)?;
+    r.limits(decoder_limits(limits));
+    let img = r.decode().map_err(|e| decode_error(format, e))?;
+    Ok(normalize(img))
+}
+
+/// Brings every decoded layout to 8-bit RGB or RGBA.
+fn normalize(img: DynamicImage) -> DynamicImage {
+    match img {
+        DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_) => img,
+        other if other.color().has_alpha() => DynamicImage::ImageRgba8(other.to_rgba8()),
+        other => DynamicImage::ImageRgb8(other.to_rgb8()),
+    }
+}
+
+fn decode_generic(
+    input: &[u8],
+    format: ImageFormat,
+    limits: &Limits,
+) -> Result<Decoded, ImagingError> {
+    let mut r = reader(input, format)?;
+    r.limits(decoder_limits(limits));
+    let mut decoder = r.into_decoder().map_err(|e| decode_error(format, e))?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(width, height, limits)?;
+    let orientation = decoder
+        .orientation()
+        .ok()
+        .map(orientation_number)
+        .unwrap_or(1);
+    let space = if matches!(
+        decoder.color_type(),
+        image::ColorType::L8 | image::ColorType::L16 | image::ColorType::La8 | image::ColorType::La16
+    ) {
+        "b-w"
+    } else {
+        "srgb"
+    };
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    Ok(Decoded {
+        pixels: Pixels::Still(orient(normalize(img), orientation)),
+        format,
+        meta: SourceMeta {
+            format,
+            width,
+            height,
+            orientation,
+            space,
+            frames: 1,
+        },
+    })
+}
+
+fn orientation_number(o: Orientation) -> u8 {
+    match o {
+        Orientation::NoTransforms => 1,
+        Orientation::FlipHorizontal => 2,
+        Orientation::Rotate180 => 3,
+        Orientation::FlipVertical => 4,
+        Orientation::Rotate90FlipH => 5,
+        Orientation::Rotate90 => 6,
+        Orientation::Rotate270FlipH => 7,
+        Orientation::Rotate270 => 8,
+    }
+}
+
+fn decode_gif(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
+    let format = ImageFormat::Gif;
+    let decoder = GifDecoder::new(Cursor::new(input)).map_err(|e| decode_error(format, e))?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(width, height, limits)?;
+    let per_frame = width as u64 * height as u64;
+    let mut frames = Vec::new();
+    for frame in decoder.into_frames() {
+        let frame = frame.map_err(|e| decode_error(format, e))?;
+        frames.push(frame);
+        let total = per_frame * frames.len() as u64;
+        if frames.len() > limits.max_frames || total > limits.max_animation_pixels {
+            return Err(ImagingError::AnimationTooLarge {
+                frames: frames.len(),
+                width,
+                height,
+                limit: format!(
+                    "{} frames and {} frame pixels",
+                    limits.max_frames, limits.max_animation_pixels
+                ),
+            });
+        }
+    }
+    let count = frames.len();
+    let pixels = if count > 1 {
+        Pixels::Animated(frames)
+    } else {
+        let frame = frames
+            .into_iter()
+            .next()
+            .ok_or_else(|| decode_error(format, "no frames"))?;
+        Pixels::Still(DynamicImage::ImageRgba8(frame.into_buffer()))
+    };
+    Ok(Decoded {
+        pixels,
+        format,
+        meta: SourceMeta {
+            format,
+            width,
+            height,
+            orientation: 1,
+            space: "srgb",
+            frames: count,
+        },
+    })
+}

@@ -1,0 +1,135 @@
+use std::io::Cursor;
+
+use image::codecs::gif::{GifEncoder, Repeat};
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::{DynamicImage, ImageEncoder, RgbImage};
+
+use super::{Encoded, ImageFormat, ImagingError, Pixels};
+
+fn encode_error(format: ImageFormat, e: impl std::fmt::Display) -> ImagingError {
+    ImagingError::Encode {
+        format: format.name(),
+        message: e.to_string(),
+    }
+}
+
+/// Encodes `pixels` as `format`. `quality` applies to jpeg and webp (defaults
+/// 75 and 80). Animations stay animated as GIF; other formats take the first
+/// frame. Alpha is kept where the format can hold it, else flattened onto white.
+pub fn encode(
+    pixels: &Pixels,
+    format: ImageFormat,
+    quality: Option<u8>,
+) -> Result<Encoded, ImagingError> {
+    let (width, height) = pixels.dimensions();
+    let bytes = match (pixels, format) {
+        (Pixels::Animated(frames), ImageFormat::Gif) => {
+            let mut out = Vec::new();
+            {
+                let mut enc = GifEncoder::new_with_speed(&mut out, 10);
+                enc.set_repeat(Repeat::Infinite)
+                    .map_err(|e| encode_error(format, e))?;
+                enc.encode_frames(frames.iter().cloned())
+                    .map_err(|e| encode_error(format, e))?;
+            }
+            out
+        }
+        (Pixels::Animated(_), _) => {
+            let first = Pixels::Still(pixels.clone().into_first_frame());
+            return encode(&first, format, quality);
+        }
+        (Pixels::Still(img), _) => encode_still(img, format, quality)?,
+    };
+    Ok(Encoded {
+        bytes,
+        format,
+        width,
+        height,
+    })
+}
+
+fn encode_still(
+    img: &DynamicImage,
+    format: ImageFormat,
+    quality: Option<u8>,
+) -> Result<Vec<u8>, ImagingError> {
+    let (w, h) = (img.width(), img.height());
+    match format {
+        ImageFormat::Jpeg => {
+            let flat;
+            let rgb: &RgbImage = match img {
+                DynamicImage::ImageRgb8(b) => b,
+                other => {
+                    flat = flatten_on_white(other);
+                    &flat
+                }
+            };
+            let mut c = turbojpeg::Compressor::new().map_err(|e| encode_error(format, e))?;
+            c.set_quality(quality.unwrap_or(75) as i32)
+                .map_err(|e| encode_error(format, e))?;
+            c.set_subsamp(turbojpeg::Subsamp::Sub2x2)
+                .map_err(|e| encode_error(format, e))?;
+            c.compress_to_vec(turbojpeg::Image {
+                pixels: rgb.as_raw().as_slice(),
+                width: w as usize,
+                pitch: w as usize * 3,
+                height: h as usize,
+                format: turbojpeg::PixelFormat::RGB,
+            })
+            .map_err(|e| encode_error(format, e))
+        }
+        ImageFormat::Webp => {
+            let enc = match img {
+                DynamicImage::ImageRgba8(b) => webp::Encoder::from_rgba(b.as_raw(), w, h),
+                DynamicImage::ImageRgb8(b) => webp::Encoder::from_rgb(b.as_raw(), w, h),
+                other => {
+                    let rgba = other.to_rgba8();
+                    return encode_still(&DynamicImage::ImageRgba8(rgba), format, quality);
+                }
+            };
+            let mut config = webp::WebPConfig::new().map_err(|_| encode_error(format, "config"))?;
+            config.quality = quality.unwrap_or(80) as f32;
+            config.method = 4;
+            let mem = enc
+                .encode_advanced(&config)
+                .map_err(|e| encode_error(format, format!("{e:?}")))?;
+            Ok(mem.to_vec())
+        }
+        ImageFormat::Png => {
+            let mut out = Vec::new();
+            PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Adaptive)
+                .write_image(img.as_bytes(), w, h, img.color().into())
+                .map_err(|e| encode_error(format, e))?;
+            Ok(out)
+        }
+        ImageFormat::Tiff | ImageFormat::Gif | ImageFormat::Bmp => {
+            let mut out = Cursor::new(Vec::new());
+            let target = match format {
+                ImageFormat::Tiff => image::ImageFormat::Tiff,
+                ImageFormat::Gif => image::ImageFormat::Gif,
+                _ => image::ImageFormat::Bmp,
+            };
+            let img = if format == ImageFormat::Bmp && img.color().has_alpha() {
+                DynamicImage::ImageRgb8(flatten_on_white(img))
+            } else {
+                img.clone()
+            };
+            img.write_to(&mut out, target)
+                .map_err(|e| encode_error(format, e))?;
+            Ok(out.into_inner())
+        }
+    }
+}
+
+/// Composites an image with alpha over white.
+fn flatten_on_white(img: &DynamicImage) -> RgbImage {
+    let rgba = img.to_rgba8();
+    let mut out = RgbImage::new(rgba.width(), rgba.height());
+    for (dst, src) in out.pixels_mut().zip(rgba.pixels()) {
+        let a = src[3] as u32;
+        for c in 0..3 {
+            dst[c] = ((src[c] as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
+        }
+    }
+    out
+}

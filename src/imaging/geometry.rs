@@ -1,0 +1,247 @@
+//! Crop, rotate and resize: sizes are computed here once, and applied to a
+//! still image or to every frame of an animation.
+
+use std::cell::RefCell;
+
+use fast_image_resize as fr;
+use image::{DynamicImage, GenericImageView};
+
+use super::{ImagingError, Pixels, smartcrop};
+use crate::action::{Action, Crop, CropAnchor, Gravity, Op, Resize, ResizeMode, Rotation};
+
+/// The pipeline's first resize when nothing before it needs full resolution,
+/// so the decoder may shrink on load.
+pub(super) fn shrink_hint(action: &Action) -> Option<&Resize> {
+    action
+        .ops
+        .iter()
+        .find(|op| !matches!(op, Op::Info | Op::Format(_)))
+        .and_then(|op| match op {
+            Op::Resize(r) => Some(r),
+            _ => None,
+        })
+}
+
+fn round_side(v: f64) -> u32 {
+    (v.round() as u32).max(1)
+}
+
+/// The size of the whole image once `r` has scaled it, before `m_0` pads or
+/// `m_2` crops it to the box.
+pub fn scaled_size(r: &Resize, (sw, sh): (u32, u32)) -> (u32, u32) {
+    let (fw, fh) = (sw as f64, sh as f64);
+    match (r.width, r.height) {
+        (Some(w), None) => (w, round_side(fh * w as f64 / fw)),
+        (None, Some(h)) => (round_side(fw * h as f64 / fh), h),
+        (Some(w), Some(h)) => {
+            let (sx, sy) = (w as f64 / fw, h as f64 / fh);
+            match r.mode {
+                ResizeMode::Pad | ResizeMode::Fit => {
+                    let s = sx.min(sy);
+                    (round_side(fw * s).min(w), round_side(fh * s).min(h))
+                }
+                ResizeMode::Cover => {
+                    let s = sx.max(sy);
+                    (round_side(fw * s).max(w), round_side(fh * s).max(h))
+                }
+            }
+        }
+        (None, None) => (sw, sh),
+    }
+}
+
+/// The final size `r` produces from an image of `src` size.
+pub fn resized_size(r: &Resize, src: (u32, u32)) -> (u32, u32) {
+    match (r.width, r.height, r.mode) {
+        (Some(w), Some(h), ResizeMode::Pad | ResizeMode::Cover) => (w, h),
+        _ => scaled_size(r, src),
+    }
+}
+
+/// The region `crop` takes from an image of `(w, h)`: `(left, top, width, height)`.
+/// Sizes beyond the image are clamped; gravity 9 is resolved by the caller and
+/// placed at the centre here.
+pub fn crop_rect(crop: &Crop, (iw, ih): (u32, u32)) -> Result<(u32, u32, u32, u32), ImagingError> {
+    match crop.anchor {
+        CropAnchor::Offset { left, top } => {
+            if left >= iw || top >= ih {
+                return Err(ImagingError::Operation {
+                    op: "crop",
+                    message: format!(
+                        "offset l_{left},t_{top} is outside the {iw}x{ih} image"
+                    ),
+                });
+            }
+            let w = crop.width.unwrap_or(iw).min(iw - left);
+            let h = crop.height.unwrap_or(ih).min(ih - top);
+            Ok((left, top, w, h))
+        }
+        CropAnchor::Gravity(g) => {
+            let w = crop.width.unwrap_or(iw).min(iw);
+            let h = crop.height.unwrap_or(ih).min(ih);
+            let (cx, cy) = ((iw - w) / 2, (ih - h) / 2);
+            let (right, bottom) = (iw - w, ih - h);
+            let (x, y) = match g {
+                Gravity::Center | Gravity::Auto => (cx, cy),
+                Gravity::North => (cx, 0),
+                Gravity::East => (right, cy),
+                Gravity::South => (cx, bottom),
+                Gravity::West => (0, cy),
+                Gravity::NorthWest => (0, 0),
+                Gravity::NorthEast => (right, 0),
+                Gravity::SouthWest => (0, bottom),
+                Gravity::SouthEast => (right, bottom),
+            };
+            Ok((x, y, w, h))
+        }
+    }
+}
+
+fn check_side(op: &'static str, (w, h): (u32, u32), limit: u32) -> Result<(), ImagingError> {
+    if w > limit || h > limit {
+        return Err(ImagingError::OutputTooLarge {
+            op,
+            width: w,
+            height: h,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// Applies a crop, rotate or resize to every frame.
+pub(super) fn apply(
+    pixels: &mut Pixels,
+    op: &Op,
+    limits: &super::Limits,
+) -> Result<(), ImagingError> {
+    match op {
+        Op::Crop(c) => {
+            let dims = pixels.dimensions();
+            let (mut x, mut y, w, h) = crop_rect(c, dims)?;
+            if c.anchor == CropAnchor::Gravity(Gravity::Auto) && (w, h) != dims {
+                let first = match pixels {
+                    Pixels::Still(img) => smartcrop::attention_origin(img, w, h),
+                    Pixels::Animated(frames) => match frames.first() {
+                        Some(f) => smartcrop::attention_origin(
+                            &DynamicImage::ImageRgba8(f.buffer().clone()),
+                            w,
+                            h,
+                        ),
+                        None => (x, y),
+                    },
+                };
+                (x, y) = (first.0.min(dims.0 - w), first.1.min(dims.1 - h));
+            }
+            if (x, y, w, h) == (0, 0, dims.0, dims.1) {
+                return Ok(());
+            }
+            pixels.for_each_frame(|img| {
+                *img = img.crop_imm(x, y, w, h);
+                Ok(())
+            })
+        }
+        Op::Rotate(r) => pixels.for_each_frame(|img| {
+            *img = match r {
+                Rotation::R0 => return Ok(()),
+                Rotation::R90 => img.rotate90(),
+                Rotation::R180 => img.rotate180(),
+                Rotation::R270 => img.rotate270(),
+            };
+            Ok(())
+        }),
+        Op::Resize(r) => {
+            let src = pixels.dimensions();
+            let out = resized_size(r, src);
+            check_side("resize", out, limits.max_output_side)?;
+            check_side("resize", scaled_size(r, src), limits.max_output_side.saturating_mul(2))?;
+            pixels.for_each_frame(|img| {
+                *img = resize(img, r)?;
+                Ok(())
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Resizes one image as `r` says, in a single resampling pass.
+fn resize(img: &DynamicImage, r: &Resize) -> Result<DynamicImage, ImagingError> {
+    let src = img.dimensions();
+    let scaled = scaled_size(r, src);
+    match (r.width, r.height, r.mode) {
+        (Some(w), Some(h), ResizeMode::Cover) => {
+            // Sample only the centred source region with the box's aspect ratio.
+            let (fw, fh) = (src.0 as f64, src.1 as f64);
+            let aspect = w as f64 / h as f64;
+            let (cw, ch) = if fw / fh > aspect {
+                (fh * aspect, fh)
+            } else {
+                (fw, fw / aspect)
+            };
+            resample(img, (w, h), Some(((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch)))
+        }
+        (Some(w), Some(h), ResizeMode::Pad) => {
+            let inner = resample(img, scaled, None)?;
+            if scaled == (w, h) {
+                return Ok(inner);
+            }
+            let (x, y) = ((w - scaled.0) / 2, (h - scaled.1) / 2);
+            let mut canvas = match &inner {
+                DynamicImage::ImageRgba8(_) => {
+                    DynamicImage::ImageRgba8(image::RgbaImage::new(w, h))
+                }
+                _ => DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+                    w,
+                    h,
+                    image::Rgb([255, 255, 255]),
+                )),
+            };
+            image::imageops::replace(&mut canvas, &inner, x as i64, y as i64);
+            Ok(canvas)
+        }
+        _ => resample(img, scaled, None),
+    }
+}
+
+thread_local! {
+    static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
+}
+
+fn resample(
+    img: &DynamicImage,
+    (w, h): (u32, u32),
+    crop: Option<(f64, f64, f64, f64)>,
+) -> Result<DynamicImage, ImagingError> {
+    if crop.is_none() && img.dimensions() == (w, h) {
+        return Ok(img.clone());
+    }
+    let fail = |e: &dyn std::fmt::Display| ImagingError::Operation {
+        op: "resize",
+        message: e.to_string(),
+    };
+    let (pixel_type, raw): (fr::PixelType, &[u8]) = match img {
+        DynamicImage::ImageRgb8(b) => (fr::PixelType::U8x3, b.as_raw()),
+        DynamicImage::ImageRgba8(b) => (fr::PixelType::U8x4, b.as_raw()),
+        other => {
+            let converted = DynamicImage::ImageRgba8(other.to_rgba8());
+            return resample(&converted, (w, h), crop);
+        }
+    };
+    let src = fr::images::ImageRef::new(img.width(), img.height(), raw, pixel_type)
+        .map_err(|e| fail(&e))?;
+    let mut dst = fr::images::Image::new(w, h, pixel_type);
+    let mut options =
+        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
+    if let Some((l, t, cw, ch)) = crop {
+        options = options.crop(l, t, cw, ch);
+    }
+    RESIZER
+        .with(|r| r.borrow_mut().resize(&src, &mut dst, &options))
+        .map_err(|e| fail(&e))?;
+    let buf = dst.into_vec();
+    let out = match pixel_type {
+        fr::PixelType::U8x3 => image::RgbImage::from_raw(w, h, buf).map(DynamicImage::ImageRgb8),
+        _ => image::RgbaImage::from_raw(w, h, buf).map(DynamicImage::ImageRgba8),
+    };
+    out.ok_or_else(|| fail(&"resized buffer has the wrong size"))
+}

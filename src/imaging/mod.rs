@@ -1,0 +1,280 @@
+//! Runs a parsed action pipeline on image bytes: decode (with limits and EXIF
+//! orientation), operations, encode, info. CPU only, synchronous, no I/O:
+//! the one thing it needs from outside, a watermark image's bytes, comes
+//! through [`WatermarkResolver`].
+
+mod decode;
+mod encode;
+mod error;
+mod geometry;
+mod info;
+pub mod smartcrop;
+pub mod watermark;
+
+pub use decode::{Decoded, Pixels, SourceMeta, decode, probe};
+pub use encode::encode;
+pub use error::ImagingError;
+pub use geometry::{crop_rect, scaled_size};
+
+use image::{DynamicImage, Frame};
+use serde_json::Value;
+
+use crate::action::{Action, Op};
+
+/// Resource limits, checked before work is done.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest input accepted, in bytes.
+    pub max_input_bytes: usize,
+    /// Largest image accepted, in pixels, read from the header before decoding.
+    pub max_pixels: u64,
+    /// Largest width or height an operation may produce.
+    pub max_output_side: u32,
+    /// Most frames an animated GIF may have.
+    pub max_frames: usize,
+    /// Most frames x pixels per frame an animation may carry.
+    pub max_animation_pixels: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_input_bytes: 50 * 1024 * 1024,
+            max_pixels: 100_000_000,
+            max_output_side: 16384,
+            max_frames: 300,
+            max_animation_pixels: 500_000_000,
+        }
+    }
+}
+
+/// Image formats read and written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Jpeg,
+    Png,
+    Webp,
+    Tiff,
+    Gif,
+    Bmp,
+}
+
+impl ImageFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Jpeg => "jpeg",
+            ImageFormat::Png => "png",
+            ImageFormat::Webp => "webp",
+            ImageFormat::Tiff => "tiff",
+            ImageFormat::Gif => "gif",
+            ImageFormat::Bmp => "bmp",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ImageFormat::Jpeg => "image/jpeg",
+            ImageFormat::Png => "image/png",
+            ImageFormat::Webp => "image/webp",
+            ImageFormat::Tiff => "image/tiff",
+            ImageFormat::Gif => "image/gif",
+            ImageFormat::Bmp => "image/bmp",
+        }
+    }
+
+    /// True when the format stores an alpha channel.
+    pub fn keeps_alpha(self) -> bool {
+        !matches!(self, ImageFormat::Jpeg | ImageFormat::Bmp)
+    }
+
+    pub fn from_kind(kind: crate::action::FormatKind) -> ImageFormat {
+        use crate::action::FormatKind;
+        match kind {
+            FormatKind::Jpeg => ImageFormat::Jpeg,
+            FormatKind::Png => ImageFormat::Png,
+            FormatKind::Webp => ImageFormat::Webp,
+            FormatKind::Tiff => ImageFormat::Tiff,
+        }
+    }
+}
+
+/// Gives `watermark_image` the bytes behind a URL. The caller decides what a
+/// URL may name (local files, store objects, allow-listed hosts).
+pub trait WatermarkResolver {
+    fn resolve(&self, url: &str) -> Result<Vec<u8>, String>;
+}
+
+/// A resolver that refuses every URL, for pipelines without `watermark_image`.
+pub struct NoWatermarks;
+
+impl WatermarkResolver for NoWatermarks {
+    fn resolve(&self, url: &str) -> Result<Vec<u8>, String> {
+        Err(format!("no watermark source is configured for {url}"))
+    }
+}
+
+/// An encoded image.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    pub format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// A `save:` output for the caller to store.
+#[derive(Debug, Clone)]
+pub struct SaveOutput {
+    pub bucket: String,
+    pub key: String,
+    pub image: Encoded,
+}
+
+/// What a pipeline produced.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// The processed image; `None` when the pipeline ends with `info`.
+    pub image: Option<Encoded>,
+    /// The last `info` the pipeline asked for.
+    pub info: Option<Value>,
+    pub saves: Vec<SaveOutput>,
+}
+
+/// Processing state threaded through the operations.
+struct State {
+    pixels: Pixels,
+    format: ImageFormat,
+    quality: Option<u8>,
+}
+
+/// Decodes `input`, runs `action` on it and encodes the result.
+pub fn process(
+    input: &[u8],
+    action: &Action,
+    limits: &Limits,
+    resolver: &dyn WatermarkResolver,
+) -> Result<Output, ImagingError> {
+    let decoded = decode(input, limits, geometry::shrink_hint(action))?;
+    let mut state = State {
+        format: decoded.format,
+        quality: None,
+        pixels: decoded.pixels,
+    };
+    let mut info = None;
+    let mut saves = Vec::new();
+    for op in &action.ops {
+        match op {
+            Op::Info => {
+                info = Some(info::describe(
+                    input,
+                    &decoded.meta,
+                    &state.pixels,
+                    state.format,
+                ))
+            }
+            Op::Format(f) => {
+                state.format = ImageFormat::from_kind(f.kind);
+                state.quality = f.quality;
+            }
+            Op::Save(s) => saves.push(SaveOutput {
+                bucket: s.bucket.clone(),
+                key: s.key.clone(),
+                image: encode(&state.pixels, state.format, state.quality)?,
+            }),
+            Op::WatermarkImage(w) => {
+                let bytes = resolver
+                    .resolve(&w.url)
+                    .map_err(|message| ImagingError::Watermark {
+                        url: w.url.clone(),
+                        message,
+                    })?;
+                let overlay = decode(&bytes, limits, None)
+                    .map_err(|e| ImagingError::Watermark {
+                        url: w.url.clone(),
+                        message: e.to_string(),
+                    })?
+                    .pixels
+                    .into_first_frame();
+                let opacity = w.opacity.get();
+                state.pixels.for_each_frame(|img| {
+                    watermark::composite(img, &overlay, w.left, w.top, opacity);
+                    Ok(())
+                })?;
+            }
+            Op::Watermark(w) => state.pixels.for_each_frame(|img| {
+                watermark::draw_text(img, w);
+                Ok(())
+            })?,
+            Op::Crop(_) | Op::Rotate(_) | Op::Resize(_) => {
+                geometry::apply(&mut state.pixels, op, limits)?
+            }
+        }
+    }
+    let image = if action.ends_with_info() {
+        None
+    } else {
+        Some(encode(&state.pixels, state.format, state.quality)?)
+    };
+    Ok(Output {
+        image,
+        info,
+        saves,
+    })
+}
+
+impl Pixels {
+    /// Width and height of the (first) frame.
+    pub fn dimensions(&self) -> (u32, u32) {
+        match self {
+            Pixels::Still(img) => (img.width(), img.height()),
+            Pixels::Animated(frames) => frames
+                .first()
+                .map(|f| f.buffer().dimensions())
+                .unwrap_or((0, 0)),
+        }
+    }
+
+    pub fn has_alpha(&self) -> bool {
+        match self {
+            Pixels::Still(img) => img.color().has_alpha(),
+            Pixels::Animated(_) => true,
+        }
+    }
+
+    /// The still image, or the first frame of an animation.
+    pub fn into_first_frame(self) -> DynamicImage {
+        match self {
+            Pixels::Still(img) => img,
+            Pixels::Animated(frames) => frames
+                .into_iter()
+                .next()
+                .map(|f| DynamicImage::ImageRgba8(f.into_buffer()))
+                .unwrap_or_else(|| DynamicImage::new_rgb8(1, 1)),
+        }
+    }
+
+    /// Applies `f` to the still image or to every frame of an animation.
+    pub(crate) fn for_each_frame(
+        &mut self,
+        mut f: impl FnMut(&mut DynamicImage) -> Result<(), ImagingError>,
+    ) -> Result<(), ImagingError> {
+        match self {
+            Pixels::Still(img) => f(img),
+            Pixels::Animated(frames) => {
+                for frame in frames.iter_mut() {
+                    let delay = frame.delay();
+                    let buffer = std::mem::replace(frame, Frame::new(image::RgbaImage::new(0, 0)))
+                        .into_buffer();
+                    let mut img = DynamicImage::ImageRgba8(buffer);
+                    f(&mut img)?;
+                    *frame = Frame::from_parts(img.into_rgba8(), 0, 0, delay);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,10 @@
+//! imgfunc: a serverless-style image function runtime.
+//!
+//! A bucket event arrives, a notification rule names a cloudfunc, the `image`
+//! cloudfunc runs the rule's action pipeline on the object and writes the
+//! result back to object storage, then the outcome is POSTed to `notify_url`.
+//! `action` and `imaging` are pure and synchronous; I/O lives in `store`,
+//! `notify`, `cloudfunc` and `host`.
+
+pub mod action;
+pub mod imaging;

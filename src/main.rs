@@ -1,0 +1,167 @@
+//! The `imgfunc` command: `process` runs one pipeline on a file; `serve` runs
+//! the function host.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use imgfunc::action::Action;
+use imgfunc::imaging::{self, Limits, WatermarkResolver};
+
+#[derive(Parser)]
+#[command(name = "imgfunc", version, about = "Image functions for object storage")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an action pipeline on one image file (`-` for stdin/stdout).
+    Process(ProcessArgs),
+}
+
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Largest input in bytes.
+    #[arg(long, env = "IMGFUNC_MAX_INPUT_BYTES", default_value_t = 50 * 1024 * 1024)]
+    max_input_bytes: usize,
+    /// Largest input in pixels, checked from the header before decoding.
+    #[arg(long, env = "IMGFUNC_MAX_PIXELS", default_value_t = 100_000_000)]
+    max_pixels: u64,
+    /// Largest output width or height.
+    #[arg(long, env = "IMGFUNC_MAX_OUTPUT_SIDE", default_value_t = 16384)]
+    max_output_side: u32,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_input_bytes: self.max_input_bytes,
+            max_pixels: self.max_pixels,
+            max_output_side: self.max_output_side,
+            ..Limits::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct ProcessArgs {
+    /// The action, e.g. `resize:w_300|format:t_webp`.
+    #[arg(long, short)]
+    action: String,
+    /// Input image file, or `-` for stdin.
+    input: PathBuf,
+    /// Output file, or `-` for stdout.
+    #[arg(short, long, default_value = "-")]
+    output: PathBuf,
+    /// A local store directory (bucket = folder) for `watermark_image` URLs
+    /// such as `s3://bucket/key`; other URLs are read as local file paths.
+    #[arg(long, env = "IMGFUNC_DATA")]
+    store: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Resolves watermark URLs to local files or to objects of a store directory.
+struct LocalResolver {
+    store: Option<PathBuf>,
+}
+
+impl WatermarkResolver for LocalResolver {
+    fn resolve(&self, url: &str) -> std::result::Result<Vec<u8>, String> {
+        let path = if let Some(rest) = url.strip_prefix("s3://") {
+            let store = self
+                .store
+                .as_ref()
+                .ok_or("s3:// URLs need --store DIR".to_string())?;
+            let (bucket, key) = rest
+                .split_once('/')
+                .ok_or(format!("{url} has no key after the bucket"))?;
+            if key.split('/').any(|seg| seg == ".." || seg.is_empty()) || bucket.contains("..") {
+                return Err(format!("{url} names a path outside the store"));
+            }
+            store.join(bucket).join(key)
+        } else if let Some(rest) = url.strip_prefix("file://") {
+            PathBuf::from(rest)
+        } else if url.contains("://") {
+            return Err(format!("{url}: only local files and s3://bucket/key are read here"));
+        } else {
+            PathBuf::from(url)
+        };
+        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+fn read_input(path: &PathBuf, limit: usize) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .take(limit as u64 + 1)
+            .read_to_end(&mut buf)
+            .context("reading stdin")?;
+    } else {
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        if len > limit as u64 {
+            bail!("{} is {len} bytes, over the limit of {limit} bytes", path.display());
+        }
+        buf = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    Ok(buf)
+}
+
+fn process(args: ProcessArgs) -> Result<()> {
+    let action = Action::parse(&args.action).context("bad --action")?;
+    let limits = args.limits.limits();
+    let input = read_input(&args.input, limits.max_input_bytes)?;
+    let resolver = LocalResolver { store: args.store };
+    let out = imaging::process(&input, &action, &limits, &resolver)?;
+    for save in &out.saves {
+        let store = resolver
+            .store
+            .as_ref()
+            .context("save: needs --store DIR to write to")?;
+        let path = store.join(&save.bucket).join(&save.key);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, &save.image.bytes)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let bytes = match (&out.image, &out.info) {
+        (Some(img), _) => img.bytes.clone(),
+        (None, Some(info)) => {
+            let mut v = serde_json::to_vec_pretty(info)?;
+            v.push(b'\n');
+            v
+        }
+        (None, None) => Vec::new(),
+    };
+    if args.output.as_os_str() == "-" {
+        std::io::stdout().write_all(&bytes)?;
+    } else {
+        std::fs::write(&args.output, &bytes)
+            .with_context(|| format!("cannot write {}", args.output.display()))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Process(args) => process(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("imgfunc: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
