@@ -1,0 +1,474 @@
+use image::{DynamicImage, GenericImageView, Rgb, RgbImage, Rgba, RgbaImage};
+
+use super::*;
+use crate::action::Action;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn run(input: &[u8], action: &str) -> Result<Output, ImagingError> {
+    process(
+        input,
+        &Action::parse(action).unwrap(),
+        &Limits::default(),
+        &NoWatermarks,
+    )
+}
+
+fn run_image(input: &[u8], action: &str) -> (Encoded, DynamicImage) {
+    let out = run(input, action).unwrap_or_else(|e| panic!("{action}: {e}"));
+    let encoded = out.image.expect("an image");
+    let decoded = image::load_from_memory(&encoded.bytes).unwrap();
+    assert_eq!(
+        (decoded.width(), decoded.height()),
+        (encoded.width, encoded.height)
+    );
+    (encoded, decoded)
+}
+
+fn png(img: &DynamicImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+const CELL: u32 = 30;
+
+/// A 3x3 grid of distinct colours, cell (col,row) = colour index row*3+col.
+fn grid() -> DynamicImage {
+    let colours = grid_colours();
+    DynamicImage::ImageRgb8(RgbImage::from_fn(CELL * 3, CELL * 3, |x, y| {
+        Rgb(colours[((y / CELL) * 3 + x / CELL) as usize])
+    }))
+}
+
+fn grid_colours() -> [[u8; 3]; 9] {
+    [
+        [255, 0, 0],
+        [0, 255, 0],
+        [0, 0, 255],
+        [255, 255, 0],
+        [0, 255, 255],
+        [255, 0, 255],
+        [128, 0, 0],
+        [0, 128, 0],
+        [0, 0, 128],
+    ]
+}
+
+fn close(a: [u8; 3], b: [u8; 3], tol: u8) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.abs_diff(y) <= tol)
+}
+
+fn rgb_at(img: &DynamicImage, x: u32, y: u32) -> [u8; 3] {
+    let p = img.get_pixel(x, y);
+    [p[0], p[1], p[2]]
+}
+
+#[test]
+fn each_gravity_takes_the_expected_cell() {
+    let input = png(&grid());
+    let colours = grid_colours();
+    // QingStor: 0 centre, 1 N, 2 E, 3 S, 4 W, 5 NW, 6 NE, 7 SW, 8 SE -> grid cell index.
+    let expected_cell = [4usize, 1, 5, 7, 3, 0, 2, 6, 8];
+    for (g, cell) in expected_cell.iter().enumerate() {
+        let (enc, img) = run_image(&input, &format!("crop:w_{CELL},h_{CELL},g_{g}"));
+        assert_eq!((enc.width, enc.height), (CELL, CELL), "g_{g}");
+        for (x, y) in [(0, 0), (CELL - 1, CELL - 1), (CELL / 2, CELL / 2)] {
+            assert_eq!(rgb_at(&img, x, y), colours[*cell], "g_{g} at ({x},{y})");
+        }
+    }
+}
+
+#[test]
+fn crop_by_offset_and_clamping() {
+    let input = png(&grid());
+    let colours = grid_colours();
+    let (enc, img) = run_image(&input, "crop:l_60,t_30");
+    assert_eq!((enc.width, enc.height), (30, 60));
+    assert_eq!(rgb_at(&img, 0, 0), colours[5]);
+    assert_eq!(rgb_at(&img, 29, 59), colours[8]);
+    let (enc, _) = run_image(&input, "crop:w_1000,h_10,g_3");
+    assert_eq!((enc.width, enc.height), (90, 10));
+    let err = run(&input, "crop:l_500").err().unwrap();
+    assert!(err.to_string().contains("outside the 90x90 image"), "{err}");
+}
+
+#[test]
+fn gravity_auto_finds_the_busy_region() {
+    // Flat grey with a saturated checkerboard in the bottom-right corner.
+    let img = RgbImage::from_fn(600, 400, |x, y| {
+        if x > 450 && y > 260 && ((x / 6 + y / 6) % 2 == 0) {
+            Rgb([230, 20, 40])
+        } else if x > 450 && y > 260 {
+            Rgb([20, 200, 60])
+        } else {
+            Rgb([128, 128, 128])
+        }
+    });
+    let (_, out) = run_image(&png(&DynamicImage::ImageRgb8(img)), "crop:w_150,h_140,g_9");
+    let busy = out
+        .to_rgb8()
+        .pixels()
+        .filter(|p| p[0] > 200 || p[1] > 180)
+        .count();
+    assert!(busy > 150 * 140 / 2, "auto crop missed the busy corner: {busy}");
+}
+
+#[test]
+fn rotate_moves_a_known_corner_clockwise() {
+    // 40x20, red 5x5 block at the top-left.
+    let img = RgbImage::from_fn(40, 20, |x, y| {
+        if x < 5 && y < 5 {
+            Rgb([255, 0, 0])
+        } else {
+            Rgb([255, 255, 255])
+        }
+    });
+    let input = png(&DynamicImage::ImageRgb8(img));
+    let cases = [
+        (0, (40, 20), (1, 1)),
+        (90, (20, 40), (18, 1)),
+        (180, (40, 20), (38, 18)),
+        (270, (20, 40), (1, 38)),
+    ];
+    for (a, dims, red) in cases {
+        let (enc, out) = run_image(&input, &format!("rotate:a_{a}"));
+        assert_eq!((enc.width, enc.height), dims, "a_{a}");
+        assert_eq!(rgb_at(&out, red.0, red.1), [255, 0, 0], "a_{a}");
+        assert_eq!(rgb_at(&out, dims.0 / 2, dims.1 / 2), [255, 255, 255]);
+    }
+}
+
+#[test]
+fn each_resize_mode_gives_the_exact_size() {
+    let input = fixture("wood.jpg"); // 640x480
+    let cases = [
+        ("resize:w_300", (300, 225)),
+        ("resize:h_120", (160, 120)),
+        ("resize:w_300,h_300", (300, 300)),
+        ("resize:w_300,h_300,m_0", (300, 300)),
+        ("resize:w_300,h_300,m_1", (300, 225)),
+        ("resize:w_300,h_100,m_1", (133, 100)),
+        ("resize:w_300,h_300,m_2", (300, 300)),
+        ("resize:w_100,h_300,m_2", (100, 300)),
+        ("resize:w_1000", (1000, 750)),
+        ("resize:w_1,h_1,m_2", (1, 1)),
+    ];
+    for (action, dims) in cases {
+        let (enc, _) = run_image(&input, action);
+        assert_eq!((enc.width, enc.height), dims, "{action}");
+    }
+}
+
+#[test]
+fn pad_mode_pads_white_or_transparent() {
+    let (_, out) = run_image(&fixture("wood.jpg"), "resize:w_300,h_300,m_0|format:t_png");
+    // 640x480 fits as 300x225, so 37 rows of white above and 38 below.
+    assert_eq!(rgb_at(&out, 150, 5), [255, 255, 255]);
+    assert_eq!(rgb_at(&out, 150, 295), [255, 255, 255]);
+    assert_ne!(rgb_at(&out, 150, 150), [255, 255, 255]);
+    let (_, out) = run_image(&fixture("goldfish-rgba.png"), "resize:w_300,h_300,m_0");
+    assert_eq!(out.get_pixel(150, 2)[3], 0, "padding of an alpha image is transparent");
+}
+
+#[test]
+fn exif_orientation_is_applied_before_the_first_operation() {
+    let reference = run_image(&fixture("orientation-1.jpg"), "resize:w_90").1;
+    assert_eq!((reference.width(), reference.height()), (90, 60));
+    for n in 2..=8 {
+        let (enc, out) = run_image(&fixture(&format!("orientation-{n}.jpg")), "resize:w_90");
+        assert_eq!((enc.width, enc.height), (90, 60), "orientation {n}");
+        let diff = mean_abs_diff(&reference, &out);
+        assert!(diff < 12.0, "orientation {n} differs from 1 by {diff}");
+    }
+}
+
+fn mean_abs_diff(a: &DynamicImage, b: &DynamicImage) -> f64 {
+    let (a, b) = (a.to_rgb8(), b.to_rgb8());
+    assert_eq!(a.dimensions(), b.dimensions());
+    let sum: u64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y) as u64)
+        .sum();
+    sum as f64 / a.as_raw().len() as f64
+}
+
+#[test]
+fn grayscale_cmyk_and_16_bit_decode_to_the_same_picture() {
+    let (_, colour) = run_image(&fixture("storm.jpg"), "format:t_png");
+    let (_, cmyk) = run_image(&fixture("storm-cmyk.jpg"), "format:t_png");
+    assert!(mean_abs_diff(&colour, &cmyk) < 12.0, "cmyk");
+    let (_, gray) = run_image(&fixture("storm-gray.jpg"), "format:t_png");
+    let luma = DynamicImage::ImageLuma8(colour.to_luma8());
+    assert!(mean_abs_diff(&luma, &gray) < 12.0, "gray");
+    let (_, g16) = run_image(&fixture("wood-grey16.png"), "format:t_png");
+    assert_eq!((g16.width(), g16.height()), (320, 240));
+    let (_, wood) = run_image(&fixture("wood.jpg"), "resize:w_320|format:t_png");
+    let wood_luma = DynamicImage::ImageLuma8(wood.to_luma8());
+    assert!(mean_abs_diff(&wood_luma, &g16) < 16.0, "grey16");
+    let info = run(&fixture("storm-cmyk.jpg"), "info").unwrap().info.unwrap();
+    assert_eq!(info["space"], "cmyk");
+}
+
+#[test]
+fn every_format_round_trips() {
+    let (_, original) = run_image(&fixture("storm.jpg"), "format:t_png");
+    let input = fixture("storm.jpg");
+    for (t, format, tol) in [
+        ("jpeg", ImageFormat::Jpeg, 6.0),
+        ("png", ImageFormat::Png, 0.01),
+        ("webp", ImageFormat::Webp, 6.0),
+        ("tiff", ImageFormat::Tiff, 0.01),
+    ] {
+        let (enc, out) = run_image(&input, &format!("format:t_{t},q_90"));
+        assert_eq!(enc.format, format);
+        assert_eq!(probe(&enc.bytes).unwrap().0, format);
+        let d = mean_abs_diff(&original, &out);
+        assert!(d <= tol, "{t}: mean difference {d}");
+    }
+    // Lossy WebP: quality changes the size.
+    let small = run_image(&input, "format:t_webp,q_10").0.bytes.len();
+    let large = run_image(&input, "format:t_webp,q_95").0.bytes.len();
+    assert!(small * 2 < large, "webp q10 {small} vs q95 {large}");
+    let small = run_image(&input, "format:t_jpeg,q_10").0.bytes.len();
+    let large = run_image(&input, "format:t_jpeg,q_95").0.bytes.len();
+    assert!(small * 2 < large, "jpeg q10 {small} vs q95 {large}");
+}
+
+#[test]
+fn alpha_is_kept_where_the_format_can_and_flattened_on_white_for_jpeg() {
+    let img = RgbaImage::from_fn(20, 20, |x, _| {
+        if x < 10 {
+            Rgba([0, 0, 255, 0])
+        } else {
+            Rgba([0, 0, 255, 255])
+        }
+    });
+    let input = png(&DynamicImage::ImageRgba8(img));
+    for t in ["png", "webp", "tiff"] {
+        let (_, out) = run_image(&input, &format!("format:t_{t}"));
+        assert!(out.color().has_alpha(), "{t}");
+        assert_eq!(out.get_pixel(2, 2)[3], 0, "{t}");
+        assert_eq!(out.get_pixel(15, 2)[3], 255, "{t}");
+    }
+    let (_, out) = run_image(&input, "format:t_jpeg,q_95");
+    assert!(close(rgb_at(&out, 2, 10), [255, 255, 255], 8));
+    assert!(close(rgb_at(&out, 17, 10), [0, 0, 255], 16));
+}
+
+#[test]
+fn output_keeps_the_input_format_without_format() {
+    for (name, format) in [
+        ("storm.jpg", ImageFormat::Jpeg),
+        ("goldfish-rgba.png", ImageFormat::Png),
+        ("adwaita.webp", ImageFormat::Webp),
+        ("ladybird-animated.gif", ImageFormat::Gif),
+    ] {
+        let (enc, _) = run_image(&fixture(name), "resize:w_50");
+        assert_eq!(enc.format, format, "{name}");
+    }
+}
+
+#[test]
+fn animated_gif_keeps_every_frame_through_geometry() {
+    let input = fixture("ladybird-animated.gif");
+    let out = run(&input, "crop:w_400,h_300,g_0|rotate:a_90|resize:w_150")
+        .unwrap()
+        .image
+        .unwrap();
+    assert_eq!(out.format, ImageFormat::Gif);
+    assert_eq!((out.width, out.height), (150, 200));
+    let decoded = decode(&out.bytes, &Limits::default(), None).unwrap();
+    match decoded.pixels {
+        Pixels::Animated(frames) => {
+            assert_eq!(frames.len(), 4);
+            assert!(frames.iter().all(|f| f.buffer().dimensions() == (150, 200)));
+        }
+        Pixels::Still(_) => panic!("animation lost"),
+    }
+    let limits = Limits {
+        max_frames: 3,
+        ..Limits::default()
+    };
+    let err = decode(&input, &limits, None).err().unwrap();
+    assert!(matches!(err, ImagingError::AnimationTooLarge { frames: 4, .. }), "{err}");
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for b in bytes {
+        crc ^= *b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// A PNG that declares 60000x60000 pixels and carries almost no data.
+fn png_bomb() -> Vec<u8> {
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        out.extend((data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend(data);
+        out.extend(&body);
+        out.extend(crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend(60000u32.to_be_bytes());
+    ihdr.extend(60000u32.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(b"IEND", &[]);
+    out
+}
+
+/// A real JPEG whose frame header is patched to claim 60000x60000.
+fn jpeg_bomb() -> Vec<u8> {
+    let mut jpeg = fixture("storm.jpg");
+    // Walk the marker segments to the frame header.
+    let mut at = 2;
+    while !(jpeg[at] == 0xff && (0xc0..=0xc2).contains(&jpeg[at + 1])) {
+        at += 2 + u16::from_be_bytes([jpeg[at + 2], jpeg[at + 3]]) as usize;
+    }
+    let sof = at;
+    jpeg[sof + 5..sof + 7].copy_from_slice(&60000u16.to_be_bytes());
+    jpeg[sof + 7..sof + 9].copy_from_slice(&60000u16.to_be_bytes());
+    jpeg
+}
+
+#[test]
+fn decompression_bombs_are_refused_from_the_header() {
+    for bomb in [png_bomb(), jpeg_bomb()] {
+        let err = run(&bomb, "resize:w_10").err().unwrap();
+        assert!(
+            matches!(err, ImagingError::TooManyPixels { width: 60000, height: 60000, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("over the limit of 100000000 pixels"));
+    }
+    assert!(png_bomb().len() < 200);
+}
+
+#[test]
+fn other_limits_name_the_limit() {
+    let input = fixture("storm.jpg");
+    let limits = Limits {
+        max_input_bytes: 1000,
+        ..Limits::default()
+    };
+    let err = process(&input, &Action::parse("info").unwrap(), &limits, &NoWatermarks)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("over the limit of 1000 bytes"), "{err}");
+    let err = run(&input, "resize:w_20000").err().unwrap();
+    assert!(err.to_string().contains("limit of 16384 px"), "{err}");
+    let err = run(b"definitely not an image", "info").err().unwrap();
+    assert_eq!(err.code(), "not_an_image");
+    let mut truncated = input.clone();
+    truncated.truncate(3000);
+    let err = run(&truncated, "resize:w_10");
+    // libjpeg-turbo fills a truncated scan with grey; either outcome must not panic.
+    if let Err(e) = err {
+        assert_eq!(e.code(), "decode_failed");
+    }
+}
+
+#[test]
+fn info_describes_the_processed_image_and_source_exif() {
+    let out = run(&fixture("storm.jpg"), "resize:w_100|format:t_png|info").unwrap();
+    assert!(out.image.is_none());
+    let info = out.info.unwrap();
+    assert_eq!(info["width"], 100);
+    assert_eq!(info["height"], 67);
+    assert_eq!(info["type"], "png");
+    assert_eq!(info["alpha"], false);
+    assert_eq!(info["space"], "srgb");
+    let info = run(&fixture("orientation-6.jpg"), "info").unwrap().info.unwrap();
+    assert_eq!(info["orientation"], 6);
+    assert_eq!((info["width"].as_u64(), info["height"].as_u64()), (Some(450), Some(300)));
+}
+
+#[test]
+fn save_yields_an_extra_output() {
+    let out = run(
+        &fixture("storm.jpg"),
+        "resize:w_100|save:b_thumbs,k_small/storm.jpg|resize:w_50|format:t_png",
+    )
+    .unwrap();
+    assert_eq!(out.saves.len(), 1);
+    let save = &out.saves[0];
+    assert_eq!((save.bucket.as_str(), save.key.as_str()), ("thumbs", "small/storm.jpg"));
+    assert_eq!((save.image.width, save.image.format), (100, ImageFormat::Jpeg));
+    assert_eq!(image::load_from_memory(&save.image.bytes).unwrap().width(), 100);
+    let main = out.image.unwrap();
+    assert_eq!((main.width, main.format), (50, ImageFormat::Png));
+}
+
+struct FixtureResolver;
+
+impl WatermarkResolver for FixtureResolver {
+    fn resolve(&self, url: &str) -> Result<Vec<u8>, String> {
+        match url {
+            "s3://marks/blue.png" => Ok(png(&DynamicImage::ImageRgba8(RgbaImage::from_pixel(
+                10,
+                10,
+                Rgba([0, 0, 255, 255]),
+            )))),
+            _ => Err(format!("no such object {url}")),
+        }
+    }
+}
+
+#[test]
+fn watermark_image_composites_at_the_offset_with_opacity() {
+    let white = png(&DynamicImage::ImageRgb8(RgbImage::from_pixel(
+        40,
+        40,
+        Rgb([255, 255, 255]),
+    )));
+    let action = |p: &str| {
+        use base64::Engine as _;
+        let u = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("s3://marks/blue.png");
+        Action::parse(&format!("watermark_image:u_{u},l_5,t_5,p_{p}|format:t_png")).unwrap()
+    };
+    let out = process(&white, &action("1"), &Limits::default(), &FixtureResolver).unwrap();
+    let img = image::load_from_memory(&out.image.unwrap().bytes).unwrap();
+    assert_eq!(rgb_at(&img, 7, 7), [0, 0, 255]);
+    assert_eq!(rgb_at(&img, 2, 2), [255, 255, 255]);
+    assert_eq!(rgb_at(&img, 20, 20), [255, 255, 255]);
+    let out = process(&white, &action("0.25"), &Limits::default(), &FixtureResolver).unwrap();
+    let img = image::load_from_memory(&out.image.unwrap().bytes).unwrap();
+    assert!(close(rgb_at(&img, 7, 7), [191, 191, 255], 4), "{:?}", rgb_at(&img, 7, 7));
+    let err = process(&white, &Action::parse("watermark_image:u_czM6Ly9uby9zdWNo").unwrap(), &Limits::default(), &FixtureResolver)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("s3://no/such"), "{err}");
+}
+
+#[test]
+fn text_watermark_changes_pixels_over_the_whole_image() {
+    let white = png(&DynamicImage::ImageRgb8(RgbImage::from_pixel(
+        600,
+        400,
+        Rgb([255, 255, 255]),
+    )));
+    // 水印文字 in red (#ff0000) at opacity 1.
+    let (_, out) = run_image(&white, "watermark:t_5rC05Y2w5paH5a2X,c_I2ZmMDAwMA,p_1|format:t_png");
+    let rgb = out.to_rgb8();
+    for (qx, qy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+        let changed = (0..200)
+            .flat_map(|y| (0..300).map(move |x| (qx * 300 + x, qy * 200 + y)))
+            .filter(|&(x, y)| rgb.get_pixel(x, y)[1] < 128)
+            .count();
+        assert!(changed > 50, "quadrant ({qx},{qy}) has {changed} marked pixels");
+    }
+    assert!(rgb.pixels().any(|p| p[0] > 200 && p[1] < 60 && p[2] < 60), "red text");
+}
