@@ -7,4 +7,10 @@
 //! `notify`, `cloudfunc` and `host`.
 
 pub mod action;
+pub mod cloudfunc;
+pub mod events;
+pub mod host;
 pub mod imaging;
+pub mod notify;
+pub mod rules;
+pub mod store;

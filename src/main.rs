@@ -12,7 +12,11 @@ use imgfunc::action::Action;
 use imgfunc::imaging::{self, Limits, WatermarkResolver};
 
 #[derive(Parser)]
-#[command(name = "imgfunc", version, about = "Image functions for object storage")]
+#[command(
+    name = "imgfunc",
+    version,
+    about = "Image functions for object storage"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,6 +26,46 @@ struct Cli {
 enum Command {
     /// Run an action pipeline on one image file (`-` for stdin/stdout).
     Process(ProcessArgs),
+    /// Run the function host: events in, processed objects out.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "IMGFUNC_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// The embedded local store (bucket = folder); also holds rules set
+    /// through the API and the dead-letter file.
+    #[arg(long, env = "IMGFUNC_DATA", default_value = "./data")]
+    data: PathBuf,
+    /// Rule files (`*.json`) loaded at start.
+    #[arg(long, env = "IMGFUNC_FUNCTIONS", default_value = "./functions")]
+    functions: PathBuf,
+    /// Use this S3 endpoint instead of the local store (region and
+    /// credentials from the usual AWS_* variables).
+    #[arg(long, env = "IMGFUNC_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Virtual-hosted-style S3 addressing instead of path style.
+    #[arg(long, env = "IMGFUNC_S3_VIRTUAL_HOSTS")]
+    s3_virtual_hosts: bool,
+    /// Invocations run at once (default: the number of cores).
+    #[arg(long, env = "IMGFUNC_WORKERS")]
+    workers: Option<usize>,
+    /// Invocations that may wait before events are answered 503.
+    #[arg(long, env = "IMGFUNC_QUEUE", default_value_t = 1024)]
+    queue: usize,
+    /// Delivery attempts per notification.
+    #[arg(long, env = "IMGFUNC_NOTIFY_ATTEMPTS", default_value_t = 3)]
+    notify_attempts: u32,
+    /// Hosts `watermark_image` may fetch from over http(s), comma-separated.
+    #[arg(long, env = "IMGFUNC_WATERMARK_HOSTS", value_delimiter = ',')]
+    watermark_hosts: Vec<String>,
+    /// Let watermark fetches reach loopback, private and link-local addresses.
+    #[arg(long, env = "IMGFUNC_WATERMARK_ALLOW_PRIVATE")]
+    watermark_allow_private: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 #[derive(clap::Args)]
@@ -88,7 +132,9 @@ impl WatermarkResolver for LocalResolver {
         } else if let Some(rest) = url.strip_prefix("file://") {
             PathBuf::from(rest)
         } else if url.contains("://") {
-            return Err(format!("{url}: only local files and s3://bucket/key are read here"));
+            return Err(format!(
+                "{url}: only local files and s3://bucket/key are read here"
+            ));
         } else {
             PathBuf::from(url)
         };
@@ -108,7 +154,10 @@ fn read_input(path: &PathBuf, limit: usize) -> Result<Vec<u8>> {
             .with_context(|| format!("cannot read {}", path.display()))?
             .len();
         if len > limit as u64 {
-            bail!("{} is {len} bytes, over the limit of {limit} bytes", path.display());
+            bail!(
+                "{} is {len} bytes, over the limit of {limit} bytes",
+                path.display()
+            );
         }
         buf = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     }
@@ -151,10 +200,52 @@ fn process(args: ProcessArgs) -> Result<()> {
     Ok(())
 }
 
+async fn serve(args: ServeArgs) -> Result<()> {
+    use imgfunc::host::{Host, HostConfig, shutdown_signal};
+    use imgfunc::store::{LocalStore, ObjectStore, S3Store};
+    use std::sync::Arc;
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .init();
+    let mut config = HostConfig::new(args.data.clone());
+    config.listen = args.listen;
+    config.functions_dir = args.functions.is_dir().then_some(args.functions.clone());
+    if let Some(w) = args.workers {
+        config.workers = w.max(1);
+    }
+    config.queue_bound = args.queue.max(1);
+    config.notify.attempts = args.notify_attempts.max(1);
+    config.limits = args.limits.limits();
+    config.sources.allow_hosts = args.watermark_hosts.clone();
+    config.sources.allow_private = args.watermark_allow_private;
+    config.sources.self_urls = vec![format!("http://{}", args.listen)];
+    let store: Arc<dyn ObjectStore> = match &args.s3_endpoint {
+        Some(endpoint) => {
+            config.embedded = false;
+            config.sources.s3_endpoint = Some(endpoint.clone());
+            Arc::new(S3Store::from_env(endpoint, !args.s3_virtual_hosts).await?)
+        }
+        None => {
+            std::fs::create_dir_all(&args.data)
+                .with_context(|| format!("cannot create {}", args.data.display()))?;
+            Arc::new(LocalStore::new(args.data.clone()))
+        }
+    };
+    let host = Host::bind(config, store).await?;
+    host.run(shutdown_signal()).await
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Process(args) => process(args),
+        Command::Serve(args) => tokio::runtime::Runtime::new()
+            .context("starting the runtime")
+            .and_then(|rt| rt.block_on(serve(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

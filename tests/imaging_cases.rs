@@ -11,7 +11,9 @@ fn root() -> PathBuf {
 }
 
 fn run_case(name: &str, case: &Value) -> Result<(), String> {
-    let input_path = root().join("images").join(case["input"].as_str().ok_or("no input")?);
+    let input_path = root()
+        .join("images")
+        .join(case["input"].as_str().ok_or("no input")?);
     let input = std::fs::read(&input_path).map_err(|e| format!("{}: {e}", input_path.display()))?;
     let action_str = case["action"].as_str().ok_or("no action")?;
     let result = Action::parse(action_str)
@@ -44,10 +46,14 @@ fn run_case(name: &str, case: &Value) -> Result<(), String> {
     {
         return Err(format!("format {}, expected {f}", img.format.name()));
     }
-    let decoded = imaging::decode(&img.bytes, &Limits::default(), None).map_err(|e| e.to_string())?;
+    let decoded =
+        imaging::decode(&img.bytes, &Limits::default(), None).map_err(|e| e.to_string())?;
     let (w, h) = decoded.pixels.dimensions();
     if (Some(w), Some(h)) != (expect_u32("width"), expect_u32("height")) {
-        return Err(format!("size {w}x{h}, expected {}x{}", case["width"], case["height"]));
+        return Err(format!(
+            "size {w}x{h}, expected {}x{}",
+            case["width"], case["height"]
+        ));
     }
     if let Some(frames) = case["frames"].as_u64() {
         let got = match &decoded.pixels {
@@ -60,7 +66,10 @@ fn run_case(name: &str, case: &Value) -> Result<(), String> {
     }
     let first = decoded.pixels.into_first_frame().to_rgba8();
     for sample in case["pixels"].as_array().into_iter().flatten() {
-        let (x, y) = (sample["x"].as_u64().unwrap_or(0) as u32, sample["y"].as_u64().unwrap_or(0) as u32);
+        let (x, y) = (
+            sample["x"].as_u64().unwrap_or(0) as u32,
+            sample["y"].as_u64().unwrap_or(0) as u32,
+        );
         let tol = sample["tolerance"].as_u64().unwrap_or(0) as u8;
         let want: Vec<u8> = sample
             .get("rgba")
@@ -72,7 +81,10 @@ fn run_case(name: &str, case: &Value) -> Result<(), String> {
             .collect();
         let got = first.get_pixel(x, y);
         if want.iter().zip(got.0).any(|(a, b)| a.abs_diff(b) > tol) {
-            return Err(format!("pixel ({x},{y}) is {:?}, expected {want:?} ±{tol}", got.0));
+            return Err(format!(
+                "pixel ({x},{y}) is {:?}, expected {want:?} ±{tol}",
+                got.0
+            ));
         }
     }
     let _ = name;
@@ -100,5 +112,9 @@ fn every_fixture_case_passes() {
         }
     }
     assert!(count >= 10, "only {count} cases found");
-    assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "failing cases:\n{}",
+        failures.join("\n")
+    );
 }

@@ -49,7 +49,11 @@ fn resize_and_crop_match_libvips() {
             (expected.width(), expected.height()),
             "{action}"
         );
-        assert_eq!(ours.color().has_alpha(), expected.color().has_alpha(), "{action}");
+        assert_eq!(
+            ours.color().has_alpha(),
+            expected.color().has_alpha(),
+            "{action}"
+        );
         let db = if expected.color().has_alpha() {
             psnr(ours.to_rgba8().as_raw(), expected.to_rgba8().as_raw())
         } else {

@@ -94,7 +94,10 @@ pub struct Crop {
 pub enum CropAnchor {
     Gravity(Gravity),
     /// From (left, top) to the end of the image, or `width` x `height` from there.
-    Offset { left: u32, top: u32 },
+    Offset {
+        left: u32,
+        top: u32,
+    },
 }
 
 /// QingStor's gravity numbering (5-8 differ from libvips' own).

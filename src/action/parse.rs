@@ -1,10 +1,10 @@
 use base64::Engine as _;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 
 use super::{
-    Action, ActionError, Color, Crop, CropAnchor, Format, FormatKind, Gravity, ImageWatermark,
-    Op, Opacity, Resize, ResizeMode, Rotation, Save, TextWatermark,
+    Action, ActionError, Color, Crop, CropAnchor, Format, FormatKind, Gravity, ImageWatermark, Op,
+    Opacity, Resize, ResizeMode, Rotation, Save, TextWatermark,
 };
 
 const OPERATIONS: &str = "info, crop, rotate, resize, watermark, watermark_image, format, save";
@@ -63,12 +63,13 @@ impl<'a> Params<'a> {
     ) -> Result<Params<'a>, ActionError> {
         let mut pairs: Vec<(&str, &str)> = Vec::new();
         for param in params.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = param
-                .split_once('_')
-                .ok_or_else(|| ActionError::MalformedParam {
-                    op,
-                    param: param.to_string(),
-                })?;
+            let (key, value) =
+                param
+                    .split_once('_')
+                    .ok_or_else(|| ActionError::MalformedParam {
+                        op,
+                        param: param.to_string(),
+                    })?;
             if !keys.contains(&key) {
                 return Err(ActionError::UnknownKey {
                     op,
@@ -155,10 +156,7 @@ fn decode_base64(raw: &str) -> Option<Vec<u8>> {
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
     const STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
     const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
-    STANDARD
-        .decode(raw)
-        .or_else(|_| URL_SAFE.decode(raw))
-        .ok()
+    STANDARD.decode(raw).or_else(|_| URL_SAFE.decode(raw)).ok()
 }
 
 fn parse_crop(params: &str) -> Result<Op, ActionError> {
@@ -251,7 +249,12 @@ fn parse_watermark(params: &str) -> Result<Op, ActionError> {
 }
 
 fn parse_watermark_image(params: &str) -> Result<Op, ActionError> {
-    let p = Params::new("watermark_image", "u, l, t, p", &["u", "l", "t", "p"], params)?;
+    let p = Params::new(
+        "watermark_image",
+        "u, l, t, p",
+        &["u", "l", "t", "p"],
+        params,
+    )?;
     let url = p.required("u", "u is the image URL in base64", p.base64_text("u")?)?;
     let left = p.uint("l", 0, MAX_SIDE)?.unwrap_or(0);
     let top = p.uint("t", 0, MAX_SIDE)?.unwrap_or(0);

@@ -66,7 +66,11 @@ fn write_op(op: &Op, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     Ok(())
 }
 
-fn push_opt<T: ToString>(params: &mut Vec<(&'static str, String)>, key: &'static str, v: Option<T>) {
+fn push_opt<T: ToString>(
+    params: &mut Vec<(&'static str, String)>,
+    key: &'static str,
+    v: Option<T>,
+) {
     if let Some(v) = v {
         params.push((key, v.to_string()));
     }

@@ -51,7 +51,9 @@ fn unknown_operations_and_keys_are_errors() {
     assert!(err("resize:w10").contains("not of the form key_value"));
     assert!(err("resize:m_1").contains("missing required key"));
     assert!(err("resize:w_0").contains("resize: w must be an integer from 1"));
-    assert!(err("format:t_gif").contains("format: t must be one of jpeg, png, webp, tiff, got gif"));
+    assert!(
+        err("format:t_gif").contains("format: t must be one of jpeg, png, webp, tiff, got gif")
+    );
     assert!(err("format:t_jpeg,q_101").contains("q must be an integer from 1 to 100"));
     assert!(err("crop:g_1,l_3").contains("g cannot be combined"));
     assert!(err("crop:g_10").contains("crop: g must be an integer from 0 to 9, got 10"));
@@ -136,13 +138,11 @@ fn arb_op() -> impl Strategy<Value = Op> {
             height: h,
             anchor: CropAnchor::Gravity(Gravity::from_number(g).unwrap())
         })),
-        (arb_side(), arb_side(), 0u32..5000, 0u32..5000).prop_map(|(w, h, l, t)| Op::Crop(
-            Crop {
-                width: w,
-                height: h,
-                anchor: CropAnchor::Offset { left: l, top: t }
-            }
-        )),
+        (arb_side(), arb_side(), 0u32..5000, 0u32..5000).prop_map(|(w, h, l, t)| Op::Crop(Crop {
+            width: w,
+            height: h,
+            anchor: CropAnchor::Offset { left: l, top: t }
+        })),
         prop::sample::select(vec![0u32, 90, 180, 270])
             .prop_map(|a| Op::Rotate(Rotation::from_degrees(a).unwrap())),
         (arb_side(), 1u32..=20000, 0u32..=2, any::<bool>()).prop_map(|(w, h, m, swap)| {

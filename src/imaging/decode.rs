@@ -196,7 +196,8 @@ fn decode_jpeg(
                 (width, height)
             };
             let (nw, nh) = super::geometry::scaled_size(resize, oriented);
-            let ratio = (oriented.0 as f64 / nw.max(1) as f64).min(oriented.1 as f64 / nh.max(1) as f64);
+            let ratio =
+                (oriented.0 as f64 / nw.max(1) as f64).min(oriented.1 as f64 / nh.max(1) as f64);
             [8usize, 4, 2]
                 .into_iter()
                 .find(|&d| d as f64 <= ratio)
@@ -265,7 +266,10 @@ fn decode_generic(
         .unwrap_or(1);
     let space = if matches!(
         decoder.color_type(),
-        image::ColorType::L8 | image::ColorType::L16 | image::ColorType::La8 | image::ColorType::La16
+        image::ColorType::L8
+            | image::ColorType::L16
+            | image::ColorType::La8
+            | image::ColorType::La16
     ) {
         "b-w"
     } else {

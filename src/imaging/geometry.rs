@@ -67,9 +67,7 @@ pub fn crop_rect(crop: &Crop, (iw, ih): (u32, u32)) -> Result<(u32, u32, u32, u3
             if left >= iw || top >= ih {
                 return Err(ImagingError::Operation {
                     op: "crop",
-                    message: format!(
-                        "offset l_{left},t_{top} is outside the {iw}x{ih} image"
-                    ),
+                    message: format!("offset l_{left},t_{top} is outside the {iw}x{ih} image"),
                 });
             }
             let w = crop.width.unwrap_or(iw).min(iw - left);
@@ -154,7 +152,11 @@ pub(super) fn apply(
             let src = pixels.dimensions();
             let out = resized_size(r, src);
             check_side("resize", out, limits.max_output_side)?;
-            check_side("resize", scaled_size(r, src), limits.max_output_side.saturating_mul(2))?;
+            check_side(
+                "resize",
+                scaled_size(r, src),
+                limits.max_output_side.saturating_mul(2),
+            )?;
             pixels.for_each_frame(|img| {
                 *img = resize(img, r)?;
                 Ok(())
@@ -178,7 +180,11 @@ fn resize(img: &DynamicImage, r: &Resize) -> Result<DynamicImage, ImagingError> 
             } else {
                 (fw, fw / aspect)
             };
-            resample(img, (w, h), Some(((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch)))
+            resample(
+                img,
+                (w, h),
+                Some(((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch)),
+            )
         }
         (Some(w), Some(h), ResizeMode::Pad) => {
             let inner = resample(img, scaled, None)?;

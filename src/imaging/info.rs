@@ -39,9 +39,11 @@ pub(super) fn describe(
             ("gpsaltitude", exif::Tag::GPSAltitude),
         ];
         for (name, tag) in fields {
-            let field = exif
-                .get_field(tag, exif::In::PRIMARY)
-                .or_else(|| (tag == exif::Tag::DateTimeOriginal).then(|| exif.get_field(exif::Tag::DateTime, exif::In::PRIMARY)).flatten());
+            let field = exif.get_field(tag, exif::In::PRIMARY).or_else(|| {
+                (tag == exif::Tag::DateTimeOriginal)
+                    .then(|| exif.get_field(exif::Tag::DateTime, exif::In::PRIMARY))
+                    .flatten()
+            });
             if let Some(f) = field {
                 let text = f.display_value().to_string();
                 let text = text.trim_matches('"').trim().to_string();

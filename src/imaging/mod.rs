@@ -183,12 +183,13 @@ pub fn process(
                 image: encode(&state.pixels, state.format, state.quality)?,
             }),
             Op::WatermarkImage(w) => {
-                let bytes = resolver
-                    .resolve(&w.url)
-                    .map_err(|message| ImagingError::Watermark {
-                        url: w.url.clone(),
-                        message,
-                    })?;
+                let bytes =
+                    resolver
+                        .resolve(&w.url)
+                        .map_err(|message| ImagingError::Watermark {
+                            url: w.url.clone(),
+                            message,
+                        })?;
                 let overlay = decode(&bytes, limits, None)
                     .map_err(|e| ImagingError::Watermark {
                         url: w.url.clone(),
@@ -216,11 +217,7 @@ pub fn process(
     } else {
         Some(encode(&state.pixels, state.format, state.quality)?)
     };
-    Ok(Output {
-        image,
-        info,
-        saves,
-    })
+    Ok(Output { image, info, saves })
 }
 
 impl Pixels {

@@ -114,7 +114,10 @@ fn gravity_auto_finds_the_busy_region() {
         .pixels()
         .filter(|p| p[0] > 200 || p[1] > 180)
         .count();
-    assert!(busy > 150 * 140 / 2, "auto crop missed the busy corner: {busy}");
+    assert!(
+        busy > 150 * 140 / 2,
+        "auto crop missed the busy corner: {busy}"
+    );
 }
 
 #[test]
@@ -171,7 +174,11 @@ fn pad_mode_pads_white_or_transparent() {
     assert_eq!(rgb_at(&out, 150, 295), [255, 255, 255]);
     assert_ne!(rgb_at(&out, 150, 150), [255, 255, 255]);
     let (_, out) = run_image(&fixture("goldfish-rgba.png"), "resize:w_300,h_300,m_0");
-    assert_eq!(out.get_pixel(150, 2)[3], 0, "padding of an alpha image is transparent");
+    assert_eq!(
+        out.get_pixel(150, 2)[3],
+        0,
+        "padding of an alpha image is transparent"
+    );
 }
 
 #[test]
@@ -211,7 +218,10 @@ fn grayscale_cmyk_and_16_bit_decode_to_the_same_picture() {
     let (_, wood) = run_image(&fixture("wood.jpg"), "resize:w_320|format:t_png");
     let wood_luma = DynamicImage::ImageLuma8(wood.to_luma8());
     assert!(mean_abs_diff(&wood_luma, &g16) < 16.0, "grey16");
-    let info = run(&fixture("storm-cmyk.jpg"), "info").unwrap().info.unwrap();
+    let info = run(&fixture("storm-cmyk.jpg"), "info")
+        .unwrap()
+        .info
+        .unwrap();
     assert_eq!(info["space"], "cmyk");
 }
 
@@ -296,7 +306,10 @@ fn animated_gif_keeps_every_frame_through_geometry() {
         ..Limits::default()
     };
     let err = decode(&input, &limits, None).err().unwrap();
-    assert!(matches!(err, ImagingError::AnimationTooLarge { frames: 4, .. }), "{err}");
+    assert!(
+        matches!(err, ImagingError::AnimationTooLarge { frames: 4, .. }),
+        "{err}"
+    );
 }
 
 fn crc32(bytes: &[u8]) -> u32 {
@@ -304,7 +317,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for b in bytes {
         crc ^= *b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -349,10 +366,20 @@ fn decompression_bombs_are_refused_from_the_header() {
     for bomb in [png_bomb(), jpeg_bomb()] {
         let err = run(&bomb, "resize:w_10").err().unwrap();
         assert!(
-            matches!(err, ImagingError::TooManyPixels { width: 60000, height: 60000, .. }),
+            matches!(
+                err,
+                ImagingError::TooManyPixels {
+                    width: 60000,
+                    height: 60000,
+                    ..
+                }
+            ),
             "{err}"
         );
-        assert!(err.to_string().contains("over the limit of 100000000 pixels"));
+        assert!(
+            err.to_string()
+                .contains("over the limit of 100000000 pixels")
+        );
     }
     assert!(png_bomb().len() < 200);
 }
@@ -364,10 +391,18 @@ fn other_limits_name_the_limit() {
         max_input_bytes: 1000,
         ..Limits::default()
     };
-    let err = process(&input, &Action::parse("info").unwrap(), &limits, &NoWatermarks)
-        .err()
-        .unwrap();
-    assert!(err.to_string().contains("over the limit of 1000 bytes"), "{err}");
+    let err = process(
+        &input,
+        &Action::parse("info").unwrap(),
+        &limits,
+        &NoWatermarks,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("over the limit of 1000 bytes"),
+        "{err}"
+    );
     let err = run(&input, "resize:w_20000").err().unwrap();
     assert!(err.to_string().contains("limit of 16384 px"), "{err}");
     let err = run(b"definitely not an image", "info").err().unwrap();
@@ -391,9 +426,15 @@ fn info_describes_the_processed_image_and_source_exif() {
     assert_eq!(info["type"], "png");
     assert_eq!(info["alpha"], false);
     assert_eq!(info["space"], "srgb");
-    let info = run(&fixture("orientation-6.jpg"), "info").unwrap().info.unwrap();
+    let info = run(&fixture("orientation-6.jpg"), "info")
+        .unwrap()
+        .info
+        .unwrap();
     assert_eq!(info["orientation"], 6);
-    assert_eq!((info["width"].as_u64(), info["height"].as_u64()), (Some(450), Some(300)));
+    assert_eq!(
+        (info["width"].as_u64(), info["height"].as_u64()),
+        (Some(450), Some(300))
+    );
 }
 
 #[test]
@@ -405,9 +446,18 @@ fn save_yields_an_extra_output() {
     .unwrap();
     assert_eq!(out.saves.len(), 1);
     let save = &out.saves[0];
-    assert_eq!((save.bucket.as_str(), save.key.as_str()), ("thumbs", "small/storm.jpg"));
-    assert_eq!((save.image.width, save.image.format), (100, ImageFormat::Jpeg));
-    assert_eq!(image::load_from_memory(&save.image.bytes).unwrap().width(), 100);
+    assert_eq!(
+        (save.bucket.as_str(), save.key.as_str()),
+        ("thumbs", "small/storm.jpg")
+    );
+    assert_eq!(
+        (save.image.width, save.image.format),
+        (100, ImageFormat::Jpeg)
+    );
+    assert_eq!(
+        image::load_from_memory(&save.image.bytes).unwrap().width(),
+        100
+    );
     let main = out.image.unwrap();
     assert_eq!((main.width, main.format), (50, ImageFormat::Png));
 }
@@ -444,12 +494,27 @@ fn watermark_image_composites_at_the_offset_with_opacity() {
     assert_eq!(rgb_at(&img, 7, 7), [0, 0, 255]);
     assert_eq!(rgb_at(&img, 2, 2), [255, 255, 255]);
     assert_eq!(rgb_at(&img, 20, 20), [255, 255, 255]);
-    let out = process(&white, &action("0.25"), &Limits::default(), &FixtureResolver).unwrap();
+    let out = process(
+        &white,
+        &action("0.25"),
+        &Limits::default(),
+        &FixtureResolver,
+    )
+    .unwrap();
     let img = image::load_from_memory(&out.image.unwrap().bytes).unwrap();
-    assert!(close(rgb_at(&img, 7, 7), [191, 191, 255], 4), "{:?}", rgb_at(&img, 7, 7));
-    let err = process(&white, &Action::parse("watermark_image:u_czM6Ly9uby9zdWNo").unwrap(), &Limits::default(), &FixtureResolver)
-        .err()
-        .unwrap();
+    assert!(
+        close(rgb_at(&img, 7, 7), [191, 191, 255], 4),
+        "{:?}",
+        rgb_at(&img, 7, 7)
+    );
+    let err = process(
+        &white,
+        &Action::parse("watermark_image:u_czM6Ly9uby9zdWNo").unwrap(),
+        &Limits::default(),
+        &FixtureResolver,
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("s3://no/such"), "{err}");
 }
 
@@ -461,14 +526,23 @@ fn text_watermark_changes_pixels_over_the_whole_image() {
         Rgb([255, 255, 255]),
     )));
     // 水印文字 in red (#ff0000) at opacity 1.
-    let (_, out) = run_image(&white, "watermark:t_5rC05Y2w5paH5a2X,c_I2ZmMDAwMA,p_1|format:t_png");
+    let (_, out) = run_image(
+        &white,
+        "watermark:t_5rC05Y2w5paH5a2X,c_I2ZmMDAwMA,p_1|format:t_png",
+    );
     let rgb = out.to_rgb8();
     for (qx, qy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
         let changed = (0..200)
             .flat_map(|y| (0..300).map(move |x| (qx * 300 + x, qy * 200 + y)))
             .filter(|&(x, y)| rgb.get_pixel(x, y)[1] < 128)
             .count();
-        assert!(changed > 50, "quadrant ({qx},{qy}) has {changed} marked pixels");
+        assert!(
+            changed > 50,
+            "quadrant ({qx},{qy}) has {changed} marked pixels"
+        );
     }
-    assert!(rgb.pixels().any(|p| p[0] > 200 && p[1] < 60 && p[2] < 60), "red text");
+    assert!(
+        rgb.pixels().any(|p| p[0] > 200 && p[1] < 60 && p[2] < 60),
+        "red text"
+    );
 }

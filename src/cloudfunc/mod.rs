@@ -1,0 +1,289 @@
+//! The functions a rule can name: `image` (process and save) and `notifier`
+//! (just report the event). Each invocation yields the [`InvocationResult`]
+//! that is POSTed to the rule's `notify_url`.
+
+mod sources;
+
+pub use sources::{SourceConfig, WatermarkSources};
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::action::Op;
+use crate::events::Event;
+use crate::imaging::{self, Encoded, ImagingError, Limits, WatermarkResolver};
+use crate::rules::{CloudFunc, ImageArgs, Rule};
+use crate::store::{ObjectStore, PutOptions, StoreError};
+
+/// User metadata naming the rules that produced an object, comma-separated.
+/// A rule never runs on an object whose chain already holds it, so outputs
+/// never re-trigger the rule that made them, even through other rules.
+pub const CHAIN_METADATA: &str = "imgfunc-chain";
+
+/// What the cloudfuncs need from the host.
+pub struct Runtime {
+    pub store: Arc<dyn ObjectStore>,
+    pub limits: Limits,
+    pub sources: WatermarkSources,
+}
+
+/// The outcome of one invocation, as `notify_url` receives it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvocationResult {
+    pub invocation_id: String,
+    pub rule_id: String,
+    pub cloudfunc: &'static str,
+    pub event: EventSummary,
+    /// `ok`, `error`, or `skipped` (the loop guard).
+    pub status: Status,
+    pub outputs: Vec<WrittenObject>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    /// Time spent running, in milliseconds.
+    pub duration_ms: f64,
+    /// Time spent waiting in the host's queue before running, in milliseconds.
+    pub queue_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventSummary {
+    pub bucket: String,
+    pub key: String,
+    #[serde(rename = "type")]
+    pub event_type: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Error,
+    Skipped,
+}
+
+/// An object an invocation wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WrittenObject {
+    pub bucket: String,
+    pub key: String,
+    pub content_type: String,
+    pub bytes: u64,
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// Why an invocation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Imaging(#[from] ImagingError),
+    #[error("{event} events carry no object for the image cloudfunc to process")]
+    NoObject { event: &'static str },
+    #[error("processing stopped unexpectedly: {0}")]
+    Internal(String),
+}
+
+impl InvokeError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvokeError::Store(e) => e.code(),
+            InvokeError::Imaging(e) => e.code(),
+            InvokeError::NoObject { .. } => "no_object",
+            InvokeError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Runs `rule`'s cloudfunc for `event`.
+pub async fn invoke(
+    rt: &Runtime,
+    invocation_id: &str,
+    rule: &Rule,
+    event: &Event,
+) -> InvocationResult {
+    let started = Instant::now();
+    let mut result = InvocationResult {
+        invocation_id: invocation_id.to_string(),
+        rule_id: rule.id.clone(),
+        cloudfunc: rule.cloudfunc.name(),
+        event: EventSummary {
+            bucket: event.bucket.clone(),
+            key: event.key.clone(),
+            event_type: event.event_type.as_str(),
+        },
+        status: Status::Ok,
+        outputs: Vec::new(),
+        info: None,
+        error: None,
+        duration_ms: 0.0,
+        queue_ms: 0.0,
+    };
+    match &rule.cloudfunc {
+        CloudFunc::Notifier => {}
+        CloudFunc::Image(args) => match run_image(rt, rule, args, event).await {
+            Ok(ImageOutcome::Done { outputs, info }) => {
+                result.outputs = outputs;
+                result.info = info;
+            }
+            Ok(ImageOutcome::Skipped(reason)) => {
+                result.status = Status::Skipped;
+                result.error = Some(ErrorBody {
+                    code: "loop_guard".into(),
+                    message: reason,
+                });
+            }
+            Err(e) => {
+                result.status = Status::Error;
+                result.error = Some(ErrorBody {
+                    code: e.code().into(),
+                    message: e.to_string(),
+                });
+            }
+        },
+    }
+    result.duration_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
+    result
+}
+
+enum ImageOutcome {
+    Done {
+        outputs: Vec<WrittenObject>,
+        info: Option<Value>,
+    },
+    Skipped(String),
+}
+
+async fn run_image(
+    rt: &Runtime,
+    rule: &Rule,
+    args: &ImageArgs,
+    event: &Event,
+) -> Result<ImageOutcome, InvokeError> {
+    use crate::rules::EventType;
+    if matches!(
+        event.event_type,
+        EventType::DeleteObject | EventType::AbortMultipart
+    ) {
+        return Err(InvokeError::NoObject {
+            event: event.event_type.as_str(),
+        });
+    }
+    let object = rt.store.get(&event.bucket, &event.key).await?;
+    let chain = object
+        .meta
+        .user_metadata
+        .get(CHAIN_METADATA)
+        .cloned()
+        .unwrap_or_default();
+    if chain.split(',').any(|id| id == rule.id) {
+        return Ok(ImageOutcome::Skipped(format!(
+            "{}/{} was written by rule {}; it does not run on its own output",
+            event.bucket, event.key, rule.id
+        )));
+    }
+    let watermarks = fetch_watermarks(rt, args).await;
+    let action = args.action.clone();
+    let limits = rt.limits.clone();
+    let input = object.bytes;
+    let output = tokio::task::spawn_blocking(move || {
+        imaging::process(&input, &action, &limits, &watermarks)
+    })
+    .await
+    .map_err(|e| InvokeError::Internal(e.to_string()))??;
+
+    let chain = if chain.is_empty() {
+        rule.id.clone()
+    } else {
+        format!("{chain},{}", rule.id)
+    };
+    let source = format!("{}/{}", event.bucket, event.key);
+    let mut outputs = Vec::new();
+    if let Some(image) = &output.image {
+        let bucket = args.output_bucket(&event.bucket);
+        let key = args.output_key(&event.key);
+        outputs.push(write(rt, bucket, &key, image, &chain, &source).await?);
+    }
+    for save in &output.saves {
+        outputs.push(write(rt, &save.bucket, &save.key, &save.image, &chain, &source).await?);
+    }
+    Ok(ImageOutcome::Done {
+        outputs,
+        info: output.info,
+    })
+}
+
+async fn write(
+    rt: &Runtime,
+    bucket: &str,
+    key: &str,
+    image: &Encoded,
+    chain: &str,
+    source: &str,
+) -> Result<WrittenObject, InvokeError> {
+    let content_type = image.format.content_type();
+    let mut meta = BTreeMap::new();
+    meta.insert(CHAIN_METADATA.to_string(), chain.to_string());
+    meta.insert("imgfunc-source".to_string(), sanitize_meta(source));
+    let opts = PutOptions {
+        content_type: content_type.to_string(),
+        user_metadata: meta,
+    };
+    rt.store
+        .put(bucket, key, Bytes::from(image.bytes.clone()), opts)
+        .await?;
+    Ok(WrittenObject {
+        bucket: bucket.to_string(),
+        key: key.to_string(),
+        content_type: content_type.to_string(),
+        bytes: image.bytes.len() as u64,
+        width: image.width,
+        height: image.height,
+    })
+}
+
+/// Metadata values must be printable ASCII; keys may not be, so non-ASCII
+/// bytes and controls are percent-encoded.
+fn sanitize_meta(value: &str) -> String {
+    percent_encoding::utf8_percent_encode(value, percent_encoding::CONTROLS).to_string()
+}
+
+/// Watermark bytes fetched before the CPU work starts, keyed by URL; a
+/// failed fetch is kept as its message so imaging reports it in context.
+struct Prefetched(HashMap<String, Result<Vec<u8>, String>>);
+
+impl WatermarkResolver for Prefetched {
+    fn resolve(&self, url: &str) -> Result<Vec<u8>, String> {
+        self.0
+            .get(url)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("{url} was not fetched")))
+    }
+}
+
+async fn fetch_watermarks(rt: &Runtime, args: &ImageArgs) -> Prefetched {
+    let mut map = HashMap::new();
+    for op in &args.action.ops {
+        if let Op::WatermarkImage(w) = op
+            && !map.contains_key(&w.url)
+        {
+            let got = rt.sources.fetch(rt.store.as_ref(), &w.url).await;
+            map.insert(w.url.clone(), got);
+        }
+    }
+    Prefetched(map)
+}

@@ -1,0 +1,313 @@
+//! Where `watermark_image` URLs are read from: objects of the configured
+//! store when the URL names one, otherwise allow-listed http(s) hosts only.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use reqwest::Url;
+
+use crate::store::ObjectStore;
+
+/// How watermark URLs may be fetched.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Hosts (exact, lowercase) whose http(s) URLs may be fetched.
+    pub allow_hosts: Vec<String>,
+    /// Allow fetching from loopback, private and link-local addresses.
+    pub allow_private: bool,
+    /// Largest watermark fetched over http(s), in bytes.
+    pub max_bytes: usize,
+    pub timeout: Duration,
+    /// The S3 endpoint in use: its own URLs (path style) name store objects.
+    pub s3_endpoint: Option<String>,
+    /// URL prefixes of this server (e.g. `http://127.0.0.1:8080`): their
+    /// `/<bucket>/<key>` URLs name store objects.
+    pub self_urls: Vec<String>,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            allow_hosts: Vec::new(),
+            allow_private: false,
+            max_bytes: 10 * 1024 * 1024,
+            timeout: Duration::from_secs(5),
+            s3_endpoint: None,
+            self_urls: Vec::new(),
+        }
+    }
+}
+
+/// Resolves watermark URLs.
+pub struct WatermarkSources {
+    config: SourceConfig,
+}
+
+/// What a URL names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Source {
+    Object { bucket: String, key: String },
+    Remote(Url),
+}
+
+impl WatermarkSources {
+    pub fn new(config: SourceConfig) -> WatermarkSources {
+        WatermarkSources { config }
+    }
+
+    /// Reads the watermark behind `url`; the error says why it cannot be read.
+    pub async fn fetch(&self, store: &dyn ObjectStore, url: &str) -> Result<Vec<u8>, String> {
+        match self.classify(url)? {
+            Source::Object { bucket, key } => store
+                .get(&bucket, &key)
+                .await
+                .map(|o| o.bytes.to_vec())
+                .map_err(|e| e.to_string()),
+            Source::Remote(url) => self.fetch_remote(url).await,
+        }
+    }
+
+    /// Decides what `url` names, without any I/O.
+    pub fn classify(&self, raw: &str) -> Result<Source, String> {
+        let url = Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
+        let path_object = |url: &Url| -> Result<Source, String> {
+            let path = percent_decode(url.path().trim_start_matches('/'));
+            let (bucket, key) = path
+                .split_once('/')
+                .filter(|(b, k)| !b.is_empty() && !k.is_empty())
+                .ok_or_else(|| format!("{raw} does not name /<bucket>/<key>"))?;
+            Ok(Source::Object {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+            })
+        };
+        match url.scheme() {
+            "s3" => {
+                let bucket = url.host_str().unwrap_or_default().to_string();
+                let key = percent_decode(url.path().trim_start_matches('/'));
+                if bucket.is_empty() || key.is_empty() {
+                    return Err(format!("{raw} does not name s3://<bucket>/<key>"));
+                }
+                return Ok(Source::Object { bucket, key });
+            }
+            "http" | "https" => {}
+            other => {
+                return Err(format!(
+                    "scheme {other} is not supported; use s3, http or https"
+                ));
+            }
+        }
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        let own = self
+            .config
+            .s3_endpoint
+            .iter()
+            .chain(self.config.self_urls.iter())
+            .filter_map(|u| Url::parse(u).ok())
+            .any(|u| {
+                u.host_str() == url.host_str()
+                    && u.port_or_known_default() == url.port_or_known_default()
+            });
+        if own {
+            return path_object(&url);
+        }
+        if let Some(rest) = host.strip_suffix(".qingstor.com") {
+            // <bucket>.<zone>.qingstor.com/<key> or <zone>.qingstor.com/<bucket>/<key>
+            return match rest.split_once('.') {
+                Some((bucket, _zone)) => Ok(Source::Object {
+                    bucket: bucket.to_string(),
+                    key: percent_decode(url.path().trim_start_matches('/')),
+                }),
+                None => path_object(&url),
+            };
+        }
+        if self
+            .config
+            .allow_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&host))
+        {
+            return Ok(Source::Remote(url));
+        }
+        Err(format!(
+            "host {host} is not on the watermark allow-list (--watermark-hosts)"
+        ))
+    }
+
+    async fn fetch_remote(&self, url: Url) -> Result<Vec<u8>, String> {
+        let host = url.host_str().unwrap_or_default().to_string();
+        let port = url.port_or_known_default().unwrap_or(443);
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .collect();
+        let addr = addrs
+            .iter()
+            .copied()
+            .find(|a| self.config.allow_private || is_public(a.ip()))
+            .ok_or_else(|| {
+                format!("{host} resolves only to private, loopback or link-local addresses")
+            })?;
+        // Pin the checked address so a second lookup cannot swap it.
+        let client = reqwest::Client::builder()
+            .timeout(self.config.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .resolve(&host, addr)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut response = client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("GET {url}: status {}", response.status()));
+        }
+        let limit = self.config.max_bytes;
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?
+        {
+            body.extend_from_slice(&chunk);
+            if body.len() > limit {
+                return Err(format!(
+                    "GET {url}: larger than the {limit}-byte watermark cap"
+                ));
+            }
+        }
+        Ok(body)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// True for addresses on the public internet.
+fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let seg = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || (seg & 0xfe00) == 0xfc00
+                || (seg & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources() -> WatermarkSources {
+        WatermarkSources::new(SourceConfig {
+            allow_hosts: vec!["cdn.example.com".into()],
+            s3_endpoint: Some("http://127.0.0.1:9000".into()),
+            self_urls: vec!["http://127.0.0.1:8080".into()],
+            ..SourceConfig::default()
+        })
+    }
+
+    fn object(bucket: &str, key: &str) -> Source {
+        Source::Object {
+            bucket: bucket.into(),
+            key: key.into(),
+        }
+    }
+
+    #[test]
+    fn store_urls_name_objects() {
+        let s = sources();
+        let cases = [
+            ("s3://marks/logo.png", object("marks", "logo.png")),
+            (
+                "https://marks.pek3b.qingstor.com/a/logo.png",
+                object("marks", "a/logo.png"),
+            ),
+            (
+                "https://pek3b.qingstor.com/marks/logo%20x.png",
+                object("marks", "logo x.png"),
+            ),
+            (
+                "http://127.0.0.1:9000/marks/logo.png",
+                object("marks", "logo.png"),
+            ),
+            (
+                "http://127.0.0.1:8080/marks/l.png",
+                object("marks", "l.png"),
+            ),
+        ];
+        for (url, want) in cases {
+            assert_eq!(s.classify(url).unwrap(), want, "{url}");
+        }
+        assert!(matches!(
+            s.classify("https://cdn.example.com/x.png").unwrap(),
+            Source::Remote(_)
+        ));
+    }
+
+    #[test]
+    fn other_hosts_and_schemes_are_refused() {
+        let s = sources();
+        for url in [
+            "https://evil.example.org/x.png",
+            "http://127.0.0.1:22/x",
+            "http://169.254.169.254/latest/meta-data",
+            "file:///etc/passwd",
+            "not a url",
+            "s3://bucket-only",
+        ] {
+            assert!(s.classify(url).is_err(), "{url}");
+        }
+    }
+
+    #[test]
+    fn private_addresses_are_not_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "169.254.169.254",
+            "::1",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+            "100.64.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["8.8.8.8", "2606:4700::1111"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn allow_listed_loopback_is_still_refused_by_default() {
+        let s = WatermarkSources::new(SourceConfig {
+            allow_hosts: vec!["localhost".into()],
+            ..SourceConfig::default()
+        });
+        let store = crate::store::LocalStore::new(std::env::temp_dir());
+        let err = s
+            .fetch(&store, "http://localhost:1/x.png")
+            .await
+            .unwrap_err();
+        assert!(err.contains("private, loopback"), "{err}");
+    }
+}

@@ -1,0 +1,107 @@
+//! `POST /v1/events`, `POST /v1/invoke` and `/readyz`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use super::queue::jobs_for;
+use super::{ApiError, AppState, new_id};
+use crate::cloudfunc;
+use crate::events::parse_body;
+use crate::rules::parse_notifications;
+
+/// Takes S3 event records or QingStor-style events; answers 202 with one id
+/// per invocation, or 503 (nothing queued) when the queue cannot take them all.
+pub async fn post_events(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let parsed =
+        parse_body(&body).map_err(|e| ApiError::bad_request("invalid_event", e.to_string()))?;
+    let mut jobs = Vec::new();
+    let mut unmatched = 0;
+    for event in parsed.events {
+        let fired = jobs_for(&state, event);
+        if fired.is_empty() {
+            unmatched += 1;
+        }
+        jobs.extend(fired);
+    }
+    let invocations: Vec<Value> = jobs
+        .iter()
+        .map(|j| {
+            json!({
+                "id": j.id,
+                "rule_id": j.rule.id,
+                "bucket": j.event.bucket,
+                "key": j.event.key,
+                "event_type": j.event.event_type.as_str(),
+            })
+        })
+        .collect();
+    state
+        .queue
+        .try_push_all(jobs)
+        .map_err(ApiError::queue_full)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "invocations": invocations,
+            "unmatched": unmatched,
+            "skipped": parsed.skipped,
+        })),
+    ))
+}
+
+/// Runs one event against an inline rule and answers with the result JSON
+/// that `notify_url` would receive. Body: `{"bucket"?, "event": ..., "rule": {...}}`
+/// where `event` is any format `/v1/events` takes and `rule` one notification.
+pub async fn invoke(
+    State(state): State<Arc<AppState>>,
+    Json(body): Json<Value>,
+) -> Result<Json<cloudfunc::InvocationResult>, ApiError> {
+    let event_json = body
+        .get("event")
+        .ok_or_else(|| ApiError::bad_request("invalid_request", "missing field `event`"))?;
+    let parsed = parse_body(event_json.to_string().as_bytes())
+        .map_err(|e| ApiError::bad_request("invalid_event", e.to_string()))?;
+    let event = parsed.events.into_iter().next().ok_or_else(|| {
+        ApiError::bad_request("invalid_event", "event: no object event to act on")
+    })?;
+    let rule_json = body
+        .get("rule")
+        .ok_or_else(|| ApiError::bad_request("invalid_request", "missing field `rule`"))?;
+    let set = json!({"notifications": [rule_json]});
+    let rule = parse_notifications(set.to_string().as_bytes(), &event.bucket)
+        .map_err(|e| ApiError::bad_request("invalid_rule", e.to_string()))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::bad_request("invalid_rule", "rule: empty"))?;
+    let result = cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event).await;
+    Ok(Json(result))
+}
+
+/// Ready while serving and not shutting down; reports the queue.
+pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
+    let ready = state.ready.load(Ordering::SeqCst);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "ready": ready,
+            "queue_depth": state.queue.depth(),
+            "queue_bound": state.config.queue_bound,
+            "workers": state.config.workers,
+            "store": state.store.describe(),
+        })),
+    )
+}

@@ -1,0 +1,208 @@
+//! The function host: an axum server that takes bucket events, runs the
+//! matching rules' cloudfuncs on a bounded pool of workers, writes results to
+//! object storage and notifies. It also serves the embedded store's object
+//! API, QingStor's `?notification` rule API and the `?image` process API.
+
+mod error;
+mod events;
+mod objects;
+mod queue;
+
+pub use error::ApiError;
+pub use queue::Job;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+use crate::cloudfunc::{Runtime, SourceConfig, WatermarkSources};
+use crate::imaging::Limits;
+use crate::notify::{Notifier, NotifyConfig};
+use crate::rules::RuleBook;
+use crate::store::ObjectStore;
+
+/// Everything `serve` is configured with.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub listen: SocketAddr,
+    /// The embedded store's root, and where rules and dead letters are kept.
+    pub data_dir: PathBuf,
+    /// Rule files loaded at start (`functions/*.json`).
+    pub functions_dir: Option<PathBuf>,
+    /// Invocations run at once (the CPU work of each is off the async runtime).
+    pub workers: usize,
+    /// Invocations that may wait; past this, events are answered 503.
+    pub queue_bound: usize,
+    pub notify: NotifyConfig,
+    pub limits: Limits,
+    pub sources: SourceConfig,
+    /// True when the store is the embedded local directory: its object API
+    /// then fires events itself, as an S3 server's webhook would.
+    pub embedded: bool,
+    /// Largest object the object API accepts.
+    pub max_object_bytes: usize,
+    /// How long shutdown waits for queued and running work.
+    pub drain_timeout: Duration,
+}
+
+impl HostConfig {
+    /// Defaults for a data directory: one worker per core, a queue of 1024.
+    pub fn new(data_dir: PathBuf) -> HostConfig {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        HostConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            notify: NotifyConfig::new(data_dir.join(".imgfunc").join("dead-letter.jsonl")),
+            data_dir,
+            functions_dir: None,
+            workers: cores,
+            queue_bound: 1024,
+            limits: Limits::default(),
+            sources: SourceConfig::default(),
+            embedded: true,
+            max_object_bytes: 256 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Shared by every handler and worker.
+pub struct AppState {
+    pub config: HostConfig,
+    pub store: Arc<dyn ObjectStore>,
+    pub rules: RuleBook,
+    pub runtime: Runtime,
+    pub notifier: Notifier,
+    pub queue: queue::Queue,
+    ready: AtomicBool,
+}
+
+/// A short random id for requests and invocations.
+pub fn new_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// A bound, not yet running host.
+pub struct Host {
+    state: Arc<AppState>,
+    listener: TcpListener,
+    workers: queue::Workers,
+}
+
+impl Host {
+    /// Loads rules, binds the listener and starts the workers.
+    pub async fn bind(config: HostConfig, store: Arc<dyn ObjectStore>) -> anyhow::Result<Host> {
+        let rules = RuleBook::open(
+            &config.data_dir.join(".imgfunc").join("rules"),
+            config.functions_dir.as_deref(),
+        )?;
+        let notifier = Notifier::new(config.notify.clone())?;
+        let runtime = Runtime {
+            store: store.clone(),
+            limits: config.limits.clone(),
+            sources: WatermarkSources::new(config.sources.clone()),
+        };
+        let (queue, receiver) = queue::Queue::new(config.queue_bound);
+        let listener = TcpListener::bind(config.listen).await?;
+        let state = Arc::new(AppState {
+            config,
+            store,
+            rules,
+            runtime,
+            notifier,
+            queue,
+            ready: AtomicBool::new(true),
+        });
+        let workers = queue::Workers::start(state.clone(), receiver);
+        Ok(Host {
+            state,
+            listener,
+            workers,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops taking requests and
+    /// finishes the queued and running work (and its notifications).
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let app = router(state.clone());
+        tracing::info!(
+            addr = %self.listener.local_addr()?,
+            store = %state.store.describe(),
+            workers = state.config.workers,
+            "serving"
+        );
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        state.ready.store(false, Ordering::SeqCst);
+        tracing::info!("shutting down: finishing queued work");
+        let drain = state.config.drain_timeout;
+        drop(state);
+        self.workers.finish(drain).await;
+        Ok(())
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let body_limit = state.config.max_object_bytes;
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(events::ready))
+        .route("/v1/events", post(events::post_events))
+        .route("/v1/invoke", post(events::invoke))
+        .route(
+            "/{bucket}",
+            get(objects::get_bucket)
+                .put(objects::put_bucket)
+                .delete(objects::delete_bucket),
+        )
+        .route(
+            "/{bucket}/{*key}",
+            get(objects::get_object)
+                .put(objects::put_object)
+                .delete(objects::delete_object),
+        )
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,300 @@
+//! The object API (`PUT`, `GET`, `HEAD`, `DELETE /{bucket}/{key}`, listing),
+//! QingStor's `?notification` rule API and the `?image&action=` process API.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::queue::jobs_for;
+use super::{ApiError, AppState};
+use crate::action::Action;
+use crate::events::Event;
+use crate::imaging::{self, NoWatermarks};
+use crate::rules::EventType;
+use crate::store::{PutOptions, validate_bucket, validate_key};
+
+/// The query string's keys and values; a bare key such as `image` maps to "".
+fn query(raw: &Option<String>) -> HashMap<String, String> {
+    let raw = raw.as_deref().unwrap_or("");
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn check_bucket(bucket: &str) -> Result<(), ApiError> {
+    validate_bucket(bucket).map_err(ApiError::from)
+}
+
+/// `GET /{bucket}?notification` gives the rules; `GET /{bucket}` lists keys
+/// (`?prefix=`).
+pub async fn get_bucket(
+    State(state): State<Arc<AppState>>,
+    Path(bucket): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    check_bucket(&bucket)?;
+    let q = query(&raw);
+    if q.contains_key("notification") {
+        let body = state
+            .rules
+            .get_raw(&bucket)
+            .unwrap_or_else(|| json!({"notifications": []}));
+        return Ok(Json(body));
+    }
+    let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
+    let entries = match state.store.list(&bucket, prefix).await {
+        Ok(e) => e,
+        Err(e) if e.is_not_found() => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let keys: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "key": e.key,
+                "size": e.size,
+                "last_modified": e.last_modified
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs()),
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({"name": bucket, "prefix": prefix, "keys": keys}),
+    ))
+}
+
+/// `PUT /{bucket}?notification` sets the bucket's rules (validated now, 400
+/// naming the field); `PUT /{bucket}` alone creates nothing and succeeds,
+/// since buckets exist as soon as an object is written.
+pub async fn put_bucket(
+    State(state): State<Arc<AppState>>,
+    Path(bucket): Path<String>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    check_bucket(&bucket)?;
+    if query(&raw).contains_key("notification") {
+        state.rules.set(&bucket, &body)?;
+        tracing::info!(%bucket, "notification rules set");
+    }
+    Ok(StatusCode::OK)
+}
+
+/// `DELETE /{bucket}?notification` removes the bucket's rules.
+pub async fn delete_bucket(
+    State(state): State<Arc<AppState>>,
+    Path(bucket): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<StatusCode, ApiError> {
+    check_bucket(&bucket)?;
+    if query(&raw).contains_key("notification") {
+        state.rules.delete(&bucket)?;
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    Err(ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "not_supported",
+        "deleting a bucket is not supported; delete its objects",
+    ))
+}
+
+/// Reserves queue room for the events `event` fires before anything is
+/// changed, so that a full queue refuses the request instead of losing work.
+fn fire(state: &AppState, event: Event) -> Result<(), ApiError> {
+    if !state.config.embedded {
+        return Ok(());
+    }
+    state
+        .queue
+        .try_push_all(jobs_for(state, event))
+        .map_err(ApiError::queue_full)
+}
+
+fn queue_has_room(
+    state: &AppState,
+    event_type: EventType,
+    bucket: &str,
+    key: &str,
+) -> Result<(), ApiError> {
+    if !state.config.embedded {
+        return Ok(());
+    }
+    let needed = state.rules.matching(bucket, event_type, key).len();
+    if needed > 0 && state.queue.depth() + needed > state.config.queue_bound {
+        return Err(ApiError::queue_full(state.queue.depth()));
+    }
+    Ok(())
+}
+
+/// `PUT /{bucket}/{key}` stores the body (content type and `x-amz-meta-*`
+/// kept) and fires `create_object`.
+pub async fn put_object(
+    State(state): State<Arc<AppState>>,
+    Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_bucket(&bucket)?;
+    validate_key(&key)?;
+    queue_has_room(&state, EventType::CreateObject, &bucket, &key)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_string();
+    let user_metadata: BTreeMap<String, String> = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let name = name.as_str().strip_prefix("x-amz-meta-")?;
+            Some((name.to_string(), value.to_str().ok()?.to_string()))
+        })
+        .collect();
+    let size = body.len() as u64;
+    state
+        .store
+        .put(
+            &bucket,
+            &key,
+            body,
+            PutOptions {
+                content_type,
+                user_metadata,
+            },
+        )
+        .await?;
+    let mut event = Event::internal(EventType::CreateObject, &bucket, &key);
+    event.size = Some(size);
+    fire(&state, event)?;
+    Ok(StatusCode::CREATED.into_response())
+}
+
+/// `DELETE /{bucket}/{key}` removes the object and fires `delete_object`.
+pub async fn delete_object(
+    State(state): State<Arc<AppState>>,
+    Path((bucket, key)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    check_bucket(&bucket)?;
+    validate_key(&key)?;
+    queue_has_room(&state, EventType::DeleteObject, &bucket, &key)?;
+    state.store.delete(&bucket, &key).await?;
+    fire(
+        &state,
+        Event::internal(EventType::DeleteObject, &bucket, &key),
+    )?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET`/`HEAD /{bucket}/{key}`; with `?image&action=...` the processed image
+/// (or `info` JSON) instead of the stored bytes.
+pub async fn get_object(
+    State(state): State<Arc<AppState>>,
+    Path((bucket, key)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+    method: Method,
+) -> Result<Response, ApiError> {
+    check_bucket(&bucket)?;
+    validate_key(&key)?;
+    let q = query(&raw);
+    if q.contains_key("image") {
+        return process(&state, &bucket, &key, q.get("action").map(String::as_str)).await;
+    }
+    if method == Method::HEAD {
+        let meta = state.store.head(&bucket, &key).await?;
+        let mut response = Response::new(Body::empty());
+        set_object_headers(
+            response.headers_mut(),
+            &meta.content_type,
+            meta.size,
+            &meta.user_metadata,
+        );
+        return Ok(response);
+    }
+    let object = state.store.get(&bucket, &key).await?;
+    let mut response = Response::new(Body::from(object.bytes));
+    set_object_headers(
+        response.headers_mut(),
+        &object.meta.content_type,
+        object.meta.size,
+        &object.meta.user_metadata,
+    );
+    Ok(response)
+}
+
+fn set_object_headers(
+    headers: &mut HeaderMap,
+    content_type: &str,
+    size: u64,
+    meta: &BTreeMap<String, String>,
+) {
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        headers.insert(header::CONTENT_TYPE, v);
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    for (k, v) in meta {
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(format!("x-amz-meta-{k}").as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+}
+
+async fn process(
+    state: &Arc<AppState>,
+    bucket: &str,
+    key: &str,
+    action: Option<&str>,
+) -> Result<Response, ApiError> {
+    let action = action.ok_or_else(|| {
+        ApiError::bad_request("invalid_action", "missing `action` in ?image&action=...")
+    })?;
+    let action = Action::parse(action)?;
+    if action.ops.iter().any(|op| {
+        matches!(
+            op,
+            crate::action::Op::Save(_) | crate::action::Op::WatermarkImage(_)
+        )
+    }) {
+        return Err(ApiError::bad_request(
+            "invalid_action",
+            "save and watermark_image run in rules (cloudfunc image), not in ?image requests",
+        ));
+    }
+    let object = state.store.get(bucket, key).await?;
+    let limits = state.config.limits.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        imaging::process(&object.bytes, &action, &limits, &NoWatermarks)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    match (output.image, output.info) {
+        (Some(image), _) => Ok((
+            [(header::CONTENT_TYPE, image.format.content_type())],
+            image.bytes,
+        )
+            .into_response()),
+        (None, Some(info)) => Ok(Json(info).into_response()),
+        (None, None) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no output",
+        )),
+    }
+}

@@ -1,0 +1,108 @@
+//! The dead-letter file: one JSON line per payload that was not delivered.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+/// Appends records to the dead-letter file, one at a time.
+#[derive(Debug)]
+pub(super) struct DeadLetters {
+    path: PathBuf,
+    /// Serializes appends from this process; each record is also written
+    /// with a single `write` on an `O_APPEND` file so that other processes
+    /// appending to the same file do not split it either.
+    lock: Mutex<()>,
+}
+
+impl DeadLetters {
+    pub(super) fn new(path: PathBuf) -> DeadLetters {
+        DeadLetters {
+            path,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Appends `{"time", "url", "attempts", "last_error", "payload"}`.
+    pub(super) async fn append(
+        &self,
+        url: &str,
+        attempts: u32,
+        last_error: &str,
+        payload: &Value,
+    ) -> io::Result<()> {
+        let record = json!({
+            "time": rfc3339(SystemTime::now()),
+            "url": url,
+            "attempts": attempts,
+            "last_error": last_error,
+            "payload": payload,
+        });
+        let mut line = serde_json::to_vec(&record)?;
+        line.push(b'\n');
+        let path = self.path.clone();
+        let _guard = self.lock.lock().await;
+        tokio::task::spawn_blocking(move || append_line(&path, &line))
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+fn append_line(path: &std::path::Path, line: &[u8]) -> io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    let mut file = OpenOptions::new().create(true).append(true).open(path)?;
+    file.write_all(line)?;
+    file.sync_data()
+}
+
+/// `2024-05-01T10:00:00.123Z`, without a date-time dependency.
+pub(super) fn rfc3339(time: SystemTime) -> String {
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for dates on or after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_714_557_600_123);
+        assert_eq!(rfc3339(t), "2024-05-01T10:00:00.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+        let end = UNIX_EPOCH + Duration::from_secs(1_735_689_599);
+        assert_eq!(rfc3339(end), "2024-12-31T23:59:59.000Z");
+    }
+}

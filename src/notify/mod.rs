@@ -1,0 +1,264 @@
+//! Delivering results to a rule's `notify_url`, with bounded retries.
+//!
+//! A result is POSTed as JSON; any 2xx is a success. Connection errors,
+//! timeouts, 408, 429 and 5xx are retried after a fixed delay, up to
+//! [`NotifyConfig::attempts`]; other statuses (3xx, since redirects are not
+//! followed, and 4xx) mean the receiver refused the payload and are not
+//! retried. A payload that could not be delivered is appended to the
+//! dead-letter file, so that it is never dropped silently.
+
+mod dead_letter;
+
+use std::error::Error as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use thiserror::Error;
+
+use dead_letter::DeadLetters;
+
+/// QingStor's numbers: three attempts, 5 s each, 1 s apart.
+pub const DEFAULT_ATTEMPTS: u32 = 3;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_DELAY: Duration = Duration::from_secs(1);
+
+/// How deliveries are attempted and where failures are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyConfig {
+    /// Attempts per delivery, the first included; 0 counts as 1.
+    pub attempts: u32,
+    /// Time allowed for one attempt: connecting, sending and the response head.
+    pub timeout: Duration,
+    /// Wait between two attempts.
+    pub delay: Duration,
+    /// JSON-lines file that receives every payload that could not be delivered.
+    pub dead_letter: PathBuf,
+}
+
+impl NotifyConfig {
+    /// The default attempts, timeout and delay, with failures kept in `dead_letter`.
+    pub fn new(dead_letter: impl Into<PathBuf>) -> NotifyConfig {
+        NotifyConfig {
+            attempts: DEFAULT_ATTEMPTS,
+            timeout: DEFAULT_TIMEOUT,
+            delay: DEFAULT_DELAY,
+            dead_letter: dead_letter.into(),
+        }
+    }
+}
+
+/// A successful delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Attempts made, the successful one included.
+    pub attempts: u32,
+    /// The receiver's 2xx status.
+    pub status: StatusCode,
+}
+
+/// Why a payload was not delivered. Either way it is in the dead-letter file
+/// (unless writing there failed too, which is logged as an error).
+#[derive(Debug, Error)]
+pub enum NotifyError {
+    /// The URL is not an http(s) URL; no request was made.
+    #[error("notify_url `{url}` {reason}")]
+    InvalidUrl { url: String, reason: String },
+    /// Every attempt failed, or the receiver refused the payload.
+    #[error("notify {url}: failed after {attempts} attempt(s): {last_error}")]
+    Failed {
+        url: String,
+        attempts: u32,
+        last_error: String,
+    },
+    /// The HTTP client could not be built (e.g. no TLS roots).
+    #[error("cannot build the HTTP client for notifications: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Delivers payloads to notify URLs. One per process, shared by reference.
+#[derive(Debug)]
+pub struct Notifier {
+    client: reqwest::Client,
+    config: NotifyConfig,
+    dead_letters: DeadLetters,
+}
+
+/// What one attempt came to.
+enum Attempt {
+    Delivered(StatusCode),
+    /// Worth another try: the receiver may be down or busy.
+    Retry(String),
+    /// The receiver answered and refused; trying again would not help.
+    Refused(String),
+}
+
+impl Notifier {
+    /// A notifier with its own HTTP client. Redirects are not followed, as
+    /// webhook senders usually do not: a moved endpoint should be fixed in
+    /// the rule, not silently turned into a GET.
+    pub fn new(config: NotifyConfig) -> Result<Notifier, NotifyError> {
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("imgfunc/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(NotifyError::Client)?;
+        Ok(Notifier {
+            client,
+            dead_letters: DeadLetters::new(config.dead_letter.clone()),
+            config,
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &NotifyConfig {
+        &self.config
+    }
+
+    /// POSTs `payload` to `url` until it is accepted or the attempts run out;
+    /// on failure the payload goes to the dead-letter file and the error
+    /// names the URL, the attempts made and the last error.
+    pub async fn deliver(&self, url: &str, payload: &Value) -> Result<Delivery, NotifyError> {
+        if let Err(reason) = check_url(url) {
+            let error = NotifyError::InvalidUrl {
+                url: url.to_string(),
+                reason,
+            };
+            self.give_up(url, 0, &error.to_string(), payload).await;
+            return Err(error);
+        }
+        let attempts = self.config.attempts.max(1);
+        let mut made = 0;
+        let mut last_error = String::new();
+        while made < attempts {
+            if made > 0 {
+                tokio::time::sleep(self.config.delay).await;
+            }
+            made += 1;
+            match self.attempt(url, payload).await {
+                Attempt::Delivered(status) => {
+                    tracing::debug!(url, attempts = made, %status, "notification delivered");
+                    return Ok(Delivery {
+                        attempts: made,
+                        status,
+                    });
+                }
+                Attempt::Retry(error) => {
+                    tracing::debug!(url, attempt = made, %error, "notification attempt failed");
+                    last_error = error;
+                }
+                Attempt::Refused(error) => {
+                    last_error = error;
+                    break;
+                }
+            }
+        }
+        self.give_up(url, made, &last_error, payload).await;
+        Err(NotifyError::Failed {
+            url: url.to_string(),
+            attempts: made,
+            last_error,
+        })
+    }
+
+    async fn attempt(&self, url: &str, payload: &Value) -> Attempt {
+        let response = match self.client.post(url).json(payload).send().await {
+            Ok(response) => response,
+            Err(error) => return Attempt::Retry(self.describe(&error)),
+        };
+        let status = response.status();
+        if status.is_success() {
+            return Attempt::Delivered(status);
+        }
+        let error = format!("HTTP {status}{}", body_excerpt(response).await);
+        let retry = status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::REQUEST_TIMEOUT;
+        if retry {
+            Attempt::Retry(error)
+        } else {
+            Attempt::Refused(error)
+        }
+    }
+
+    /// A transport error with its causes, which say what actually went
+    /// wrong (`Connection refused`); reqwest's own message does not.
+    fn describe(&self, error: &reqwest::Error) -> String {
+        if error.is_timeout() {
+            return format!("no response within {:?}", self.config.timeout);
+        }
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = cause.source();
+        }
+        message
+    }
+
+    async fn give_up(&self, url: &str, attempts: u32, last_error: &str, payload: &Value) {
+        tracing::warn!(
+            url,
+            attempts,
+            error = last_error,
+            dead_letter = %self.config.dead_letter.display(),
+            "notification not delivered; payload kept in the dead-letter file"
+        );
+        if let Err(error) = self
+            .dead_letters
+            .append(url, attempts, last_error, payload)
+            .await
+        {
+            tracing::error!(
+                url,
+                dead_letter = %self.config.dead_letter.display(),
+                %error,
+                "cannot write the dead-letter file; the notification payload is lost"
+            );
+        }
+    }
+}
+
+/// Only http(s) URLs with a host are delivered to.
+fn check_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| format!("is not a valid URL ({e}); expected http://... or https://..."))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "has scheme `{}`; only http and https are supported",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".to_string());
+    }
+    Ok(())
+}
+
+/// The start of an error response's body, which often says why.
+async fn body_excerpt(mut response: reqwest::Response) -> String {
+    const LIMIT: usize = 200;
+    let mut body = Vec::new();
+    while body.len() < LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(LIMIT)]);
+    let text = text.trim();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,702 @@
+//! Turning rule JSON into [`Rule`]s: every check happens here, once, when a
+//! rule set is set or loaded, and every error names the field at fault.
+
+use std::collections::HashSet;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use super::error::RuleError;
+use super::event_type::EventType;
+use super::model::{RawCloudFuncArgs, RawNotification};
+use super::rule::{
+    CloudFunc, DEFAULT_KEY_PREFIX, DEFAULT_KEY_SEPRATE, ImageArgs, ObjectFilters, Rule,
+};
+use crate::action::Action;
+
+/// Validates a QingStor notification body, `{"notifications": [...]}`, for
+/// `bucket`. Field paths in errors start at the body:
+/// `notifications[1].event_types[0]`.
+pub fn parse_notifications(body: &[u8], bucket: &str) -> Result<Vec<Rule>, RuleError> {
+    notifications_from_body(body, bucket).map(|(_, rules)| rules)
+}
+
+/// Validates a deployable rule file, `{"bucket": "photos", "notifications":
+/// [...]}`, and returns the bucket with its rules.
+pub fn parse_rule_file(bytes: &[u8]) -> Result<(String, Vec<Rule>), RuleError> {
+    rule_file_from_bytes(bytes).map(|(bucket, _, rules)| (bucket, rules))
+}
+
+/// Checks that `name` can be a bucket name, which is also a file name in the
+/// state directory: 1 to 255 letters, digits, `.`, `-` or `_`, starting with
+/// a letter or digit. That is looser than S3 (lowercase, 3 to 63) so that
+/// every bucket a store accepts fits, and strict enough that no name escapes
+/// a directory.
+pub fn validate_bucket_name(name: &str) -> Result<(), RuleError> {
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    let starts_well = name.starts_with(|c: char| c.is_ascii_alphanumeric());
+    if name.len() <= 255 && valid_chars && starts_well {
+        Ok(())
+    } else {
+        Err(RuleError::new(
+            "bucket",
+            format!(
+                "invalid bucket name `{name}`: use 1 to 255 letters, digits, `.`, `-` or `_`, \
+                 starting with a letter or digit"
+            ),
+        ))
+    }
+}
+
+impl Rule {
+    /// Validates one notification object (the inline rule of a direct
+    /// invocation) for `bucket`. Field paths in errors start at the rule:
+    /// `cloudfunc_args.action`.
+    pub fn from_json(value: &Value, bucket: &str) -> Result<Rule, RuleError> {
+        let raw: RawNotification = deserialize_at(value)?;
+        rule_from_raw(raw, bucket)
+    }
+}
+
+/// The parsed body and its rules, for callers that keep the body as set.
+pub(crate) fn notifications_from_body(
+    body: &[u8],
+    bucket: &str,
+) -> Result<(Value, Vec<Rule>), RuleError> {
+    let value = parse_json(body)?;
+    let Value::Object(fields) = &value else {
+        return Err(RuleError::new(
+            "body",
+            format!(
+                "expected a JSON object {{\"notifications\": [...]}}, got {}",
+                kind(&value)
+            ),
+        ));
+    };
+    let (_, rules) = notifications_in(fields, bucket)?;
+    Ok((value, rules))
+}
+
+/// The bucket, the notification objects as written and their rules.
+pub(crate) fn rule_file_from_bytes(
+    bytes: &[u8],
+) -> Result<(String, Vec<Value>, Vec<Rule>), RuleError> {
+    let value = parse_json(bytes)?;
+    let Value::Object(fields) = &value else {
+        return Err(RuleError::new(
+            "body",
+            format!(
+                "expected a JSON object {{\"bucket\": ..., \"notifications\": [...]}}, got {}",
+                kind(&value)
+            ),
+        ));
+    };
+    let bucket = match fields.get("bucket") {
+        Some(Value::String(bucket)) => bucket.clone(),
+        None | Some(Value::Null) => {
+            return Err(RuleError::new(
+                "bucket",
+                "required: the name of the bucket the rules apply to",
+            ));
+        }
+        Some(other) => {
+            return Err(RuleError::new(
+                "bucket",
+                format!("expected a string, got {}", kind(other)),
+            ));
+        }
+    };
+    validate_bucket_name(&bucket)?;
+    let (items, rules) = notifications_in(fields, &bucket)?;
+    Ok((bucket, items.to_vec(), rules))
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, RuleError> {
+    serde_json::from_slice(bytes).map_err(|e| RuleError::new("body", format!("invalid JSON: {e}")))
+}
+
+/// Validates the `notifications` list of a body or file, ids unique.
+fn notifications_in<'a>(
+    fields: &'a Map<String, Value>,
+    bucket: &str,
+) -> Result<(&'a [Value], Vec<Rule>), RuleError> {
+    let items = match fields.get("notifications") {
+        Some(Value::Array(items)) => items,
+        None | Some(Value::Null) => {
+            return Err(RuleError::new(
+                "notifications",
+                "required: a list of notification rules",
+            ));
+        }
+        Some(other) => {
+            return Err(RuleError::new(
+                "notifications",
+                format!("expected a list of rules, got {}", kind(other)),
+            ));
+        }
+    };
+    let mut seen = HashSet::new();
+    let mut rules = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("notifications[{i}]");
+        let rule = Rule::from_json(item, bucket).map_err(|e| e.under(&at))?;
+        if !seen.insert(rule.id.clone()) {
+            return Err(RuleError::new(
+                format!("{at}.id"),
+                format!(
+                    "duplicate id `{}`: ids must be unique among a bucket's rules",
+                    rule.id
+                ),
+            ));
+        }
+        rules.push(rule);
+    }
+    Ok((items, rules))
+}
+
+fn rule_from_raw(raw: RawNotification, bucket: &str) -> Result<Rule, RuleError> {
+    let id = match raw.id {
+        Some(id) if !id.trim().is_empty() => id,
+        _ => return Err(RuleError::new("id", "required: a non-empty rule id")),
+    };
+    let event_types = event_types(&raw.event_types)?;
+    // An empty pattern could only match an empty key; QingStor users write
+    // `"object_filters": ""` to mean "no filter".
+    let patterns = raw
+        .object_filters
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect();
+    let filters = ObjectFilters::new(patterns)?;
+    let notify_url = match raw.notify_url {
+        Some(url) if !url.trim().is_empty() => Some(notify_url(url.trim())?),
+        _ => None,
+    };
+    let cloudfunc = match raw.cloudfunc.as_deref() {
+        Some("image") => CloudFunc::Image(image_args(raw.cloudfunc_args, bucket)?),
+        Some("notifier") => {
+            if notify_url.is_none() {
+                return Err(RuleError::new(
+                    "notify_url",
+                    "required for cloudfunc notifier, which POSTs the event there",
+                ));
+            }
+            CloudFunc::Notifier
+        }
+        Some(other) => {
+            return Err(RuleError::new(
+                "cloudfunc",
+                format!(
+                    "unknown cloudfunc `{other}`; supported: {}",
+                    CloudFunc::SUPPORTED
+                ),
+            ));
+        }
+        None => {
+            return Err(RuleError::new(
+                "cloudfunc",
+                format!("required; supported: {}", CloudFunc::SUPPORTED),
+            ));
+        }
+    };
+    Ok(Rule {
+        id,
+        event_types,
+        filters,
+        cloudfunc,
+        notify_url,
+    })
+}
+
+fn event_types(names: &[String]) -> Result<Vec<EventType>, RuleError> {
+    if names.is_empty() {
+        return Err(RuleError::new(
+            "event_types",
+            "required: one or more of create_object, delete_object, abort_multipart, \
+             complete_multipart",
+        ));
+    }
+    let mut types = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let t = EventType::parse(name)
+            .map_err(|e| RuleError::new(format!("event_types[{i}]"), e.to_string()))?;
+        if !types.contains(&t) {
+            types.push(t);
+        }
+    }
+    Ok(types)
+}
+
+fn notify_url(url: &str) -> Result<String, RuleError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| {
+        RuleError::new(
+            "notify_url",
+            format!("`{url}` is not a valid URL ({e}); expected http://... or https://..."),
+        )
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(RuleError::new(
+            "notify_url",
+            format!(
+                "`{url}` has scheme `{}`; only http and https are supported",
+                parsed.scheme()
+            ),
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(RuleError::new("notify_url", format!("`{url}` has no host")));
+    }
+    Ok(url.to_string())
+}
+
+fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, RuleError> {
+    let raw = raw.unwrap_or_default();
+    let action = match raw.action.as_deref().map(str::trim) {
+        Some(action) if !action.is_empty() => Action::parse(action)
+            .map_err(|e| RuleError::new("cloudfunc_args.action", e.to_string()))?,
+        _ => {
+            return Err(RuleError::new(
+                "cloudfunc_args.action",
+                "required for cloudfunc image, e.g. \"resize:w_300|format:t_webp\"",
+            ));
+        }
+    };
+    // An explicit "" is kept (no prefix, or no separator); only an absent
+    // field takes the default.
+    let key_prefix = raw
+        .key_prefix
+        .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_string());
+    let key_seprate = raw
+        .key_seprate
+        .unwrap_or_else(|| DEFAULT_KEY_SEPRATE.to_string());
+    let save_bucket = match raw.save_bucket {
+        Some(b) if !b.is_empty() => {
+            validate_bucket_name(&b).map_err(|e| e.renamed("cloudfunc_args.save_bucket"))?;
+            Some(b)
+        }
+        _ => None,
+    };
+    let output_bucket = save_bucket.as_deref().unwrap_or(bucket);
+    if key_prefix.is_empty() && key_seprate.is_empty() && output_bucket == bucket {
+        return Err(RuleError::new(
+            "cloudfunc_args.key_prefix",
+            format!(
+                "key_prefix and key_seprate are both empty, so every output would overwrite \
+                 its original in bucket `{bucket}`; set a key_prefix or another save_bucket"
+            ),
+        ));
+    }
+    Ok(ImageArgs {
+        action,
+        key_prefix,
+        key_seprate,
+        save_bucket,
+    })
+}
+
+/// Deserializes `value`; on a type error, names the top-level field at fault
+/// by trying each field alone (serde's own message does not say which).
+fn deserialize_at<T: DeserializeOwned>(value: &Value) -> Result<T, RuleError> {
+    T::deserialize(value).map_err(|error| {
+        if let Value::Object(fields) = value {
+            for (name, field) in fields {
+                let alone = Value::Object(Map::from_iter([(name.clone(), field.clone())]));
+                if let Err(e) = T::deserialize(&alone) {
+                    return RuleError::new(name.clone(), e.to_string());
+                }
+            }
+        } else {
+            return RuleError::new("", format!("expected a JSON object, got {}", kind(value)));
+        }
+        RuleError::new("", error.to_string())
+    })
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn example() -> Value {
+        json!({"notifications": [{
+            "id": "thumbs",
+            "event_types": ["create_object"],
+            "object_filters": ["*.jpg", "photos/*"],
+            "cloudfunc": "image",
+            "cloudfunc_args": {"action": "resize:w_300|format:t_webp",
+                               "key_prefix": "gen", "key_seprate": "_",
+                               "save_bucket": "thumbs"},
+            "notify_url": "http://127.0.0.1:9000/hook"}]})
+    }
+
+    fn parse(value: &Value) -> Result<Vec<Rule>, RuleError> {
+        parse_notifications(value.to_string().as_bytes(), "photos")
+    }
+
+    /// The error for the design example with `f` applied to its only rule.
+    fn error_with(f: impl FnOnce(&mut Map<String, Value>)) -> RuleError {
+        let mut body = example();
+        if let Some(rule) = body["notifications"][0].as_object_mut() {
+            f(rule);
+        }
+        parse(&body).unwrap_err()
+    }
+
+    #[test]
+    fn design_example_validates() {
+        let rules = parse(&example()).unwrap();
+        assert_eq!(rules.len(), 1);
+        let rule = &rules[0];
+        assert_eq!(rule.id, "thumbs");
+        assert_eq!(rule.event_types, [EventType::CreateObject]);
+        assert_eq!(rule.filters.patterns(), ["*.jpg", "photos/*"]);
+        assert_eq!(
+            rule.notify_url.as_deref(),
+            Some("http://127.0.0.1:9000/hook")
+        );
+        let args = rule.image_args().unwrap();
+        assert_eq!(
+            args.action.to_string(),
+            Action::parse("resize:w_300|format:t_webp")
+                .unwrap()
+                .to_string()
+        );
+        assert_eq!(args.key_prefix, "gen");
+        assert_eq!(args.key_seprate, "_");
+        assert_eq!(args.save_bucket.as_deref(), Some("thumbs"));
+    }
+
+    #[test]
+    fn single_strings_and_defaults() {
+        let rules = parse(&json!({"notifications": [{
+            "id": "one",
+            "event_types": "create_object",
+            "object_filters": "*.png",
+            "cloudfunc": "image",
+            "cloudfunc_args": {"action": "rotate:a_90"}}]}))
+        .unwrap();
+        let rule = &rules[0];
+        assert_eq!(rule.event_types, [EventType::CreateObject]);
+        assert_eq!(rule.filters.patterns(), ["*.png"]);
+        assert_eq!(rule.notify_url, None);
+        let args = rule.image_args().unwrap();
+        assert_eq!(args.key_prefix, DEFAULT_KEY_PREFIX);
+        assert_eq!(args.key_seprate, DEFAULT_KEY_SEPRATE);
+        assert_eq!(args.save_bucket, None);
+        assert_eq!(args.output_key("photos/a.png"), "gen_photos/a.png");
+        assert_eq!(args.output_bucket("photos"), "photos");
+    }
+
+    #[test]
+    fn absent_or_empty_filters_match_everything() {
+        for filters in [json!(null), json!([]), json!(""), json!([""])] {
+            let rules = parse(&json!({"notifications": [{
+                "id": "n", "event_types": ["delete_object"], "object_filters": filters,
+                "cloudfunc": "notifier", "notify_url": "https://example.com/hook"}]}))
+            .unwrap();
+            assert!(rules[0].matches(EventType::DeleteObject, "any/key.bin"));
+            assert!(rules[0].filters.patterns().is_empty());
+        }
+    }
+
+    #[test]
+    fn notifier_needs_no_args() {
+        let rules = parse(&json!({"notifications": [{
+            "id": "n", "event_types": ["create_object", "create_object", "abort_multipart"],
+            "cloudfunc": "notifier", "notify_url": "https://example.com/hook"}]}))
+        .unwrap();
+        assert_eq!(rules[0].cloudfunc, CloudFunc::Notifier);
+        assert_eq!(
+            rules[0].event_types,
+            [EventType::CreateObject, EventType::AbortMultipart],
+            "duplicates collapse"
+        );
+    }
+
+    #[test]
+    fn bad_action_names_the_field_and_the_action_error() {
+        let err = error_with(|r| {
+            r.insert("cloudfunc_args".into(), json!({"action": "rotate:a_45"}));
+        });
+        assert_eq!(err.field, "notifications[0].cloudfunc_args.action");
+        let expected = Action::parse("rotate:a_45").unwrap_err().to_string();
+        assert_eq!(err.message, expected);
+        assert_eq!(
+            err.to_string(),
+            format!("notifications[0].cloudfunc_args.action: {expected}")
+        );
+    }
+
+    #[test]
+    fn missing_action_for_image() {
+        for args in [
+            json!(null),
+            json!({}),
+            json!({"action": ""}),
+            json!({"key_prefix": "x"}),
+        ] {
+            let err = error_with(|r| {
+                r.insert("cloudfunc_args".into(), args);
+            });
+            assert_eq!(err.field, "notifications[0].cloudfunc_args.action");
+            assert!(
+                err.message.starts_with("required for cloudfunc image"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_event_type_lists_the_allowed() {
+        let err = error_with(|r| {
+            r.insert("event_types".into(), json!(["create_object", "put_object"]));
+        });
+        assert_eq!(err.field, "notifications[0].event_types[1]");
+        assert_eq!(
+            err.message,
+            "unknown event type `put_object`; allowed: create_object, delete_object, \
+             abort_multipart, complete_multipart"
+        );
+    }
+
+    #[test]
+    fn missing_event_types() {
+        for types in [None, Some(json!([])), Some(json!(null))] {
+            let err = error_with(|r| {
+                match types {
+                    Some(t) => r.insert("event_types".into(), t),
+                    None => r.remove("event_types"),
+                };
+            });
+            assert_eq!(err.field, "notifications[0].event_types");
+            assert!(err.message.starts_with("required"), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_cloudfunc_names_the_supported() {
+        let err = error_with(|r| {
+            r.insert("cloudfunc".into(), json!("tupu-porn"));
+        });
+        assert_eq!(err.field, "notifications[0].cloudfunc");
+        assert_eq!(
+            err.message,
+            "unknown cloudfunc `tupu-porn`; supported: image, notifier"
+        );
+
+        let err = error_with(|r| {
+            r.remove("cloudfunc");
+        });
+        assert_eq!(err.field, "notifications[0].cloudfunc");
+        assert_eq!(err.message, "required; supported: image, notifier");
+    }
+
+    #[test]
+    fn missing_or_empty_id() {
+        for id in [None, Some(json!("")), Some(json!("  ")), Some(json!(null))] {
+            let err = error_with(|r| {
+                match id {
+                    Some(id) => r.insert("id".into(), id),
+                    None => r.remove("id"),
+                };
+            });
+            assert_eq!(err.field, "notifications[0].id");
+            assert_eq!(err.message, "required: a non-empty rule id");
+        }
+    }
+
+    #[test]
+    fn duplicate_ids_are_refused() {
+        let mut body = example();
+        let rule = body["notifications"][0].clone();
+        body["notifications"].as_array_mut().unwrap().push(rule);
+        let err = parse(&body).unwrap_err();
+        assert_eq!(err.field, "notifications[1].id");
+        assert!(err.message.starts_with("duplicate id `thumbs`"), "{err}");
+    }
+
+    #[test]
+    fn bad_glob_names_the_pattern() {
+        let err = error_with(|r| {
+            r.insert("object_filters".into(), json!(["*.jpg", "a[b"]));
+        });
+        assert_eq!(err.field, "notifications[0].object_filters[1]");
+        assert!(err.message.contains("a[b"), "{err}");
+    }
+
+    #[test]
+    fn notify_url_must_be_http() {
+        for url in [
+            "ftp://example.com/x",
+            "file:///etc/passwd",
+            "example.com/hook",
+            "http://",
+        ] {
+            let err = error_with(|r| {
+                r.insert("notify_url".into(), json!(url));
+            });
+            assert_eq!(err.field, "notifications[0].notify_url", "{url}");
+            assert!(err.message.contains(url), "{err}");
+        }
+        let err = error_with(|r| {
+            r.insert("notify_url".into(), json!("ftp://example.com/x"));
+        });
+        assert!(err.message.contains("only http and https"), "{err}");
+    }
+
+    #[test]
+    fn notifier_without_notify_url() {
+        let err = error_with(|r| {
+            r.insert("cloudfunc".into(), json!("notifier"));
+            r.remove("notify_url");
+        });
+        assert_eq!(err.field, "notifications[0].notify_url");
+        assert!(err.message.contains("notifier"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let err = error_with(|r| {
+            r.insert("event_types".into(), json!(7));
+        });
+        assert_eq!(err.field, "notifications[0].event_types");
+        assert!(
+            err.message.contains("a string or a list of strings"),
+            "{err}"
+        );
+
+        let err = error_with(|r| {
+            r.insert("id".into(), json!(["a"]));
+        });
+        assert_eq!(err.field, "notifications[0].id");
+
+        let err = parse(&json!({"notifications": ["thumbs"]})).unwrap_err();
+        assert_eq!(err.field, "notifications[0]");
+        assert!(err.message.contains("expected a JSON object"), "{err}");
+
+        let err = parse(&json!({"notifications": {"id": "x"}})).unwrap_err();
+        assert_eq!(err.field, "notifications");
+    }
+
+    #[test]
+    fn malformed_json_names_the_json_problem() {
+        let err = parse_notifications(br#"{"notifications": [}"#, "photos").unwrap_err();
+        assert_eq!(err.field, "body");
+        assert!(err.message.starts_with("invalid JSON: "), "{err}");
+        assert!(err.message.contains("line 1 column"), "{err}");
+
+        let err = parse_notifications(b"[]", "photos").unwrap_err();
+        assert_eq!(err.field, "body");
+
+        let err = parse_notifications(b"{}", "photos").unwrap_err();
+        assert_eq!(err.field, "notifications");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let mut body = example();
+        body["extra"] = json!(true);
+        body["notifications"][0]["colour"] = json!("blue");
+        body["notifications"][0]["cloudfunc_args"]["quality"] = json!(90);
+        assert_eq!(parse(&body).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn output_that_would_overwrite_the_original_is_refused() {
+        let err = error_with(|r| {
+            r.insert(
+                "cloudfunc_args".into(),
+                json!({"action": "rotate:a_90", "key_prefix": "", "key_seprate": ""}),
+            );
+        });
+        assert_eq!(err.field, "notifications[0].cloudfunc_args.key_prefix");
+
+        let err = error_with(|r| {
+            r.insert(
+                "cloudfunc_args".into(),
+                json!({"action": "rotate:a_90", "key_prefix": "", "key_seprate": "",
+                       "save_bucket": "photos"}),
+            );
+        });
+        assert_eq!(err.field, "notifications[0].cloudfunc_args.key_prefix");
+
+        let mut body = example();
+        body["notifications"][0]["cloudfunc_args"] = json!({"action": "rotate:a_90", "key_prefix": "", "key_seprate": "",
+                   "save_bucket": "copies"});
+        let rules = parse(&body).unwrap();
+        assert_eq!(
+            rules[0].image_args().unwrap().output_key("a/b.jpg"),
+            "a/b.jpg"
+        );
+    }
+
+    #[test]
+    fn bad_save_bucket_names_the_field() {
+        let err = error_with(|r| {
+            r.insert(
+                "cloudfunc_args".into(),
+                json!({"action": "rotate:a_90", "save_bucket": "../etc"}),
+            );
+        });
+        assert_eq!(err.field, "notifications[0].cloudfunc_args.save_bucket");
+    }
+
+    #[test]
+    fn inline_rule_fields_start_at_the_rule() {
+        let err = Rule::from_json(
+            &json!({"id": "x", "event_types": "create_object",
+                                          "cloudfunc": "image"}),
+            "photos",
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "cloudfunc_args.action");
+        let rule = Rule::from_json(&example()["notifications"][0], "photos").unwrap();
+        assert_eq!(rule.id, "thumbs");
+    }
+
+    #[test]
+    fn rule_file_form() {
+        let file = json!({"bucket": "photos", "notifications": example()["notifications"]});
+        let (bucket, rules) = parse_rule_file(file.to_string().as_bytes()).unwrap();
+        assert_eq!(bucket, "photos");
+        assert_eq!(rules.len(), 1);
+
+        let err = parse_rule_file(example().to_string().as_bytes()).unwrap_err();
+        assert_eq!(err.field, "bucket");
+        let err = parse_rule_file(br#"{"bucket": "a/b", "notifications": []}"#).unwrap_err();
+        assert_eq!(err.field, "bucket");
+        assert!(err.message.contains("invalid bucket name `a/b`"), "{err}");
+    }
+
+    #[test]
+    fn bucket_names() {
+        for ok in ["photos", "my-bucket.v2", "a", "Legacy_Bucket"] {
+            assert!(validate_bucket_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "..",
+            "a/b",
+            "a\\b",
+            "-x",
+            "水",
+            &"a".repeat(256),
+        ] {
+            assert!(validate_bucket_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,970 @@
+//! The local directory store: buckets are folders, keys are file paths.
+//!
+//! Layout under the root:
+//!
+//! ```text
+//! <root>/<bucket>/<key>                 the object's bytes, as is
+//! <root>/.imgfunc-meta/<bucket>/<key>   its sidecar: {"content_type": ..., "user_metadata": {...}}
+//! ```
+//!
+//! The sidecar tree mirrors the object tree file for file (no extension is
+//! added), so a key can never collide with another key's sidecar, and bucket
+//! names may not start with '.', so `.imgfunc-meta` is never a bucket. An
+//! object without a sidecar (a file copied in by hand) gets a content type
+//! guessed from its extension and no user metadata.
+//!
+//! A bucket exists when its folder does: the first put creates it, and
+//! [`LocalStore::create_bucket`] can create an empty one. `get`, `head`,
+//! `delete` and `list` on a missing bucket folder return
+//! [`StoreError::NoSuchBucket`], as S3 does.
+//!
+//! Writes go to a temporary file (`.imgfunc-tmp-*`, hidden from listings) in
+//! the object's folder and are renamed into place, so readers never see half
+//! an object. Within one process, a put and a get of the same key are also
+//! ordered, so bytes and sidecar are read as one version. All file I/O runs
+//! on tokio's blocking pool.
+//!
+//! Because keys are paths, the local store is stricter than S3: keys with
+//! `.` or `..` segments, empty segments (`a//b`, `a/`), a leading `/`, a
+//! backslash, or a segment starting with `.imgfunc-` are refused, and a key
+//! cannot be both an object and a folder (`a` and `a/b`). Symbolic links the
+//! operator places under the root are followed when reading; listings do not
+//! descend into linked folders.
+
+use super::validate::{normalize_put_options, validate_local_key};
+use super::{
+    BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectStore,
+    PutOptions, StoreError, validate_bucket,
+};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::{self, ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::RwLock;
+
+/// The hidden folder under the root that holds the sidecars.
+const META_DIR: &str = ".imgfunc-meta";
+
+/// Temporary files start with this; it falls under the reserved prefix, so
+/// no key segment can.
+const TMP_PREFIX: &str = ".imgfunc-tmp-";
+
+/// Per-key read/write ordering uses this many lock shards, so unrelated keys
+/// rarely wait for each other and memory stays fixed.
+const LOCK_SHARDS: usize = 64;
+
+/// How often a put retries when a concurrent delete pruned the folder it was
+/// writing into.
+const PRUNE_RACE_RETRIES: usize = 3;
+
+/// Numbers temporary files; shared by every store in the process, so two
+/// stores over one root never pick the same name.
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// An [`ObjectStore`] over a directory. See the module documentation for the
+/// layout on disk.
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+    locks: Box<[Arc<RwLock<()>>]>,
+}
+
+/// The sidecar kept beside each object.
+#[derive(Debug, Serialize, Deserialize)]
+struct Sidecar {
+    content_type: String,
+    #[serde(default)]
+    user_metadata: BTreeMap<String, String>,
+}
+
+/// Where one object and its sidecar live, from a validated bucket and key.
+#[derive(Debug)]
+struct Target {
+    bucket: String,
+    key: String,
+    bucket_dir: PathBuf,
+    object: PathBuf,
+    meta_bucket_dir: PathBuf,
+    sidecar: PathBuf,
+}
+
+impl LocalStore {
+    /// A store rooted at `root`. Nothing is touched on disk until the first
+    /// write, which creates the root and the bucket folder.
+    pub fn new(root: PathBuf) -> Self {
+        let locks = (0..LOCK_SHARDS)
+            .map(|_| Arc::new(RwLock::new(())))
+            .collect();
+        LocalStore { root, locks }
+    }
+
+    /// The folder this store keeps its buckets in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the bucket's folder (and the root) if missing.
+    pub async fn create_bucket(&self, bucket: &str) -> Result<(), StoreError> {
+        validate_bucket(bucket)?;
+        let dir = self.root.join(bucket);
+        blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create folder", &dir, e))
+        })
+        .await
+    }
+
+    fn target(&self, bucket: &str, key: &str) -> Result<Target, StoreError> {
+        validate_bucket(bucket)?;
+        validate_local_key(key)?;
+        let bucket_dir = self.root.join(bucket);
+        let meta_bucket_dir = self.root.join(META_DIR).join(bucket);
+        Ok(Target {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            object: bucket_dir.join(key),
+            sidecar: meta_bucket_dir.join(key),
+            bucket_dir,
+            meta_bucket_dir,
+        })
+    }
+
+    fn lock(&self, bucket: &str, key: &str) -> Arc<RwLock<()>> {
+        let mut hasher = DefaultHasher::new();
+        (bucket, key).hash(&mut hasher);
+        // The remainder is below LOCK_SHARDS, so the cast cannot truncate.
+        let shard = (hasher.finish() % LOCK_SHARDS as u64) as usize;
+        Arc::clone(&self.locks[shard])
+    }
+
+    fn read(&self, bucket: &str, key: &str, with_bytes: bool) -> BoxFuture<'_, ReadResult> {
+        let target = self.target(bucket, key);
+        let lock = self.lock(bucket, key);
+        Box::pin(async move {
+            let target = target?;
+            let guard = lock.read_owned().await;
+            blocking(move || {
+                let _guard = guard;
+                read_object(&target, with_bytes)
+            })
+            .await
+        })
+    }
+}
+
+type ReadResult = Result<(Option<Bytes>, ObjectMeta), StoreError>;
+
+impl ObjectStore for LocalStore {
+    fn get(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<Object, StoreError>> {
+        let read = self.read(bucket, key, true);
+        Box::pin(async move {
+            let (bytes, meta) = read.await?;
+            Ok(Object {
+                bytes: bytes.unwrap_or_default(),
+                meta,
+            })
+        })
+    }
+
+    fn head(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectMeta, StoreError>> {
+        let read = self.read(bucket, key, false);
+        Box::pin(async move { Ok(read.await?.1) })
+    }
+
+    fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: Bytes,
+        opts: PutOptions,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let target = self.target(bucket, key);
+        let lock = self.lock(bucket, key);
+        Box::pin(async move {
+            let target = target?;
+            let opts = normalize_put_options(opts)?;
+            let guard = lock.write_owned().await;
+            blocking(move || {
+                let _guard = guard;
+                write_object(&target, &bytes, opts)
+            })
+            .await
+        })
+    }
+
+    fn delete(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let target = self.target(bucket, key);
+        let lock = self.lock(bucket, key);
+        Box::pin(async move {
+            let target = target?;
+            let guard = lock.write_owned().await;
+            blocking(move || {
+                let _guard = guard;
+                delete_object(&target)
+            })
+            .await
+        })
+    }
+
+    fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> BoxFuture<'_, Result<Vec<ListEntry>, StoreError>> {
+        let checked = validate_bucket(bucket);
+        let bucket = bucket.to_owned();
+        let prefix = prefix.to_owned();
+        let bucket_dir = self.root.join(&bucket);
+        Box::pin(async move {
+            checked?;
+            blocking(move || list_objects(&bucket, &bucket_dir, &prefix)).await
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("local:{}", self.root.display())
+    }
+}
+
+/// Runs blocking file I/O off the async runtime.
+async fn blocking<T, F>(f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(err) => Err(StoreError::io(
+            "finish file operation for",
+            "the local store",
+            io::Error::other(err),
+        )),
+    }
+}
+
+/// The error for an object that is not there: the bucket's or the key's.
+fn missing(target: &Target) -> StoreError {
+    if target.bucket_dir.is_dir() {
+        StoreError::not_found(&target.bucket, &target.key)
+    } else {
+        StoreError::no_such_bucket(&target.bucket)
+    }
+}
+
+fn is_missing_path(err: &io::Error) -> bool {
+    matches!(err.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory)
+}
+
+fn read_object(target: &Target, with_bytes: bool) -> ReadResult {
+    let mut file = match std::fs::File::open(&target.object) {
+        Ok(file) => file,
+        Err(e) if is_missing_path(&e) => return Err(missing(target)),
+        Err(e) => return Err(StoreError::io("open", &target.object, e)),
+    };
+    let stat = file
+        .metadata()
+        .map_err(|e| StoreError::io("read metadata of", &target.object, e))?;
+    if stat.is_dir() {
+        // A folder of longer keys, not an object.
+        return Err(missing(target));
+    }
+    let bytes = if with_bytes {
+        let mut buf = Vec::with_capacity(usize::try_from(stat.len()).unwrap_or(0));
+        file.read_to_end(&mut buf)
+            .map_err(|e| StoreError::io("read", &target.object, e))?;
+        Some(Bytes::from(buf))
+    } else {
+        None
+    };
+    let sidecar = read_sidecar(&target.sidecar)?.unwrap_or_else(|| Sidecar {
+        content_type: guess_content_type(&target.key).to_owned(),
+        user_metadata: BTreeMap::new(),
+    });
+    let size = bytes.as_ref().map_or(stat.len(), |b| b.len() as u64);
+    let meta = ObjectMeta {
+        content_type: sidecar.content_type,
+        size,
+        user_metadata: sidecar.user_metadata,
+        last_modified: stat.modified().ok(),
+    };
+    Ok((bytes, meta))
+}
+
+fn read_sidecar(path: &Path) -> Result<Option<Sidecar>, StoreError> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if is_missing_path(&e) || e.kind() == ErrorKind::IsADirectory => return Ok(None),
+        Err(e) => return Err(StoreError::io("read sidecar", path, e)),
+    };
+    serde_json::from_slice(&text).map(Some).map_err(|e| {
+        StoreError::io(
+            "parse sidecar",
+            path,
+            io::Error::new(ErrorKind::InvalidData, e),
+        )
+    })
+}
+
+fn guess_content_type(key: &str) -> &'static str {
+    let ext = key
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "tif" | "tiff" => "image/tiff",
+        "bmp" => "image/bmp",
+        "avif" => "image/avif",
+        "json" => "application/json",
+        "txt" => "text/plain",
+        _ => DEFAULT_CONTENT_TYPE,
+    }
+}
+
+fn write_object(target: &Target, bytes: &[u8], opts: PutOptions) -> Result<(), StoreError> {
+    check_not_shadowed(target)?;
+    write_atomic(&target.object, bytes)?;
+
+    let sidecar = Sidecar {
+        content_type: opts.content_type,
+        user_metadata: opts.user_metadata,
+    };
+    let json = serde_json::to_vec(&sidecar)
+        .map_err(|e| StoreError::io("encode sidecar", &target.sidecar, io::Error::other(e)))?;
+    clear_stale_sidecars(target)?;
+    write_atomic(&target.sidecar, &json)
+}
+
+/// Refuses a key that would need a file where a folder is, or the reverse:
+/// the local store cannot hold both `a` and `a/b`.
+fn check_not_shadowed(target: &Target) -> Result<(), StoreError> {
+    let mut prefix = String::new();
+    let mut segments = target.key.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        if !prefix.is_empty() {
+            prefix.push('/');
+        }
+        prefix.push_str(segment);
+        let path = target.bucket_dir.join(&prefix);
+        let Ok(stat) = std::fs::metadata(&path) else {
+            // Missing (or unreadable, which the write will report): no clash.
+            return Ok(());
+        };
+        let last = segments.peek().is_none();
+        if last && stat.is_dir() {
+            return Err(StoreError::invalid_key(
+                &target.key,
+                format!(
+                    "the local store keeps keys as files and folders, and objects under \"{prefix}/\" exist"
+                ),
+            ));
+        }
+        if !last && !stat.is_dir() {
+            return Err(StoreError::invalid_key(
+                &target.key,
+                format!(
+                    "the local store keeps keys as files and folders, and {prefix:?} is already an object"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Removes sidecars left behind by an interrupted delete that would stand in
+/// the new sidecar's way. The object tree was checked, so they are orphans.
+fn clear_stale_sidecars(target: &Target) -> Result<(), StoreError> {
+    let mut path = target.meta_bucket_dir.clone();
+    let mut segments = target.key.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        path.push(segment);
+        let Ok(stat) = std::fs::symlink_metadata(&path) else {
+            return Ok(());
+        };
+        let last = segments.peek().is_none();
+        let result = match (last, stat.is_dir()) {
+            (true, true) => std::fs::remove_dir_all(&path),
+            (false, false) => std::fs::remove_file(&path),
+            _ => continue,
+        };
+        return result.map_err(|e| StoreError::io("remove stale sidecar", &path, e));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a temporary file beside `path`, flushes it to disk and
+/// renames it over `path`.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| StoreError::io("write", path, ErrorKind::InvalidInput.into()))?;
+    let (mut file, tmp) = create_temp(dir)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        drop(file);
+        // Best effort: the write already failed, and the name is hidden from
+        // listings if the removal fails too.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(StoreError::io("write", path, e));
+    }
+    Ok(())
+}
+
+/// Creates the folder and a new temporary file in it. A concurrent delete may
+/// prune the folder between the two steps, so that is retried.
+fn create_temp(dir: &Path) -> Result<(std::fs::File, PathBuf), StoreError> {
+    let mut attempt = 0;
+    loop {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create folder", dir, e))?;
+        let name = format!(
+            "{TMP_PREFIX}{}-{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let tmp = dir.join(name);
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp);
+        match opened {
+            Ok(file) => return Ok((file, tmp)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == ErrorKind::NotFound && attempt < PRUNE_RACE_RETRIES => {}
+            Err(e) => return Err(StoreError::io("create temporary file in", dir, e)),
+        }
+        attempt += 1;
+    }
+}
+
+fn delete_object(target: &Target) -> Result<(), StoreError> {
+    if !target.bucket_dir.is_dir() {
+        return Err(StoreError::no_such_bucket(&target.bucket));
+    }
+    remove_file_if_present(&target.object, "delete")?;
+    remove_file_if_present(&target.sidecar, "delete sidecar")?;
+    prune_empty_folders(&target.object, &target.bucket_dir);
+    prune_empty_folders(&target.sidecar, &target.meta_bucket_dir);
+    Ok(())
+}
+
+fn remove_file_if_present(path: &Path, op: &'static str) -> Result<(), StoreError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(stat) if !stat.is_dir() => {}
+        // A folder of longer keys, or nothing: no object to delete.
+        Ok(_) => return Ok(()),
+        Err(e) if is_missing_path(&e) => return Ok(()),
+        Err(e) => return Err(StoreError::io(op, path, e)),
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if is_missing_path(&e) => Ok(()),
+        Err(e) => Err(StoreError::io(op, path, e)),
+    }
+}
+
+/// Removes the now-empty folders between `path` and `stop` (exclusive), so a
+/// deleted key leaves no folder behind. Stops at the first folder that is not
+/// empty or cannot be removed; that is never an error.
+fn prune_empty_folders(path: &Path, stop: &Path) {
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == stop || !d.starts_with(stop) || std::fs::remove_dir(d).is_err() {
+            return;
+        }
+        dir = d.parent();
+    }
+}
+
+fn list_objects(
+    bucket: &str,
+    bucket_dir: &Path,
+    prefix: &str,
+) -> Result<Vec<ListEntry>, StoreError> {
+    if !bucket_dir.is_dir() {
+        return Err(StoreError::no_such_bucket(bucket));
+    }
+    let mut entries = Vec::new();
+    // Folders still to read, with their key prefix ("" or ending in '/').
+    let mut pending = vec![(bucket_dir.to_path_buf(), String::new())];
+    while let Some((dir, dir_key)) = pending.pop() {
+        let reader = match std::fs::read_dir(&dir) {
+            Ok(reader) => reader,
+            // Pruned by a concurrent delete.
+            Err(e) if is_missing_path(&e) => continue,
+            Err(e) => return Err(StoreError::io("list", &dir, e)),
+        };
+        for entry in reader {
+            let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if name.starts_with(TMP_PREFIX) {
+                continue;
+            }
+            let key = format!("{dir_key}{name}");
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
+            if file_type.is_dir() {
+                let sub_key = format!("{key}/");
+                if sub_key.starts_with(prefix) || prefix.starts_with(&sub_key) {
+                    pending.push((entry.path(), sub_key));
+                }
+                continue;
+            }
+            if !key.starts_with(prefix) || validate_local_key(&key).is_err() {
+                continue;
+            }
+            // Follows symbolic links, so a linked file lists like a copy.
+            let Ok(stat) = std::fs::metadata(entry.path()) else {
+                continue;
+            };
+            if stat.is_file() {
+                entries.push(ListEntry {
+                    key,
+                    size: stat.len(),
+                    last_modified: stat.modified().ok(),
+                });
+            }
+        }
+    }
+    entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    if entries.len() > LIST_LIMIT {
+        tracing::warn!(
+            bucket,
+            prefix,
+            found = entries.len(),
+            limit = LIST_LIMIT,
+            "listing truncated"
+        );
+        entries.truncate(LIST_LIMIT);
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::validate::RESERVED_SEGMENT_PREFIX;
+
+    fn store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().join("root"));
+        (dir, store)
+    }
+
+    fn opts(content_type: &str, meta: &[(&str, &str)]) -> PutOptions {
+        PutOptions {
+            content_type: content_type.into(),
+            user_metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Every file under `dir`, relative, sorted.
+    fn files_under(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(d) = pending.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else {
+                    let rel = path.strip_prefix(dir).unwrap();
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn round_trips_bytes_and_metadata() {
+        let (_dir, store) = store();
+        let body = Bytes::from_static(b"\xff\xd8 not really a jpeg");
+        store
+            .put(
+                "photos",
+                "a.jpg",
+                body.clone(),
+                opts("image/jpeg", &[("Rule", "thumbs"), ("x", "1")]),
+            )
+            .await
+            .unwrap();
+
+        let object = store.get("photos", "a.jpg").await.unwrap();
+        assert_eq!(object.bytes, body);
+        assert_eq!(object.meta.content_type, "image/jpeg");
+        assert_eq!(object.meta.size, body.len() as u64);
+        assert_eq!(object.meta.user_metadata["rule"], "thumbs");
+        assert_eq!(object.meta.user_metadata["x"], "1");
+        assert!(object.meta.last_modified.is_some());
+
+        let meta = store.head("photos", "a.jpg").await.unwrap();
+        assert_eq!(meta, object.meta);
+        assert_eq!(
+            store.describe(),
+            format!("local:{}", store.root().display())
+        );
+    }
+
+    #[tokio::test]
+    async fn overwrite_replaces_bytes_and_metadata() {
+        let (_dir, store) = store();
+        store
+            .put(
+                "b",
+                "k",
+                Bytes::from_static(b"one"),
+                opts("text/plain", &[("a", "1")]),
+            )
+            .await
+            .unwrap();
+        store
+            .put("b", "k", Bytes::from_static(b"two!"), PutOptions::default())
+            .await
+            .unwrap();
+        let object = store.get("b", "k").await.unwrap();
+        assert_eq!(&object.bytes[..], b"two!");
+        assert_eq!(object.meta.content_type, DEFAULT_CONTENT_TYPE);
+        assert!(object.meta.user_metadata.is_empty());
+    }
+
+    #[tokio::test]
+    async fn nested_keys_are_folders() {
+        let (_dir, store) = store();
+        store
+            .put(
+                "b",
+                "photos/2024/06/a.png",
+                Bytes::from_static(b"png"),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert!(store.root().join("b/photos/2024/06/a.png").is_file());
+        assert!(
+            store
+                .root()
+                .join(".imgfunc-meta/b/photos/2024/06/a.png")
+                .is_file()
+        );
+        let object = store.get("b", "photos/2024/06/a.png").await.unwrap();
+        assert_eq!(&object.bytes[..], b"png");
+    }
+
+    #[tokio::test]
+    async fn hostile_keys_are_refused() {
+        let (dir, store) = store();
+        for key in [
+            "../x",
+            "/etc/passwd",
+            "a/../../b",
+            "a\0b",
+            "a//b",
+            "a\\..\\b",
+            "",
+        ] {
+            let err = store
+                .put("b", key, Bytes::from_static(b"x"), PutOptions::default())
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), "invalid_key", "{key:?}: {err}");
+            assert!(err.to_string().contains(&format!("{key:?}")), "{err}");
+            assert_eq!(store.get("b", key).await.unwrap_err().code(), "invalid_key");
+            assert_eq!(
+                store.head("b", key).await.unwrap_err().code(),
+                "invalid_key"
+            );
+            assert_eq!(
+                store.delete("b", key).await.unwrap_err().code(),
+                "invalid_key"
+            );
+        }
+        for bucket in ["..", ".imgfunc-meta", "a/b", ""] {
+            let err = store
+                .put(bucket, "k", Bytes::from_static(b"x"), PutOptions::default())
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), "invalid_bucket", "{bucket:?}");
+            assert_eq!(
+                store.list(bucket, "").await.unwrap_err().code(),
+                "invalid_bucket"
+            );
+        }
+        // Nothing was written anywhere, inside the root or beside it.
+        assert!(files_under(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn missing_objects_and_buckets() {
+        let (_dir, store) = store();
+        let err = store.get("nope", "k").await.unwrap_err();
+        assert_eq!(err.code(), "no_such_bucket");
+        assert!(err.is_not_found());
+        assert_eq!(
+            store.list("nope", "").await.unwrap_err().code(),
+            "no_such_bucket"
+        );
+        assert_eq!(
+            store.delete("nope", "k").await.unwrap_err().code(),
+            "no_such_bucket"
+        );
+
+        store.create_bucket("b").await.unwrap();
+        assert!(store.list("b", "").await.unwrap().is_empty());
+        let err = store.get("b", "k").await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound { bucket, key } if bucket == "b" && key == "k")
+        );
+        assert_eq!(store.head("b", "k").await.unwrap_err().code(), "not_found");
+        assert_eq!(
+            store.head("b", "k/deeper").await.unwrap_err().code(),
+            "not_found"
+        );
+        store.delete("b", "k").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn lists_sorted_with_prefix() {
+        let (_dir, store) = store();
+        for key in [
+            "photos/b.jpg",
+            "photos/a.jpg",
+            "photos/sub/c.jpg",
+            "photosx",
+            "z.txt",
+            "a",
+        ] {
+            store
+                .put("b", key, Bytes::from(key.to_owned()), PutOptions::default())
+                .await
+                .unwrap();
+        }
+        let keys = |entries: Vec<ListEntry>| entries.into_iter().map(|e| e.key).collect::<Vec<_>>();
+
+        let all = store.list("b", "").await.unwrap();
+        assert_eq!(
+            keys(all.clone()),
+            [
+                "a",
+                "photos/a.jpg",
+                "photos/b.jpg",
+                "photos/sub/c.jpg",
+                "photosx",
+                "z.txt"
+            ]
+        );
+        assert_eq!(all[1].size, "photos/a.jpg".len() as u64);
+        assert!(all[1].last_modified.is_some());
+
+        assert_eq!(
+            keys(store.list("b", "photos/").await.unwrap()),
+            ["photos/a.jpg", "photos/b.jpg", "photos/sub/c.jpg"]
+        );
+        assert_eq!(
+            keys(store.list("b", "photos").await.unwrap()),
+            [
+                "photos/a.jpg",
+                "photos/b.jpg",
+                "photos/sub/c.jpg",
+                "photosx"
+            ]
+        );
+        assert_eq!(
+            keys(store.list("b", "photos/s").await.unwrap()),
+            ["photos/sub/c.jpg"]
+        );
+        assert!(store.list("b", "nothing").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn put_leaves_no_temp_files() {
+        let (_dir, store) = store();
+        for i in 0..5 {
+            store
+                .put(
+                    "b",
+                    "dir/k",
+                    Bytes::from(vec![i; 1000]),
+                    opts("a/b", &[("i", "x")]),
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            files_under(store.root()),
+            [".imgfunc-meta/b/dir/k", "b/dir/k"]
+        );
+    }
+
+    #[test]
+    fn temp_names_are_reserved() {
+        assert!(TMP_PREFIX.starts_with(RESERVED_SEGMENT_PREFIX));
+        assert!(validate_local_key(&format!("dir/{TMP_PREFIX}1-1")).is_err());
+    }
+
+    #[tokio::test]
+    async fn temp_files_are_hidden_from_listing() {
+        let (_dir, store) = store();
+        store
+            .put("b", "k", Bytes::from_static(b"x"), PutOptions::default())
+            .await
+            .unwrap();
+        std::fs::write(store.root().join("b/.imgfunc-tmp-1-1"), b"partial").unwrap();
+        let entries = store.list("b", "").await.unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].key, "k");
+    }
+
+    #[tokio::test]
+    async fn delete_removes_object_sidecar_and_empty_folders() {
+        let (_dir, store) = store();
+        for key in ["x/y/z.jpg", "x/keep.jpg"] {
+            store
+                .put("b", key, Bytes::from_static(b"x"), PutOptions::default())
+                .await
+                .unwrap();
+        }
+        store.delete("b", "x/y/z.jpg").await.unwrap();
+        assert_eq!(
+            store.get("b", "x/y/z.jpg").await.unwrap_err().code(),
+            "not_found"
+        );
+        assert_eq!(
+            files_under(store.root()),
+            [".imgfunc-meta/b/x/keep.jpg", "b/x/keep.jpg"]
+        );
+        assert!(!store.root().join("b/x/y").exists());
+        assert!(!store.root().join(".imgfunc-meta/b/x/y").exists());
+
+        store.delete("b", "x/keep.jpg").await.unwrap();
+        assert!(files_under(store.root()).is_empty());
+        // The bucket itself stays.
+        assert!(store.root().join("b").is_dir());
+        assert!(store.list("b", "").await.unwrap().is_empty());
+        // Deleting again, or a folder's name, is fine.
+        store.delete("b", "x/keep.jpg").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_key_cannot_be_object_and_folder() {
+        let (_dir, store) = store();
+        store
+            .put("b", "a", Bytes::from_static(b"x"), PutOptions::default())
+            .await
+            .unwrap();
+        let err = store
+            .put("b", "a/b", Bytes::from_static(b"x"), PutOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_key");
+        assert!(
+            err.to_string().contains("\"a\" is already an object"),
+            "{err}"
+        );
+
+        store
+            .put("b", "c/d", Bytes::from_static(b"x"), PutOptions::default())
+            .await
+            .unwrap();
+        let err = store
+            .put("b", "c", Bytes::from_static(b"x"), PutOptions::default())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("objects under \"c/\" exist"),
+            "{err}"
+        );
+        assert_eq!(store.get("b", "c").await.unwrap_err().code(), "not_found");
+    }
+
+    #[tokio::test]
+    async fn files_without_sidecar_get_a_guessed_type() {
+        let (_dir, store) = store();
+        std::fs::create_dir_all(store.root().join("b/in")).unwrap();
+        std::fs::write(store.root().join("b/in/photo.JPG"), b"jpeg").unwrap();
+        std::fs::write(store.root().join("b/blob"), b"?").unwrap();
+        let meta = store.head("b", "in/photo.JPG").await.unwrap();
+        assert_eq!(meta.content_type, "image/jpeg");
+        assert_eq!(meta.size, 4);
+        assert!(meta.user_metadata.is_empty());
+        let meta = store.head("b", "blob").await.unwrap();
+        assert_eq!(meta.content_type, DEFAULT_CONTENT_TYPE);
+    }
+
+    #[tokio::test]
+    async fn stale_sidecars_do_not_block_puts() {
+        let (_dir, store) = store();
+        // As if a delete of "a" was interrupted after removing the object.
+        std::fs::create_dir_all(store.root().join(".imgfunc-meta/b")).unwrap();
+        std::fs::write(store.root().join(".imgfunc-meta/b/a"), b"{}").unwrap();
+        store
+            .put(
+                "b",
+                "a/b",
+                Bytes::from_static(b"x"),
+                opts("text/plain", &[]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.head("b", "a/b").await.unwrap().content_type,
+            "text/plain"
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupt_sidecar_is_an_io_error_naming_it() {
+        let (_dir, store) = store();
+        store
+            .put("b", "k", Bytes::from_static(b"x"), PutOptions::default())
+            .await
+            .unwrap();
+        std::fs::write(store.root().join(".imgfunc-meta/b/k"), b"not json").unwrap();
+        let err = store.get("b", "k").await.unwrap_err();
+        assert_eq!(err.code(), "io");
+        assert!(err.to_string().contains(".imgfunc-meta"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_puts_and_gets_see_whole_versions() {
+        let (_dir, store) = store();
+        let store = Arc::new(store);
+        let mut tasks = Vec::new();
+        for i in 0..8u8 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                let body = Bytes::from(vec![i; 64 * 1024]);
+                let tag = i.to_string();
+                store
+                    .put("b", "shared", body, opts("x/y", &[("tag", &tag)]))
+                    .await
+                    .unwrap();
+                let object = store.get("b", "shared").await.unwrap();
+                let tag = &object.meta.user_metadata["tag"];
+                let first = object.bytes[0];
+                assert!(object.bytes.iter().all(|&b| b == first));
+                assert_eq!(tag, &first.to_string());
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(files_under(store.root()).len(), 2);
+    }
+}

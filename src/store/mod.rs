@@ -1,0 +1,132 @@
+//! Object storage: the [`ObjectStore`] interface and its two implementations.
+//!
+//! [`LocalStore`] keeps buckets as folders on disk and is the embedded
+//! default; [`S3Store`] talks to any S3-compatible endpoint (QingStor, MinIO,
+//! AWS) through `aws-sdk-s3`. Both follow S3's semantics where they can, so
+//! the code above this module (the `image` cloudfunc, the host) sees one
+//! behaviour:
+//!
+//! - a missing object is [`StoreError::NotFound`], a missing bucket
+//!   [`StoreError::NoSuchBucket`]; [`StoreError::is_not_found`] covers both;
+//! - deleting a missing object succeeds;
+//! - listing is recursive (no delimiter), sorted by key, and capped at
+//!   [`LIST_LIMIT`] entries;
+//! - user metadata names are case-insensitive and come back lowercase, as
+//!   S3 returns them.
+
+mod error;
+mod local;
+mod s3;
+mod validate;
+
+pub use error::StoreError;
+pub use local::LocalStore;
+pub use s3::S3Store;
+pub use validate::{validate_bucket, validate_key};
+
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+/// The content type used when a put names none and a stored object has none.
+pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+
+/// The most entries [`ObjectStore::list`] returns; further keys are left out
+/// (with a warning in the log) so one huge bucket cannot exhaust memory.
+pub const LIST_LIMIT: usize = 10_000;
+
+/// A boxed, sendable future, so that [`ObjectStore`] stays object-safe and
+/// usable as `Arc<dyn ObjectStore>` without the `async-trait` crate.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What is known about a stored object besides its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// The object's `Content-Type`; [`DEFAULT_CONTENT_TYPE`] when none was stored.
+    pub content_type: String,
+    /// The object's size in bytes.
+    pub size: u64,
+    /// User metadata (S3's `x-amz-meta-*`), names in lowercase.
+    pub user_metadata: BTreeMap<String, String>,
+    /// When the object was last written, when the store knows it.
+    pub last_modified: Option<SystemTime>,
+}
+
+/// An object read whole: its bytes and its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    pub bytes: Bytes,
+    pub meta: ObjectMeta,
+}
+
+/// One object in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<SystemTime>,
+}
+
+/// How to store an object.
+///
+/// Metadata names are ASCII letters, digits, `-`, `_` or `.`, stored in
+/// lowercase; values and the content type are printable ASCII; names and
+/// values together are at most 2 KiB, as on S3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutOptions {
+    /// The object's `Content-Type`; empty means [`DEFAULT_CONTENT_TYPE`].
+    pub content_type: String,
+    /// User metadata, sent as `x-amz-meta-<name>` on S3.
+    pub user_metadata: BTreeMap<String, String>,
+}
+
+impl PutOptions {
+    /// Options with this content type and no user metadata.
+    pub fn with_content_type(content_type: impl Into<String>) -> Self {
+        PutOptions {
+            content_type: content_type.into(),
+            user_metadata: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for PutOptions {
+    fn default() -> Self {
+        PutOptions::with_content_type(DEFAULT_CONTENT_TYPE)
+    }
+}
+
+/// A place objects are read from and written to, addressed by bucket and key.
+///
+/// The returned futures own copies of their arguments and borrow only the
+/// store, so callers may pass temporaries.
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Reads a whole object.
+    fn get(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<Object, StoreError>>;
+
+    /// Reads an object's metadata without its bytes.
+    fn head(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectMeta, StoreError>>;
+
+    /// Writes an object, replacing any object with the same key.
+    fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: Bytes,
+        opts: PutOptions,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Deletes an object; deleting a missing object is not an error.
+    fn delete(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Lists the objects whose key starts with `prefix` (all keys when it is
+    /// empty), recursively, sorted by key, at most [`LIST_LIMIT`] of them.
+    fn list(&self, bucket: &str, prefix: &str)
+    -> BoxFuture<'_, Result<Vec<ListEntry>, StoreError>>;
+
+    /// Where this store keeps its objects, for logs and `--help`-style
+    /// output: `local:/var/lib/imgfunc` or `s3:http://127.0.0.1:9000`.
+    fn describe(&self) -> String;
+}

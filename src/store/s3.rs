@@ -1,0 +1,396 @@
+//! The S3 store: any S3-compatible endpoint (QingStor, MinIO, Ceph RGW, AWS)
+//! through `aws-sdk-s3`.
+//!
+//! Error mapping: `NoSuchBucket` becomes [`StoreError::NoSuchBucket`];
+//! `NoSuchKey`, `NotFound` and any other 404 on an object becomes
+//! [`StoreError::NotFound`] (a HEAD response has no body, so a HEAD on a
+//! missing bucket is reported as a missing object too). Everything else is
+//! [`StoreError::Backend`] with the SDK's full error chain in the message.
+
+use super::validate::normalize_put_options;
+use super::{
+    BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectStore,
+    PutOptions, StoreError, validate_bucket, validate_key,
+};
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::Region;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, DateTime};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+/// The region used when the environment names none; S3-compatible servers
+/// mostly ignore it, but request signing needs one.
+const DEFAULT_REGION: &str = "us-east-1";
+
+/// An [`ObjectStore`] backed by an S3-compatible service.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    endpoint: String,
+    list_page_size: Option<i32>,
+}
+
+/// What a 404 without an error code means for the operation at hand.
+#[derive(Clone, Copy)]
+enum Missing {
+    Object,
+    Bucket,
+}
+
+impl S3Store {
+    /// A store over a ready client. `endpoint_description` is only shown by
+    /// [`ObjectStore::describe`] (`s3:<endpoint_description>`).
+    pub fn new(client: Client, endpoint_description: String) -> Self {
+        S3Store {
+            client,
+            endpoint: endpoint_description,
+            list_page_size: None,
+        }
+    }
+
+    /// A store for `endpoint` (`http(s)://host[:port]`; empty for AWS's own
+    /// endpoints) with region and credentials from aws-config's default chain:
+    /// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, profiles
+    /// and so on. The region defaults to `us-east-1`. MinIO and most
+    /// self-hosted servers need `force_path_style`.
+    pub async fn from_env(endpoint: &str, force_path_style: bool) -> Result<S3Store, StoreError> {
+        check_endpoint(endpoint)?;
+        let region = aws_config::meta::region::RegionProviderChain::default_provider()
+            .or_else(Region::new(DEFAULT_REGION));
+        let sdk_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(region)
+            .load()
+            .await;
+        S3Store::from_sdk_config(&sdk_config, endpoint, force_path_style)
+    }
+
+    /// Like [`S3Store::from_env`], from an already loaded [`aws_config::SdkConfig`].
+    pub fn from_sdk_config(
+        sdk_config: &aws_config::SdkConfig,
+        endpoint: &str,
+        force_path_style: bool,
+    ) -> Result<S3Store, StoreError> {
+        check_endpoint(endpoint)?;
+        let mut builder =
+            aws_sdk_s3::config::Builder::from(sdk_config).force_path_style(force_path_style);
+        if sdk_config.region().is_none() {
+            builder = builder.region(Region::new(DEFAULT_REGION));
+        }
+        let description = if endpoint.is_empty() {
+            "aws".to_owned()
+        } else {
+            builder = builder.endpoint_url(endpoint);
+            endpoint.to_owned()
+        };
+        Ok(S3Store::new(
+            Client::from_conf(builder.build()),
+            description,
+        ))
+    }
+
+    /// Asks for at most `n` keys per `ListObjectsV2` page instead of the
+    /// server's default (1000); mostly useful to test pagination.
+    pub fn with_list_page_size(mut self, n: i32) -> Self {
+        self.list_page_size = Some(n);
+        self
+    }
+
+    /// The client this store sends its requests through.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Creates a bucket; one that already exists and is ours is fine.
+    pub async fn create_bucket(&self, bucket: &str) -> Result<(), StoreError> {
+        validate_bucket(bucket)?;
+        match self.client.create_bucket().bucket(bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(err) if err.code() == Some("BucketAlreadyOwnedByYou") => Ok(()),
+            Err(err) => Err(map_error("create_bucket", bucket, "", Missing::Bucket, err)),
+        }
+    }
+}
+
+fn check_endpoint(endpoint: &str) -> Result<(), StoreError> {
+    if endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        return Ok(());
+    }
+    Err(StoreError::Backend {
+        op: "configure",
+        target: endpoint.to_owned(),
+        message: "the endpoint must start with http:// or https://".into(),
+    })
+}
+
+fn check_target(bucket: &str, key: &str) -> Result<(), StoreError> {
+    validate_bucket(bucket)?;
+    validate_key(key)
+}
+
+/// Turns an SDK error into a [`StoreError`] naming the operation and target.
+fn map_error<E>(
+    op: &'static str,
+    bucket: &str,
+    key: &str,
+    missing: Missing,
+    err: SdkError<E>,
+) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    match (err.code(), status, missing) {
+        (Some("NoSuchBucket"), _, _) => StoreError::no_such_bucket(bucket),
+        (Some("NoSuchKey" | "NotFound"), _, _) | (None, Some(404), Missing::Object) => {
+            StoreError::not_found(bucket, key)
+        }
+        (None, Some(404), Missing::Bucket) => StoreError::no_such_bucket(bucket),
+        _ => StoreError::Backend {
+            op,
+            target: if key.is_empty() {
+                bucket.to_owned()
+            } else {
+                format!("{bucket}/{key}")
+            },
+            message: DisplayErrorContext(&err).to_string(),
+        },
+    }
+}
+
+fn to_system_time(t: Option<&DateTime>) -> Option<SystemTime> {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+}
+
+/// Builds [`ObjectMeta`] from the fields GET and HEAD responses share.
+fn object_meta(
+    content_type: Option<&str>,
+    size: u64,
+    metadata: Option<&HashMap<String, String>>,
+    last_modified: Option<&DateTime>,
+) -> ObjectMeta {
+    ObjectMeta {
+        content_type: content_type
+            .filter(|ct| !ct.is_empty())
+            .unwrap_or(DEFAULT_CONTENT_TYPE)
+            .to_owned(),
+        size,
+        user_metadata: metadata
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        last_modified: to_system_time(last_modified),
+    }
+}
+
+fn non_negative(n: Option<i64>) -> u64 {
+    n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0)
+}
+
+impl ObjectStore for S3Store {
+    fn get(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<Object, StoreError>> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        Box::pin(async move {
+            check_target(&bucket, &key)?;
+            let resp = self
+                .client
+                .get_object()
+                .bucket(&bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| map_error("get_object", &bucket, &key, Missing::Object, e))?;
+            let mut meta = object_meta(
+                resp.content_type(),
+                0,
+                resp.metadata(),
+                resp.last_modified(),
+            );
+            let bytes = resp
+                .body
+                .collect()
+                .await
+                .map_err(|e| StoreError::Backend {
+                    op: "get_object",
+                    target: format!("{bucket}/{key}"),
+                    message: format!("reading the body failed: {}", DisplayErrorContext(&e)),
+                })?
+                .into_bytes();
+            meta.size = bytes.len() as u64;
+            Ok(Object { bytes, meta })
+        })
+    }
+
+    fn head(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectMeta, StoreError>> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        Box::pin(async move {
+            check_target(&bucket, &key)?;
+            let resp = self
+                .client
+                .head_object()
+                .bucket(&bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| map_error("head_object", &bucket, &key, Missing::Object, e))?;
+            Ok(object_meta(
+                resp.content_type(),
+                non_negative(resp.content_length()),
+                resp.metadata(),
+                resp.last_modified(),
+            ))
+        })
+    }
+
+    fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: Bytes,
+        opts: PutOptions,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        Box::pin(async move {
+            check_target(&bucket, &key)?;
+            let opts = normalize_put_options(opts)?;
+            let metadata: HashMap<String, String> = opts.user_metadata.into_iter().collect();
+            self.client
+                .put_object()
+                .bucket(&bucket)
+                .key(&key)
+                .content_type(opts.content_type)
+                .set_metadata((!metadata.is_empty()).then_some(metadata))
+                .body(ByteStream::from(bytes))
+                .send()
+                .await
+                .map_err(|e| map_error("put_object", &bucket, &key, Missing::Bucket, e))?;
+            Ok(())
+        })
+    }
+
+    fn delete(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        Box::pin(async move {
+            check_target(&bucket, &key)?;
+            match self
+                .client
+                .delete_object()
+                .bucket(&bucket)
+                .key(&key)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                // Some servers answer a missing key with NoSuchKey instead of 204.
+                Err(err) if err.code() == Some("NoSuchKey") => Ok(()),
+                Err(err) => Err(map_error(
+                    "delete_object",
+                    &bucket,
+                    &key,
+                    Missing::Bucket,
+                    err,
+                )),
+            }
+        })
+    }
+
+    fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> BoxFuture<'_, Result<Vec<ListEntry>, StoreError>> {
+        let (bucket, prefix) = (bucket.to_owned(), prefix.to_owned());
+        Box::pin(async move {
+            validate_bucket(&bucket)?;
+            let mut request = self.client.list_objects_v2().bucket(&bucket);
+            if !prefix.is_empty() {
+                request = request.prefix(&prefix);
+            }
+            if let Some(n) = self.list_page_size {
+                request = request.max_keys(n);
+            }
+            let mut pages = request.into_paginator().send();
+            let mut entries = Vec::new();
+            let mut truncated = false;
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| {
+                    let target_key = format!("{prefix}*");
+                    map_error("list_objects_v2", &bucket, &target_key, Missing::Bucket, e)
+                })?;
+                for object in page.contents() {
+                    let Some(key) = object.key() else { continue };
+                    entries.push(ListEntry {
+                        key: key.to_owned(),
+                        size: non_negative(object.size()),
+                        last_modified: to_system_time(object.last_modified()),
+                    });
+                }
+                if entries.len() >= LIST_LIMIT {
+                    truncated = entries.len() > LIST_LIMIT || page.is_truncated() == Some(true);
+                    break;
+                }
+            }
+            entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+            if truncated {
+                tracing::warn!(bucket, prefix, limit = LIST_LIMIT, "listing truncated");
+            }
+            entries.truncate(LIST_LIMIT);
+            Ok(entries)
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("s3:{}", self.endpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_must_be_http() {
+        let config = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        let err = S3Store::from_sdk_config(&config, "127.0.0.1:9000", true).unwrap_err();
+        assert_eq!(err.code(), "backend");
+        assert!(err.to_string().contains("127.0.0.1:9000"), "{err}");
+        assert!(err.to_string().contains("http://"), "{err}");
+
+        let store = S3Store::from_sdk_config(&config, "http://127.0.0.1:9000", true).unwrap();
+        assert_eq!(store.describe(), "s3:http://127.0.0.1:9000");
+        assert_eq!(
+            store.client().config().region().map(|r| r.as_ref()),
+            Some(DEFAULT_REGION)
+        );
+        let store = S3Store::from_sdk_config(&config, "", false).unwrap();
+        assert_eq!(store.describe(), "s3:aws");
+    }
+
+    #[tokio::test]
+    async fn invalid_targets_fail_before_any_request() {
+        let config = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        // Nothing listens on port 9; a request would fail with `backend`.
+        let store = S3Store::from_sdk_config(&config, "http://127.0.0.1:9", true).unwrap();
+        assert_eq!(store.get("b", "").await.unwrap_err().code(), "invalid_key");
+        assert_eq!(
+            store.head("B", "k").await.unwrap_err().code(),
+            "invalid_bucket"
+        );
+        assert_eq!(
+            store.list("", "").await.unwrap_err().code(),
+            "invalid_bucket"
+        );
+        let mut opts = PutOptions::default();
+        opts.user_metadata.insert("bad name".into(), "v".into());
+        let err = store.put("b", "k", Bytes::new(), opts).await.unwrap_err();
+        assert_eq!(err.code(), "invalid_metadata");
+    }
+}

@@ -1,0 +1,300 @@
+//! The object stores against each other: the same checks run on a
+//! `LocalStore` over a temporary folder and on an `S3Store` talking to an
+//! in-process S3 server over TCP.
+
+mod common;
+
+use bytes::Bytes;
+use common::s3::{S3Server, s3_client, start_s3};
+use imgfunc::store::{
+    DEFAULT_CONTENT_TYPE, ListEntry, LocalStore, ObjectStore, PutOptions, S3Store, StoreError,
+};
+use std::collections::BTreeMap;
+
+fn keys(entries: &[ListEntry]) -> Vec<&str> {
+    entries.iter().map(|e| e.key.as_str()).collect()
+}
+
+fn put_options(content_type: &str, meta: &[(&str, &str)]) -> PutOptions {
+    PutOptions {
+        content_type: content_type.to_owned(),
+        user_metadata: meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// The behaviour every store must share. `bucket` exists and is empty;
+/// `missing_bucket` does not exist.
+async fn conformance(store: &dyn ObjectStore, bucket: &str, missing_bucket: &str) {
+    let body = Bytes::from((0..=255u8).cycle().take(10_000).collect::<Vec<u8>>());
+
+    // Round trip: bytes, content type, user metadata (names come back lowercase).
+    store
+        .put(
+            bucket,
+            "photos/a.jpg",
+            body.clone(),
+            put_options(
+                "image/jpeg",
+                &[("Rule-Id", "thumbs"), ("source", "in/a.jpg")],
+            ),
+        )
+        .await
+        .unwrap();
+    let object = store.get(bucket, "photos/a.jpg").await.unwrap();
+    assert_eq!(object.bytes, body);
+    assert_eq!(object.meta.content_type, "image/jpeg");
+    assert_eq!(object.meta.size, body.len() as u64);
+    let expected: BTreeMap<String, String> = [("rule-id", "thumbs"), ("source", "in/a.jpg")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_eq!(object.meta.user_metadata, expected);
+    assert!(object.meta.last_modified.is_some());
+
+    let meta = store.head(bucket, "photos/a.jpg").await.unwrap();
+    assert_eq!(meta.content_type, "image/jpeg");
+    assert_eq!(meta.size, body.len() as u64);
+    assert_eq!(meta.user_metadata, expected);
+    assert!(meta.last_modified.is_some());
+
+    // Overwriting replaces metadata too; no content type means the default.
+    store
+        .put(
+            bucket,
+            "photos/a.jpg",
+            Bytes::from_static(b"v2"),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    let object = store.get(bucket, "photos/a.jpg").await.unwrap();
+    assert_eq!(&object.bytes[..], b"v2");
+    assert_eq!(object.meta.content_type, DEFAULT_CONTENT_TYPE);
+    assert!(object.meta.user_metadata.is_empty());
+
+    // Listing: recursive, sorted, filtered by a plain string prefix.
+    for key in ["photos/b.png", "photos/sub/c.webp", "photosx", "other.txt"] {
+        let bytes = Bytes::from(key.as_bytes().to_vec());
+        store
+            .put(
+                bucket,
+                key,
+                bytes,
+                PutOptions::with_content_type("text/plain"),
+            )
+            .await
+            .unwrap();
+    }
+    let all = store.list(bucket, "").await.unwrap();
+    assert_eq!(
+        keys(&all),
+        [
+            "other.txt",
+            "photos/a.jpg",
+            "photos/b.png",
+            "photos/sub/c.webp",
+            "photosx"
+        ]
+    );
+    for entry in &all {
+        let expected = if entry.key == "photos/a.jpg" {
+            2
+        } else {
+            entry.key.len()
+        };
+        assert_eq!(entry.size, expected as u64, "{}", entry.key);
+        assert!(entry.last_modified.is_some(), "{}", entry.key);
+    }
+    let photos = store.list(bucket, "photos/").await.unwrap();
+    assert_eq!(
+        keys(&photos),
+        ["photos/a.jpg", "photos/b.png", "photos/sub/c.webp"]
+    );
+    let photos = store.list(bucket, "photos").await.unwrap();
+    assert_eq!(photos.len(), 4);
+    assert!(store.list(bucket, "none/").await.unwrap().is_empty());
+
+    // Missing keys.
+    let err = store.get(bucket, "photos/missing.jpg").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotFound { bucket: b, key } if b == bucket && key == "photos/missing.jpg"),
+        "{err:?}"
+    );
+    assert!(err.is_not_found());
+    assert_eq!(err.code(), "not_found");
+    assert!(err.to_string().contains("photos/missing.jpg"), "{err}");
+    let err = store.head(bucket, "photos/missing.jpg").await.unwrap_err();
+    assert_eq!(err.code(), "not_found", "{err:?}");
+
+    // Delete, then it is gone; deleting again is fine.
+    store.delete(bucket, "photos/b.png").await.unwrap();
+    assert_eq!(
+        store.get(bucket, "photos/b.png").await.unwrap_err().code(),
+        "not_found"
+    );
+    store.delete(bucket, "photos/b.png").await.unwrap();
+    store.delete(bucket, "never/existed").await.unwrap();
+    assert_eq!(
+        keys(&store.list(bucket, "photos/").await.unwrap()),
+        ["photos/a.jpg", "photos/sub/c.webp"]
+    );
+
+    // Missing buckets. A GET cannot always tell which one is missing (s3s-fs
+    // says NoSuchKey), so only "not there" is common ground.
+    let err = store.get(missing_bucket, "k").await.unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    let err = store.list(missing_bucket, "").await.unwrap_err();
+    assert_eq!(err.code(), "no_such_bucket", "{err:?}");
+    assert!(err.to_string().contains(missing_bucket), "{err}");
+    let err = store.delete(missing_bucket, "k").await.unwrap_err();
+    assert_eq!(err.code(), "no_such_bucket", "{err:?}");
+
+    // Refused before any I/O, the same way everywhere.
+    let err = store.get(bucket, "").await.unwrap_err();
+    assert_eq!(err.code(), "invalid_key");
+    let err = store
+        .put(bucket, "a\0b", Bytes::new(), PutOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid_key");
+    let err = store.list("Not_A_Bucket", "").await.unwrap_err();
+    assert_eq!(err.code(), "invalid_bucket");
+    let err = store
+        .put(
+            bucket,
+            "k",
+            Bytes::new(),
+            put_options("text/plain", &[("bad name", "x")]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid_metadata");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_store_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path().to_path_buf());
+    store.create_bucket("photos").await.unwrap();
+    conformance(&store, "photos", "missing").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_conformance() {
+    let s3 = start_s3().await;
+    s3.create_bucket("photos").await;
+    let store = s3.store();
+    assert_eq!(store.describe(), format!("s3:{}", s3.endpoint));
+    conformance(&store, "photos", "missing").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_work_behind_arc_dyn() {
+    let s3 = start_s3().await;
+    s3.create_bucket("bkt").await;
+    let dir = tempfile::tempdir().unwrap();
+    let stores: Vec<std::sync::Arc<dyn ObjectStore>> = vec![
+        std::sync::Arc::new(LocalStore::new(dir.path().to_path_buf())),
+        std::sync::Arc::new(s3.store()),
+    ];
+    for store in stores {
+        let task = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .put("bkt", "k", Bytes::from_static(b"x"), PutOptions::default())
+                    .await
+            }
+        });
+        task.await.unwrap().unwrap();
+        assert_eq!(&store.get("bkt", "k").await.unwrap().bytes[..], b"x");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_list_follows_pagination() {
+    let s3 = start_s3().await;
+    s3.create_bucket("many").await;
+    let store = s3.store().with_list_page_size(2);
+    let mut expected = Vec::new();
+    for i in 0..7 {
+        let key = format!("p/{i:02}");
+        store
+            .put("many", &key, Bytes::from(vec![0; i]), PutOptions::default())
+            .await
+            .unwrap();
+        expected.push(key);
+    }
+    store
+        .put("many", "q", Bytes::new(), PutOptions::default())
+        .await
+        .unwrap();
+    let entries = store.list("many", "p/").await.unwrap();
+    assert_eq!(keys(&entries), expected);
+    assert_eq!(entries[6].size, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_objects_written_by_other_clients_are_read() {
+    let s3 = start_s3().await;
+    s3.create_bucket("bkt").await;
+    s3.client()
+        .put_object()
+        .bucket("bkt")
+        .key("in/photo.jpg")
+        .content_type("image/jpeg")
+        .metadata("Camera", "x100")
+        .body(Bytes::from_static(b"jpeg").into())
+        .send()
+        .await
+        .unwrap();
+    let object = s3.store().get("bkt", "in/photo.jpg").await.unwrap();
+    assert_eq!(&object.bytes[..], b"jpeg");
+    assert_eq!(object.meta.content_type, "image/jpeg");
+    assert_eq!(object.meta.user_metadata["camera"], "x100");
+    // And the server holds the bytes as written.
+    let on_disk = std::fs::read(s3.root.join("bkt/in/photo.jpg")).unwrap();
+    assert_eq!(on_disk, b"jpeg");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_wrong_credentials_are_a_backend_error() {
+    let s3: S3Server = start_s3().await;
+    s3.create_bucket("bkt").await;
+    let client = s3_client(&s3.endpoint, &s3.access_key, "wrong-secret");
+    let store = S3Store::new(client, s3.endpoint.clone());
+    let err = store.get("bkt", "k").await.unwrap_err();
+    assert_eq!(err.code(), "backend", "{err:?}");
+    let message = err.to_string();
+    assert!(message.starts_with("s3 get_object bkt/k:"), "{message}");
+    assert!(message.contains("Signature"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_creates_buckets() {
+    let s3 = start_s3().await;
+    let store = s3.store();
+    store.create_bucket("fresh").await.unwrap();
+    assert!(store.list("fresh", "").await.unwrap().is_empty());
+    store
+        .put(
+            "fresh",
+            "k",
+            Bytes::from_static(b"x"),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    // Only BucketAlreadyOwnedByYou counts as success; s3s-fs answers
+    // BucketAlreadyExists, which on AWS means someone else's bucket.
+    let err = store.create_bucket("fresh").await.unwrap_err();
+    assert_eq!(err.code(), "backend", "{err:?}");
+    assert!(err.to_string().contains("fresh"), "{err}");
+    assert_eq!(
+        store.create_bucket("Bad").await.unwrap_err().code(),
+        "invalid_bucket"
+    );
+}
