@@ -28,6 +28,28 @@ enum Command {
     Process(ProcessArgs),
     /// Run the function host: events in, processed objects out.
     Serve(ServeArgs),
+    /// Time decode-pipeline-encode in process, in the peers' output format.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The action to time; omit with --decode-only.
+    #[arg(long, short, default_value = "")]
+    action: String,
+    /// Time only decoding to raw pixels (the floor every pipeline pays).
+    #[arg(long)]
+    decode_only: bool,
+    /// Label printed in the PIPELINE column.
+    #[arg(long, default_value = "custom")]
+    pipeline: String,
+    /// Timed runs per file, after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    iterations: usize,
+    /// Images processed at once; each thread runs its own copy of the work.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    files: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -239,10 +261,73 @@ async fn serve(args: ServeArgs) -> Result<()> {
     host.run(shutdown_signal()).await
 }
 
+/// Prints `imgfunc PIPELINE FILE median_ms min_ms out_bytes` per file.
+fn bench(args: BenchArgs) -> Result<()> {
+    use std::time::Instant;
+    let action = if args.decode_only {
+        None
+    } else {
+        Some(Action::parse(&args.action).context("bad --action")?)
+    };
+    let limits = Limits::default();
+    let once = |input: &[u8]| -> Result<usize> {
+        Ok(match &action {
+            Some(action) => {
+                let out = imaging::process(input, action, &limits, &imaging::NoWatermarks)?;
+                out.image.map_or(0, |i| i.bytes.len())
+            }
+            None => {
+                let d = imaging::decode(input, &limits, None)?;
+                let (w, h) = d.pixels.dimensions();
+                (w * h * 3) as usize
+            }
+        })
+    };
+    for file in &args.files {
+        let input =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let bytes = once(&input)?;
+        let mut times = Vec::with_capacity(args.iterations);
+        for _ in 0..args.iterations.max(1) {
+            let start = Instant::now();
+            if args.threads <= 1 {
+                once(&input)?;
+            } else {
+                std::thread::scope(|s| -> Result<()> {
+                    let handles: Vec<_> = (0..args.threads)
+                        .map(|_| s.spawn(|| once(&input)))
+                        .collect();
+                    for h in handles {
+                        h.join()
+                            .map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+                    }
+                    Ok(())
+                })?;
+            }
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        println!(
+            "imgfunc {} {} {:.1} {:.1} {}",
+            args.pipeline,
+            name,
+            times[times.len() / 2],
+            times[0],
+            bytes
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Process(args) => process(args),
+        Command::Bench(args) => bench(args),
         Command::Serve(args) => tokio::runtime::Runtime::new()
             .context("starting the runtime")
             .and_then(|rt| rt.block_on(serve(args))),

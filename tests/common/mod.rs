@@ -2,4 +2,5 @@
 //! of them, so unused ones are not warnings.
 #![allow(dead_code)]
 
+pub mod host;
 pub mod s3;

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Load test of `imgfunc serve`: N create_object events for real photos on the
+embedded store with rule P1, measured from the outside.
+
+    benches/load.py [--events 500] [--bin target/release/imgfunc] [PHOTO...]
+
+Starts the server on a temporary data directory, places the photos in bucket
+`photos` (written straight to the store folder, so no events fire), starts a
+notify receiver, POSTs the events in batches of 50 as fast as the server takes
+them, and prints completions per second, p50/p99 latency from POST to the
+notification (sent after the output is written), and the server's peak RSS.
+"""
+import argparse, json, os, shutil, socket, subprocess, sys, tempfile, threading, time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ap = argparse.ArgumentParser()
+ap.add_argument('--events', type=int, default=500)
+ap.add_argument('--bin', default=os.path.join(os.path.dirname(__file__), '..', 'target', 'release', 'imgfunc'))
+ap.add_argument('--workers', type=int, default=0)
+ap.add_argument('photos', nargs='*')
+args = ap.parse_args()
+corpus = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'corpus')
+photos = args.photos or [os.path.join(corpus, f) for f in ('Elephants_3840x2160.jpg', 'Wood.jpg', 'Storm.jpg', 'LadyBird.jpg')]
+
+def free_port():
+    s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
+
+done = {}
+lock = threading.Lock()
+class Receiver(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+        with lock:
+            done[body['event']['key']] = (time.monotonic(), body)
+        self.send_response(200); self.send_header('Content-Length', '0'); self.end_headers()
+    def log_message(self, *a): pass
+
+rport, sport = free_port(), free_port()
+receiver = ThreadingHTTPServer(('127.0.0.1', rport), Receiver)
+threading.Thread(target=receiver.serve_forever, daemon=True).start()
+
+data = tempfile.mkdtemp(prefix='imgfunc-load-')
+funcs = os.path.join(data, 'functions'); os.makedirs(funcs)
+os.makedirs(os.path.join(data, 'store', 'photos'))
+keys = []
+for i in range(args.events):
+    src = photos[i % len(photos)]
+    key = f'load/{i:04d}-{os.path.basename(src)}'
+    dst = os.path.join(data, 'store', 'photos', key)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if i < len(photos):
+        shutil.copyfile(src, dst)
+    else:
+        os.link(os.path.join(data, 'store', 'photos', keys[i % len(photos)]), dst)
+    keys.append(key)
+rule = {"bucket": "photos", "notifications": [{"id": "p1", "event_types": ["create_object"], "object_filters": ["load/*"],
+        "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_300|format:t_jpeg,q_85", "save_bucket": "thumbs"},
+        "notify_url": f"http://127.0.0.1:{rport}/hook"}]}
+json.dump(rule, open(os.path.join(funcs, 'p1.json'), 'w'))
+cmd = [args.bin, 'serve', '--listen', f'127.0.0.1:{sport}', '--data', os.path.join(data, 'store'), '--functions', funcs, '--queue', str(args.events + 10)]
+if args.workers:
+    cmd += ['--workers', str(args.workers)]
+server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, 'RUST_LOG': 'warn'})
+base = f'http://127.0.0.1:{sport}'
+for _ in range(100):
+    try:
+        urllib.request.urlopen(base + '/healthz', timeout=1); break
+    except Exception:
+        time.sleep(0.1)
+
+peak = [0]
+def watch_rss():
+    while server.poll() is None:
+        try:
+            for line in open(f'/proc/{server.pid}/status'):
+                if line.startswith('VmHWM:'):
+                    peak[0] = max(peak[0], int(line.split()[1]))
+        except OSError:
+            pass
+        time.sleep(0.05)
+threading.Thread(target=watch_rss, daemon=True).start()
+
+posted = {}
+start = time.monotonic()
+for b in range(0, len(keys), 50):
+    batch = keys[b:b + 50]
+    events = [{"event_type": "create_object", "bucket_name": "photos", "object_key": k} for k in batch]
+    req = urllib.request.Request(base + '/v1/events', data=json.dumps(events).encode(), headers={'Content-Type': 'application/json'})
+    now = time.monotonic()
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 202, r.status
+    for k in batch:
+        posted[k] = now
+deadline = time.monotonic() + 600
+while len(done) < len(keys) and time.monotonic() < deadline:
+    time.sleep(0.05)
+elapsed = max(t for t, _ in done.values()) - start
+server.terminate(); server.wait(timeout=60)
+lat = sorted((done[k][0] - posted[k]) * 1000 for k in done)
+ok = sum(1 for _, b in done.values() if b['status'] == 'ok')
+pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
+print(f"events {len(keys)} completed {len(done)} ok {ok} in {elapsed:.2f} s: {len(done) / elapsed:.1f} per second")
+print(f"latency from POST to notification: p50 {pct(0.50):.0f} ms, p99 {pct(0.99):.0f} ms")
+print(f"peak RSS of imgfunc serve: {peak[0] / 1024:.1f} MiB")
+shutil.rmtree(data, ignore_errors=True)
+sys.exit(0 if ok == len(keys) else 1)

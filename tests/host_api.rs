@@ -1,0 +1,551 @@
+//! The host's HTTP API from outside: rule validation and persistence
+//! (`?notification`), back-pressure (503 with `Retry-After`), the
+//! `?image&action=` process API, hostile keys and direct invocation.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::host::{
+    Behaviour, QUIET, Receiver, TestHost, decoded, eventually, fixture, test_config,
+};
+use common::s3::s3_client;
+use imgfunc::store::S3Store;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+/// A rule set with one notification whose fields are `fields`.
+fn one_rule(fields: Value) -> Value {
+    json!({"notifications": [fields]})
+}
+
+/// Asserts an error response: its status, its JSON `code`, a request id,
+/// and a message that contains every piece of `message_parts`.
+async fn assert_error(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+    message_parts: &[&str],
+) -> String {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "errors are JSON"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert!(body["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+    let message = body["message"].as_str().unwrap().to_string();
+    for part in message_parts {
+        assert!(message.contains(part), "`{message}` lacks `{part}`");
+    }
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_are_validated_when_set_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let base = json!({
+        "id": "thumbs",
+        "event_types": ["create_object"],
+        "object_filters": ["*.jpg"],
+        "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_100|format:t_webp"},
+    });
+    let with = |patch: Value| {
+        let mut rule = base.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            rule[k] = v.clone();
+        }
+        one_rule(rule)
+    };
+
+    let message = assert_error(
+        host.set_rules(
+            "photos",
+            &with(json!({"cloudfunc_args": {"action": "rotate:a_45"}})),
+        )
+        .await,
+        400,
+        "invalid_rule",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        message,
+        "notifications[0].cloudfunc_args.action: rotate: a must be one of 0, 90, 180, 270, got 45"
+    );
+    assert_error(
+        host.set_rules("photos", &with(json!({"event_types": ["upload_object"]})))
+            .await,
+        400,
+        "invalid_rule",
+        &[
+            "notifications[0].event_types[0]",
+            "upload_object",
+            "create_object, delete_object, abort_multipart, complete_multipart",
+        ],
+    )
+    .await;
+    assert_error(
+        host.set_rules("photos", &with(json!({"cloudfunc": "tupu-porn"})))
+            .await,
+        400,
+        "invalid_rule",
+        &["notifications[0].cloudfunc", "tupu-porn", "image, notifier"],
+    )
+    .await;
+    assert_error(
+        host.set_rules(
+            "photos",
+            &with(json!({"cloudfunc_args": {"key_prefix": "t"}})),
+        )
+        .await,
+        400,
+        "invalid_rule",
+        &["notifications[0].cloudfunc_args.action", "required"],
+    )
+    .await;
+    let second_bad = json!({"notifications": [base.clone(), {
+        "id": "hook", "event_types": "create_object", "cloudfunc": "notifier",
+        "notify_url": "ftp://127.0.0.1/hook"}]});
+    assert_error(
+        host.set_rules("photos", &second_bad).await,
+        400,
+        "invalid_rule",
+        &["notifications[1].notify_url", "ftp"],
+    )
+    .await;
+    assert_eq!(
+        host.get_rules("photos").await,
+        json!({"notifications": []}),
+        "refused rule sets leave nothing behind"
+    );
+
+    let good = with(json!({}));
+    assert_eq!(host.set_rules("photos", &good).await.status(), 200);
+    assert_eq!(host.get_rules("photos").await, good);
+    let bad = with(json!({"cloudfunc": "tupu-porn"}));
+    assert_eq!(host.set_rules("photos", &bad).await.status(), 400);
+    assert_eq!(
+        host.get_rules("photos").await,
+        good,
+        "a refused set keeps the old rules"
+    );
+    host.stop().await;
+
+    let host = TestHost::local(test_config(dir.path())).await;
+    assert_eq!(host.get_rules("photos").await, good, "the rule persisted");
+    let put = host
+        .put_object("photos", "a.jpg", fixture("images/storm.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(put.status(), 201);
+    let url = host.object_url("photos", "gen_a.jpg");
+    let output = eventually("the reloaded rule's output", || async {
+        let response = host.http.get(&url).send().await.ok()?;
+        if response.status() != 200 {
+            return None;
+        }
+        response.bytes().await.ok()
+    })
+    .await;
+    assert_eq!(decoded(&output), ("webp".to_string(), 100, 67));
+
+    let deleted = host
+        .http
+        .delete(host.url("/photos?notification"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(host.get_rules("photos").await, json!({"notifications": []}));
+    host.stop().await;
+}
+
+/// Three S3 records for `bucket`, which a queue of one cannot take at once.
+fn three_records(bucket: &str) -> Value {
+    let record = |key: &str| {
+        json!({"eventName": "s3:ObjectCreated:Put",
+               "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}}})
+    };
+    json!({"Records": [record("a.jpg"), record("b.jpg"), record("c.jpg")]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_larger_than_the_queue_is_refused_whole_with_503() {
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.workers = 1;
+    config.queue_bound = 1;
+    let host = TestHost::local(config).await;
+    let rules = one_rule(json!({
+        "id": "hook", "event_types": ["create_object"],
+        "cloudfunc": "notifier", "notify_url": receiver.url}));
+    assert_eq!(host.set_rules("busy", &rules).await.status(), 200);
+
+    let response = host.post_events(&three_records("busy")).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_error(response, 503, "queue_full", &["retry later"]).await;
+    assert_eq!(host.queue_depth().await, 0, "nothing was queued");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(receiver.hits(), 0, "none of the refused events ran");
+
+    // The queue still works: one record fits.
+    let one = json!({"event_type": "create_object", "bucket_name": "busy", "object_key": "d.jpg"});
+    let response = host.post_events(&one).await;
+    assert_eq!(response.status(), 202);
+    let bodies = receiver.wait_for(1).await;
+    assert_eq!(bodies[0]["event"]["key"], "d.jpg");
+    assert_eq!(bodies[0]["cloudfunc"], "notifier");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(receiver.bodies().len(), 1);
+    host.stop().await;
+}
+
+/// An S3 endpoint that accepts connections and never answers, so that a
+/// worker reading from it stays busy; counts the connections.
+async fn silent_endpoint() -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    (format!("http://{addr}"), accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_and_a_full_queue_answer_503() {
+    let (endpoint, accepted) = silent_endpoint().await;
+    let store = S3Store::new(s3_client(&endpoint, "ak", "sk"), endpoint.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.embedded = false;
+    config.workers = 1;
+    config.queue_bound = 1;
+    config.drain_timeout = Duration::from_millis(300);
+    let host = TestHost::start(config, Arc::new(store)).await;
+    let rules = one_rule(json!({
+        "id": "thumbs", "event_types": ["create_object"],
+        "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_10"}}));
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    let event = |key: &str| json!({"event_type": "create_object", "bucket_name": "photos", "object_key": key});
+
+    assert_eq!(host.post_events(&event("a.jpg")).await.status(), 202);
+    eventually("the worker to be stuck reading a.jpg", || {
+        std::future::ready((accepted.load(Ordering::SeqCst) > 0).then_some(()))
+    })
+    .await;
+    assert_eq!(host.post_events(&event("b.jpg")).await.status(), 202);
+    assert_eq!(host.queue_depth().await, 1);
+    let refused = host.post_events(&event("c.jpg")).await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_error(refused, 503, "queue_full", &["1 waiting"]).await;
+    assert_eq!(host.queue_depth().await, 1, "c.jpg was not queued");
+    let ready: Value = host
+        .http
+        .get(host.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["queue_bound"], 1);
+    assert_eq!(ready["workers"], 1);
+    // The stuck work is given up after the drain timeout.
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_process_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let original = fixture("images/storm.jpg");
+    assert_eq!(
+        host.put_object("photos", "storm.jpg", original.clone(), "image/jpeg")
+            .await
+            .status(),
+        201
+    );
+    let get = |query: &str| {
+        let url = format!("{}?{query}", host.object_url("photos", "storm.jpg"));
+        host.http.get(url).send()
+    };
+
+    let plain = get("").await.unwrap();
+    assert_eq!(plain.status(), 200);
+    assert_eq!(plain.headers()["content-type"], "image/jpeg");
+    assert_eq!(plain.bytes().await.unwrap(), original);
+
+    let resized = get("image&action=resize:w_100|format:t_png").await.unwrap();
+    assert_eq!(resized.status(), 200);
+    assert_eq!(resized.headers()["content-type"], "image/png");
+    let (format, width, height) = decoded(&resized.bytes().await.unwrap());
+    assert_eq!((format.as_str(), width), ("png", 100));
+    assert!((66..=67).contains(&height), "height {height}");
+
+    let info = get("image&action=info").await.unwrap();
+    assert_eq!(info.status(), 200);
+    assert_eq!(info.headers()["content-type"], "application/json");
+    let info: Value = info.json().await.unwrap();
+    assert_eq!(info["width"], 480);
+    assert_eq!(info["height"], 320);
+    assert_eq!(info["type"], "jpeg");
+    assert_eq!(info["make"], "Canon");
+
+    assert_error(
+        get("image&action=rotate:a_45").await.unwrap(),
+        400,
+        "invalid_action",
+        &["rotate", "45"],
+    )
+    .await;
+    assert_error(
+        get("image").await.unwrap(),
+        400,
+        "invalid_action",
+        &["action"],
+    )
+    .await;
+    assert_error(
+        get("image&action=resize:w_10|save:b_photos,k_x.jpg")
+            .await
+            .unwrap(),
+        400,
+        "invalid_action",
+        &["save"],
+    )
+    .await;
+
+    let missing = format!(
+        "{}?image&action=info",
+        host.object_url("photos", "missing.jpg")
+    );
+    assert_error(
+        host.http.get(missing).send().await.unwrap(),
+        404,
+        "not_found",
+        &["missing.jpg"],
+    )
+    .await;
+
+    let text = b"not pixels at all".to_vec();
+    assert_eq!(
+        host.put_object("photos", "notes.jpg", text, "image/jpeg")
+            .await
+            .status(),
+        201
+    );
+    let notes = format!(
+        "{}?image&action=resize:w_10",
+        host.object_url("photos", "notes.jpg")
+    );
+    assert_error(
+        host.http.get(notes).send().await.unwrap(),
+        422,
+        "not_an_image",
+        &["not an image"],
+    )
+    .await;
+
+    let health = host.http.get(host.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_keys_never_reach_outside_the_data_dir() {
+    let outer = tempfile::tempdir().unwrap();
+    let data_dir = outer.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    let host = TestHost::local(test_config(&data_dir)).await;
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let rules = one_rule(json!({
+        "id": "thumbs", "event_types": ["create_object"], "notify_url": receiver.url,
+        "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_10"}}));
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+
+    // Percent-encoded slashes survive URL parsing and reach the key as
+    // `../../etc/passwd`.
+    for path in [
+        "/photos/..%2F..%2Fetc%2Fpasswd",
+        "/photos/a/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/photos/..%2F..%2Fetc%2Fpasswd?image&action=info",
+    ] {
+        let url = host.url(path);
+        let put = host
+            .http
+            .put(&url)
+            .body(fixture("images/storm.jpg"))
+            .send()
+            .await
+            .unwrap();
+        assert_error(put, 400, "invalid_key", &[".."]).await;
+        assert_error(
+            host.http.get(&url).send().await.unwrap(),
+            400,
+            "invalid_key",
+            &[".."],
+        )
+        .await;
+        assert_error(
+            host.http.delete(&url).send().await.unwrap(),
+            400,
+            "invalid_key",
+            &[".."],
+        )
+        .await;
+    }
+    let bucket_escape = host.url("/..%2Fetc/passwd");
+    assert_error(
+        host.http.get(&bucket_escape).send().await.unwrap(),
+        400,
+        "invalid_bucket",
+        &[],
+    )
+    .await;
+    assert_error(
+        host.http
+            .put(host.url("/..%2Frules?notification"))
+            .json(&rules)
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_bucket",
+        &[],
+    )
+    .await;
+    // An event may name such a key (it is a valid S3 key); the invocation
+    // then fails in the local store, reading and writing nothing.
+    let hostile_event = json!({"Records": [{"eventName": "s3:ObjectCreated:Put",
+        "s3": {"bucket": {"name": "photos"}, "object": {"key": "..%2F..%2Fetc%2Fpasswd"}}}]});
+    assert_eq!(host.post_events(&hostile_event).await.status(), 202);
+    let payload = receiver.wait_for(1).await.remove(0);
+    assert_eq!(payload["event"]["key"], "../../etc/passwd");
+    assert_eq!(payload["status"], "error");
+    assert_eq!(payload["error"]["code"], "invalid_key", "{payload}");
+    assert_eq!(payload["outputs"], json!([]));
+    host.stop().await;
+
+    let mut outside: Vec<String> = std::fs::read_dir(outer.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    outside.sort();
+    assert_eq!(outside, ["data"], "nothing written next to the data dir");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoke_answers_with_the_result_synchronously() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    assert_eq!(
+        host.put_object(
+            "photos",
+            "in/storm.jpg",
+            fixture("images/storm.jpg"),
+            "image/jpeg"
+        )
+        .await
+        .status(),
+        201
+    );
+    let invoke = |body: Value| host.http.post(host.url("/v1/invoke")).json(&body).send();
+    let event = json!({"event_type": "create_object", "bucket_name": "photos",
+                       "object_key": "in/storm.jpg"});
+
+    let response = invoke(json!({"event": event, "rule": {
+        "id": "direct", "event_types": "create_object", "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_50|format:t_webp", "key_prefix": "direct"}}}))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["rule_id"], "direct");
+    assert_eq!(
+        result["event"],
+        json!({"bucket": "photos", "key": "in/storm.jpg", "type": "create_object"})
+    );
+    let output = &result["outputs"][0];
+    assert_eq!(output["key"], "direct_in/storm.jpg");
+    assert_eq!(output["content_type"], "image/webp");
+    assert_eq!(
+        (output["width"].clone(), output["height"].clone()),
+        (json!(50), json!(33))
+    );
+    // Written before the answer: readable at once, no polling.
+    let written = host
+        .http
+        .get(host.object_url("photos", "direct_in/storm.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), 200);
+    assert_eq!(written.headers()["content-type"], "image/webp");
+    let bytes = written.bytes().await.unwrap();
+    assert_eq!(output["bytes"], bytes.len());
+    assert_eq!(decoded(&bytes), ("webp".to_string(), 50, 33));
+
+    // An S3 record works as the event too; `info` comes back in the result.
+    let s3_event = json!({"Records": [{"eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": "photos"}, "object": {"key": "in%2Fstorm.jpg"}}}]});
+    let result: Value = invoke(json!({"event": s3_event, "rule": {
+        "id": "info", "event_types": ["create_object"], "cloudfunc": "image",
+        "cloudfunc_args": {"action": "info"}}}))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["outputs"], json!([]));
+    assert_eq!(result["info"]["width"], 480);
+
+    let result: Value = invoke(json!({"event": {"event_type": "create_object",
+        "bucket_name": "photos", "object_key": "in/none.jpg"}, "rule": {
+        "id": "direct", "event_types": "create_object", "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_50"}}}))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(result["status"], "error");
+    assert_eq!(result["error"]["code"], "not_found");
+    assert_eq!(result["outputs"], json!([]));
+
+    assert_error(
+        invoke(
+            json!({"event": event, "rule": {"id": "x", "event_types": "create_object",
+            "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_0"}}}),
+        )
+        .await
+        .unwrap(),
+        400,
+        "invalid_rule",
+        &["cloudfunc_args.action", "resize"],
+    )
+    .await;
+    assert_error(
+        invoke(json!({"rule": {}})).await.unwrap(),
+        400,
+        "invalid_request",
+        &["event"],
+    )
+    .await;
+    host.stop().await;
+}

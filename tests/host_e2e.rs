@@ -1,0 +1,363 @@
+//! The function host end to end: events in over HTTP, objects out in a real
+//! store (an S3-protocol server or the embedded local directory), results
+//! POSTed to a real HTTP receiver, retries, dead letters, the loop guard
+//! and a graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use common::host::{
+    Behaviour, QUIET, Receiver, TestHost, decoded, eventually, fixture, test_config,
+};
+use common::s3::start_s3;
+use serde_json::{Value, json};
+
+/// An image rule for the objects matching `filter` that notifies `url`.
+fn image_rule(id: &str, filter: &str, action: &str, url: &str) -> Value {
+    json!({"notifications": [{
+        "id": id,
+        "event_types": ["create_object"],
+        "object_filters": [filter],
+        "cloudfunc": "image",
+        "cloudfunc_args": {"action": action},
+        "notify_url": url,
+    }]})
+}
+
+/// A MinIO webhook body for one uploaded object, as MinIO sends it: the key
+/// form-encoded (`+` for a space), the top-level `Key` repeating it.
+fn minio_put_event(bucket: &str, encoded_key: &str, size: usize, etag: &str) -> Value {
+    json!({
+        "EventName": "s3:ObjectCreated:Put",
+        "Key": format!("{bucket}/{}", encoded_key.replace('+', "%20")),
+        "Records": [{
+            "eventVersion": "2.0",
+            "eventSource": "minio:s3",
+            "awsRegion": "",
+            "eventTime": "2024-05-01T10:00:00.123Z",
+            "eventName": "s3:ObjectCreated:Put",
+            "userIdentity": {"principalId": "minioadmin"},
+            "requestParameters": {"principalId": "minioadmin", "region": "", "sourceIPAddress": "127.0.0.1"},
+            "responseElements": {"x-amz-id-2": "dd9025bab4ad464b", "x-amz-request-id": "17C9A8B1C0D1E2F3"},
+            "s3": {
+                "s3SchemaVersion": "1.0",
+                "configurationId": "Config",
+                "bucket": {"name": bucket, "ownerIdentity": {"principalId": "minioadmin"}, "arn": format!("arn:aws:s3:::{bucket}")},
+                "object": {
+                    "key": encoded_key,
+                    "size": size,
+                    "eTag": etag,
+                    "contentType": "image/jpeg",
+                    "userMetadata": {"content-type": "image/jpeg"},
+                    "sequencer": "17C9A8B1C0D1E2F4"
+                }
+            },
+            "source": {"host": "127.0.0.1", "port": "", "userAgent": "MinIO (linux; amd64) minio-go/v7.0.70"}
+        }]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minio_event_on_s3_writes_the_output_and_notifies() {
+    let s3 = start_s3().await;
+    s3.create_bucket("photos").await;
+    let client = s3.client();
+    let original = fixture("images/storm.jpg");
+    let put = client
+        .put_object()
+        .bucket("photos")
+        .key("a b.jpg")
+        .content_type("image/jpeg")
+        .body(ByteStream::from(original.clone()))
+        .send()
+        .await
+        .expect("upload through aws-sdk-s3");
+    let etag = put
+        .e_tag()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string();
+
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.embedded = false;
+    let host = TestHost::start(config, std::sync::Arc::new(s3.store())).await;
+    let rules = image_rule(
+        "thumbs",
+        "*.jpg",
+        "resize:w_240|format:t_webp",
+        &receiver.url,
+    );
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+
+    let event = minio_put_event("photos", "a+b.jpg", original.len(), &etag);
+    let response = host.post_events(&event).await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
+    assert_eq!(accepted["unmatched"], 0);
+    assert_eq!(accepted["skipped"], json!([]));
+    let invocations = accepted["invocations"].as_array().unwrap();
+    assert_eq!(invocations.len(), 1, "{accepted}");
+    assert_eq!(invocations[0]["rule_id"], "thumbs");
+    assert_eq!(invocations[0]["bucket"], "photos");
+    assert_eq!(invocations[0]["key"], "a b.jpg", "the + decodes to a space");
+    assert_eq!(invocations[0]["event_type"], "create_object");
+    let id = invocations[0]["id"].as_str().unwrap().to_string();
+
+    let payload = receiver.wait_for_invocations(&[id]).await.remove(0);
+
+    let head = client
+        .head_object()
+        .bucket("photos")
+        .key("gen_a b.jpg")
+        .send()
+        .await
+        .expect("the output exists under gen_a b.jpg");
+    assert_eq!(head.content_type(), Some("image/webp"));
+    assert_eq!(
+        head.metadata().and_then(|m| m.get("imgfunc-chain")),
+        Some(&"thumbs".to_string()),
+        "the output names the rule that made it"
+    );
+    let output = client
+        .get_object()
+        .bucket("photos")
+        .key("gen_a b.jpg")
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert_eq!(decoded(&output), ("webp".to_string(), 240, 160));
+    assert_eq!(head.content_length(), Some(output.len() as i64));
+
+    assert_eq!(payload["rule_id"], "thumbs");
+    assert_eq!(payload["cloudfunc"], "image");
+    assert_eq!(payload["status"], "ok");
+    assert_eq!(
+        payload["event"],
+        json!({"bucket": "photos", "key": "a b.jpg", "type": "create_object"})
+    );
+    assert_eq!(
+        payload["outputs"],
+        json!([{
+            "bucket": "photos",
+            "key": "gen_a b.jpg",
+            "content_type": "image/webp",
+            "bytes": output.len(),
+            "width": 240,
+            "height": 160,
+        }])
+    );
+    assert!(payload.get("error").is_none(), "{payload}");
+    assert!(payload["duration_ms"].as_f64().unwrap() > 0.0, "{payload}");
+    assert!(payload["queue_ms"].as_f64().unwrap() >= 0.0, "{payload}");
+
+    // Outputs written to an external store fire no events of the host's
+    // own: nothing else arrives.
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(receiver.bodies().len(), 1, "{:?}", receiver.bodies());
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_retries_after_a_500_and_delivers_once() {
+    let receiver = Receiver::start(Behaviour::FailFirst(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let rules = image_rule("thumbs", "in/*", "resize:w_100", &receiver.url);
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    let put = host
+        .put_object(
+            "photos",
+            "in/a.jpg",
+            fixture("images/storm.jpg"),
+            "image/jpeg",
+        )
+        .await;
+    assert_eq!(put.status(), 201);
+
+    let bodies = receiver.wait_for(1).await;
+    assert_eq!(bodies[0]["status"], "ok");
+    assert_eq!(bodies[0]["event"]["key"], "in/a.jpg");
+    assert_eq!(bodies[0]["outputs"][0]["key"], "gen_in/a.jpg");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(receiver.hits(), 2, "one 500, then one success");
+    assert_eq!(receiver.bodies().len(), 1, "delivered exactly once");
+    let dead_letter = host.dead_letter_path();
+    host.stop().await;
+    assert!(
+        !dead_letter.exists(),
+        "a delivered payload is not a dead letter: {}",
+        std::fs::read_to_string(&dead_letter).unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_to_a_hanging_receiver_ends_in_the_dead_letter_file() {
+    let receiver = Receiver::start(Behaviour::Hang).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.notify.attempts = 2;
+    config.notify.timeout = Duration::from_millis(300);
+    config.notify.delay = Duration::from_millis(100);
+    let host = TestHost::local(config).await;
+    let rules = image_rule("thumbs", "in/*", "resize:w_100|format:t_png", &receiver.url);
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    let put = host
+        .put_object(
+            "photos",
+            "in/a.jpg",
+            fixture("images/storm.jpg"),
+            "image/jpeg",
+        )
+        .await;
+    assert_eq!(put.status(), 201);
+
+    let path = host.dead_letter_path();
+    let records: Vec<Value> = eventually("a dead-letter record", || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let records: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each dead letter is a JSON line"))
+            .collect();
+        std::future::ready((!records.is_empty()).then_some(records))
+    })
+    .await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record["url"], receiver.url);
+    assert_eq!(record["attempts"], 2);
+    assert!(
+        record["last_error"].as_str().unwrap().contains("300ms"),
+        "the last error says the receiver did not answer in time: {record}"
+    );
+    assert!(record["time"].as_str().unwrap().ends_with('Z'), "{record}");
+    let payload = &record["payload"];
+    assert_eq!(payload["rule_id"], "thumbs");
+    assert_eq!(payload["status"], "ok");
+    assert_eq!(
+        payload["event"],
+        json!({"bucket": "photos", "key": "in/a.jpg", "type": "create_object"})
+    );
+    assert_eq!(payload["outputs"][0]["key"], "gen_in/a.jpg");
+    assert_eq!(payload["outputs"][0]["content_type"], "image/png");
+    assert_eq!(payload["outputs"][0]["width"], 100);
+    assert!(payload["invocation_id"].is_string());
+    assert!(payload["duration_ms"].is_number());
+    assert_eq!(receiver.hits(), 2, "exactly the configured attempts");
+    assert!(receiver.bodies().is_empty());
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loop_guard_keeps_a_rule_off_its_own_outputs() {
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let rules = json!({"notifications": [{
+        "id": "everything",
+        "event_types": ["create_object"],
+        "object_filters": ["*"],
+        "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_64", "save_bucket": "loop"},
+        "notify_url": receiver.url,
+    }]});
+    assert_eq!(host.set_rules("loop", &rules).await.status(), 200);
+    let put = host
+        .put_object("loop", "x.jpg", fixture("images/storm.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(put.status(), 201);
+
+    // The host's own write of gen_x.jpg fires create_object like an upload
+    // does; the rule matches it and the loop guard answers `skipped`.
+    let bodies = receiver.wait_for(2).await;
+    tokio::time::sleep(QUIET).await;
+    let bodies_after = receiver.bodies();
+    assert_eq!(bodies_after.len(), 2, "nothing loops: {bodies_after:?}");
+    let ok = bodies
+        .iter()
+        .find(|b| b["event"]["key"] == "x.jpg")
+        .expect("a payload for x.jpg");
+    assert_eq!(ok["status"], "ok");
+    assert_eq!(ok["outputs"].as_array().unwrap().len(), 1);
+    assert_eq!(ok["outputs"][0]["key"], "gen_x.jpg");
+    let skipped = bodies
+        .iter()
+        .find(|b| b["event"]["key"] == "gen_x.jpg")
+        .expect("a payload for gen_x.jpg");
+    assert_eq!(skipped["status"], "skipped");
+    assert_eq!(skipped["error"]["code"], "loop_guard");
+    assert_eq!(skipped["outputs"], json!([]));
+
+    assert_eq!(host.list_keys("loop").await, ["gen_x.jpg", "x.jpg"]);
+    let head = host
+        .http
+        .head(host.object_url("loop", "gen_x.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["x-amz-meta-imgfunc-chain"], "everything");
+    let missing = host
+        .http
+        .get(host.object_url("loop", "gen_gen_x.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_queued_work_before_run_returns() {
+    const UPLOADS: usize = 3;
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.workers = 1;
+    let host = TestHost::local(config).await;
+    // Upscaling and PNG-encoding keeps the single worker busy long enough
+    // that most jobs are still queued when shutdown starts.
+    let rules = image_rule("big", "in/*", "resize:w_960|format:t_png", &receiver.url);
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    let original = fixture("images/wood.jpg");
+    for i in 0..UPLOADS {
+        let put = host
+            .put_object(
+                "photos",
+                &format!("in/{i}.jpg"),
+                original.clone(),
+                "image/jpeg",
+            )
+            .await;
+        assert_eq!(put.status(), 201);
+    }
+    let depth = host.queue_depth().await;
+    assert!(depth > 0, "jobs are still queued when shutdown starts");
+
+    let data_dir = host.data_dir.clone();
+    let addr = host.addr;
+    host.stop().await;
+
+    // `run` returned: every queued job ran and its notification went out.
+    for i in 0..UPLOADS {
+        let path = data_dir.join("photos").join(format!("gen_in/{i}.jpg"));
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{} written before run returned: {e}", path.display()));
+        assert_eq!(decoded(&bytes), ("png".to_string(), 960, 720));
+    }
+    let bodies = receiver.bodies();
+    assert_eq!(bodies.len(), UPLOADS, "{bodies:?}");
+    assert!(bodies.iter().all(|b| b["status"] == "ok"), "{bodies:?}");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the host no longer accepts connections"
+    );
+}
