@@ -208,9 +208,15 @@ fn decode_jpeg(
     d.set_scaling_factor(factor)
         .map_err(|e| decode_error(format, e))?;
     let scaled = header.scaled(factor);
+    // At 1/8 each block becomes one pixel from its DC coefficient alone, so a
+    // progressive file's AC scans (most of its bytes) need not be decoded.
+    let trimmed = (denom == 8 && header.is_progressive)
+        .then(|| dc_scans_only(input))
+        .flatten();
+    let source = trimmed.as_deref().unwrap_or(input);
     let mut pixels = vec![0u8; scaled.width * scaled.height * 3];
     d.decompress(
-        input,
+        source,
         turbojpeg::Image {
             pixels: &mut pixels[..],
             width: scaled.width,
@@ -348,4 +354,126 @@ fn decode_gif(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
             frames: count,
         },
     })
+}
+
+/// A progressive JPEG with only its DC scans (first and refinement), ended
+/// with EOI; `None` when the file is not progressive or its markers do not
+/// parse, in which case the caller decodes the original.
+fn dc_scans_only(jpeg: &[u8]) -> Option<Vec<u8>> {
+    if jpeg.get(..2)? != [0xff, 0xd8] {
+        return None;
+    }
+    let mut out = Vec::with_capacity(jpeg.len() / 8);
+    out.extend_from_slice(&jpeg[..2]);
+    let mut progressive = false;
+    let mut i = 2;
+    loop {
+        while *jpeg.get(i)? == 0xff && *jpeg.get(i + 1)? == 0xff {
+            i += 1;
+        }
+        if *jpeg.get(i)? != 0xff {
+            return None;
+        }
+        let marker = *jpeg.get(i + 1)?;
+        if marker == 0xd9 {
+            break;
+        }
+        let len = u16::from_be_bytes([*jpeg.get(i + 2)?, *jpeg.get(i + 3)?]) as usize;
+        let segment_end = i + 2 + len;
+        jpeg.get(..segment_end)?;
+        match marker {
+            0xc2 => progressive = true,
+            0xc0 | 0xc1 | 0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return None,
+            _ => {}
+        }
+        if marker != 0xda {
+            out.extend_from_slice(&jpeg[i..segment_end]);
+            i = segment_end;
+            continue;
+        }
+        let components = *jpeg.get(i + 4)? as usize;
+        let spectral_start = *jpeg.get(i + 5 + 2 * components)?;
+        // Entropy-coded data runs to the next marker other than a stuffed
+        // zero or a restart marker.
+        let mut end = segment_end;
+        loop {
+            if *jpeg.get(end)? == 0xff {
+                let next = *jpeg.get(end + 1)?;
+                if next != 0x00 && !(0xd0..=0xd7).contains(&next) {
+                    break;
+                }
+                end += 2;
+            } else {
+                end += 1;
+            }
+        }
+        if spectral_start == 0 {
+            out.extend_from_slice(&jpeg[i..end]);
+        }
+        i = end;
+    }
+    if !progressive {
+        return None;
+    }
+    out.extend_from_slice(&[0xff, 0xd9]);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_eighth(jpeg: &[u8]) -> Vec<u8> {
+        let mut d = Decompressor::new().unwrap();
+        let factor = ScalingFactor::new(1, 8);
+        d.set_scaling_factor(factor).unwrap();
+        let h = d.read_header(jpeg).unwrap().scaled(factor);
+        let mut px = vec![0u8; h.width * h.height * 3];
+        d.decompress(
+            jpeg,
+            turbojpeg::Image {
+                pixels: &mut px[..],
+                width: h.width,
+                pitch: h.width * 3,
+                height: h.height,
+                format: PixelFormat::RGB,
+            },
+        )
+        .unwrap();
+        px
+    }
+
+    #[test]
+    fn dc_scans_alone_give_the_same_eighth_scale_image() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images/wood.jpg");
+        let jpeg = std::fs::read(path).unwrap();
+        assert!(turbojpeg::read_header(&jpeg).unwrap().is_progressive);
+        let trimmed = dc_scans_only(&jpeg).expect("progressive");
+        assert!(
+            trimmed.len() < jpeg.len(),
+            "{} of {}",
+            trimmed.len(),
+            jpeg.len()
+        );
+        let (full, dc) = (decode_eighth(&jpeg), decode_eighth(&trimmed));
+        assert_eq!(full.len(), dc.len());
+        // Luma is exact; 4:2:0 chroma is decoded with a 2x2 IDCT at this
+        // scale and loses its in-block gradient, which costs little.
+        let mse = full
+            .iter()
+            .zip(&dc)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum::<f64>()
+            / full.len() as f64;
+        let psnr = 10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10();
+        assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
+    }
+
+    #[test]
+    fn baseline_and_garbage_are_left_alone() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images/storm.jpg");
+        assert!(dc_scans_only(&std::fs::read(path).unwrap()).is_none());
+        assert!(dc_scans_only(b"\xff\xd8\xff").is_none());
+        assert!(dc_scans_only(b"").is_none());
+    }
 }
