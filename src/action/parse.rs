@@ -150,8 +150,11 @@ impl<'a> Params<'a> {
     }
 }
 
-/// Accepts the standard and URL-safe alphabets, padded or not.
+/// Accepts the standard and URL-safe alphabets, padded or not. A space is
+/// read as `+`, which form-encoded query strings turn into spaces.
 fn decode_base64(raw: &str) -> Option<Vec<u8>> {
+    let raw = raw.replace(' ', "+");
+    let raw = raw.as_str();
     const LENIENT: GeneralPurposeConfig =
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
     const STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);

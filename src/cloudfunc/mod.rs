@@ -20,10 +20,22 @@ use crate::imaging::{self, Encoded, ImagingError, Limits, WatermarkResolver};
 use crate::rules::{CloudFunc, ImageArgs, Rule};
 use crate::store::{ObjectStore, PutOptions, StoreError};
 
-/// User metadata naming the rules that produced an object, comma-separated.
-/// A rule never runs on an object whose chain already holds it, so outputs
-/// never re-trigger the rule that made them, even through other rules.
+/// User metadata naming the rules that produced an object, as
+/// comma-separated `bucket:rule_id` links. A rule never runs on an object
+/// whose chain already holds it, so outputs never re-trigger the rule that
+/// made them, even through other rules.
 pub const CHAIN_METADATA: &str = "imgfunc-chain";
+
+/// The chain link of rule `rule_id` of `bucket`.
+pub fn chain_link(bucket: &str, rule_id: &str) -> String {
+    format!("{bucket}:{rule_id}")
+}
+
+/// True when `chain` holds rule `rule_id` of `bucket`.
+pub fn in_chain(chain: &str, bucket: &str, rule_id: &str) -> bool {
+    let link = chain_link(bucket, rule_id);
+    chain.split(',').any(|l| l == link)
+}
 
 /// What the cloudfuncs need from the host.
 pub struct Runtime {
@@ -77,6 +89,9 @@ pub struct WrittenObject {
     pub bytes: u64,
     pub width: u32,
     pub height: u32,
+    /// The object's rule chain (see [`CHAIN_METADATA`]).
+    #[serde(skip)]
+    pub chain: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -190,7 +205,7 @@ async fn run_image(
         .get(CHAIN_METADATA)
         .cloned()
         .unwrap_or_default();
-    if chain.split(',').any(|id| id == rule.id) {
+    if in_chain(&chain, &event.bucket, &rule.id) {
         return Ok(ImageOutcome::Skipped(format!(
             "{}/{} was written by rule {}; it does not run on its own output",
             event.bucket, event.key, rule.id
@@ -206,10 +221,11 @@ async fn run_image(
     .await
     .map_err(|e| InvokeError::Internal(e.to_string()))??;
 
+    let link = chain_link(&event.bucket, &rule.id);
     let chain = if chain.is_empty() {
-        rule.id.clone()
+        link
     } else {
-        format!("{chain},{}", rule.id)
+        format!("{chain},{link}")
     };
     let source = format!("{}/{}", event.bucket, event.key);
     let mut outputs = Vec::new();
@@ -253,6 +269,7 @@ async fn write(
         bytes: image.bytes.len() as u64,
         width: image.width,
         height: image.height,
+        chain: chain.to_string(),
     })
 }
 

@@ -52,10 +52,11 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         let status = match &e {
             StoreError::NotFound { .. } | StoreError::NoSuchBucket { .. } => StatusCode::NOT_FOUND,
-            StoreError::InvalidKey { .. } | StoreError::InvalidBucket { .. } => {
-                StatusCode::BAD_REQUEST
-            }
-            _ => StatusCode::BAD_GATEWAY,
+            StoreError::InvalidKey { .. }
+            | StoreError::InvalidBucket { .. }
+            | StoreError::InvalidMetadata { .. } => StatusCode::BAD_REQUEST,
+            StoreError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            StoreError::Backend { .. } => StatusCode::BAD_GATEWAY,
         };
         ApiError::new(status, e.code(), e.to_string())
     }

@@ -13,7 +13,7 @@ use super::queue::jobs_for;
 use super::{ApiError, AppState, new_id};
 use crate::cloudfunc;
 use crate::events::parse_body;
-use crate::rules::parse_notifications;
+use crate::rules::Rule;
 
 /// Takes S3 event records or QingStor-style events; answers 202 with one id
 /// per invocation, or 503 (nothing queued) when the queue cannot take them all.
@@ -59,12 +59,15 @@ pub async fn post_events(
 }
 
 /// Runs one event against an inline rule and answers with the result JSON
-/// that `notify_url` would receive. Body: `{"bucket"?, "event": ..., "rule": {...}}`
-/// where `event` is any format `/v1/events` takes and `rule` one notification.
+/// that `notify_url` would receive. Body: `{"event": ..., "rule": {...}}`
+/// where `event` is any format `/v1/events` takes and `rule` one notification;
+/// the rule runs whatever its `event_types` and `object_filters` say.
 pub async fn invoke(
     State(state): State<Arc<AppState>>,
-    Json(body): Json<Value>,
+    body: Bytes,
 ) -> Result<Json<cloudfunc::InvocationResult>, ApiError> {
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_request", format!("body is not JSON: {e}")))?;
     let event_json = body
         .get("event")
         .ok_or_else(|| ApiError::bad_request("invalid_request", "missing field `event`"))?;
@@ -76,12 +79,8 @@ pub async fn invoke(
     let rule_json = body
         .get("rule")
         .ok_or_else(|| ApiError::bad_request("invalid_request", "missing field `rule`"))?;
-    let set = json!({"notifications": [rule_json]});
-    let rule = parse_notifications(set.to_string().as_bytes(), &event.bucket)
-        .map_err(|e| ApiError::bad_request("invalid_rule", e.to_string()))?
-        .into_iter()
-        .next()
-        .ok_or_else(|| ApiError::bad_request("invalid_rule", "rule: empty"))?;
+    let rule = Rule::from_json(rule_json, &event.bucket)
+        .map_err(|e| ApiError::bad_request("invalid_rule", e.under("rule").to_string()))?;
     let result = cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event).await;
     Ok(Json(result))
 }

@@ -149,10 +149,14 @@ impl Host {
             workers = state.config.workers,
             "serving"
         );
+        let flag = state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            flag.ready.store(false, Ordering::SeqCst);
+        };
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await?;
-        state.ready.store(false, Ordering::SeqCst);
         tracing::info!("shutting down: finishing queued work");
         let drain = state.config.drain_timeout;
         drop(state);

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::queue::jobs_for;
+use super::queue::{Job, Reservation, jobs_for};
 use super::{ApiError, AppState};
 use crate::action::Action;
 use crate::events::Event;
@@ -114,32 +114,20 @@ pub async fn delete_bucket(
     ))
 }
 
-/// Reserves queue room for the events `event` fires before anything is
-/// changed, so that a full queue refuses the request instead of losing work.
-fn fire(state: &AppState, event: Event) -> Result<(), ApiError> {
-    if !state.config.embedded {
-        return Ok(());
-    }
-    state
+/// The jobs a change to the embedded store fires, with queue room reserved
+/// for them before anything is changed: a full queue refuses the request
+/// instead of losing its events.
+fn reserve_events(state: &AppState, event: Event) -> Result<(Vec<Job>, Reservation), ApiError> {
+    let jobs = if state.config.embedded {
+        jobs_for(state, event)
+    } else {
+        Vec::new()
+    };
+    let reservation = state
         .queue
-        .try_push_all(jobs_for(state, event))
-        .map_err(ApiError::queue_full)
-}
-
-fn queue_has_room(
-    state: &AppState,
-    event_type: EventType,
-    bucket: &str,
-    key: &str,
-) -> Result<(), ApiError> {
-    if !state.config.embedded {
-        return Ok(());
-    }
-    let needed = state.rules.matching(bucket, event_type, key).len();
-    if needed > 0 && state.queue.depth() + needed > state.config.queue_bound {
-        return Err(ApiError::queue_full(state.queue.depth()));
-    }
-    Ok(())
+        .try_reserve(jobs.len())
+        .map_err(ApiError::queue_full)?;
+    Ok((jobs, reservation))
 }
 
 /// `PUT /{bucket}/{key}` stores the body (content type and `x-amz-meta-*`
@@ -152,7 +140,9 @@ pub async fn put_object(
 ) -> Result<Response, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
-    queue_has_room(&state, EventType::CreateObject, &bucket, &key)?;
+    let mut event = Event::internal(EventType::CreateObject, &bucket, &key);
+    event.size = Some(body.len() as u64);
+    let (jobs, reservation) = reserve_events(&state, event)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -165,7 +155,6 @@ pub async fn put_object(
             Some((name.to_string(), value.to_str().ok()?.to_string()))
         })
         .collect();
-    let size = body.len() as u64;
     state
         .store
         .put(
@@ -178,9 +167,7 @@ pub async fn put_object(
             },
         )
         .await?;
-    let mut event = Event::internal(EventType::CreateObject, &bucket, &key);
-    event.size = Some(size);
-    fire(&state, event)?;
+    reservation.send(jobs);
     Ok(StatusCode::CREATED.into_response())
 }
 
@@ -191,12 +178,12 @@ pub async fn delete_object(
 ) -> Result<StatusCode, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
-    queue_has_room(&state, EventType::DeleteObject, &bucket, &key)?;
-    state.store.delete(&bucket, &key).await?;
-    fire(
+    let (jobs, reservation) = reserve_events(
         &state,
         Event::internal(EventType::DeleteObject, &bucket, &key),
     )?;
+    state.store.delete(&bucket, &key).await?;
+    reservation.send(jobs);
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,6 +1,7 @@
 //! The bounded work queue: events wait here as small jobs (never decoded
 //! images), and a fixed number of workers run them.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,20 @@ pub struct Job {
 pub struct Queue {
     sender: Mutex<Option<mpsc::Sender<Job>>>,
     bound: usize,
+    /// Jobs taken by a worker and not yet finished.
+    running: AtomicUsize,
+}
+
+/// Room reserved in the queue for jobs not built yet.
+pub struct Reservation(Vec<mpsc::OwnedPermit<Job>>);
+
+impl Reservation {
+    /// Sends `jobs` into the reserved room (at most as many as were reserved).
+    pub fn send(self, jobs: Vec<Job>) {
+        for (permit, job) in self.0.into_iter().zip(jobs) {
+            permit.send(job);
+        }
+    }
 }
 
 impl Queue {
@@ -35,6 +50,7 @@ impl Queue {
             Queue {
                 sender: Mutex::new(Some(tx)),
                 bound: bound.max(1),
+                running: AtomicUsize::new(0),
             },
             rx,
         )
@@ -50,19 +66,34 @@ impl Queue {
             .map_or(0, |s| self.bound.saturating_sub(s.capacity()))
     }
 
-    /// Enqueues all of `jobs` or none of them; `Err` carries the queue depth.
-    pub fn try_push_all(&self, jobs: Vec<Job>) -> Result<(), usize> {
-        if jobs.is_empty() {
-            return Ok(());
+    /// Reserves room for `n` jobs, all or none; `Err` carries the queue depth.
+    pub fn try_reserve(&self, n: usize) -> Result<Reservation, usize> {
+        if n == 0 {
+            return Ok(Reservation(Vec::new()));
         }
         let sender = self.sender().ok_or(self.bound)?;
-        let permits = sender
-            .try_reserve_many(jobs.len())
-            .map_err(|_| self.depth())?;
-        for (permit, job) in permits.zip(jobs) {
-            permit.send(job);
+        let mut permits = Vec::with_capacity(n);
+        for _ in 0..n {
+            // Dropping the permits taken so far gives their room back.
+            permits.push(
+                sender
+                    .clone()
+                    .try_reserve_owned()
+                    .map_err(|_| self.depth())?,
+            );
         }
+        Ok(Reservation(permits))
+    }
+
+    /// Enqueues all of `jobs` or none of them; `Err` carries the queue depth.
+    pub fn try_push_all(&self, jobs: Vec<Job>) -> Result<(), usize> {
+        self.try_reserve(jobs.len())?.send(jobs);
         Ok(())
+    }
+
+    /// True when nothing waits and nothing runs.
+    fn idle(&self) -> bool {
+        self.depth() == 0 && self.running.load(Ordering::SeqCst) == 0
     }
 
     /// Stops taking new jobs; workers drain what is queued.
@@ -106,9 +137,17 @@ impl Workers {
             let deliveries = deliveries.clone();
             tasks.spawn(async move {
                 loop {
-                    let job = receiver.lock().await.recv().await;
+                    let job = {
+                        let mut rx = receiver.lock().await;
+                        let job = rx.recv().await;
+                        if job.is_some() {
+                            state.queue.running.fetch_add(1, Ordering::SeqCst);
+                        }
+                        job
+                    };
                     let Some(job) = job else { break };
                     run_job(&state, &deliveries, job).await;
+                    state.queue.running.fetch_sub(1, Ordering::SeqCst);
                 }
             });
         }
@@ -119,10 +158,15 @@ impl Workers {
         }
     }
 
-    /// Closes the queue and waits (up to `timeout`) for the work to finish.
+    /// Waits (up to `timeout`) until the queue is empty and no job runs,
+    /// so that events fired by outputs during the drain still run, then
+    /// closes the queue and waits for the notifications in flight.
     pub async fn finish(mut self, timeout: Duration) {
-        self.state.queue.close();
         let wait = async {
+            while !self.state.queue.idle() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.state.queue.close();
             while self.tasks.join_next().await.is_some() {}
             let pending = match self.deliveries.lock() {
                 Ok(mut set) => std::mem::take(&mut *set),
@@ -131,6 +175,7 @@ impl Workers {
             pending.join_all().await;
         };
         if tokio::time::timeout(timeout, wait).await.is_err() {
+            self.state.queue.close();
             tracing::warn!(
                 ?timeout,
                 "shutdown: work still running after the drain timeout"
@@ -170,7 +215,10 @@ async fn run_job(state: &Arc<AppState>, deliveries: &Arc<Mutex<JoinSet<()>>>, jo
         if state.config.embedded {
             fire_output_events(state, &result);
         }
-        if let Some(url) = job.rule.notify_url.clone() {
+        // A loop-guard skip is not a run of the function: nothing to report.
+        if result.status != Status::Skipped
+            && let Some(url) = job.rule.notify_url.clone()
+        {
             let state = state.clone();
             if let Ok(mut set) = deliveries.lock() {
                 while set.try_join_next().is_some() {}
@@ -187,7 +235,8 @@ async fn run_job(state: &Arc<AppState>, deliveries: &Arc<Mutex<JoinSet<()>>>, jo
 fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
     for out in &result.outputs {
         let event = Event::internal(EventType::CreateObject, &out.bucket, &out.key);
-        let jobs = jobs_for(state, event);
+        let mut jobs = jobs_for(state, event);
+        jobs.retain(|j| !cloudfunc::in_chain(&out.chain, &out.bucket, &j.rule.id));
         if jobs.is_empty() {
             continue;
         }

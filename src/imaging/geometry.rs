@@ -15,7 +15,7 @@ pub(super) fn shrink_hint(action: &Action) -> Option<&Resize> {
     action
         .ops
         .iter()
-        .find(|op| !matches!(op, Op::Info | Op::Format(_)))
+        .find(|op| !matches!(op, Op::Format(_)))
         .and_then(|op| match op {
             Op::Resize(r) => Some(r),
             _ => None,

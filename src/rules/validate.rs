@@ -263,6 +263,14 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
             ));
         }
     };
+    // `save:` targets are store objects: check them now, not at event time.
+    for op in &action.ops {
+        if let crate::action::Op::Save(save) = op {
+            crate::store::validate_bucket(&save.bucket)
+                .and_then(|()| crate::store::validate_key(&save.key))
+                .map_err(|e| RuleError::new("cloudfunc_args.action", format!("save: {e}")))?;
+        }
+    }
     // An explicit "" is kept (no prefix, or no separator); only an absent
     // field takes the default.
     let key_prefix = raw
@@ -274,6 +282,8 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
     let save_bucket = match raw.save_bucket {
         Some(b) if !b.is_empty() => {
             validate_bucket_name(&b).map_err(|e| e.renamed("cloudfunc_args.save_bucket"))?;
+            crate::store::validate_bucket(&b)
+                .map_err(|e| RuleError::new("cloudfunc_args.save_bucket", e.to_string()))?;
             Some(b)
         }
         _ => None,
