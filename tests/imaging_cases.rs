@@ -46,8 +46,8 @@ fn run_case(name: &str, case: &Value) -> Result<(), String> {
     {
         return Err(format!("format {}, expected {f}", img.format.name()));
     }
-    let decoded =
-        imaging::decode(&img.bytes, &Limits::default(), None).map_err(|e| e.to_string())?;
+    let decoded = imaging::decode(&img.bytes, &Limits::default(), imaging::Lead::Nothing)
+        .map_err(|e| e.to_string())?;
     let (w, h) = decoded.pixels.dimensions();
     if (Some(w), Some(h)) != (expect_u32("width"), expect_u32("height")) {
         return Err(format!(

@@ -3,10 +3,11 @@ use std::io::Cursor;
 use image::codecs::gif::GifDecoder;
 use image::metadata::Orientation;
 use image::{AnimationDecoder, DynamicImage, Frame, ImageDecoder, ImageReader};
-use turbojpeg::{Colorspace, Decompressor, PixelFormat, ScalingFactor};
+use turbojpeg::{Colorspace, Decompressor, ScalingFactor};
 
+use super::jpeg::Region;
 use super::{ImageFormat, ImagingError, Limits};
-use crate::action::Resize;
+use crate::action::{Crop, CropAnchor, Gravity, Resize, ResizeMode};
 
 /// Decoded pixels: one still image (always `Rgb8` or `Rgba8`), or the
 /// composited frames of an animation.
@@ -35,6 +36,8 @@ pub struct Decoded {
     pub pixels: Pixels,
     pub format: ImageFormat,
     pub meta: SourceMeta,
+    /// True when decoding already did the lead crop.
+    pub lead_applied: bool,
 }
 
 /// Format and dimensions from the header, without decoding pixels.
@@ -110,15 +113,12 @@ fn decoder_limits(limits: &Limits) -> image::Limits {
     l
 }
 
-/// Decodes `input` within `limits`, applying EXIF orientation. `shrink` is the
-/// pipeline's first operation when it is a resize: JPEG then decodes at 1/2,
-/// 1/4 or 1/8 size in the DCT domain, as long as the result still covers the
-/// size that resize needs.
-pub fn decode(
-    input: &[u8],
-    limits: &Limits,
-    shrink: Option<&Resize>,
-) -> Result<Decoded, ImagingError> {
+/// Decodes `input` within `limits`, applying EXIF orientation. `lead` is the
+/// pipeline's first geometric operation: before a resize, JPEG decodes at
+/// 1/2, 1/4 or 1/8 size in the DCT domain as long as the result still covers
+/// what the resize needs; before a crop or a cover resize it decodes only the
+/// region used.
+pub fn decode(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, ImagingError> {
     if input.len() > limits.max_input_bytes {
         return Err(ImagingError::InputTooLarge {
             size: input.len(),
@@ -127,7 +127,7 @@ pub fn decode(
     }
     let format = sniff(input)?;
     match format {
-        ImageFormat::Jpeg => decode_jpeg(input, limits, shrink),
+        ImageFormat::Jpeg => decode_jpeg(input, limits, lead),
         ImageFormat::Gif => decode_gif(input, limits),
         _ => decode_generic(input, format, limits),
     }
@@ -154,11 +154,7 @@ fn orient(img: DynamicImage, orientation: u8) -> DynamicImage {
     img
 }
 
-fn decode_jpeg(
-    input: &[u8],
-    limits: &Limits,
-    shrink: Option<&Resize>,
-) -> Result<Decoded, ImagingError> {
+fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, ImagingError> {
     let format = ImageFormat::Jpeg;
     let mut d = Decompressor::new().map_err(|e| decode_error(format, e))?;
     let header = d.read_header(input).map_err(|e| decode_error(format, e))?;
@@ -186,53 +182,158 @@ fn decode_jpeg(
             pixels: Pixels::Still(orient(img, orientation)),
             format,
             meta,
+            lead_applied: false,
         });
     }
-    let denom = shrink
-        .map(|resize| {
-            let oriented = if swapped {
-                (height, width)
-            } else {
-                (width, height)
-            };
-            let (nw, nh) = super::geometry::scaled_size(resize, oriented);
-            let ratio =
-                (oriented.0 as f64 / nw.max(1) as f64).min(oriented.1 as f64 / nh.max(1) as f64);
-            [8usize, 4, 2]
-                .into_iter()
-                .find(|&d| d as f64 <= ratio)
-                .unwrap_or(1)
-        })
-        .unwrap_or(1);
-    let factor = ScalingFactor::new(1, denom);
-    d.set_scaling_factor(factor)
-        .map_err(|e| decode_error(format, e))?;
+    let full = (width, height);
+    let plan = if orientation == 1 {
+        plan_jpeg(lead, full)
+    } else {
+        // The lead operation is in oriented coordinates; only shrink then.
+        let oriented = if swapped { (height, width) } else { full };
+        JpegPlan {
+            denom: match lead {
+                Lead::Resize(r) => {
+                    shrink_denom(super::geometry::scaled_size(r, oriented), oriented)
+                }
+                _ => 1,
+            },
+            region: None,
+            crop_applied: false,
+        }
+    };
+    let denom = plan.denom;
+    let factor = ScalingFactor::new(1, denom as usize);
     let scaled = header.scaled(factor);
+    let (sw, sh) = (scaled.width as u32, scaled.height as u32);
+    // The exact region wanted, in scaled pixels, and the decoded one, whose
+    // left edge is moved back to an iMCU boundary.
+    let want = plan.region.unwrap_or(Region {
+        x: 0,
+        y: 0,
+        width: sw,
+        height: sh,
+    });
+    let mcu = super::jpeg::scaled_mcu_width(header.subsamp, denom);
+    let decoded_region = Region {
+        x: want.x - want.x % mcu,
+        width: want.width + want.x % mcu,
+        ..want
+    };
     // At 1/8 each block becomes one pixel from its DC coefficient alone, so a
     // progressive file's AC scans (most of its bytes) need not be decoded.
     let trimmed = (denom == 8 && header.is_progressive)
         .then(|| dc_scans_only(input))
         .flatten();
     let source = trimmed.as_deref().unwrap_or(input);
-    let mut pixels = vec![0u8; scaled.width * scaled.height * 3];
-    d.decompress(
-        source,
-        turbojpeg::Image {
-            pixels: &mut pixels[..],
-            width: scaled.width,
-            pitch: scaled.width * 3,
-            height: scaled.height,
-            format: PixelFormat::RGB,
-        },
-    )
-    .map_err(|e| decode_error(format, e))?;
-    let buffer = image::RgbImage::from_raw(scaled.width as u32, scaled.height as u32, pixels)
+    let pixels = super::jpeg::decode_rgb(source, denom, decoded_region)
+        .map_err(|e| decode_error(format, e))?;
+    let mut buffer = image::RgbImage::from_raw(decoded_region.width, decoded_region.height, pixels)
         .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"))?;
+    if decoded_region.width != want.width {
+        buffer =
+            image::imageops::crop_imm(&buffer, want.x % mcu, 0, want.width, want.height).to_image();
+    }
     Ok(Decoded {
         pixels: Pixels::Still(orient(DynamicImage::ImageRgb8(buffer), orientation)),
         format,
         meta,
+        lead_applied: plan.crop_applied,
     })
+}
+
+/// The pipeline's first geometric operation, which the JPEG decoder can
+/// fold into decoding: a resize lets it shrink on load, a crop (or a cover
+/// resize) lets it decode only the region.
+#[derive(Debug, Clone, Copy)]
+pub enum Lead<'a> {
+    Nothing,
+    Resize(&'a Resize),
+    Crop(&'a Crop),
+}
+
+struct JpegPlan {
+    denom: u32,
+    region: Option<Region>,
+    /// The lead crop is done: the caller skips it.
+    crop_applied: bool,
+}
+
+/// The largest DCT shrink (8, 4, 2 or 1) that still leaves at least
+/// `needed` pixels of the `source` size.
+fn shrink_denom(needed: (u32, u32), source: (u32, u32)) -> u32 {
+    let ratio =
+        (source.0 as f64 / needed.0.max(1) as f64).min(source.1 as f64 / needed.1.max(1) as f64);
+    [8u32, 4, 2]
+        .into_iter()
+        .find(|&d| d as f64 <= ratio)
+        .unwrap_or(1)
+}
+
+/// How to decode an unrotated JPEG of `full` size for `lead`.
+fn plan_jpeg(lead: Lead<'_>, full: (u32, u32)) -> JpegPlan {
+    let scaled = |v: u32, d: u32| v.div_ceil(d);
+    match lead {
+        Lead::Crop(c) if c.anchor != CropAnchor::Gravity(Gravity::Auto) => {
+            match super::geometry::crop_rect(c, full) {
+                Ok((x, y, width, height)) => JpegPlan {
+                    denom: 1,
+                    region: Some(Region {
+                        x,
+                        y,
+                        width,
+                        height,
+                    }),
+                    crop_applied: true,
+                },
+                Err(_) => JpegPlan {
+                    denom: 1,
+                    region: None,
+                    crop_applied: false,
+                },
+            }
+        }
+        Lead::Resize(r) => match (r.width, r.height, r.mode) {
+            (Some(w), Some(h), ResizeMode::Cover) => {
+                // Only the centred region with the box's aspect ratio is used.
+                let (fw, fh) = (full.0 as f64, full.1 as f64);
+                let aspect = w as f64 / h as f64;
+                let (cw, ch) = if fw / fh > aspect {
+                    (fh * aspect, fh)
+                } else {
+                    (fw, fw / aspect)
+                };
+                let (cx, cy) = ((fw - cw) / 2.0, (fh - ch) / 2.0);
+                let denom = shrink_denom((w, h), (cw.floor() as u32, ch.floor() as u32));
+                let d = denom as f64;
+                let (sw, sh) = (scaled(full.0, denom), scaled(full.1, denom));
+                let x0 = ((cx / d).floor() as u32).min(sw.saturating_sub(1));
+                let y0 = ((cy / d).floor() as u32).min(sh.saturating_sub(1));
+                let x1 = (((cx + cw) / d).ceil() as u32).clamp(x0 + 1, sw);
+                let y1 = (((cy + ch) / d).ceil() as u32).clamp(y0 + 1, sh);
+                JpegPlan {
+                    denom,
+                    region: Some(Region {
+                        x: x0,
+                        y: y0,
+                        width: x1 - x0,
+                        height: y1 - y0,
+                    }),
+                    crop_applied: false,
+                }
+            }
+            _ => JpegPlan {
+                denom: shrink_denom(super::geometry::scaled_size(r, full), full),
+                region: None,
+                crop_applied: false,
+            },
+        },
+        _ => JpegPlan {
+            denom: 1,
+            region: None,
+            crop_applied: false,
+        },
+    }
 }
 
 fn decode_with_image_crate(
@@ -293,6 +394,7 @@ fn decode_generic(
             space,
             frames: 1,
         },
+        lead_applied: false,
     })
 }
 
@@ -353,6 +455,7 @@ fn decode_gif(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
             space: "srgb",
             frames: count,
         },
+        lead_applied: false,
     })
 }
 
@@ -422,6 +525,7 @@ fn dc_scans_only(jpeg: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use turbojpeg::PixelFormat;
 
     fn decode_eighth(jpeg: &[u8]) -> Vec<u8> {
         let mut d = Decompressor::new().unwrap();

@@ -6,20 +6,22 @@ use std::cell::RefCell;
 use fast_image_resize as fr;
 use image::{DynamicImage, GenericImageView};
 
-use super::{ImagingError, Pixels, smartcrop};
+use super::{ImagingError, Lead, Pixels, smartcrop};
 use crate::action::{Action, Crop, CropAnchor, Gravity, Op, Resize, ResizeMode, Rotation};
 
-/// The pipeline's first resize when nothing before it needs full resolution,
-/// so the decoder may shrink on load.
-pub(super) fn shrink_hint(action: &Action) -> Option<&Resize> {
-    action
+/// The pipeline's first operation other than `format`, with its index, when
+/// the decoder can fold it into decoding (see [`Lead`]).
+pub(super) fn lead(action: &Action) -> (usize, Lead<'_>) {
+    let found = action
         .ops
         .iter()
-        .find(|op| !matches!(op, Op::Format(_)))
-        .and_then(|op| match op {
-            Op::Resize(r) => Some(r),
-            _ => None,
-        })
+        .enumerate()
+        .find(|(_, op)| !matches!(op, Op::Format(_)));
+    match found {
+        Some((i, Op::Resize(r))) => (i, Lead::Resize(r)),
+        Some((i, Op::Crop(c))) => (i, Lead::Crop(c)),
+        _ => (0, Lead::Nothing),
+    }
 }
 
 fn round_side(v: f64) -> u32 {

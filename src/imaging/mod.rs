@@ -8,10 +8,11 @@ mod encode;
 mod error;
 mod geometry;
 mod info;
+mod jpeg;
 pub mod smartcrop;
 pub mod watermark;
 
-pub use decode::{Decoded, Pixels, SourceMeta, decode, probe};
+pub use decode::{Decoded, Lead, Pixels, SourceMeta, decode, probe};
 pub use encode::encode;
 pub use error::ImagingError;
 pub use geometry::{crop_rect, scaled_size};
@@ -155,7 +156,9 @@ pub fn process(
     limits: &Limits,
     resolver: &dyn WatermarkResolver,
 ) -> Result<Output, ImagingError> {
-    let decoded = decode(input, limits, geometry::shrink_hint(action))?;
+    let (lead_index, lead) = geometry::lead(action);
+    let decoded = decode(input, limits, lead)?;
+    let skip = decoded.lead_applied.then_some(lead_index);
     let mut state = State {
         format: decoded.format,
         quality: None,
@@ -163,7 +166,10 @@ pub fn process(
     };
     let mut info = None;
     let mut saves = Vec::new();
-    for op in &action.ops {
+    for (index, op) in action.ops.iter().enumerate() {
+        if Some(index) == skip {
+            continue;
+        }
         match op {
             Op::Info => {
                 info = Some(info::describe(
@@ -190,7 +196,7 @@ pub fn process(
                             url: w.url.clone(),
                             message,
                         })?;
-                let overlay = decode(&bytes, limits, None)
+                let overlay = decode(&bytes, limits, Lead::Nothing)
                     .map_err(|e| ImagingError::Watermark {
                         url: w.url.clone(),
                         message: e.to_string(),

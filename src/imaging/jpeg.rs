@@ -1,0 +1,100 @@
+//! Scaled, cropped JPEG decoding through libjpeg-turbo's TurboJPEG 3 API.
+//!
+//! The `turbojpeg` crate wraps scaling but not the cropping region, which
+//! lets libjpeg-turbo skip the IDCT, upsampling and colour conversion of
+//! every column outside the region; this module calls those functions itself.
+
+use std::ffi::{CStr, c_int};
+
+use turbojpeg::raw;
+
+/// A region in scaled pixel coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// One TurboJPEG decompressor instance.
+struct Handle(raw::tjhandle);
+
+impl Handle {
+    fn new() -> Result<Handle, String> {
+        // SAFETY: tj3Init has no preconditions; a null result is checked.
+        let ptr = unsafe { raw::tj3Init(raw::TJINIT_TJINIT_DECOMPRESS as c_int) };
+        if ptr.is_null() {
+            return Err("cannot initialise the JPEG decoder".into());
+        }
+        Ok(Handle(ptr))
+    }
+
+    fn error(&self) -> String {
+        // SAFETY: the handle is valid; the library returns a NUL-terminated
+        // string that stays valid until the next call on this handle.
+        unsafe { CStr::from_ptr(raw::tj3GetErrorStr(self.0)) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn check(&self, status: c_int) -> Result<(), String> {
+        if status == 0 {
+            Ok(())
+        } else {
+            Err(self.error())
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tj3Init and is destroyed once.
+        unsafe { raw::tj3Destroy(self.0) }
+    }
+}
+
+/// Decodes `jpeg` to RGB at `1/denom` scale (1, 2, 4 or 8), only the pixels
+/// of `region` (in scaled coordinates; `x` must be a multiple of
+/// [`scaled_mcu_width`]). Returns the pixels, `region.width` x `region.height`.
+pub fn decode_rgb(jpeg: &[u8], denom: u32, region: Region) -> Result<Vec<u8>, String> {
+    let handle = Handle::new()?;
+    // SAFETY: the handle is valid and `jpeg` outlives the call.
+    handle.check(unsafe {
+        raw::tj3DecompressHeader(handle.0, jpeg.as_ptr(), jpeg.len() as raw::size_t)
+    })?;
+    let factor = raw::tjscalingfactor {
+        num: 1,
+        denom: denom as c_int,
+    };
+    // SAFETY: plain parameter setters on a valid handle.
+    handle.check(unsafe { raw::tj3SetScalingFactor(handle.0, factor) })?;
+    let crop = raw::tjregion {
+        x: region.x as c_int,
+        y: region.y as c_int,
+        w: region.width as c_int,
+        h: region.height as c_int,
+    };
+    handle.check(unsafe { raw::tj3SetCroppingRegion(handle.0, crop) })?;
+    let pitch = region.width as usize * 3;
+    let mut pixels = vec![0u8; pitch * region.height as usize];
+    // SAFETY: `pixels` holds exactly `region.height` rows of `pitch` bytes,
+    // which is what TurboJPEG writes for the cropping region set above.
+    handle.check(unsafe {
+        raw::tj3Decompress8(
+            handle.0,
+            jpeg.as_ptr(),
+            jpeg.len() as raw::size_t,
+            pixels.as_mut_ptr(),
+            pitch as c_int,
+            raw::TJPF_TJPF_RGB as c_int,
+        )
+    })?;
+    Ok(pixels)
+}
+
+/// The width of one iMCU column at `1/denom` scale: cropping regions start
+/// on multiples of it.
+pub fn scaled_mcu_width(subsamp: turbojpeg::Subsamp, denom: u32) -> u32 {
+    (subsamp.mcu_width() as u32 / denom).max(1)
+}
