@@ -103,5 +103,7 @@ pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
 print(f"events {len(keys)} completed {len(done)} ok {ok} in {elapsed:.2f} s: {len(done) / elapsed:.1f} per second")
 print(f"latency from POST to notification: p50 {pct(0.50):.0f} ms, p99 {pct(0.99):.0f} ms")
 print(f"peak RSS of imgfunc serve: {peak[0] / 1024:.1f} MiB")
+durations = sorted(b['duration_ms'] for _, b in done.values())
+print(f"invocation time (read, process, write): mean {sum(durations) / len(durations):.1f} ms, p50 {durations[len(durations) // 2]:.1f} ms")
 shutil.rmtree(data, ignore_errors=True)
 sys.exit(0 if ok == len(keys) else 1)

@@ -459,16 +459,21 @@ fn decode_gif(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
     })
 }
 
-/// A progressive JPEG with only its DC scans (first and refinement), ended
-/// with EOI; `None` when the file is not progressive or its markers do not
-/// parse, in which case the caller decodes the original.
+/// A progressive JPEG with only its DC scans (first and refinement), then one
+/// empty AC scan per component, ended with EOI; `None` when the file is not
+/// progressive or its markers do not parse, in which case the caller decodes
+/// the original.
+///
+/// The empty AC scans mark every AC coefficient as known (zero): with AC
+/// data missing, libjpeg-turbo would otherwise run its inter-block smoothing,
+/// which estimates AC terms that a 1/8-scale decode never uses.
 fn dc_scans_only(jpeg: &[u8]) -> Option<Vec<u8>> {
     if jpeg.get(..2)? != [0xff, 0xd8] {
         return None;
     }
     let mut out = Vec::with_capacity(jpeg.len() / 8);
     out.extend_from_slice(&jpeg[..2]);
-    let mut progressive = false;
+    let mut frame: Option<JpegFrame> = None;
     let mut i = 2;
     loop {
         while *jpeg.get(i)? == 0xff && *jpeg.get(i + 1)? == 0xff {
@@ -483,14 +488,14 @@ fn dc_scans_only(jpeg: &[u8]) -> Option<Vec<u8>> {
         }
         let len = u16::from_be_bytes([*jpeg.get(i + 2)?, *jpeg.get(i + 3)?]) as usize;
         let segment_end = i + 2 + len;
-        jpeg.get(..segment_end)?;
+        let segment = jpeg.get(i..segment_end)?;
         match marker {
-            0xc2 => progressive = true,
+            0xc2 => frame = Some(JpegFrame::parse(segment)?),
             0xc0 | 0xc1 | 0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return None,
             _ => {}
         }
         if marker != 0xda {
-            out.extend_from_slice(&jpeg[i..segment_end]);
+            out.extend_from_slice(segment);
             i = segment_end;
             continue;
         }
@@ -500,26 +505,128 @@ fn dc_scans_only(jpeg: &[u8]) -> Option<Vec<u8>> {
         // zero or a restart marker.
         let mut end = segment_end;
         loop {
-            if *jpeg.get(end)? == 0xff {
-                let next = *jpeg.get(end + 1)?;
-                if next != 0x00 && !(0xd0..=0xd7).contains(&next) {
-                    break;
-                }
-                end += 2;
-            } else {
-                end += 1;
+            end += memchr::memchr(0xff, jpeg.get(end..)?)?;
+            let next = *jpeg.get(end + 1)?;
+            if next != 0x00 && !(0xd0..=0xd7).contains(&next) {
+                break;
             }
+            end += 2;
         }
         if spectral_start == 0 {
             out.extend_from_slice(&jpeg[i..end]);
         }
         i = end;
     }
-    if !progressive {
-        return None;
-    }
+    frame?.write_empty_ac_scans(&mut out);
     out.extend_from_slice(&[0xff, 0xd9]);
     Some(out)
+}
+
+/// What a progressive frame header says about block counts.
+struct JpegFrame {
+    width: u32,
+    height: u32,
+    /// (component id, horizontal, vertical sampling factor)
+    components: Vec<(u8, u32, u32)>,
+}
+
+impl JpegFrame {
+    fn parse(sof: &[u8]) -> Option<JpegFrame> {
+        let height = u16::from_be_bytes([*sof.get(5)?, *sof.get(6)?]) as u32;
+        let width = u16::from_be_bytes([*sof.get(7)?, *sof.get(8)?]) as u32;
+        let count = *sof.get(9)? as usize;
+        let components = (0..count)
+            .map(|c| {
+                let at = 10 + 3 * c;
+                let sampling = *sof.get(at + 1)?;
+                Some((
+                    *sof.get(at)?,
+                    (sampling >> 4) as u32,
+                    (sampling & 15) as u32,
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let valid = width > 0
+            && height > 0
+            && !components.is_empty()
+            && components
+                .iter()
+                .all(|&(_, h, v)| (1..=4).contains(&h) && (1..=4).contains(&v));
+        valid.then_some(JpegFrame {
+            width,
+            height,
+            components,
+        })
+    }
+
+    /// Appends a Huffman table of end-of-band runs and, per component, an AC
+    /// scan (bands 1-63, full precision) in which every block is empty.
+    fn write_empty_ac_scans(&self, out: &mut Vec<u8>) {
+        // AC table 3: the 15 symbols EOB0..EOB14 (0x00, 0x10, .. 0xe0), all
+        // 4-bit codes, so symbol r has code r.
+        out.extend_from_slice(&[0xff, 0xc4, 0x00, 34, 0x13]);
+        let mut counts = [0u8; 16];
+        counts[3] = 15;
+        out.extend_from_slice(&counts);
+        out.extend((0..15u8).map(|r| r << 4));
+        let h_max = self.components.iter().map(|c| c.1).max().unwrap_or(1);
+        let v_max = self.components.iter().map(|c| c.2).max().unwrap_or(1);
+        for &(id, h, v) in &self.components {
+            let cols = (self.width * h).div_ceil(h_max).div_ceil(8);
+            let rows = (self.height * v).div_ceil(v_max).div_ceil(8);
+            out.extend_from_slice(&[0xff, 0xda, 0x00, 8, 1, id, 0x03, 1, 63, 0x00]);
+            let mut bits = BitWriter::default();
+            let mut blocks = cols * rows;
+            while blocks > 0 {
+                // EOBn covers 2^r + (r extra bits) blocks, at most 32767.
+                let run = blocks.min(32767);
+                let r = 31 - run.leading_zeros();
+                bits.put(r, 4);
+                bits.put(run - (1 << r), r);
+                blocks -= run;
+            }
+            bits.finish(out);
+        }
+    }
+}
+
+/// Packs bits most-significant first, with JPEG's 0xff byte stuffing.
+#[derive(Default)]
+struct BitWriter {
+    acc: u32,
+    len: u32,
+    bytes: Vec<u8>,
+}
+
+impl BitWriter {
+    fn put(&mut self, value: u32, count: u32) {
+        for i in (0..count).rev() {
+            self.acc = (self.acc << 1) | ((value >> i) & 1);
+            self.len += 1;
+            if self.len == 8 {
+                self.push();
+            }
+        }
+    }
+
+    fn push(&mut self) {
+        let byte = self.acc as u8;
+        self.bytes.push(byte);
+        if byte == 0xff {
+            self.bytes.push(0x00);
+        }
+        self.acc = 0;
+        self.len = 0;
+    }
+
+    /// Pads the last byte with 1 bits and appends the data.
+    fn finish(mut self, out: &mut Vec<u8>) {
+        if self.len > 0 {
+            let pad = 8 - self.len;
+            self.put((1 << pad) - 1, pad);
+        }
+        out.extend_from_slice(&self.bytes);
+    }
 }
 
 #[cfg(test)]
