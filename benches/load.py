@@ -23,12 +23,22 @@ args = ap.parse_args()
 corpus = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'corpus')
 photos = args.photos or [os.path.join(corpus, f) for f in ('Elephants_3840x2160.jpg', 'Wood.jpg', 'Storm.jpg', 'LadyBird.jpg')]
 
+# The single-image P1 rate on these photos, measured in this run: the
+# throughput target is 0.9 x cores x this rate.
+bench = subprocess.run([args.bin, 'bench', '--pipeline', 'P1', '--iterations', '9', '-a', 'resize:w_300|format:t_jpeg,q_85', *photos],
+                       capture_output=True, text=True, check=True).stdout.split('\n')
+medians = [float(line.split()[3]) for line in bench if line.strip()]
+single_rate = 1000.0 / (sum(medians) / len(medians))
+cores = os.cpu_count() or 1
+
 def free_port():
     s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
 
 done = {}
 lock = threading.Lock()
 class Receiver(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'  # keep-alive, as a real receiver would
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
         with lock:
@@ -40,7 +50,7 @@ rport, sport = free_port(), free_port()
 receiver = ThreadingHTTPServer(('127.0.0.1', rport), Receiver)
 threading.Thread(target=receiver.serve_forever, daemon=True).start()
 
-data = tempfile.mkdtemp(prefix='imgfunc-load-')
+data = tempfile.mkdtemp(prefix='imgfunc-load-', dir=os.environ.get('IMGFUNC_LOAD_DIR'))
 funcs = os.path.join(data, 'functions'); os.makedirs(funcs)
 os.makedirs(os.path.join(data, 'store', 'photos'))
 keys = []
@@ -100,7 +110,9 @@ server.terminate(); server.wait(timeout=60)
 lat = sorted((done[k][0] - posted[k]) * 1000 for k in done)
 ok = sum(1 for _, b in done.values() if b['status'] == 'ok')
 pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
-print(f"events {len(keys)} completed {len(done)} ok {ok} in {elapsed:.2f} s: {len(done) / elapsed:.1f} per second")
+rate = len(done) / elapsed
+print(f"single-image P1 rate from bench: {single_rate:.1f} per second ({cores} cores: target 0.9 x {cores} x {single_rate:.1f} = {0.9 * cores * single_rate:.1f})")
+print(f"events {len(keys)} completed {len(done)} ok {ok} in {elapsed:.2f} s: {rate:.1f} per second = {rate / (cores * single_rate):.2f} x cores x single rate")
 print(f"latency from POST to notification: p50 {pct(0.50):.0f} ms, p99 {pct(0.99):.0f} ms")
 print(f"peak RSS of imgfunc serve: {peak[0] / 1024:.1f} MiB")
 durations = sorted(b['duration_ms'] for _, b in done.values())

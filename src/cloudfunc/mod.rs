@@ -2,8 +2,10 @@
 //! (just report the event). Each invocation yields the [`InvocationResult`]
 //! that is POSTed to the rule's `notify_url`.
 
+mod pool;
 mod sources;
 
+pub use pool::CpuPool;
 pub use sources::{SourceConfig, WatermarkSources};
 
 use std::collections::{BTreeMap, HashMap};
@@ -42,6 +44,19 @@ pub struct Runtime {
     pub store: Arc<dyn ObjectStore>,
     pub limits: Limits,
     pub sources: WatermarkSources,
+    /// Image work runs here, one thread per worker, so that reads and
+    /// writes of other invocations overlap it without adding to it.
+    pub cpu: CpuPool,
+}
+
+impl Runtime {
+    /// Runs image work on the CPU pool.
+    pub async fn run_cpu<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
+        self.cpu.run(work).await
+    }
 }
 
 /// The outcome of one invocation, as `notify_url` receives it.
@@ -215,11 +230,10 @@ async fn run_image(
     let action = args.action.clone();
     let limits = rt.limits.clone();
     let input = object.bytes;
-    let output = tokio::task::spawn_blocking(move || {
-        imaging::process(&input, &action, &limits, &watermarks)
-    })
-    .await
-    .map_err(|e| InvokeError::Internal(e.to_string()))??;
+    let output = rt
+        .run_cpu(move || imaging::process(&input, &action, &limits, &watermarks))
+        .await
+        .map_err(InvokeError::Internal)??;
 
     let link = chain_link(&event.bucket, &rule.id);
     let chain = if chain.is_empty() {

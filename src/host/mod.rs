@@ -22,7 +22,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
-use crate::cloudfunc::{Runtime, SourceConfig, WatermarkSources};
+use crate::cloudfunc::{CpuPool, Runtime, SourceConfig, WatermarkSources};
 use crate::imaging::Limits;
 use crate::notify::{Notifier, NotifyConfig};
 use crate::rules::RuleBook;
@@ -36,7 +36,8 @@ pub struct HostConfig {
     pub data_dir: PathBuf,
     /// Rule files loaded at start (`functions/*.json`).
     pub functions_dir: Option<PathBuf>,
-    /// Invocations run at once (the CPU work of each is off the async runtime).
+    /// Image work running at once (off the async runtime). Twice as many
+    /// invocations are in flight, so their reads and writes overlap it.
     pub workers: usize,
     /// Invocations that may wait; past this, events are answered 503.
     pub queue_bound: usize,
@@ -107,6 +108,7 @@ impl Host {
             store: store.clone(),
             limits: config.limits.clone(),
             sources: WatermarkSources::new(config.sources.clone()),
+            cpu: CpuPool::new(config.workers)?,
         };
         let (queue, receiver) = queue::Queue::new(config.queue_bound);
         let listener = TcpListener::bind(config.listen).await?;

@@ -266,11 +266,11 @@ async fn process(
     }
     let object = state.store.get(bucket, key).await?;
     let limits = state.config.limits.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        imaging::process(&object.bytes, &action, &limits, &NoWatermarks)
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    let output = state
+        .runtime
+        .run_cpu(move || imaging::process(&object.bytes, &action, &limits, &NoWatermarks))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
     match (output.image, output.info) {
         (Some(image), _) => Ok((
             [(header::CONTENT_TYPE, image.format.content_type())],

@@ -131,7 +131,7 @@ impl Workers {
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         let deliveries = Arc::new(Mutex::new(JoinSet::new()));
         let mut tasks = JoinSet::new();
-        for _ in 0..state.config.workers.max(1) {
+        for _ in 0..state.config.workers.max(1) * 2 {
             let receiver = receiver.clone();
             let state = state.clone();
             let deliveries = deliveries.clone();

@@ -1,0 +1,82 @@
+//! A fixed set of threads for image work.
+//!
+//! Each image allocates tens of megabytes; on long-lived threads the
+//! allocator reuses those pages from image to image, where tokio's blocking
+//! pool would hand work to whichever thread is free (and start new ones),
+//! touching cold memory each time. The pool's size is also the limit on
+//! image work running at once.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+type Task = Box<dyn FnOnce() + Send + 'static>;
+
+/// Runs closures on `size` dedicated threads.
+pub struct CpuPool {
+    sender: Mutex<mpsc::Sender<Task>>,
+}
+
+impl CpuPool {
+    pub fn new(size: usize) -> std::io::Result<CpuPool> {
+        let (sender, receiver) = mpsc::channel::<Task>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        for n in 0..size.max(1) {
+            let receiver = receiver.clone();
+            std::thread::Builder::new()
+                .name(format!("imgfunc-cpu-{n}"))
+                .spawn(move || {
+                    loop {
+                        let task = match receiver.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match task {
+                            Ok(task) => task(),
+                            Err(_) => return,
+                        }
+                    }
+                })?;
+        }
+        Ok(CpuPool {
+            sender: Mutex::new(sender),
+        })
+    }
+
+    /// Runs `work` on the pool and waits for its result without blocking the
+    /// async runtime. A panic in `work` is reported as an error.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task: Task = Box::new(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+            let _ = tx.send(result);
+        });
+        self.sender
+            .lock()
+            .map_err(|_| "the image pool is gone".to_string())?
+            .send(task)
+            .map_err(|_| "the image pool is gone".to_string())?;
+        match rx.await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(_)) => Err("image work panicked".to_string()),
+            Err(_) => Err("image work was dropped".to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn runs_work_and_reports_panics() {
+        let pool = CpuPool::new(2).unwrap();
+        assert_eq!(pool.run(|| 6 * 7).await, Ok(42));
+        let err = pool.run(|| -> u32 { panic!("boom") }).await.unwrap_err();
+        assert!(err.contains("panicked"));
+        // The pool keeps working after a panic.
+        assert_eq!(pool.run(|| 1).await, Ok(1));
+    }
+}
