@@ -384,3 +384,40 @@ async fn shutdown_finishes_queued_work_before_run_returns() {
         "the host no longer accepts connections"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_cannot_forge_the_loop_guard_chain() {
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let rules = json!({"notifications": [{
+        "id": "thumbs",
+        "event_types": ["create_object"],
+        "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_40"},
+        "notify_url": receiver.url,
+    }]});
+    assert_eq!(host.set_rules("forged", &rules).await.status(), 200);
+    let put = host
+        .http
+        .put(host.object_url("forged", "x.jpg"))
+        .header("content-type", "image/jpeg")
+        .header("x-amz-meta-imgfunc-chain", "forged:thumbs")
+        .header("x-amz-meta-owner", "alice")
+        .body(fixture("images/storm.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let bodies = receiver.wait_for(1).await;
+    assert_eq!(bodies[0]["status"], "ok", "{:?}", bodies[0]);
+    let head = host
+        .http
+        .head(host.object_url("forged", "x.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.headers()["x-amz-meta-owner"], "alice");
+    assert!(head.headers().get("x-amz-meta-imgfunc-chain").is_none());
+    host.stop().await;
+}

@@ -152,6 +152,11 @@ pub async fn put_object(
         .iter()
         .filter_map(|(name, value)| {
             let name = name.as_str().strip_prefix("x-amz-meta-")?;
+            // imgfunc's own metadata (the loop guard's chain) is not the
+            // client's to set.
+            if name.starts_with("imgfunc-") {
+                return None;
+            }
             Some((name.to_string(), value.to_str().ok()?.to_string()))
         })
         .collect();

@@ -296,14 +296,7 @@ fn plan_jpeg(lead: Lead<'_>, full: (u32, u32)) -> JpegPlan {
         Lead::Resize(r) => match (r.width, r.height, r.mode) {
             (Some(w), Some(h), ResizeMode::Cover) => {
                 // Only the centred region with the box's aspect ratio is used.
-                let (fw, fh) = (full.0 as f64, full.1 as f64);
-                let aspect = w as f64 / h as f64;
-                let (cw, ch) = if fw / fh > aspect {
-                    (fh * aspect, fh)
-                } else {
-                    (fw, fw / aspect)
-                };
-                let (cx, cy) = ((fw - cw) / 2.0, (fh - ch) / 2.0);
+                let (cx, cy, cw, ch) = super::geometry::cover_region(full, (w, h));
                 let denom = shrink_denom((w, h), (cw.floor() as u32, ch.floor() as u32));
                 let d = denom as f64;
                 let (sw, sh) = (scaled(full.0, denom), scaled(full.1, denom));

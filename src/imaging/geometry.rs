@@ -52,6 +52,19 @@ pub fn scaled_size(r: &Resize, (sw, sh): (u32, u32)) -> (u32, u32) {
     }
 }
 
+/// The centred region of an image of `src` size with the aspect ratio of
+/// `box_size`: what a cover resize keeps, as `(left, top, width, height)`.
+pub(super) fn cover_region(src: (u32, u32), box_size: (u32, u32)) -> (f64, f64, f64, f64) {
+    let (fw, fh) = (src.0 as f64, src.1 as f64);
+    let aspect = box_size.0 as f64 / box_size.1 as f64;
+    let (cw, ch) = if fw / fh > aspect {
+        (fh * aspect, fh)
+    } else {
+        (fw, fw / aspect)
+    };
+    ((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch)
+}
+
 /// The final size `r` produces from an image of `src` size.
 pub fn resized_size(r: &Resize, src: (u32, u32)) -> (u32, u32) {
     match (r.width, r.height, r.mode) {
@@ -175,18 +188,7 @@ fn resize(img: &DynamicImage, r: &Resize) -> Result<DynamicImage, ImagingError> 
     match (r.width, r.height, r.mode) {
         (Some(w), Some(h), ResizeMode::Cover) => {
             // Sample only the centred source region with the box's aspect ratio.
-            let (fw, fh) = (src.0 as f64, src.1 as f64);
-            let aspect = w as f64 / h as f64;
-            let (cw, ch) = if fw / fh > aspect {
-                (fh * aspect, fh)
-            } else {
-                (fw, fw / aspect)
-            };
-            resample(
-                img,
-                (w, h),
-                Some(((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch)),
-            )
+            resample(img, (w, h), Some(cover_region(src, (w, h))))
         }
         (Some(w), Some(h), ResizeMode::Pad) => {
             let inner = resample(img, scaled, None)?;

@@ -21,7 +21,10 @@ pub(super) fn describe(
     out.insert("type".into(), json!(format.name()));
     out.insert("orientation".into(), json!(meta.orientation));
     out.insert("space".into(), json!(meta.space));
-    out.insert("alpha".into(), json!(pixels.has_alpha()));
+    out.insert(
+        "alpha".into(),
+        json!(pixels.has_alpha() && format.keeps_alpha()),
+    );
     if meta.frames > 1 {
         out.insert("frames".into(), json!(meta.frames));
     }
