@@ -19,4 +19,5 @@ pub use event_type::{EventType, UnknownEventType};
 pub use rule::{
     CloudFunc, DEFAULT_KEY_PREFIX, DEFAULT_KEY_SEPRATE, ImageArgs, ObjectFilters, Rule,
 };
+pub(crate) use validate::kind as json_kind;
 pub use validate::{parse_notifications, parse_rule_file, validate_bucket_name};

@@ -324,7 +324,8 @@ fn deserialize_at<T: DeserializeOwned>(value: &Value) -> Result<T, RuleError> {
     })
 }
 
-fn kind(value: &Value) -> &'static str {
+/// A JSON value's kind, for messages ("a string", "a list", ...).
+pub(crate) fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
