@@ -36,3 +36,19 @@ pub enum EventError {
         reason: &'static str,
     },
 }
+
+impl EventError {
+    /// A JSON object that is no known event format, named by its first keys.
+    pub(crate) fn unknown_object(
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> EventError {
+        EventError::UnknownFormat {
+            found: fields
+                .keys()
+                .take(8)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}

@@ -112,14 +112,7 @@ fn parse_value(value: &Value, unwrap_sns: bool) -> Result<ParsedEvents, EventErr
             if unwrap_sns && let Some(Value::String(kind)) = fields.get("Type") {
                 return s3::parse_sns(kind, fields, |message| parse_value(message, false));
             }
-            Err(EventError::UnknownFormat {
-                found: fields
-                    .keys()
-                    .take(8)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+            Err(EventError::unknown_object(fields))
         }
         other => Err(EventError::UnknownFormat {
             found: fields::kind(other).to_string(),

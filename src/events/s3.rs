@@ -114,14 +114,7 @@ pub(crate) fn parse_sns(
     parse_message: impl FnOnce(&Value) -> Result<ParsedEvents, EventError>,
 ) -> Result<ParsedEvents, EventError> {
     if !fields.contains_key("TopicArn") {
-        return Err(EventError::UnknownFormat {
-            found: fields
-                .keys()
-                .take(8)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
+        return Err(EventError::unknown_object(fields));
     }
     if kind != "Notification" {
         return Ok(ParsedEvents {
