@@ -8,10 +8,11 @@ Measures the single-image P1 rate with `imgfunc bench` first (the throughput
 target is 0.9 x cores x that rate), then starts the server on a fresh data
 directory, places the photos in bucket `photos` (written straight to the
 store folder, so no events fire), POSTs the events in batches of 50 as fast
-as the server takes them, and watches the output folder: an output counts as
-written when it appears under its final name (writes are atomic renames).
-Prints completions per second, p50/p99 latency from POST to output written,
-and the server's peak RSS. With --notify the rule also has a notify_url and
+as the server takes them, and waits for the outputs: an output counts as
+written when it is renamed under its final name (writes are atomic renames),
+which the file's ctime records. Prints completions per second, p50/p99
+latency from POST to output written, the server's CPU time per event (by
+thread kind) beside bench's time per image, and the server's peak RSS. With --notify the rule also has a notify_url and
 a local receiver checks that every invocation reported `ok`.
 """
 import argparse, json, os, shutil, socket, subprocess, sys, tempfile, threading, time
@@ -87,52 +88,48 @@ for _ in range(100):
     except Exception:
         time.sleep(0.1)
 
-peak = [0]
-def watch_rss():
-    while server.poll() is None:
-        try:
-            for line in open(f'/proc/{server.pid}/status'):
-                if line.startswith('VmHWM:'):
-                    peak[0] = max(peak[0], int(line.split()[1]))
-        except OSError:
-            pass
-        time.sleep(0.05)
-threading.Thread(target=watch_rss, daemon=True).start()
-
-# Outputs are `thumbs/gen_load/NNNN-name`; a dot-prefixed name is a write in progress.
-written = {}
-stop = threading.Event()
-def watch_outputs():
-    while not stop.is_set():
-        now = time.monotonic()
-        try:
-            for entry in os.scandir(out_dir):
-                if not entry.name.startswith('.') and entry.name not in written:
-                    written[entry.name] = now
-        except FileNotFoundError:
-            pass
-        time.sleep(0.01)
-threading.Thread(target=watch_outputs, daemon=True).start()
+# The load generator shares the server's cores, so it stays idle while the
+# server works: no watcher threads. An output counts as written when it is
+# renamed under its final name (writes are atomic renames), which sets the
+# file's ctime; latencies and the elapsed time come from those ctimes after
+# the run. The peak RSS is the kernel's high-water mark (VmHWM).
+def outputs():
+    try:
+        return [e for e in os.scandir(out_dir) if not e.name.startswith('.')]
+    except FileNotFoundError:
+        return []
 
 posted = {}
-start = time.monotonic()
+start = time.time()
 for b in range(0, len(keys), 50):
     batch = keys[b:b + 50]
     events = [{"event_type": "create_object", "bucket_name": "photos", "object_key": k} for k in batch]
     req = urllib.request.Request(base + '/v1/events', data=json.dumps(events).encode(), headers={'Content-Type': 'application/json'})
-    now = time.monotonic()
+    now = time.time()
     with urllib.request.urlopen(req, timeout=30) as r:
         assert r.status == 202, r.status
     for k in batch:
         posted[k.split('/', 1)[1]] = now
 deadline = time.monotonic() + 600
-while len(written) < len(keys) and time.monotonic() < deadline:
-    time.sleep(0.05)
+while len(outputs()) < len(keys) and time.monotonic() < deadline:
+    time.sleep(0.1)
 if args.notify:
     while len(notified) < len(keys) and time.monotonic() < deadline:
-        time.sleep(0.05)
-stop.set()
+        time.sleep(0.1)
+written = {e.name: e.stat().st_ctime_ns / 1e9 for e in outputs()}
 elapsed = max(written.values()) - start
+def cpu_seconds(pid):
+    fields = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK'), int(fields[11]), int(fields[12])
+server_cpu = cpu_seconds(server.pid)
+by_thread = {}
+for tid in os.listdir(f'/proc/{server.pid}/task'):
+    try:
+        name = open(f'/proc/{server.pid}/task/{tid}/comm').read().strip().rstrip('0123456789-')
+        by_thread[name] = by_thread.get(name, 0) + cpu_seconds(f'{server.pid}/task/{tid}')[0]
+    except OSError:
+        pass
+peak_kib = next(int(line.split()[1]) for line in open(f'/proc/{server.pid}/status') if line.startswith('VmHWM:'))
 server.terminate(); server.wait(timeout=60)
 lat = sorted((written[k] - posted[k]) * 1000 for k in written)
 rate = len(written) / elapsed
@@ -140,7 +137,10 @@ pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
 print(f"single-image P1 rate from bench: {single_rate:.1f} per second ({cores} cores: target 0.9 x {cores} x {single_rate:.1f} = {0.9 * cores * single_rate:.1f})")
 print(f"events {len(keys)}, outputs written {len(written)} in {elapsed:.2f} s: {rate:.1f} per second = {rate / (cores * single_rate):.2f} x cores x single rate")
 print(f"latency from POST to output written: p50 {pct(0.50):.0f} ms, p99 {pct(0.99):.0f} ms")
-print(f"peak RSS of imgfunc serve: {peak[0] / 1024:.1f} MiB")
+tck = os.sysconf('SC_CLK_TCK')
+print(f"server CPU: {server_cpu[0]:.2f} s (user {server_cpu[1] / tck:.2f}, sys {server_cpu[2] / tck:.2f}) = {server_cpu[0] * 1000 / len(keys):.1f} ms per event; bench {1000 / single_rate:.1f} ms per image")
+print("server CPU by thread: " + ", ".join(f"{n} {t * 1000 / len(keys):.1f} ms" for n, t in sorted(by_thread.items())) + " per event")
+print(f"peak RSS of imgfunc serve: {peak_kib / 1024:.1f} MiB")
 ok = len(written) == len(keys)
 if args.notify:
     good = sum(1 for b in notified.values() if b['status'] == 'ok')
