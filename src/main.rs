@@ -61,6 +61,13 @@ struct ServeArgs {
     /// through the API and the dead-letter file.
     #[arg(long, env = "IMGFUNC_DATA", default_value = "./data")]
     data: PathBuf,
+    /// Where the local store keeps objects' metadata: `xattr` (an extended
+    /// attribute of each file; sidecar files where the filesystem refuses
+    /// one) or `sidecar` (always files under `.imgfunc-meta`, for folders
+    /// copied by tools that drop extended attributes).
+    #[arg(long, env = "IMGFUNC_LOCAL_METADATA", default_value = "xattr",
+          value_parser = ["xattr", "sidecar"])]
+    local_metadata: String,
     /// Rule files (`*.json`) loaded at start.
     #[arg(long, env = "IMGFUNC_FUNCTIONS", default_value = "./functions")]
     functions: PathBuf,
@@ -224,7 +231,7 @@ fn process(args: ProcessArgs) -> Result<()> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     use imgfunc::host::{Host, HostConfig, shutdown_signal};
-    use imgfunc::store::{LocalStore, ObjectStore, S3Store};
+    use imgfunc::store::{LocalStore, MetadataPlace, ObjectStore, S3Store};
     use std::sync::Arc;
 
     tracing_subscriber::fmt()
@@ -256,7 +263,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         None => {
             std::fs::create_dir_all(&args.data)
                 .with_context(|| format!("cannot create {}", args.data.display()))?;
-            Arc::new(LocalStore::new(args.data.clone()))
+            let place = if args.local_metadata == "sidecar" {
+                MetadataPlace::Sidecar
+            } else {
+                MetadataPlace::Xattr
+            };
+            Arc::new(LocalStore::with_metadata(args.data.clone(), place))
         }
     };
     let host = Host::bind(config, store).await?;

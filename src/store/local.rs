@@ -4,14 +4,26 @@
 //!
 //! ```text
 //! <root>/<bucket>/<key>                 the object's bytes, as is
-//! <root>/.imgfunc-meta/<bucket>/<key>   its sidecar: {"content_type": ..., "user_metadata": {...}}
+//!     xattr user.imgfunc                its metadata: {"type": ..., "meta": {...}}
+//! <root>/.imgfunc-meta/<bucket>/<key>   or a sidecar file holding the same JSON
 //! ```
+//!
+//! Metadata (content type and user metadata) lives in an extended attribute
+//! of the object's file, set on the temporary file before it is renamed into
+//! place: bytes and metadata appear together, and each write creates one
+//! file. Where the filesystem refuses user extended attributes, or the
+//! metadata does not fit in one, or the store was made with
+//! [`MetadataPlace::Sidecar`], it goes to a sidecar file instead, written
+//! after the object. Reads take the attribute when the file has one and the
+//! sidecar otherwise; a write that stores the attribute removes an older
+//! sidecar of the key.
 //!
 //! The sidecar tree mirrors the object tree file for file (no extension is
 //! added), so a key can never collide with another key's sidecar, and bucket
-//! names may not start with '.', so `.imgfunc-meta` is never a bucket. An
-//! object without a sidecar (a file copied in by hand) gets a content type
-//! guessed from its extension and no user metadata.
+//! names may not start with '.', so `.imgfunc-meta` is never a bucket.
+//! Sidecars written by earlier versions (`content_type`, `user_metadata`)
+//! are still read. An object with neither (a file copied in by hand) gets a
+//! content type guessed from its extension and no user metadata.
 //!
 //! A bucket exists when its folder does: the first put creates it, and
 //! [`LocalStore::create_bucket`] can create an empty one. `get`, `head`,
@@ -21,7 +33,7 @@
 //! Writes go to a temporary file (`.imgfunc-tmp-*`, hidden from listings) in
 //! the object's folder and are renamed into place, so readers never see half
 //! an object. Within one process, a put and a get of the same key are also
-//! ordered, so bytes and sidecar are read as one version. All file I/O runs
+//! ordered, so bytes and a sidecar are read as one version. All file I/O runs
 //! on tokio's blocking pool.
 //!
 //! Because keys are paths, the local store is stricter than S3: keys with
@@ -49,6 +61,10 @@ use tokio::sync::RwLock;
 /// The hidden folder under the root that holds the sidecars.
 const META_DIR: &str = ".imgfunc-meta";
 
+/// The extended attribute that holds an object's metadata. Short, so that
+/// a content type and a rule chain fit inside an ext4 inode.
+const META_XATTR: &str = "user.imgfunc";
+
 /// Temporary files start with this; it falls under the reserved prefix, so
 /// no key segment can.
 const TMP_PREFIX: &str = ".imgfunc-tmp-";
@@ -70,14 +86,33 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug)]
 pub struct LocalStore {
     root: PathBuf,
+    place: MetadataPlace,
     locks: Box<[Arc<RwLock<()>>]>,
 }
 
-/// The sidecar kept beside each object.
+/// Where a [`LocalStore`] writes objects' metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetadataPlace {
+    /// In an extended attribute of the object's file, or a sidecar file
+    /// where the filesystem refuses the attribute.
+    #[default]
+    Xattr,
+    /// Always in a sidecar file under `.imgfunc-meta`, for folders that are
+    /// copied or synced by tools that drop extended attributes.
+    Sidecar,
+}
+
+/// An object's stored metadata, in the attribute or the sidecar.
 #[derive(Debug, Serialize, Deserialize)]
-struct Sidecar {
+struct StoredMeta {
+    #[serde(rename = "type", alias = "content_type")]
     content_type: String,
-    #[serde(default)]
+    #[serde(
+        rename = "meta",
+        alias = "user_metadata",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     user_metadata: BTreeMap<String, String>,
 }
 
@@ -93,13 +128,19 @@ struct Target {
 }
 
 impl LocalStore {
-    /// A store rooted at `root`. Nothing is touched on disk until the first
-    /// write, which creates the root and the bucket folder.
+    /// A store rooted at `root` that keeps metadata in extended attributes
+    /// where it can. Nothing is touched on disk until the first write, which
+    /// creates the root and the bucket folder.
     pub fn new(root: PathBuf) -> Self {
+        LocalStore::with_metadata(root, MetadataPlace::Xattr)
+    }
+
+    /// A store rooted at `root` that writes metadata to `place`.
+    pub fn with_metadata(root: PathBuf, place: MetadataPlace) -> Self {
         let locks = (0..LOCK_SHARDS)
             .map(|_| Arc::new(RwLock::new(())))
             .collect();
-        LocalStore { root, locks }
+        LocalStore { root, place, locks }
     }
 
     /// The folder this store keeps its buckets in.
@@ -183,13 +224,14 @@ impl ObjectStore for LocalStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let target = self.target(bucket, key);
         let lock = self.lock(bucket, key);
+        let place = self.place;
         Box::pin(async move {
             let target = target?;
             let opts = normalize_put_options(opts)?;
             let guard = lock.write_owned().await;
             blocking(move || {
                 let _guard = guard;
-                write_object(&target, &bytes, opts)
+                write_object(&target, &bytes, opts, place)
             })
             .await
         })
@@ -280,33 +322,46 @@ fn read_object(target: &Target, with_bytes: bool) -> ReadResult {
     } else {
         None
     };
-    let sidecar = read_sidecar(&target.sidecar)?.unwrap_or_else(|| Sidecar {
-        content_type: guess_content_type(&target.key).to_owned(),
-        user_metadata: BTreeMap::new(),
-    });
+    let stored = match read_xattr(&file, &target.object)? {
+        Some(stored) => stored,
+        None => read_sidecar(&target.sidecar)?.unwrap_or_else(|| StoredMeta {
+            content_type: guess_content_type(&target.key).to_owned(),
+            user_metadata: BTreeMap::new(),
+        }),
+    };
     let size = bytes.as_ref().map_or(stat.len(), |b| b.len() as u64);
     let meta = ObjectMeta {
-        content_type: sidecar.content_type,
+        content_type: stored.content_type,
         size,
-        user_metadata: sidecar.user_metadata,
+        user_metadata: stored.user_metadata,
         last_modified: stat.modified().ok(),
     };
     Ok((bytes, meta))
 }
 
-fn read_sidecar(path: &Path) -> Result<Option<Sidecar>, StoreError> {
+/// The metadata attribute of an open object file, if it has one.
+fn read_xattr(file: &std::fs::File, path: &Path) -> Result<Option<StoredMeta>, StoreError> {
+    use xattr::FileExt;
+    match file.get_xattr(META_XATTR) {
+        Ok(Some(json)) => parse_meta(&json, "parse the metadata attribute of", path).map(Some),
+        Ok(None) => Ok(None),
+        Err(e) if e.kind() == ErrorKind::Unsupported => Ok(None),
+        Err(e) => Err(StoreError::io("read the metadata attribute of", path, e)),
+    }
+}
+
+fn read_sidecar(path: &Path) -> Result<Option<StoredMeta>, StoreError> {
     let text = match std::fs::read(path) {
         Ok(text) => text,
         Err(e) if is_missing_path(&e) || e.kind() == ErrorKind::IsADirectory => return Ok(None),
         Err(e) => return Err(StoreError::io("read sidecar", path, e)),
     };
-    serde_json::from_slice(&text).map(Some).map_err(|e| {
-        StoreError::io(
-            "parse sidecar",
-            path,
-            io::Error::new(ErrorKind::InvalidData, e),
-        )
-    })
+    parse_meta(&text, "parse sidecar", path).map(Some)
+}
+
+fn parse_meta(json: &[u8], op: &'static str, path: &Path) -> Result<StoredMeta, StoreError> {
+    serde_json::from_slice(json)
+        .map_err(|e| StoreError::io(op, path, io::Error::new(ErrorKind::InvalidData, e)))
 }
 
 fn guess_content_type(key: &str) -> &'static str {
@@ -328,18 +383,38 @@ fn guess_content_type(key: &str) -> &'static str {
     }
 }
 
-fn write_object(target: &Target, bytes: &[u8], opts: PutOptions) -> Result<(), StoreError> {
+fn write_object(
+    target: &Target,
+    bytes: &[u8],
+    opts: PutOptions,
+    place: MetadataPlace,
+) -> Result<(), StoreError> {
     check_not_shadowed(target)?;
-    write_atomic(&target.object, bytes)?;
-
-    let sidecar = Sidecar {
+    let stored = StoredMeta {
         content_type: opts.content_type,
         user_metadata: opts.user_metadata,
     };
-    let json = serde_json::to_vec(&sidecar)
-        .map_err(|e| StoreError::io("encode sidecar", &target.sidecar, io::Error::other(e)))?;
+    let json = serde_json::to_vec(&stored)
+        .map_err(|e| StoreError::io("encode metadata of", &target.object, io::Error::other(e)))?;
+    let attribute = (place == MetadataPlace::Xattr).then_some(&json[..]);
+    if write_atomic(&target.object, bytes, attribute)? {
+        // The new file carries its metadata; an older sidecar would only
+        // confuse a later reader of the folder.
+        return remove_file_if_present(&target.sidecar, "remove the old sidecar");
+    }
     clear_stale_sidecars(target)?;
-    write_atomic(&target.sidecar, &json)
+    write_atomic(&target.sidecar, &json, None)?;
+    Ok(())
+}
+
+/// Whether a refused metadata attribute should go to a sidecar instead:
+/// the filesystem has no user attributes, or the value does not fit.
+fn attribute_refused(err: &io::Error) -> bool {
+    err.kind() == ErrorKind::Unsupported
+        || matches!(
+            err.raw_os_error(),
+            Some(libc::E2BIG | libc::ENOSPC | libc::ERANGE | libc::EOPNOTSUPP)
+        )
 }
 
 /// Refuses a key that would need a file where a folder is, or the reverse:
@@ -399,15 +474,29 @@ fn clear_stale_sidecars(target: &Target) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Writes `bytes` to a temporary file beside `path`, flushes it to disk and
-/// renames it over `path`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+/// Writes `bytes` to a temporary file beside `path`, with `attribute` as its
+/// metadata attribute when given, flushes it to disk and renames it over
+/// `path`. Returns whether the attribute was stored.
+fn write_atomic(path: &Path, bytes: &[u8], attribute: Option<&[u8]>) -> Result<bool, StoreError> {
+    use xattr::FileExt;
     let dir = path
         .parent()
         .ok_or_else(|| StoreError::io("write", path, ErrorKind::InvalidInput.into()))?;
     let (mut file, tmp) = create_temp(dir)?;
+    let mut stored = false;
     let written = file
         .write_all(bytes)
+        .and_then(|()| match attribute {
+            Some(value) => match file.set_xattr(META_XATTR, value) {
+                Ok(()) => {
+                    stored = true;
+                    Ok(())
+                }
+                Err(e) if attribute_refused(&e) => Ok(()),
+                Err(e) => Err(e),
+            },
+            None => Ok(()),
+        })
         .and_then(|()| file.sync_all())
         .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = written {
@@ -417,7 +506,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let _ = std::fs::remove_file(&tmp);
         return Err(StoreError::io("write", path, e));
     }
-    Ok(())
+    Ok(stored)
 }
 
 /// Creates the folder and a new temporary file in it. A concurrent delete may
@@ -563,6 +652,22 @@ mod tests {
         (dir, store)
     }
 
+    /// Whether the filesystem under `dir` takes user extended attributes;
+    /// where it does not, an attribute store must fall back to sidecars.
+    fn takes_attributes(dir: &Path) -> bool {
+        let probe = dir.join("probe");
+        std::fs::write(&probe, b"").unwrap();
+        let taken = xattr::set(&probe, "user.probe", b"1").is_ok();
+        std::fs::remove_file(&probe).unwrap();
+        taken
+    }
+
+    fn sidecar_store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::with_metadata(dir.path().join("root"), MetadataPlace::Sidecar);
+        (dir, store)
+    }
+
     fn opts(content_type: &str, meta: &[(&str, &str)]) -> PutOptions {
         PutOptions {
             content_type: content_type.into(),
@@ -594,7 +699,29 @@ mod tests {
 
     #[tokio::test]
     async fn round_trips_bytes_and_metadata() {
-        let (_dir, store) = store();
+        for (dir, store) in [store(), sidecar_store()] {
+            round_trip(&store).await;
+            let files = files_under(dir.path());
+            if store.place == MetadataPlace::Sidecar || !takes_attributes(dir.path()) {
+                assert_eq!(
+                    files,
+                    ["root/.imgfunc-meta/photos/a.jpg", "root/photos/a.jpg"]
+                );
+            } else {
+                // One file: the metadata travels in its attribute.
+                assert_eq!(files, ["root/photos/a.jpg"]);
+                let json = xattr::get(store.root().join("photos/a.jpg"), META_XATTR)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(
+                    String::from_utf8(json).unwrap(),
+                    r#"{"type":"image/jpeg","meta":{"rule":"thumbs","x":"1"}}"#
+                );
+            }
+        }
+    }
+
+    async fn round_trip(store: &LocalStore) {
         let body = Bytes::from_static(b"\xff\xd8 not really a jpeg");
         store
             .put(
@@ -623,6 +750,105 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn old_sidecars_are_read_and_replaced_by_the_attribute() {
+        let (_dir, store) = store();
+        // As an earlier version left it: a sidecar with the long names.
+        std::fs::create_dir_all(store.root().join("b")).unwrap();
+        std::fs::create_dir_all(store.root().join(".imgfunc-meta/b")).unwrap();
+        std::fs::write(store.root().join("b/k.bin"), b"old").unwrap();
+        std::fs::write(
+            store.root().join(".imgfunc-meta/b/k.bin"),
+            br#"{"content_type":"image/png","user_metadata":{"a":"1"}}"#,
+        )
+        .unwrap();
+        let meta = store.head("b", "k.bin").await.unwrap();
+        assert_eq!(meta.content_type, "image/png");
+        assert_eq!(meta.user_metadata["a"], "1");
+
+        store
+            .put(
+                "b",
+                "k.bin",
+                Bytes::from_static(b"new"),
+                opts("text/plain", &[]),
+            )
+            .await
+            .unwrap();
+        let object = store.get("b", "k.bin").await.unwrap();
+        assert_eq!(&object.bytes[..], b"new");
+        assert_eq!(object.meta.content_type, "text/plain");
+        assert!(object.meta.user_metadata.is_empty());
+        let sidecar = store.root().join(".imgfunc-meta/b/k.bin");
+        assert_eq!(sidecar.exists(), !takes_attributes(store.root()));
+    }
+
+    #[tokio::test]
+    async fn a_sidecar_store_reads_attributes_and_the_reverse() {
+        let (dir, xattr_store) = store();
+        let sidecar_store =
+            LocalStore::with_metadata(dir.path().join("root"), MetadataPlace::Sidecar);
+        xattr_store
+            .put("b", "x", Bytes::from_static(b"1"), opts("image/gif", &[]))
+            .await
+            .unwrap();
+        sidecar_store
+            .put("b", "y", Bytes::from_static(b"2"), opts("image/bmp", &[]))
+            .await
+            .unwrap();
+        for store in [&xattr_store, &sidecar_store] {
+            assert_eq!(
+                store.head("b", "x").await.unwrap().content_type,
+                "image/gif"
+            );
+            assert_eq!(
+                store.head("b", "y").await.unwrap().content_type,
+                "image/bmp"
+            );
+        }
+        // A sidecar write over an attribute object: the new file has no
+        // attribute, so its sidecar is what is read.
+        sidecar_store
+            .put("b", "x", Bytes::from_static(b"3"), opts("image/tiff", &[]))
+            .await
+            .unwrap();
+        assert_eq!(
+            xattr_store.head("b", "x").await.unwrap().content_type,
+            "image/tiff"
+        );
+    }
+
+    #[test]
+    fn refused_attributes_fall_back_to_sidecars() {
+        for errno in [libc::EOPNOTSUPP, libc::E2BIG, libc::ENOSPC, libc::ERANGE] {
+            assert!(
+                attribute_refused(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        assert!(attribute_refused(&ErrorKind::Unsupported.into()));
+        assert!(!attribute_refused(&io::Error::from_raw_os_error(libc::EIO)));
+        assert!(!attribute_refused(&ErrorKind::PermissionDenied.into()));
+    }
+
+    #[tokio::test]
+    async fn corrupt_attribute_is_an_io_error_naming_the_object() {
+        let (dir, store) = store();
+        store
+            .put("b", "k", Bytes::from_static(b"x"), PutOptions::default())
+            .await
+            .unwrap();
+        if !takes_attributes(dir.path()) {
+            assert!(store.root().join(".imgfunc-meta/b/k").is_file());
+            return;
+        }
+        xattr::set(store.root().join("b/k"), META_XATTR, b"{not json").unwrap();
+        let err = store.get("b", "k").await.unwrap_err();
+        assert_eq!(err.code(), "io");
+        assert!(err.to_string().contains("metadata attribute"), "{err}");
+        assert!(err.to_string().contains("b/k"), "{err}");
+    }
+
+    #[tokio::test]
     async fn overwrite_replaces_bytes_and_metadata() {
         let (_dir, store) = store();
         store
@@ -646,7 +872,7 @@ mod tests {
 
     #[tokio::test]
     async fn nested_keys_are_folders() {
-        let (_dir, store) = store();
+        let (_dir, store) = sidecar_store();
         store
             .put(
                 "b",
@@ -794,7 +1020,7 @@ mod tests {
 
     #[tokio::test]
     async fn put_leaves_no_temp_files() {
-        let (_dir, store) = store();
+        let (_dir, store) = sidecar_store();
         for i in 0..5 {
             store
                 .put(
@@ -833,7 +1059,7 @@ mod tests {
 
     #[tokio::test]
     async fn delete_removes_object_sidecar_and_empty_folders() {
-        let (_dir, store) = store();
+        let (_dir, store) = sidecar_store();
         for key in ["x/y/z.jpg", "x/keep.jpg"] {
             store
                 .put("b", key, Bytes::from_static(b"x"), PutOptions::default())
@@ -909,7 +1135,7 @@ mod tests {
 
     #[tokio::test]
     async fn stale_sidecars_do_not_block_puts() {
-        let (_dir, store) = store();
+        let (_dir, store) = sidecar_store();
         // As if a delete of "a" was interrupted after removing the object.
         std::fs::create_dir_all(store.root().join(".imgfunc-meta/b")).unwrap();
         std::fs::write(store.root().join(".imgfunc-meta/b/a"), b"{}").unwrap();
@@ -930,7 +1156,7 @@ mod tests {
 
     #[tokio::test]
     async fn corrupt_sidecar_is_an_io_error_naming_it() {
-        let (_dir, store) = store();
+        let (_dir, store) = sidecar_store();
         store
             .put("b", "k", Bytes::from_static(b"x"), PutOptions::default())
             .await
@@ -943,7 +1169,16 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_puts_and_gets_see_whole_versions() {
-        let (_dir, store) = store();
+        for (dir, store) in [store(), sidecar_store()] {
+            let files = match store.place {
+                MetadataPlace::Xattr if takes_attributes(dir.path()) => 1,
+                _ => 2,
+            };
+            concurrent_puts_and_gets(store, files).await;
+        }
+    }
+
+    async fn concurrent_puts_and_gets(store: LocalStore, files: usize) {
         let store = Arc::new(store);
         let mut tasks = Vec::new();
         for i in 0..8u8 {
@@ -965,6 +1200,6 @@ mod tests {
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(files_under(store.root()).len(), 2);
+        assert_eq!(files_under(store.root()).len(), files);
     }
 }

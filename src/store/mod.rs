@@ -20,7 +20,7 @@ mod s3;
 mod validate;
 
 pub use error::StoreError;
-pub use local::LocalStore;
+pub use local::{LocalStore, MetadataPlace};
 pub use s3::S3Store;
 pub use validate::{validate_bucket, validate_key};
 
