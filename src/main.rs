@@ -46,7 +46,9 @@ struct BenchArgs {
     /// Timed runs per file, after one warm-up.
     #[arg(long, default_value_t = 5)]
     iterations: usize,
-    /// Images processed at once; each thread runs its own copy of the work.
+    /// Images processed at once: this many long-lived threads each run
+    /// every iteration together (a barrier starts each round); the times
+    /// printed are per image, over all threads' runs.
     #[arg(long, default_value_t = 1)]
     threads: usize,
     files: Vec<PathBuf>,
@@ -301,25 +303,32 @@ fn bench(args: BenchArgs) -> Result<()> {
         let input =
             std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
         let bytes = once(&input)?;
-        let mut times = Vec::with_capacity(args.iterations);
-        for _ in 0..args.iterations.max(1) {
-            let start = Instant::now();
-            if args.threads <= 1 {
+        let iterations = args.iterations.max(1);
+        let threads = args.threads.max(1);
+        let barrier = std::sync::Barrier::new(threads);
+        let run_thread = || -> Result<Vec<f64>> {
+            // Each thread warms its own allocator arena first.
+            once(&input)?;
+            let mut times = Vec::with_capacity(iterations);
+            for _ in 0..iterations {
+                barrier.wait();
+                let start = Instant::now();
                 once(&input)?;
-            } else {
-                std::thread::scope(|s| -> Result<()> {
-                    let handles: Vec<_> = (0..args.threads)
-                        .map(|_| s.spawn(|| once(&input)))
-                        .collect();
-                    for h in handles {
-                        h.join()
-                            .map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
-                    }
-                    Ok(())
-                })?;
+                times.push(start.elapsed().as_secs_f64() * 1000.0);
             }
-            times.push(start.elapsed().as_secs_f64() * 1000.0);
-        }
+            Ok(times)
+        };
+        let mut times = std::thread::scope(|s| -> Result<Vec<f64>> {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(run_thread)).collect();
+            let mut all = Vec::with_capacity(threads * iterations);
+            for h in handles {
+                all.extend(
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("bench thread panicked"))??,
+                );
+            }
+            Ok(all)
+        })?;
         times.sort_by(f64::total_cmp);
         let name = file
             .file_name()
