@@ -408,12 +408,21 @@ fn write_object(
 }
 
 /// Whether a refused metadata attribute should go to a sidecar instead:
-/// the filesystem has no user attributes, or the value does not fit.
+/// the filesystem has no user attributes, the value does not fit, or a
+/// security module or mount option forbids them (EPERM, EACCES). A real
+/// write problem shows again when the sidecar is written.
 fn attribute_refused(err: &io::Error) -> bool {
     err.kind() == ErrorKind::Unsupported
         || matches!(
             err.raw_os_error(),
-            Some(libc::E2BIG | libc::ENOSPC | libc::ERANGE | libc::EOPNOTSUPP)
+            Some(
+                libc::E2BIG
+                    | libc::ENOSPC
+                    | libc::ERANGE
+                    | libc::EOPNOTSUPP
+                    | libc::EPERM
+                    | libc::EACCES
+            )
         )
 }
 
@@ -819,7 +828,14 @@ mod tests {
 
     #[test]
     fn refused_attributes_fall_back_to_sidecars() {
-        for errno in [libc::EOPNOTSUPP, libc::E2BIG, libc::ENOSPC, libc::ERANGE] {
+        for errno in [
+            libc::EOPNOTSUPP,
+            libc::E2BIG,
+            libc::ENOSPC,
+            libc::ERANGE,
+            libc::EPERM,
+            libc::EACCES,
+        ] {
             assert!(
                 attribute_refused(&io::Error::from_raw_os_error(errno)),
                 "{errno}"
@@ -827,7 +843,9 @@ mod tests {
         }
         assert!(attribute_refused(&ErrorKind::Unsupported.into()));
         assert!(!attribute_refused(&io::Error::from_raw_os_error(libc::EIO)));
-        assert!(!attribute_refused(&ErrorKind::PermissionDenied.into()));
+        assert!(!attribute_refused(&io::Error::from_raw_os_error(
+            libc::EBADF
+        )));
     }
 
     #[tokio::test]
