@@ -345,7 +345,8 @@ fn read_xattr(file: &std::fs::File, path: &Path) -> Result<Option<StoredMeta>, S
     match file.get_xattr(META_XATTR) {
         Ok(Some(json)) => parse_meta(&json, "parse the metadata attribute of", path).map(Some),
         Ok(None) => Ok(None),
-        Err(e) if e.kind() == ErrorKind::Unsupported => Ok(None),
+        // Where writes fall back to sidecars, reads do too.
+        Err(e) if attribute_refused(&e) => Ok(None),
         Err(e) => Err(StoreError::io("read the metadata attribute of", path, e)),
     }
 }
