@@ -61,8 +61,9 @@ use tokio::sync::RwLock;
 /// The hidden folder under the root that holds the sidecars.
 const META_DIR: &str = ".imgfunc-meta";
 
-/// The extended attribute that holds an object's metadata. Short, so that
-/// a content type and a rule chain fit inside an ext4 inode.
+/// The extended attribute that holds an object's metadata. The name is short
+/// because ext4 keeps a small attribute (about 60 bytes of value) inside
+/// the inode; longer metadata takes an attribute block.
 const META_XATTR: &str = "user.imgfunc";
 
 /// Temporary files start with this; it falls under the reserved prefix, so
@@ -493,30 +494,30 @@ fn write_atomic(path: &Path, bytes: &[u8], attribute: Option<&[u8]>) -> Result<b
         .parent()
         .ok_or_else(|| StoreError::io("write", path, ErrorKind::InvalidInput.into()))?;
     let (mut file, tmp) = create_temp(dir)?;
-    let mut stored = false;
-    let written = file
-        .write_all(bytes)
-        .and_then(|()| match attribute {
+    let mut write = || -> io::Result<bool> {
+        file.write_all(bytes)?;
+        let stored = match attribute {
             Some(value) => match file.set_xattr(META_XATTR, value) {
-                Ok(()) => {
-                    stored = true;
-                    Ok(())
-                }
-                Err(e) if attribute_refused(&e) => Ok(()),
-                Err(e) => Err(e),
+                Ok(()) => true,
+                Err(e) if attribute_refused(&e) => false,
+                Err(e) => return Err(e),
             },
-            None => Ok(()),
-        })
-        .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        drop(file);
-        // Best effort: the write already failed, and the name is hidden from
-        // listings if the removal fails too.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(StoreError::io("write", path, e));
+            None => false,
+        };
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(stored)
+    };
+    match write() {
+        Ok(stored) => Ok(stored),
+        Err(e) => {
+            drop(file);
+            // Best effort: the write already failed, and the name is hidden
+            // from listings if the removal fails too.
+            let _ = std::fs::remove_file(&tmp);
+            Err(StoreError::io("write", path, e))
+        }
     }
-    Ok(stored)
 }
 
 /// Creates the folder and a new temporary file in it. A concurrent delete may
