@@ -221,7 +221,28 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
         ..want
     };
     // At 1/8 each block becomes one pixel from its DC coefficient alone, so a
-    // progressive file's AC scans (most of its bytes) need not be decoded.
+    // progressive file's AC scans (most of its bytes) need not be decoded:
+    // our own DC decoder reads them, or failing that libjpeg-turbo is given
+    // the file without its AC scans.
+    if denom == 8
+        && header.is_progressive
+        && let Some(eighth) = super::jpeg_dc::decode_eighth(input)
+        && (eighth.width, eighth.height) == (sw, sh)
+    {
+        let whole = image::RgbImage::from_raw(eighth.width, eighth.height, eighth.rgb)
+            .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"))?;
+        let buffer = if (want.width, want.height) == (sw, sh) {
+            whole
+        } else {
+            image::imageops::crop_imm(&whole, want.x, want.y, want.width, want.height).to_image()
+        };
+        return Ok(Decoded {
+            pixels: Pixels::Still(orient(DynamicImage::ImageRgb8(buffer), orientation)),
+            format,
+            meta,
+            lead_applied: plan.crop_applied,
+        });
+    }
     let trimmed = (denom == 8 && header.is_progressive)
         .then(|| dc_scans_only(input))
         .flatten();
@@ -555,6 +576,8 @@ impl JpegFrame {
     /// Appends a Huffman table of end-of-band runs and, per component, an AC
     /// scan (bands 1-63, full precision) in which every block is empty.
     fn write_empty_ac_scans(&self, out: &mut Vec<u8>) {
+        // No restart markers in these scans, whatever interval the file set.
+        out.extend_from_slice(&[0xff, 0xdd, 0x00, 4, 0, 0]);
         // AC table 3: the 15 symbols EOB0..EOB14 (0x00, 0x10, .. 0xe0), all
         // 4-bit codes, so symbol r has code r.
         out.extend_from_slice(&[0xff, 0xc4, 0x00, 34, 0x13]);
@@ -625,7 +648,7 @@ impl BitWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use turbojpeg::PixelFormat;
+    use turbojpeg::{PixelFormat, raw};
 
     fn decode_eighth(jpeg: &[u8]) -> Vec<u8> {
         let mut d = Decompressor::new().unwrap();
@@ -671,6 +694,133 @@ mod tests {
             / full.len() as f64;
         let psnr = 10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10();
         assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
+    }
+
+    /// Re-encodes a corpus photo as a progressive JPEG with libjpeg-turbo:
+    /// `subsamp` one of TurboJPEG's TJSAMP values, `restart` blocks between
+    /// restart markers (0 for none).
+    fn progressive(name: &str, subsamp: u32, restart: i32) -> Vec<u8> {
+        let path = format!("{}/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"));
+        let img = image::open(path).unwrap().to_rgb8();
+        let gray = subsamp == raw::TJSAMP_TJSAMP_GRAY as u32;
+        let pixels = if gray {
+            image::DynamicImage::ImageRgb8(img.clone())
+                .to_luma8()
+                .into_raw()
+        } else {
+            img.as_raw().clone()
+        };
+        let (w, h) = img.dimensions();
+        // SAFETY: test-only FFI; the handle and buffers are valid for each
+        // call, and the output buffer is copied before it is freed.
+        unsafe {
+            let handle = raw::tj3Init(raw::TJINIT_TJINIT_COMPRESS as i32);
+            assert!(!handle.is_null());
+            for (param, value) in [
+                (raw::TJPARAM_TJPARAM_QUALITY, 85),
+                (raw::TJPARAM_TJPARAM_SUBSAMP, subsamp as i32),
+                (raw::TJPARAM_TJPARAM_PROGRESSIVE, 1),
+                (raw::TJPARAM_TJPARAM_RESTARTBLOCKS, restart),
+            ] {
+                assert_eq!(raw::tj3Set(handle, param as i32, value), 0);
+            }
+            let (format, channels) = if gray {
+                (raw::TJPF_TJPF_GRAY, 1)
+            } else {
+                (raw::TJPF_TJPF_RGB, 3)
+            };
+            let mut out: *mut u8 = std::ptr::null_mut();
+            let mut size: raw::size_t = 0;
+            let status = raw::tj3Compress8(
+                handle,
+                pixels.as_ptr(),
+                w as i32,
+                (w * channels) as i32,
+                h as i32,
+                format,
+                &mut out,
+                &mut size,
+            );
+            assert_eq!(status, 0);
+            let jpeg = std::slice::from_raw_parts(out, size as usize).to_vec();
+            raw::tj3Free(out.cast());
+            raw::tj3Destroy(handle);
+            jpeg
+        }
+    }
+
+    /// Our DC decoder's image against libjpeg-turbo's eighth-scale decode of
+    /// the same DC data (the file without its AC scans): (largest channel
+    /// difference, PSNR against libjpeg-turbo's decode of the whole file,
+    /// which also uses the AC terms of subsampled chroma).
+    fn compare_dc_decoder(jpeg: &[u8]) -> (u8, f64) {
+        let ours = crate::imaging::jpeg_dc::decode_eighth(jpeg).expect("decodes");
+        let same_data = decode_eighth(&dc_scans_only(jpeg).expect("progressive"));
+        let whole = decode_eighth(jpeg);
+        assert_eq!(ours.rgb.len(), whole.len());
+        let max = ours
+            .rgb
+            .iter()
+            .zip(&same_data)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        let mse = ours
+            .rgb
+            .iter()
+            .zip(&whole)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum::<f64>()
+            / whole.len() as f64;
+        (max, 10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10())
+    }
+
+    #[test]
+    fn dc_decoder_matches_libjpeg_turbo() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images/wood.jpg");
+        let wood = std::fs::read(path).unwrap();
+        let mut cases = vec![("wood.jpg as stored".to_string(), wood)];
+        for (subsamp, name) in [
+            (raw::TJSAMP_TJSAMP_420, "4:2:0"),
+            (raw::TJSAMP_TJSAMP_444, "4:4:4"),
+            (raw::TJSAMP_TJSAMP_422, "4:2:2"),
+            (raw::TJSAMP_TJSAMP_440, "4:4:0"),
+            (raw::TJSAMP_TJSAMP_411, "4:1:1"),
+            (raw::TJSAMP_TJSAMP_GRAY, "grey"),
+        ] {
+            for restart in [0, 7] {
+                cases.push((
+                    format!("storm.jpg {name}, restart {restart}"),
+                    progressive("storm.jpg", subsamp as u32, restart),
+                ));
+            }
+        }
+        for (name, jpeg) in &cases {
+            let (max, psnr) = compare_dc_decoder(jpeg);
+            assert_eq!(max, 0, "{name}: differs by {max} from libjpeg-turbo");
+            assert!(
+                psnr >= 38.0,
+                "{name}: PSNR {psnr:.1} dB against the full decode"
+            );
+        }
+    }
+
+    #[test]
+    fn dc_decoder_declines_what_it_does_not_cover() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images");
+        let storm = std::fs::read(format!("{dir}/storm.jpg")).unwrap();
+        // Baseline.
+        assert!(crate::imaging::jpeg_dc::decode_eighth(&storm).is_none());
+        // Cut inside the first DC scan, with and without an end marker.
+        let jpeg = progressive("storm.jpg", raw::TJSAMP_TJSAMP_420 as u32, 0);
+        let sos = jpeg.windows(2).position(|w| w == [0xff, 0xda]).unwrap();
+        let mut cut = jpeg[..sos + 200].to_vec();
+        cut.extend_from_slice(&[0xff, 0xd9]);
+        assert!(crate::imaging::jpeg_dc::decode_eighth(&cut).is_none());
+        assert!(crate::imaging::jpeg_dc::decode_eighth(&jpeg[..sos + 200]).is_none());
+        // Garbage.
+        assert!(crate::imaging::jpeg_dc::decode_eighth(b"\xff\xd8\xff").is_none());
+        assert!(crate::imaging::jpeg_dc::decode_eighth(b"").is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod error;
 mod geometry;
 mod info;
 mod jpeg;
+mod jpeg_dc;
 pub mod smartcrop;
 pub mod watermark;
 

@@ -1,0 +1,675 @@
+//! Eighth-scale decoding of progressive JPEGs from their DC scans alone.
+//!
+//! At 1/8 scale every 8x8 block becomes one pixel whose value depends only on
+//! the block's DC coefficient. A progressive file sends all DC coefficients
+//! in its first scans (plus, usually, one refinement scan of a bit each), so a
+//! thumbnail needs only those few hundred kilobytes of a file of several
+//! megabytes. libjpeg-turbo, given the whole file, would still decode every
+//! AC scan into a whole-image coefficient buffer (128 bytes per block, zeroed
+//! first) and run an IDCT per block; this decoder reads the DC scans into one
+//! integer per block, skips the AC scans by looking for their end marker, and
+//! converts colour on the small image.
+//!
+//! The output is libjpeg-turbo's at scale 1/8 for the same DC data: the same
+//! dequantisation and rounding, the same YCbCr conversion; subsampled chroma
+//! is repeated over the pixels its block covers, which is what libjpeg-turbo's
+//! scaled IDCT yields when a block has no AC terms. Anything this decoder does
+//! not cover (other frame types, 12-bit samples, four components, RGB-coded
+//! files, odd sampling ratios, truncated or damaged scans) gives `None`, and
+//! the caller decodes with libjpeg-turbo instead.
+
+/// An RGB image at 1/8 scale: `width x height` pixels, 3 bytes each.
+pub struct Eighth {
+    pub width: u32,
+    pub height: u32,
+    pub rgb: Vec<u8>,
+}
+
+/// Decodes a progressive, Huffman-coded, 8-bit JPEG at 1/8 scale from its DC
+/// scans; `None` when the file is anything else or does not decode cleanly.
+pub fn decode_eighth(jpeg: &[u8]) -> Option<Eighth> {
+    let mut state = State::default();
+    if jpeg.get(..2)? != [0xff, 0xd8] {
+        return None;
+    }
+    let mut i = 2;
+    loop {
+        // Fill bytes may precede a marker.
+        while *jpeg.get(i)? == 0xff && *jpeg.get(i + 1)? == 0xff {
+            i += 1;
+        }
+        if *jpeg.get(i)? != 0xff {
+            return None;
+        }
+        let marker = *jpeg.get(i + 1)?;
+        if marker == 0xd9 {
+            break;
+        }
+        let len = u16::from_be_bytes([*jpeg.get(i + 2)?, *jpeg.get(i + 3)?]) as usize;
+        if len < 2 {
+            return None;
+        }
+        let body = jpeg.get(i + 4..i + 2 + len)?;
+        i += 2 + len;
+        match marker {
+            // One frame per file; the caller checked this one's size.
+            0xc2 if state.frame.is_none() => state.frame = Some(Frame::parse(body)?),
+            0xc2 => return None,
+            0xc0 | 0xc1 | 0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return None,
+            0xc4 => state.define_huffman(body)?,
+            0xdb => state.define_quant(body)?,
+            0xdd => state.restart_interval = u16::from_be_bytes([*body.first()?, *body.get(1)?]),
+            // Adobe: a transform flag of 0 means the channels are RGB.
+            0xee if body.get(..5) == Some(b"Adobe") && body.get(11) == Some(&0) => return None,
+            0xda => {
+                let scan = Scan::parse(body, state.frame.as_ref()?)?;
+                i = if scan.spectral_start == 0 {
+                    state.decode_dc_scan(&scan, jpeg, i)?
+                } else {
+                    scan_end(jpeg, i)?
+                };
+            }
+            _ => {}
+        }
+    }
+    state.finish()
+}
+
+/// Where the entropy-coded data starting at `from` ends: the next marker
+/// other than a stuffed zero or a restart marker.
+fn scan_end(jpeg: &[u8], from: usize) -> Option<usize> {
+    let mut end = from;
+    loop {
+        end += memchr::memchr(0xff, jpeg.get(end..)?)?;
+        let next = *jpeg.get(end + 1)?;
+        if next != 0x00 && !(0xd0..=0xd7).contains(&next) && next != 0xff {
+            return Some(end);
+        }
+        end += if next == 0xff { 1 } else { 2 };
+    }
+}
+
+struct Component {
+    id: u8,
+    h: usize,
+    v: usize,
+    quant_table: usize,
+    /// The quantiser of the DC coefficient, taken at the component's first
+    /// scan, as libjpeg does.
+    dc_quant: Option<i32>,
+    /// DC coefficients, one per block, over the whole MCU grid.
+    dc: Vec<i32>,
+    /// Blocks per row of `dc`.
+    stride: usize,
+    /// Blocks that hold image data (a non-interleaved scan covers only these).
+    blocks_wide: usize,
+    blocks_high: usize,
+}
+
+struct Frame {
+    width: usize,
+    height: usize,
+    h_max: usize,
+    v_max: usize,
+    mcus_wide: usize,
+    mcus_high: usize,
+    components: Vec<Component>,
+}
+
+impl Frame {
+    fn parse(body: &[u8]) -> Option<Frame> {
+        if *body.first()? != 8 {
+            return None;
+        }
+        let height = u16::from_be_bytes([*body.get(1)?, *body.get(2)?]) as usize;
+        let width = u16::from_be_bytes([*body.get(3)?, *body.get(4)?]) as usize;
+        let count = *body.get(5)? as usize;
+        if width == 0 || height == 0 || !(count == 1 || count == 3) {
+            return None;
+        }
+        let mut parts = Vec::with_capacity(count);
+        for c in 0..count {
+            let at = 6 + 3 * c;
+            let sampling = *body.get(at + 1)?;
+            let (h, v) = ((sampling >> 4) as usize, (sampling & 15) as usize);
+            let quant_table = *body.get(at + 2)? as usize;
+            if !(1..=4).contains(&h) || !(1..=4).contains(&v) || quant_table > 3 {
+                return None;
+            }
+            parts.push((*body.get(at)?, h, v, quant_table));
+        }
+        // RGB-coded files name their components R, G, B.
+        if count == 3 && parts.iter().map(|p| p.0).eq(*b"RGB") {
+            return None;
+        }
+        let h_max = parts.iter().map(|p| p.1).max()?;
+        let v_max = parts.iter().map(|p| p.2).max()?;
+        // Chroma is repeated over whole pixels only for integer ratios.
+        if parts.iter().any(|p| h_max % p.1 != 0 || v_max % p.2 != 0) {
+            return None;
+        }
+        let mcus_wide = width.div_ceil(8 * h_max);
+        let mcus_high = height.div_ceil(8 * v_max);
+        let components = parts
+            .into_iter()
+            .map(|(id, h, v, quant_table)| Component {
+                id,
+                h,
+                v,
+                quant_table,
+                dc_quant: None,
+                dc: vec![0; mcus_wide * h * mcus_high * v],
+                stride: mcus_wide * h,
+                blocks_wide: (width * h).div_ceil(h_max).div_ceil(8),
+                blocks_high: (height * v).div_ceil(v_max).div_ceil(8),
+            })
+            .collect();
+        Some(Frame {
+            width,
+            height,
+            h_max,
+            v_max,
+            mcus_wide,
+            mcus_high,
+            components,
+        })
+    }
+}
+
+/// A component's coefficients while a scan decodes into them.
+struct Plane {
+    index: usize,
+    /// Blocks per MCU horizontally in this scan.
+    h: usize,
+    /// Plane entries per row of MCUs.
+    row_step: usize,
+    dc: Vec<i32>,
+}
+
+struct Scan {
+    /// (index into the frame's components, DC table)
+    components: Vec<(usize, usize)>,
+    spectral_start: u8,
+    high_bit: u8,
+    low_bit: u8,
+}
+
+impl Scan {
+    fn parse(body: &[u8], frame: &Frame) -> Option<Scan> {
+        let count = *body.first()? as usize;
+        if count == 0 || count > frame.components.len() {
+            return None;
+        }
+        let mut components = Vec::with_capacity(count);
+        for c in 0..count {
+            let id = *body.get(1 + 2 * c)?;
+            let table = (*body.get(2 + 2 * c)? >> 4) as usize;
+            let index = frame.components.iter().position(|k| k.id == id)?;
+            if table > 3 {
+                return None;
+            }
+            components.push((index, table));
+        }
+        let at = 1 + 2 * count;
+        let spectral_start = *body.get(at)?;
+        let spectral_end = *body.get(at + 1)?;
+        let approx = *body.get(at + 2)?;
+        // DC scans hold the DC band alone.
+        if spectral_start == 0 && spectral_end != 0 {
+            return None;
+        }
+        Some(Scan {
+            components,
+            spectral_start,
+            high_bit: approx >> 4,
+            low_bit: approx & 15,
+        })
+    }
+}
+
+#[derive(Default)]
+struct State {
+    frame: Option<Frame>,
+    dc_tables: [Option<Huffman>; 4],
+    quant_dc: [Option<i32>; 4],
+    restart_interval: u16,
+}
+
+impl State {
+    fn define_huffman(&mut self, mut body: &[u8]) -> Option<()> {
+        while !body.is_empty() {
+            let class = body[0] >> 4;
+            let id = (body[0] & 15) as usize;
+            let counts: [u8; 16] = body.get(1..17)?.try_into().ok()?;
+            let total: usize = counts.iter().map(|&c| c as usize).sum();
+            let values = body.get(17..17 + total)?;
+            if id > 3 || class > 1 {
+                return None;
+            }
+            if class == 0 {
+                self.dc_tables[id] = Some(Huffman::new(&counts, values)?);
+            }
+            body = &body[17 + total..];
+        }
+        Some(())
+    }
+
+    fn define_quant(&mut self, mut body: &[u8]) -> Option<()> {
+        while !body.is_empty() {
+            let precision = body[0] >> 4;
+            let id = (body[0] & 15) as usize;
+            if id > 3 || precision > 1 {
+                return None;
+            }
+            let size = if precision == 0 { 64 } else { 128 };
+            let first = if precision == 0 {
+                *body.get(1)? as i32
+            } else {
+                u16::from_be_bytes([*body.get(1)?, *body.get(2)?]) as i32
+            };
+            body.get(1..1 + size)?;
+            self.quant_dc[id] = Some(first);
+            body = &body[1 + size..];
+        }
+        Some(())
+    }
+
+    /// Decodes one DC scan whose entropy-coded data starts at `from`; returns
+    /// where its data ends.
+    fn decode_dc_scan(&mut self, scan: &Scan, jpeg: &[u8], from: usize) -> Option<usize> {
+        let frame = self.frame.as_mut()?;
+        let refine = scan.high_bit != 0;
+        if scan.low_bit > 13 || (refine && scan.high_bit != scan.low_bit + 1) {
+            return None;
+        }
+        let mut tables = Vec::with_capacity(scan.components.len());
+        for &(index, table) in &scan.components {
+            let component = &mut frame.components[index];
+            if !refine {
+                let quant = self.quant_dc[component.quant_table]?;
+                component.dc_quant.get_or_insert(quant);
+                tables.push(self.dc_tables[table].as_ref()?);
+            } else if component.dc_quant.is_none() {
+                // A refinement before the first scan.
+                return None;
+            }
+        }
+        // Blocks in decoding order: MCU by MCU for an interleaved scan, the
+        // component's own raster (image blocks only) for a single one. Each
+        // block of an MCU is (slot in the scan, offset from the MCU's first
+        // block in its component's plane).
+        let interleaved = scan.components.len() > 1;
+        let (mcus_wide, mcus_high) = if interleaved {
+            (frame.mcus_wide, frame.mcus_high)
+        } else {
+            let c = &frame.components[scan.components[0].0];
+            (c.blocks_wide, c.blocks_high)
+        };
+        let mut planes: Vec<Plane> = Vec::with_capacity(scan.components.len());
+        let mut layout = Vec::new();
+        for (slot, &(index, _)) in scan.components.iter().enumerate() {
+            let (h, v) = if interleaved {
+                (frame.components[index].h, frame.components[index].v)
+            } else {
+                (1, 1)
+            };
+            let stride = frame.components[index].stride;
+            for by in 0..v {
+                for bx in 0..h {
+                    layout.push((slot, by * stride + bx));
+                }
+            }
+            planes.push(Plane {
+                index,
+                h,
+                row_step: v * stride,
+                dc: Vec::new(),
+            });
+        }
+        // Take each plane's coefficients out of the frame while decoding.
+        for plane in &mut planes {
+            plane.dc = std::mem::take(&mut frame.components[plane.index].dc);
+        }
+        let mut bits = BitReader::new(jpeg, from);
+        let mut predictors = [0i32; 4];
+        let interval = self.restart_interval as usize;
+        let low_bit = scan.low_bit as u32;
+        let mut mcu = 0usize;
+        let mut ok = true;
+        'rows: for my in 0..mcus_high {
+            for mx in 0..mcus_wide {
+                if interval > 0 && mcu > 0 && mcu.is_multiple_of(interval) {
+                    if bits.restart().is_none() {
+                        ok = false;
+                        break 'rows;
+                    }
+                    predictors = [0; 4];
+                }
+                mcu += 1;
+                for &(slot, offset) in &layout {
+                    let plane = &mut planes[slot];
+                    let at = my * plane.row_step + mx * plane.h + offset;
+                    let Some(value) = plane.dc.get_mut(at) else {
+                        ok = false;
+                        break 'rows;
+                    };
+                    if refine {
+                        if bits.bit() {
+                            *value |= 1 << low_bit;
+                        }
+                        continue;
+                    }
+                    let diff = tables[slot]
+                        .decode(&mut bits)
+                        .and_then(|size| bits.receive_extend(size));
+                    let Some(diff) = diff else {
+                        ok = false;
+                        break 'rows;
+                    };
+                    predictors[slot] = predictors[slot].wrapping_add(diff);
+                    *value = predictors[slot].wrapping_shl(low_bit);
+                }
+            }
+        }
+        for plane in planes {
+            frame.components[plane.index].dc = plane.dc;
+        }
+        if !ok {
+            return None;
+        }
+        if bits.read_past_end() {
+            return None;
+        }
+        scan_end(jpeg, bits.position())
+    }
+
+    fn finish(self) -> Option<Eighth> {
+        let frame = self.frame?;
+        let width = frame.width.div_ceil(8);
+        let height = frame.height.div_ceil(8);
+        // Each component's samples at 1/8 scale, repeated over the pixels
+        // its block covers when it is subsampled.
+        let mut planes = Vec::with_capacity(frame.components.len());
+        for c in &frame.components {
+            let quant = c.dc_quant?;
+            let (dx, dy) = (frame.h_max / c.h, frame.v_max / c.v);
+            let mut plane = Vec::with_capacity(width * height);
+            for y in 0..height {
+                let blocks = c.dc.get((y / dy) * c.stride..)?;
+                plane.extend((0..width).map(|x| {
+                    let dc = blocks[x / dx];
+                    let value = (dc.wrapping_mul(quant).wrapping_add(4) >> 3) + 128;
+                    value.clamp(0, 255) as u8
+                }));
+            }
+            planes.push(plane);
+        }
+        let rgb = match planes.as_slice() {
+            [luma] => luma.iter().flat_map(|&l| [l, l, l]).collect(),
+            [y, cb, cr] => y
+                .iter()
+                .zip(cb)
+                .zip(cr)
+                .flat_map(|((&y, &cb), &cr)| ycc_to_rgb(y, cb, cr))
+                .collect(),
+            _ => return None,
+        };
+        Some(Eighth {
+            width: width as u32,
+            height: height as u32,
+            rgb,
+        })
+    }
+}
+
+/// libjpeg's YCbCr to RGB conversion (jdcolor.c), in 16-bit fixed point.
+fn ycc_to_rgb(y: u8, cb: u8, cr: u8) -> [u8; 3] {
+    const ONE_HALF: i32 = 1 << 15;
+    const fn fix(x: f64) -> i32 {
+        (x * 65536.0 + 0.5) as i32
+    }
+    let (y, cb, cr) = (y as i32, cb as i32 - 128, cr as i32 - 128);
+    let r = y + ((fix(1.40200) * cr + ONE_HALF) >> 16);
+    let g = y + ((-fix(0.34414) * cb - fix(0.71414) * cr + ONE_HALF) >> 16);
+    let b = y + ((fix(1.77200) * cb + ONE_HALF) >> 16);
+    [
+        r.clamp(0, 255) as u8,
+        g.clamp(0, 255) as u8,
+        b.clamp(0, 255) as u8,
+    ]
+}
+
+/// A canonical Huffman table: a lookup on the next 9 bits for short codes,
+/// then the largest code of each longer length.
+struct Huffman {
+    /// (code length << 8 | symbol); 0 where no code of 9 bits or fewer starts.
+    fast: Vec<u16>,
+    /// Per length 1..=16: the largest code, or -1.
+    max_code: [i32; 17],
+    /// Per length: the index into `values` of its first code, minus that code.
+    offset: [i32; 17],
+    values: Vec<u8>,
+}
+
+const FAST_BITS: u32 = 9;
+
+impl Huffman {
+    fn new(counts: &[u8; 16], values: &[u8]) -> Option<Huffman> {
+        let mut fast = vec![0u16; 1 << FAST_BITS];
+        let mut max_code = [-1i32; 17];
+        let mut offset = [0i32; 17];
+        let mut code = 0i32;
+        let mut k = 0usize;
+        for len in 1..=16u32 {
+            let n = counts[len as usize - 1] as usize;
+            offset[len as usize] = k as i32 - code;
+            for _ in 0..n {
+                if code >= 1 << len {
+                    return None;
+                }
+                if len <= FAST_BITS {
+                    let shift = FAST_BITS - len;
+                    let start = (code as usize) << shift;
+                    let entry = ((len as u16) << 8) | values[k] as u16;
+                    fast[start..start + (1 << shift)].fill(entry);
+                }
+                code += 1;
+                k += 1;
+            }
+            if n > 0 {
+                max_code[len as usize] = code - 1;
+            }
+            code <<= 1;
+        }
+        Some(Huffman {
+            fast,
+            max_code,
+            offset,
+            values: values.to_vec(),
+        })
+    }
+
+    fn decode(&self, bits: &mut BitReader<'_>) -> Option<u32> {
+        bits.fill();
+        let entry = self.fast[bits.peek(FAST_BITS) as usize];
+        if entry != 0 {
+            bits.consume(u32::from(entry >> 8));
+            return Some(u32::from(entry & 0xff));
+        }
+        for len in FAST_BITS + 1..=16 {
+            let code = bits.peek(len) as i32;
+            if code <= self.max_code[len as usize] {
+                bits.consume(len);
+                let index = (self.offset[len as usize] + code) as usize;
+                return self.values.get(index).map(|&v| u32::from(v));
+            }
+        }
+        None
+    }
+}
+
+/// Reads entropy-coded bits, undoing 0xff00 stuffing; at a marker it stops
+/// and supplies zeros, counting them, so a scan that runs short is noticed.
+struct BitReader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    /// Bits not yet consumed, most significant first.
+    acc: u64,
+    count: u32,
+    /// Zero bytes supplied after a marker or the end of the data.
+    padding: u32,
+}
+
+impl<'a> BitReader<'a> {
+    fn new(data: &'a [u8], pos: usize) -> Self {
+        BitReader {
+            data,
+            pos,
+            acc: 0,
+            count: 0,
+            padding: 0,
+        }
+    }
+
+    fn fill(&mut self) {
+        while self.count <= 56 {
+            let byte = if self.padding > 0 {
+                self.padding += 1;
+                0
+            } else {
+                match (self.data.get(self.pos), self.data.get(self.pos + 1)) {
+                    (Some(0xff), Some(0x00)) => {
+                        self.pos += 2;
+                        0xff
+                    }
+                    (Some(0xff), _) | (None, _) => {
+                        self.padding = 1;
+                        0
+                    }
+                    (Some(&b), _) => {
+                        self.pos += 1;
+                        b
+                    }
+                }
+            };
+            self.acc |= u64::from(byte) << (56 - self.count);
+            self.count += 8;
+        }
+    }
+
+    fn peek(&self, n: u32) -> u64 {
+        self.acc >> (64 - n)
+    }
+
+    fn consume(&mut self, n: u32) {
+        self.acc <<= n;
+        self.count -= n;
+    }
+
+    fn bit(&mut self) -> bool {
+        if self.count == 0 {
+            self.fill();
+        }
+        let set = self.acc >> 63 == 1;
+        self.consume(1);
+        set
+    }
+
+    /// Reads `size` bits as a signed DC difference (JPEG's EXTEND).
+    fn receive_extend(&mut self, size: u32) -> Option<i32> {
+        if size == 0 {
+            return Some(0);
+        }
+        if size > 16 {
+            return None;
+        }
+        self.fill();
+        let raw = self.peek(size) as i32;
+        self.consume(size);
+        Some(if raw < 1 << (size - 1) {
+            raw - (1 << size) + 1
+        } else {
+            raw
+        })
+    }
+
+    /// True when bits past the scan's data were consumed.
+    fn read_past_end(&self) -> bool {
+        self.padding * 8 > self.count
+    }
+
+    /// The first byte not yet taken into the bit buffer.
+    fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Skips to the next restart marker and starts a fresh byte after it.
+    fn restart(&mut self) -> Option<()> {
+        if self.read_past_end() {
+            return None;
+        }
+        let mut at = self.pos;
+        while self.data.get(at) == Some(&0xff) && self.data.get(at + 1) == Some(&0xff) {
+            at += 1;
+        }
+        if self.data.get(at) != Some(&0xff) || !(0xd0..=0xd7).contains(self.data.get(at + 1)?) {
+            return None;
+        }
+        self.pos = at + 2;
+        self.acc = 0;
+        self.count = 0;
+        self.padding = 0;
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_codes_decode() {
+        // Lengths 2, 2, 3, 3: codes 00, 01, 100, 101.
+        let mut counts = [0u8; 16];
+        counts[1] = 2;
+        counts[2] = 2;
+        let table = Huffman::new(&counts, &[5, 6, 7, 8]).unwrap();
+        // 01 100 101 00 -> 6 7 8 5, then padding.
+        let data = [0b0110_0101, 0b0000_0000];
+        let mut bits = BitReader::new(&data, 0);
+        let got: Vec<u32> = (0..4).map(|_| table.decode(&mut bits).unwrap()).collect();
+        assert_eq!(got, [6, 7, 8, 5]);
+    }
+
+    #[test]
+    fn stuffed_bytes_and_markers() {
+        let data = [0xff, 0x00, 0x80, 0xff, 0xd9];
+        let mut bits = BitReader::new(&data, 0);
+        let first: Vec<bool> = (0..9).map(|_| bits.bit()).collect();
+        assert_eq!(first, [true; 9]);
+        assert!(!bits.read_past_end());
+        for _ in 0..7 {
+            assert!(!bits.bit());
+        }
+        assert!(!bits.read_past_end());
+        assert!(!bits.bit());
+        assert!(bits.read_past_end());
+        assert_eq!(bits.position(), 3);
+    }
+
+    #[test]
+    fn extend_gives_signed_differences() {
+        let data = [0b0111_1000];
+        let mut bits = BitReader::new(&data, 0);
+        // size 3: 011 -> -4; size 2: 11 -> 3.
+        assert_eq!(bits.receive_extend(3), Some(-4));
+        assert_eq!(bits.receive_extend(2), Some(3));
+    }
+
+    #[test]
+    fn colour_conversion_matches_libjpeg_at_the_extremes() {
+        assert_eq!(ycc_to_rgb(0, 128, 128), [0, 0, 0]);
+        assert_eq!(ycc_to_rgb(255, 128, 128), [255, 255, 255]);
+        assert_eq!(ycc_to_rgb(76, 85, 255), [254, 0, 0]);
+    }
+}
