@@ -806,6 +806,33 @@ mod tests {
     }
 
     #[test]
+    fn dc_decoder_stops_reading_once_dc_is_complete() {
+        let jpeg = progressive("storm.jpg", raw::TJSAMP_TJSAMP_420 as u32, 0);
+        // The end of the scan that brings DC to full precision (Ss 0, Al 0).
+        let mut end = None;
+        for p in 0..jpeg.len() - 8 {
+            if jpeg[p..p + 2] != [0xff, 0xda] {
+                continue;
+            }
+            let ns = jpeg[p + 4] as usize;
+            let (ss, al) = (jpeg[p + 5 + 2 * ns], jpeg[p + 7 + 2 * ns] & 15);
+            if ss == 0 && al == 0 {
+                let data = p + 2 + u16::from_be_bytes([jpeg[p + 2], jpeg[p + 3]]) as usize;
+                end = (data..jpeg.len() - 1).find(|&q| {
+                    jpeg[q] == 0xff && jpeg[q + 1] != 0 && !(0xd0..=0xd7).contains(&jpeg[q + 1])
+                });
+            }
+        }
+        let end = end.expect("a full-precision DC scan");
+        assert!(end < jpeg.len() * 3 / 4, "{end} of {}", jpeg.len());
+        let mut cut = jpeg[..end].to_vec();
+        cut.extend_from_slice(b"\xff\x01 not JPEG from here on");
+        let whole = crate::imaging::jpeg_dc::decode_eighth(&jpeg).unwrap();
+        let early = crate::imaging::jpeg_dc::decode_eighth(&cut).expect("stops at the AC scan");
+        assert_eq!(whole.rgb, early.rgb);
+    }
+
+    #[test]
     fn dc_decoder_declines_what_it_does_not_cover() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images");
         let storm = std::fs::read(format!("{dir}/storm.jpg")).unwrap();

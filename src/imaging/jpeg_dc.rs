@@ -7,7 +7,8 @@
 //! megabytes. libjpeg-turbo, given the whole file, would still decode every
 //! AC scan into a whole-image coefficient buffer (128 bytes per block, zeroed
 //! first) and run an IDCT per block; this decoder reads the DC scans into one
-//! integer per block, skips the AC scans by looking for their end marker, and
+//! integer per block, skips the AC scans by looking for their end marker,
+//! stops reading once every component's DC coefficients are complete, and
 //! converts colour on the small image.
 //!
 //! The output is libjpeg-turbo's at scale 1/8 for the same DC data: the same
@@ -42,7 +43,9 @@ pub fn decode_eighth(jpeg: &[u8]) -> Option<Eighth> {
             return None;
         }
         let marker = *jpeg.get(i + 1)?;
-        if marker == 0xd9 {
+        // Once every component's DC coefficients hold all their bits, the
+        // rest of the file (AC scans) adds nothing at this scale.
+        if marker == 0xd9 || state.dc_complete() {
             break;
         }
         let len = u16::from_be_bytes([*jpeg.get(i + 2)?, *jpeg.get(i + 3)?]) as usize;
@@ -97,6 +100,8 @@ struct Component {
     /// The quantiser of the DC coefficient, taken at the component's first
     /// scan, as libjpeg does.
     dc_quant: Option<i32>,
+    /// A DC scan down to the last bit (successive approximation 0) covered it.
+    dc_done: bool,
     /// DC coefficients, one per block, over the whole MCU grid.
     dc: Vec<i32>,
     /// Blocks per row of `dc`.
@@ -158,6 +163,7 @@ impl Frame {
                 v,
                 quant_table,
                 dc_quant: None,
+                dc_done: false,
                 dc: vec![0; mcus_wide * h * mcus_high * v],
                 stride: mcus_wide * h,
                 blocks_wide: (width * h).div_ceil(h_max).div_ceil(8),
@@ -372,7 +378,9 @@ impl State {
             }
         }
         for plane in planes {
-            frame.components[plane.index].dc = plane.dc;
+            let component = &mut frame.components[plane.index];
+            component.dc = plane.dc;
+            component.dc_done |= ok && scan.low_bit == 0;
         }
         if !ok {
             return None;
@@ -381,6 +389,12 @@ impl State {
             return None;
         }
         scan_end(jpeg, bits.position())
+    }
+
+    fn dc_complete(&self) -> bool {
+        self.frame
+            .as_ref()
+            .is_some_and(|f| f.components.iter().all(|c| c.dc_done))
     }
 
     fn finish(self) -> Option<Eighth> {
