@@ -490,19 +490,11 @@ fn dc_scans_only(jpeg: &[u8]) -> Option<Vec<u8>> {
     let mut frame: Option<JpegFrame> = None;
     let mut i = 2;
     loop {
-        while *jpeg.get(i)? == 0xff && *jpeg.get(i + 1)? == 0xff {
-            i += 1;
-        }
-        if *jpeg.get(i)? != 0xff {
-            return None;
-        }
-        let marker = *jpeg.get(i + 1)?;
+        let (marker, start, segment_end) = super::jpeg_dc::segment(jpeg, i)?;
         if marker == 0xd9 {
             break;
         }
-        let len = u16::from_be_bytes([*jpeg.get(i + 2)?, *jpeg.get(i + 3)?]) as usize;
-        let segment_end = i + 2 + len;
-        let segment = jpeg.get(i..segment_end)?;
+        let segment = &jpeg[start..segment_end];
         match marker {
             0xc2 => frame = Some(JpegFrame::parse(segment)?),
             0xc0 | 0xc1 | 0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return None,
@@ -513,21 +505,11 @@ fn dc_scans_only(jpeg: &[u8]) -> Option<Vec<u8>> {
             i = segment_end;
             continue;
         }
-        let components = *jpeg.get(i + 4)? as usize;
-        let spectral_start = *jpeg.get(i + 5 + 2 * components)?;
-        // Entropy-coded data runs to the next marker other than a stuffed
-        // zero or a restart marker.
-        let mut end = segment_end;
-        loop {
-            end += memchr::memchr(0xff, jpeg.get(end..)?)?;
-            let next = *jpeg.get(end + 1)?;
-            if next != 0x00 && !(0xd0..=0xd7).contains(&next) {
-                break;
-            }
-            end += 2;
-        }
+        let components = *jpeg.get(start + 4)? as usize;
+        let spectral_start = *jpeg.get(start + 5 + 2 * components)?;
+        let end = super::jpeg_dc::scan_end(jpeg, segment_end)?;
         if spectral_start == 0 {
-            out.extend_from_slice(&jpeg[i..end]);
+            out.extend_from_slice(&jpeg[start..end]);
         }
         i = end;
     }
@@ -825,8 +807,9 @@ mod tests {
         }
         let end = end.expect("a full-precision DC scan");
         assert!(end < jpeg.len() * 3 / 4, "{end} of {}", jpeg.len());
-        let mut cut = jpeg[..end].to_vec();
-        cut.extend_from_slice(b"\xff\x01 not JPEG from here on");
+        // Keep the next marker, which ends the scan's data; drop its segment.
+        let mut cut = jpeg[..end + 2].to_vec();
+        cut.extend_from_slice(b"not JPEG from here on");
         let whole = crate::imaging::jpeg_dc::decode_eighth(&jpeg).unwrap();
         let early = crate::imaging::jpeg_dc::decode_eighth(&cut).expect("stops at the AC scan");
         assert_eq!(whole.rgb, early.rgb);

@@ -35,25 +35,17 @@ pub fn decode_eighth(jpeg: &[u8]) -> Option<Eighth> {
     }
     let mut i = 2;
     loop {
-        // Fill bytes may precede a marker.
-        while *jpeg.get(i)? == 0xff && *jpeg.get(i + 1)? == 0xff {
-            i += 1;
-        }
-        if *jpeg.get(i)? != 0xff {
-            return None;
-        }
-        let marker = *jpeg.get(i + 1)?;
         // Once every component's DC coefficients hold all their bits, the
         // rest of the file (AC scans) adds nothing at this scale.
-        if marker == 0xd9 || state.dc_complete() {
+        if state.dc_complete() {
             break;
         }
-        let len = u16::from_be_bytes([*jpeg.get(i + 2)?, *jpeg.get(i + 3)?]) as usize;
-        if len < 2 {
-            return None;
+        let (marker, start, end) = segment(jpeg, i)?;
+        if marker == 0xd9 {
+            break;
         }
-        let body = jpeg.get(i + 4..i + 2 + len)?;
-        i += 2 + len;
+        let body = &jpeg[start + 4..end];
+        i = end;
         match marker {
             // One frame per file; the caller checked this one's size.
             0xc2 if state.frame.is_none() => state.frame = Some(Frame::parse(body)?),
@@ -78,9 +70,27 @@ pub fn decode_eighth(jpeg: &[u8]) -> Option<Eighth> {
     state.finish()
 }
 
+/// The marker segment at `at`, after any fill bytes: (marker, where its
+/// 0xff is, where the segment ends). End of image is two bytes long.
+pub(super) fn segment(jpeg: &[u8], mut at: usize) -> Option<(u8, usize, usize)> {
+    while *jpeg.get(at)? == 0xff && *jpeg.get(at + 1)? == 0xff {
+        at += 1;
+    }
+    if *jpeg.get(at)? != 0xff {
+        return None;
+    }
+    let marker = *jpeg.get(at + 1)?;
+    if marker == 0xd9 {
+        return Some((marker, at, at + 2));
+    }
+    let len = u16::from_be_bytes([*jpeg.get(at + 2)?, *jpeg.get(at + 3)?]) as usize;
+    let end = at + 2 + len;
+    (len >= 2 && end <= jpeg.len()).then_some((marker, at, end))
+}
+
 /// Where the entropy-coded data starting at `from` ends: the next marker
 /// other than a stuffed zero or a restart marker.
-fn scan_end(jpeg: &[u8], from: usize) -> Option<usize> {
+pub(super) fn scan_end(jpeg: &[u8], from: usize) -> Option<usize> {
     let mut end = from;
     loop {
         end += memchr::memchr(0xff, jpeg.get(end..)?)?;
