@@ -20,7 +20,7 @@ use crate::action::Op;
 use crate::events::Event;
 use crate::imaging::{self, Encoded, ImagingError, Limits, WatermarkResolver};
 use crate::rules::{CloudFunc, ImageArgs, Rule};
-use crate::store::{ObjectStore, PutOptions, StoreError};
+use crate::store::{Body, ObjectStore, PutOptions, StoreError};
 
 /// User metadata naming the rules that produced an object, as
 /// comma-separated `bucket:rule_id` links. A rule never runs on an object
@@ -213,8 +213,8 @@ async fn run_image(
             event: event.event_type.as_str(),
         });
     }
-    let object = rt.store.get(&event.bucket, &event.key).await?;
-    let chain = object
+    let source = rt.store.open(&event.bucket, &event.key).await?;
+    let chain = source
         .meta
         .user_metadata
         .get(CHAIN_METADATA)
@@ -229,7 +229,30 @@ async fn run_image(
     let watermarks = fetch_watermarks(rt, args).await;
     let action = args.action.clone();
     let limits = rt.limits.clone();
-    let input = object.bytes;
+    if source.meta.size > limits.max_input_bytes as u64 {
+        return Err(ImagingError::InputTooLarge {
+            size: usize::try_from(source.meta.size).unwrap_or(usize::MAX),
+            limit: limits.max_input_bytes,
+        }
+        .into());
+    }
+    // A streamed object is read off the async runtime, and off the image
+    // threads so that they never wait for a disk: only its DC scans when
+    // that is all a thumbnail uses.
+    let input: Bytes = match source.body {
+        Body::Bytes(bytes) => bytes,
+        Body::Read(mut reader) => {
+            let name = format!("{}/{}", event.bucket, event.key);
+            let (action, limits, size) = (action.clone(), limits.clone(), source.meta.size);
+            tokio::task::spawn_blocking(move || {
+                imaging::read_source(&mut reader, size, &action, &limits)
+                    .map_err(|e| StoreError::io("read", name, e))
+            })
+            .await
+            .map_err(|e| InvokeError::Internal(e.to_string()))??
+            .into()
+        }
+    };
     let output = rt
         .run_cpu(move || imaging::process(&input, &action, &limits, &watermarks))
         .await

@@ -161,7 +161,6 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
     let (width, height) = (header.width as u32, header.height as u32);
     check_pixels(width, height, limits)?;
     let orientation = exif_orientation(input);
-    let swapped = orientation >= 5;
     let space = match header.colorspace {
         Colorspace::Gray => "b-w",
         Colorspace::CMYK | Colorspace::YCCK => "cmyk",
@@ -185,23 +184,7 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
             lead_applied: false,
         });
     }
-    let full = (width, height);
-    let plan = if orientation == 1 {
-        plan_jpeg(lead, full)
-    } else {
-        // The lead operation is in oriented coordinates; only shrink then.
-        let oriented = if swapped { (height, width) } else { full };
-        JpegPlan {
-            denom: match lead {
-                Lead::Resize(r) => {
-                    shrink_denom(super::geometry::scaled_size(r, oriented), oriented)
-                }
-                _ => 1,
-            },
-            region: None,
-            crop_applied: false,
-        }
-    };
+    let plan = plan_oriented(lead, (width, height), orientation);
     let denom = plan.denom;
     let factor = ScalingFactor::new(1, denom as usize);
     let scaled = header.scaled(factor);
@@ -278,6 +261,58 @@ struct JpegPlan {
     region: Option<Region>,
     /// The lead crop is done: the caller skips it.
     crop_applied: bool,
+}
+
+/// How to decode a JPEG of `full` size with EXIF `orientation` for `lead`.
+fn plan_oriented(lead: Lead<'_>, full: (u32, u32), orientation: u8) -> JpegPlan {
+    if orientation == 1 {
+        return plan_jpeg(lead, full);
+    }
+    // The lead operation is in oriented coordinates; only shrink then.
+    let oriented = if orientation >= 5 {
+        (full.1, full.0)
+    } else {
+        full
+    };
+    JpegPlan {
+        denom: match lead {
+            Lead::Resize(r) => shrink_denom(super::geometry::scaled_size(r, oriented), oriented),
+            _ => 1,
+        },
+        region: None,
+        crop_applied: false,
+    }
+}
+
+/// True when `head`, the start of a file, is a progressive JPEG that
+/// [`decode`] would shrink to 1/8 for `lead`, so that only its DC scans are
+/// used. `head` must hold every segment before the first scan (EXIF
+/// included), or the answer is false.
+pub fn eighth_scale_suffices(head: &[u8], lead: Lead<'_>) -> bool {
+    // Walk the segments first: most files are not progressive, and this
+    // answers for them without setting up a decoder.
+    let mut at = 2;
+    let mut progressive = false;
+    let reaches_scan = head.starts_with(&[0xff, 0xd8])
+        && loop {
+            match super::jpeg_dc::segment(head, at) {
+                Some((0xda, _, _)) => break true,
+                Some((0xd9, _, _)) | None => break false,
+                Some((marker, _, end)) => {
+                    progressive |= marker == 0xc2;
+                    at = end;
+                }
+            }
+        };
+    if !reaches_scan || !progressive {
+        return false;
+    }
+    let Ok(header) = turbojpeg::read_header(head) else {
+        return false;
+    };
+    let cmyk = matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK);
+    let full = (header.width as u32, header.height as u32);
+    header.is_progressive && !cmyk && plan_oriented(lead, full, exif_orientation(head)).denom == 8
 }
 
 /// The largest DCT shrink (8, 4, 2 or 1) that still leaves at least
@@ -682,8 +717,20 @@ mod tests {
     /// `subsamp` one of TurboJPEG's TJSAMP values, `restart` blocks between
     /// restart markers (0 for none).
     fn progressive(name: &str, subsamp: u32, restart: i32) -> Vec<u8> {
+        progressive_scaled(name, 1, subsamp, restart)
+    }
+
+    /// As [`progressive`], the photo first enlarged `scale` times.
+    fn progressive_scaled(name: &str, scale: u32, subsamp: u32, restart: i32) -> Vec<u8> {
         let path = format!("{}/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"));
         let img = image::open(path).unwrap().to_rgb8();
+        let (w, h) = img.dimensions();
+        let img = image::imageops::resize(
+            &img,
+            w * scale,
+            h * scale,
+            image::imageops::FilterType::Triangle,
+        );
         let gray = subsamp == raw::TJSAMP_TJSAMP_GRAY as u32;
         let pixels = if gray {
             image::DynamicImage::ImageRgb8(img.clone())
@@ -813,6 +860,76 @@ mod tests {
         let whole = crate::imaging::jpeg_dc::decode_eighth(&jpeg).unwrap();
         let early = crate::imaging::jpeg_dc::decode_eighth(&cut).expect("stops at the AC scan");
         assert_eq!(whole.rgb, early.rgb);
+    }
+
+    /// A reader that hands out at most `step` bytes per call, so that
+    /// markers and stuffed bytes fall across reads.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    fn read_source(jpeg: &[u8], action: &str, step: usize) -> Vec<u8> {
+        let action = crate::action::Action::parse(action).unwrap();
+        let mut body = Trickle { data: jpeg, step };
+        let limits = crate::imaging::Limits::default();
+        crate::imaging::read_source(&mut body, jpeg.len() as u64, &action, &limits).unwrap()
+    }
+
+    #[test]
+    fn thumbnails_read_only_the_dc_scans_and_come_out_the_same() {
+        let jpeg = progressive_scaled("storm.jpg", 4, raw::TJSAMP_TJSAMP_420 as u32, 5);
+        assert!(jpeg.len() > 128 << 10, "{}", jpeg.len());
+        let action = "resize:w_200|format:t_jpeg,q_85";
+        let cut = read_source(&jpeg, action, 1 << 20);
+        assert!(
+            cut.len() < jpeg.len() / 2,
+            "{} of {}",
+            cut.len(),
+            jpeg.len()
+        );
+        // Reads of any size keep the same bytes.
+        for step in [1, 7, 4096] {
+            assert!(read_source(&jpeg, action, step) == cut, "reads of {step}");
+        }
+        let limits = crate::imaging::Limits::default();
+        let parsed = crate::action::Action::parse(action).unwrap();
+        let from_cut =
+            crate::imaging::process(&cut, &parsed, &limits, &crate::imaging::NoWatermarks);
+        let from_all =
+            crate::imaging::process(&jpeg, &parsed, &limits, &crate::imaging::NoWatermarks);
+        let (from_cut, from_all) = (
+            from_cut.unwrap().image.unwrap(),
+            from_all.unwrap().image.unwrap(),
+        );
+        assert_eq!((from_cut.width, from_cut.height), (200, 133));
+        assert!(from_cut.bytes == from_all.bytes, "outputs differ");
+    }
+
+    #[test]
+    fn other_sources_are_read_whole() {
+        let progressive = progressive_scaled("storm.jpg", 4, raw::TJSAMP_TJSAMP_420 as u32, 0);
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images");
+        let baseline = std::fs::read(format!("{dir}/storm.jpg")).unwrap();
+        let png = std::fs::read(format!("{dir}/goldfish-rgba.png")).unwrap();
+        for (what, bytes, action) in [
+            ("a shrink by 4", &progressive, "resize:w_400"),
+            ("info", &progressive, "resize:w_200|info"),
+            ("a crop first", &progressive, "crop:w_100|resize:w_10"),
+            ("a baseline JPEG", &baseline, "resize:w_100"),
+            ("a PNG", &png, "resize:w_100"),
+        ] {
+            assert!(read_source(bytes, action, 1 << 20) == *bytes, "{what}");
+        }
     }
 
     #[test]

@@ -70,6 +70,151 @@ pub fn decode_eighth(jpeg: &[u8]) -> Option<Eighth> {
     state.finish()
 }
 
+/// Reads a progressive JPEG, whose first bytes are `head` and the rest come
+/// from `rest`, keeping what an eighth-scale decode uses: every segment and
+/// the DC scans, with the AC scans' data dropped as it streams past (through
+/// one small buffer) and reading stopped once every component's DC is
+/// complete. The result ends with EOI and decodes at 1/8 like the whole
+/// file. A file that stops making sense is kept up to that point, for the
+/// decoder to report.
+pub fn read_dc_scans(head: Vec<u8>, rest: &mut dyn std::io::Read) -> std::io::Result<Vec<u8>> {
+    let mut input = Window {
+        buf: head,
+        pos: 0,
+        rest,
+        eof: false,
+    };
+    let mut kept = Vec::with_capacity(1 << 19);
+    // (component ids of the frame, ids whose DC is complete)
+    let mut ids: Vec<u8> = Vec::new();
+    let mut done: Vec<u8> = Vec::new();
+    if input.ensure(2)? && input.bytes(2) == [0xff, 0xd8] {
+        kept.extend_from_slice(input.bytes(2));
+        input.pos += 2;
+        loop {
+            if !ids.is_empty() && ids.iter().all(|id| done.contains(id)) {
+                break;
+            }
+            while input.ensure(2)? && input.bytes(2) == [0xff, 0xff] {
+                input.pos += 1;
+            }
+            if !input.ensure(4)? || input.bytes(1)[0] != 0xff || input.bytes(2)[1] == 0xd9 {
+                break;
+            }
+            let head = input.bytes(4);
+            let (marker, len) = (head[1], u16::from_be_bytes([head[2], head[3]]) as usize);
+            if len < 2 || !input.ensure(2 + len)? {
+                break;
+            }
+            let segment = input.bytes(2 + len).to_vec();
+            kept.extend_from_slice(&segment);
+            input.pos += 2 + len;
+            let body = &segment[4..];
+            match marker {
+                0xc2 if body.len() >= 6 => {
+                    let count = body[5] as usize;
+                    ids = (0..count)
+                        .filter_map(|c| body.get(6 + 3 * c).copied())
+                        .collect();
+                }
+                0xda if !body.is_empty() => {
+                    let count = body[0] as usize;
+                    let (Some(&start), Some(&approx)) =
+                        (body.get(1 + 2 * count), body.get(3 + 2 * count))
+                    else {
+                        break;
+                    };
+                    let dc = start == 0;
+                    if !input.entropy_data(dc.then_some(&mut kept))? {
+                        break;
+                    }
+                    if dc && approx & 15 == 0 {
+                        done.extend((0..count).filter_map(|c| body.get(1 + 2 * c).copied()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    kept.extend_from_slice(&[0xff, 0xd9]);
+    Ok(kept)
+}
+
+/// A read-ahead window over a stream: `buf[pos..]` is read but not consumed.
+struct Window<'a> {
+    buf: Vec<u8>,
+    pos: usize,
+    rest: &'a mut dyn std::io::Read,
+    eof: bool,
+}
+
+impl Window<'_> {
+    const CHUNK: usize = 1 << 18;
+
+    /// Makes at least `n` unconsumed bytes available; false at end of stream.
+    fn ensure(&mut self, n: usize) -> std::io::Result<bool> {
+        while self.buf.len() - self.pos < n {
+            if !self.more()? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Drops consumed bytes and reads up to one chunk more; false at end.
+    fn more(&mut self) -> std::io::Result<bool> {
+        if self.eof {
+            return Ok(false);
+        }
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+        let len = self.buf.len();
+        self.buf.resize(len + Self::CHUNK, 0);
+        let read = loop {
+            match self.rest.read(&mut self.buf[len..]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
+        self.buf.truncate(len + read);
+        self.eof = read == 0;
+        Ok(read > 0)
+    }
+
+    fn bytes(&self, n: usize) -> &[u8] {
+        &self.buf[self.pos..self.pos + n]
+    }
+
+    /// Consumes entropy-coded data up to the next marker other than a
+    /// stuffed zero or a restart marker, appending it to `keep` if given;
+    /// false when the stream ends first.
+    fn entropy_data(&mut self, mut keep: Option<&mut Vec<u8>>) -> std::io::Result<bool> {
+        loop {
+            let found = memchr::memchr(0xff, &self.buf[self.pos..]);
+            let upto = found.map_or(self.buf.len(), |k| self.pos + k);
+            if let Some(kept) = keep.as_deref_mut() {
+                kept.extend_from_slice(&self.buf[self.pos..upto]);
+            }
+            self.pos = upto;
+            if found.is_none() || !self.ensure(2)? {
+                if !self.more()? {
+                    return Ok(false);
+                }
+                continue;
+            }
+            let next = self.buf[self.pos + 1];
+            if next != 0x00 && !(0xd0..=0xd7).contains(&next) {
+                return Ok(true);
+            }
+            if let Some(kept) = keep.as_deref_mut() {
+                kept.extend_from_slice(&self.buf[self.pos..self.pos + 2]);
+            }
+            self.pos += 2;
+        }
+    }
+}
+
 /// The marker segment at `at`, after any fill bytes: (marker, where its
 /// 0xff is, where the segment ends). End of image is two bytes long.
 pub(super) fn segment(jpeg: &[u8], mut at: usize) -> Option<(u8, usize, usize)> {

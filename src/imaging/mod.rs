@@ -150,6 +150,38 @@ struct State {
     quality: Option<u8>,
 }
 
+/// Reads a source image of `size` bytes from `body` for `action`: all of it
+/// (at most `limits.max_input_bytes` + 1, so that decoding reports a source
+/// that grew past the limit), or, for a progressive JPEG that the action
+/// shrinks to 1/8, only its segments and DC scans, which decode the same at
+/// that scale: a few hundred kilobytes of a file of several megabytes are
+/// kept, and reading stops once the DC coefficients are complete.
+pub fn read_source(
+    body: &mut dyn std::io::Read,
+    size: u64,
+    action: &Action,
+    limits: &Limits,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    const HEAD: u64 = 64 << 10;
+    let max = limits.max_input_bytes as u64 + 1;
+    let mut input = Vec::with_capacity(size.min(max) as usize);
+    (&mut *body).take(HEAD.min(max)).read_to_end(&mut input)?;
+    let (_, lead) = geometry::lead(action);
+    // `info` describes the source file itself, so it needs every byte.
+    let describes_source = action.ops.iter().any(|op| matches!(op, Op::Info));
+    if input.len() as u64 == HEAD
+        && !describes_source
+        && decode::eighth_scale_suffices(&input, lead)
+    {
+        return jpeg_dc::read_dc_scans(input, body);
+    }
+    let have = input.len() as u64;
+    body.take(max.saturating_sub(have))
+        .read_to_end(&mut input)?;
+    Ok(input)
+}
+
 /// Decodes `input`, runs `action` on it and encodes the result.
 pub fn process(
     input: &[u8],

@@ -45,8 +45,8 @@
 
 use super::validate::{normalize_put_options, validate_local_key};
 use super::{
-    BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectStore,
-    PutOptions, StoreError, validate_bucket,
+    Body, BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectReader,
+    ObjectStore, PutOptions, StoreError, validate_bucket,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -211,6 +211,24 @@ impl ObjectStore for LocalStore {
         })
     }
 
+    fn open(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectReader, StoreError>> {
+        let target = self.target(bucket, key);
+        let lock = self.lock(bucket, key);
+        Box::pin(async move {
+            let target = target?;
+            let guard = lock.read_owned().await;
+            let (file, meta) = blocking(move || {
+                let _guard = guard;
+                open_object(&target)
+            })
+            .await?;
+            Ok(ObjectReader {
+                meta,
+                body: Body::Read(Box::new(file)),
+            })
+        })
+    }
+
     fn head(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectMeta, StoreError>> {
         let read = self.read(bucket, key, false);
         Box::pin(async move { Ok(read.await?.1) })
@@ -303,7 +321,24 @@ fn is_missing_path(err: &io::Error) -> bool {
 }
 
 fn read_object(target: &Target, with_bytes: bool) -> ReadResult {
-    let mut file = match std::fs::File::open(&target.object) {
+    let (mut file, mut meta) = open_object(target)?;
+    let bytes = if with_bytes {
+        let mut buf = Vec::with_capacity(usize::try_from(meta.size).unwrap_or(0));
+        file.read_to_end(&mut buf)
+            .map_err(|e| StoreError::io("read", &target.object, e))?;
+        meta.size = buf.len() as u64;
+        Some(Bytes::from(buf))
+    } else {
+        None
+    };
+    Ok((bytes, meta))
+}
+
+/// Opens an object's file and reads its metadata. The open file keeps
+/// reading this version of the object even if it is replaced or deleted
+/// meanwhile (writes rename a new file over it).
+fn open_object(target: &Target) -> Result<(std::fs::File, ObjectMeta), StoreError> {
+    let file = match std::fs::File::open(&target.object) {
         Ok(file) => file,
         Err(e) if is_missing_path(&e) => return Err(missing(target)),
         Err(e) => return Err(StoreError::io("open", &target.object, e)),
@@ -315,14 +350,6 @@ fn read_object(target: &Target, with_bytes: bool) -> ReadResult {
         // A folder of longer keys, not an object.
         return Err(missing(target));
     }
-    let bytes = if with_bytes {
-        let mut buf = Vec::with_capacity(usize::try_from(stat.len()).unwrap_or(0));
-        file.read_to_end(&mut buf)
-            .map_err(|e| StoreError::io("read", &target.object, e))?;
-        Some(Bytes::from(buf))
-    } else {
-        None
-    };
     let stored = match read_xattr(&file, &target.object)? {
         Some(stored) => stored,
         None => read_sidecar(&target.sidecar)?.unwrap_or_else(|| StoredMeta {
@@ -330,14 +357,13 @@ fn read_object(target: &Target, with_bytes: bool) -> ReadResult {
             user_metadata: BTreeMap::new(),
         }),
     };
-    let size = bytes.as_ref().map_or(stat.len(), |b| b.len() as u64);
     let meta = ObjectMeta {
         content_type: stored.content_type,
-        size,
+        size: stat.len(),
         user_metadata: stored.user_metadata,
         last_modified: stat.modified().ok(),
     };
-    Ok((bytes, meta))
+    Ok((file, meta))
 }
 
 /// The metadata attribute of an open object file, if it has one.

@@ -61,6 +61,19 @@ pub struct Object {
     pub meta: ObjectMeta,
 }
 
+/// An object opened for reading: its metadata, then its bytes.
+pub struct ObjectReader {
+    pub meta: ObjectMeta,
+    pub body: Body,
+}
+
+/// The bytes of an opened object: already in memory, or read on demand (so
+/// that a reader which needs only part of a large object reads only that).
+pub enum Body {
+    Bytes(Bytes),
+    Read(Box<dyn std::io::Read + Send>),
+}
+
 /// One object in a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListEntry {
@@ -105,6 +118,19 @@ impl Default for PutOptions {
 pub trait ObjectStore: Send + Sync + 'static {
     /// Reads a whole object.
     fn get(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<Object, StoreError>>;
+
+    /// Opens an object for reading. Stores that cannot read incrementally
+    /// return the whole object, as [`ObjectStore::get`] does.
+    fn open(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectReader, StoreError>> {
+        let get = self.get(bucket, key);
+        Box::pin(async move {
+            let object = get.await?;
+            Ok(ObjectReader {
+                meta: object.meta,
+                body: Body::Bytes(object.bytes),
+            })
+        })
+    }
 
     /// Reads an object's metadata without its bytes.
     fn head(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectMeta, StoreError>>;
