@@ -1,7 +1,7 @@
 //! The `imgfunc` command: `process` runs one pipeline on a file; `serve` runs
 //! the function host.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -173,32 +173,30 @@ impl WatermarkResolver for LocalResolver {
     }
 }
 
-fn read_input(path: &PathBuf, limit: usize) -> Result<Vec<u8>> {
-    let mut buf = Vec::new();
+/// The input of `process`, through [`imaging::read_source`]: a thumbnail of
+/// a large progressive JPEG reads only its DC scans, as `serve` does.
+fn read_source(path: &PathBuf, action: &Action, limits: &imaging::Limits) -> Result<Vec<u8>> {
     if path.as_os_str() == "-" {
-        std::io::stdin()
-            .take(limit as u64 + 1)
-            .read_to_end(&mut buf)
-            .context("reading stdin")?;
-    } else {
-        let len = std::fs::metadata(path)
-            .with_context(|| format!("cannot read {}", path.display()))?
-            .len();
-        if len > limit as u64 {
-            bail!(
-                "{} is {len} bytes, over the limit of {limit} bytes",
-                path.display()
-            );
-        }
-        buf = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        return imaging::read_source(&mut std::io::stdin().lock(), 0, action, limits)
+            .context("reading stdin");
     }
-    Ok(buf)
+    let cannot = || format!("cannot read {}", path.display());
+    let mut file = std::fs::File::open(path).with_context(cannot)?;
+    let len = file.metadata().with_context(cannot)?.len();
+    let limit = limits.max_input_bytes;
+    if len > limit as u64 {
+        bail!(
+            "{} is {len} bytes, over the limit of {limit} bytes",
+            path.display()
+        );
+    }
+    imaging::read_source(&mut file, len, action, limits).with_context(cannot)
 }
 
 fn process(args: ProcessArgs) -> Result<()> {
     let action = Action::parse(&args.action).context("bad --action")?;
     let limits = args.limits.limits();
-    let input = read_input(&args.input, limits.max_input_bytes)?;
+    let input = read_source(&args.input, &action, &limits)?;
     let resolver = LocalResolver { store: args.store };
     let out = imaging::process(&input, &action, &limits, &resolver)?;
     for save in &out.saves {
