@@ -79,6 +79,7 @@ pub fn decode_eighth(jpeg: &[u8]) -> Option<Eighth> {
 /// decoder to report.
 pub fn read_dc_scans(head: Vec<u8>, rest: &mut dyn std::io::Read) -> std::io::Result<Vec<u8>> {
     let mut input = Window {
+        end: head.len(),
         buf: head,
         pos: 0,
         rest,
@@ -140,10 +141,12 @@ pub fn read_dc_scans(head: Vec<u8>, rest: &mut dyn std::io::Read) -> std::io::Re
     Ok(kept)
 }
 
-/// A read-ahead window over a stream: `buf[pos..]` is read but not consumed.
+/// A read-ahead window over a stream: `buf[pos..end]` is read but not
+/// consumed. The buffer is reused, not refilled with zeros, as data passes.
 struct Window<'a> {
     buf: Vec<u8>,
     pos: usize,
+    end: usize,
     rest: &'a mut dyn std::io::Read,
     eof: bool,
 }
@@ -153,7 +156,7 @@ impl Window<'_> {
 
     /// Makes at least `n` unconsumed bytes available; false at end of stream.
     fn ensure(&mut self, n: usize) -> std::io::Result<bool> {
-        while self.buf.len() - self.pos < n {
+        while self.end - self.pos < n {
             if !self.more()? {
                 return Ok(false);
             }
@@ -166,18 +169,20 @@ impl Window<'_> {
         if self.eof {
             return Ok(false);
         }
-        self.buf.drain(..self.pos);
+        self.buf.copy_within(self.pos..self.end, 0);
+        self.end -= self.pos;
         self.pos = 0;
-        let len = self.buf.len();
-        self.buf.resize(len + Self::CHUNK, 0);
+        if self.buf.len() < self.end + Self::CHUNK {
+            self.buf.resize(self.end + Self::CHUNK, 0);
+        }
         let read = loop {
-            match self.rest.read(&mut self.buf[len..]) {
+            match self.rest.read(&mut self.buf[self.end..]) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         };
-        self.buf.truncate(len + read);
+        self.end += read;
         self.eof = read == 0;
         Ok(read > 0)
     }
@@ -191,8 +196,8 @@ impl Window<'_> {
     /// false when the stream ends first.
     fn entropy_data(&mut self, mut keep: Option<&mut Vec<u8>>) -> std::io::Result<bool> {
         loop {
-            let found = memchr::memchr(0xff, &self.buf[self.pos..]);
-            let upto = found.map_or(self.buf.len(), |k| self.pos + k);
+            let found = memchr::memchr(0xff, &self.buf[self.pos..self.end]);
+            let upto = found.map_or(self.end, |k| self.pos + k);
             if let Some(kept) = keep.as_deref_mut() {
                 kept.extend_from_slice(&self.buf[self.pos..upto]);
             }

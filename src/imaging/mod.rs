@@ -165,7 +165,7 @@ pub fn read_source(
     use std::io::Read;
     const HEAD: u64 = 64 << 10;
     let max = limits.max_input_bytes as u64 + 1;
-    let mut input = Vec::with_capacity(size.min(max) as usize);
+    let mut input = Vec::with_capacity(HEAD as usize);
     (&mut *body).take(HEAD.min(max)).read_to_end(&mut input)?;
     let (_, lead) = geometry::lead(action);
     // `info` describes the source file itself, so it needs every byte.
@@ -177,6 +177,7 @@ pub fn read_source(
         return jpeg_dc::read_dc_scans(input, body);
     }
     let have = input.len() as u64;
+    input.reserve(size.min(max).saturating_sub(have) as usize);
     body.take(max.saturating_sub(have))
         .read_to_end(&mut input)?;
     Ok(input)
