@@ -540,8 +540,7 @@ fn dc_scans_only(jpeg: &[u8]) -> Option<Vec<u8>> {
             i = segment_end;
             continue;
         }
-        let components = *jpeg.get(start + 4)? as usize;
-        let spectral_start = *jpeg.get(start + 5 + 2 * components)?;
+        let spectral_start = super::jpeg_dc::scan_header(&segment[4..])?.spectral_start;
         let end = super::jpeg_dc::scan_end(jpeg, segment_end)?;
         if spectral_start == 0 {
             out.extend_from_slice(&jpeg[start..end]);

@@ -118,19 +118,16 @@ pub fn read_dc_scans(head: Vec<u8>, rest: &mut dyn std::io::Read) -> std::io::Re
                         .filter_map(|c| body.get(6 + 3 * c).copied())
                         .collect();
                 }
-                0xda if !body.is_empty() => {
-                    let count = body[0] as usize;
-                    let (Some(&start), Some(&approx)) =
-                        (body.get(1 + 2 * count), body.get(3 + 2 * count))
-                    else {
+                0xda => {
+                    let Some(scan) = scan_header(body) else {
                         break;
                     };
-                    let dc = start == 0;
+                    let dc = scan.spectral_start == 0;
                     if !input.entropy_data(dc.then_some(&mut kept))? {
                         break;
                     }
-                    if dc && approx & 15 == 0 {
-                        done.extend((0..count).filter_map(|c| body.get(1 + 2 * c).copied()));
+                    if dc && scan.approx & 15 == 0 {
+                        done.extend(scan.components.iter().map(|&(id, _)| id));
                     }
                 }
                 _ => {}
@@ -360,35 +357,56 @@ struct Scan {
     low_bit: u8,
 }
 
+/// The fields of a start-of-scan segment's body, before they are checked
+/// against a frame.
+pub(super) struct ScanHeader {
+    /// (component id, DC table)
+    pub components: Vec<(u8, u8)>,
+    pub spectral_start: u8,
+    pub spectral_end: u8,
+    /// Successive approximation: high bit in the upper four bits, low bit
+    /// in the lower four.
+    pub approx: u8,
+}
+
+pub(super) fn scan_header(body: &[u8]) -> Option<ScanHeader> {
+    let count = *body.first()? as usize;
+    let components = (0..count)
+        .map(|c| Some((*body.get(1 + 2 * c)?, *body.get(2 + 2 * c)? >> 4)))
+        .collect::<Option<Vec<_>>>()?;
+    let at = 1 + 2 * count;
+    Some(ScanHeader {
+        components,
+        spectral_start: *body.get(at)?,
+        spectral_end: *body.get(at + 1)?,
+        approx: *body.get(at + 2)?,
+    })
+}
+
 impl Scan {
     fn parse(body: &[u8], frame: &Frame) -> Option<Scan> {
-        let count = *body.first()? as usize;
+        let header = scan_header(body)?;
+        let count = header.components.len();
         if count == 0 || count > frame.components.len() {
             return None;
         }
         let mut components = Vec::with_capacity(count);
-        for c in 0..count {
-            let id = *body.get(1 + 2 * c)?;
-            let table = (*body.get(2 + 2 * c)? >> 4) as usize;
+        for &(id, table) in &header.components {
             let index = frame.components.iter().position(|k| k.id == id)?;
             if table > 3 {
                 return None;
             }
-            components.push((index, table));
+            components.push((index, table as usize));
         }
-        let at = 1 + 2 * count;
-        let spectral_start = *body.get(at)?;
-        let spectral_end = *body.get(at + 1)?;
-        let approx = *body.get(at + 2)?;
         // DC scans hold the DC band alone.
-        if spectral_start == 0 && spectral_end != 0 {
+        if header.spectral_start == 0 && header.spectral_end != 0 {
             return None;
         }
         Some(Scan {
             components,
-            spectral_start,
-            high_bit: approx >> 4,
-            low_bit: approx & 15,
+            spectral_start: header.spectral_start,
+            high_bit: header.approx >> 4,
+            low_bit: header.approx & 15,
         })
     }
 }
