@@ -209,7 +209,8 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
     // the file without its AC scans.
     if denom == 8
         && header.is_progressive
-        && let Some(eighth) = super::jpeg_dc::decode_eighth(input)
+        && let Some(eighth) =
+            super::jpeg_dc::decode_eighth(input, super::jpeg_dc::Precision::HALF_LEVEL)
         && (eighth.width, eighth.height) == (sw, sh)
     {
         let whole = image::RgbImage::from_raw(eighth.width, eighth.height, eighth.rgb)
@@ -666,6 +667,9 @@ mod tests {
     use super::*;
     use turbojpeg::{PixelFormat, raw};
 
+    /// Every DC bit: libjpeg-turbo's pixels.
+    const EXACT: crate::imaging::jpeg_dc::Precision = crate::imaging::jpeg_dc::Precision(0);
+
     fn decode_eighth(jpeg: &[u8]) -> Vec<u8> {
         let mut d = Decompressor::new().unwrap();
         let factor = ScalingFactor::new(1, 8);
@@ -721,6 +725,17 @@ mod tests {
 
     /// As [`progressive`], the photo first enlarged `scale` times.
     fn progressive_scaled(name: &str, scale: u32, subsamp: u32, restart: i32) -> Vec<u8> {
+        encode_progressive(name, scale, 85, subsamp, restart)
+    }
+
+    /// As [`progressive_scaled`], at JPEG quality `quality`.
+    fn encode_progressive(
+        name: &str,
+        scale: u32,
+        quality: i32,
+        subsamp: u32,
+        restart: i32,
+    ) -> Vec<u8> {
         let path = format!("{}/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"));
         let img = image::open(path).unwrap().to_rgb8();
         let (w, h) = img.dimensions();
@@ -745,7 +760,7 @@ mod tests {
             let handle = raw::tj3Init(raw::TJINIT_TJINIT_COMPRESS as i32);
             assert!(!handle.is_null());
             for (param, value) in [
-                (raw::TJPARAM_TJPARAM_QUALITY, 85),
+                (raw::TJPARAM_TJPARAM_QUALITY, quality),
                 (raw::TJPARAM_TJPARAM_SUBSAMP, subsamp as i32),
                 (raw::TJPARAM_TJPARAM_PROGRESSIVE, 1),
                 (raw::TJPARAM_TJPARAM_RESTARTBLOCKS, restart),
@@ -782,7 +797,7 @@ mod tests {
     /// difference, PSNR against libjpeg-turbo's decode of the whole file,
     /// which also uses the AC terms of subsampled chroma).
     fn compare_dc_decoder(jpeg: &[u8]) -> (u8, f64) {
-        let ours = crate::imaging::jpeg_dc::decode_eighth(jpeg).expect("decodes");
+        let ours = crate::imaging::jpeg_dc::decode_eighth(jpeg, EXACT).expect("decodes");
         let same_data = decode_eighth(&dc_scans_only(jpeg).expect("progressive"));
         let whole = decode_eighth(jpeg);
         assert_eq!(ours.rgb.len(), whole.len());
@@ -856,9 +871,64 @@ mod tests {
         // Keep the next marker, which ends the scan's data; drop its segment.
         let mut cut = jpeg[..end + 2].to_vec();
         cut.extend_from_slice(b"not JPEG from here on");
-        let whole = crate::imaging::jpeg_dc::decode_eighth(&jpeg).unwrap();
-        let early = crate::imaging::jpeg_dc::decode_eighth(&cut).expect("stops at the AC scan");
+        let whole = crate::imaging::jpeg_dc::decode_eighth(&jpeg, EXACT).unwrap();
+        let early =
+            crate::imaging::jpeg_dc::decode_eighth(&cut, EXACT).expect("stops at the AC scan");
         assert_eq!(whole.rgb, early.rgb);
+    }
+
+    /// The end of the first scan's entropy-coded data.
+    fn first_scan_end(jpeg: &[u8]) -> usize {
+        let sos = jpeg.windows(2).position(|w| w == [0xff, 0xda]).unwrap();
+        let data = sos + 2 + u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]) as usize;
+        (data..jpeg.len() - 1)
+            .find(|&q| jpeg[q] == 0xff && jpeg[q + 1] != 0 && !(0xd0..=0xd7).contains(&jpeg[q + 1]))
+            .unwrap()
+    }
+
+    #[test]
+    fn half_level_precision_skips_a_fine_dc_refinement() {
+        use crate::imaging::jpeg_dc::{Precision, decode_eighth as ours};
+        // Quality 85: DC quantisers of 5, one bit left for the refinement
+        // scan, worth 5/16 of a level with its midpoint taken.
+        let jpeg = progressive("storm.jpg", raw::TJSAMP_TJSAMP_420 as u32, 0);
+        let end = first_scan_end(&jpeg);
+        assert!(end < jpeg.len() / 4, "{end} of {}", jpeg.len());
+        let mut cut = jpeg[..end + 2].to_vec();
+        cut.extend_from_slice(b"not JPEG from here on");
+        let exact = ours(&jpeg, EXACT).unwrap();
+        assert!(ours(&cut, EXACT).is_none(), "exact needs the refinement");
+        let early = ours(&cut, Precision::HALF_LEVEL).expect("stops after the first scan");
+        assert_eq!(early.rgb, ours(&jpeg, Precision::HALF_LEVEL).unwrap().rgb);
+        let diffs: Vec<u8> = exact
+            .rgb
+            .iter()
+            .zip(&early.rgb)
+            .map(|(a, b)| a.abs_diff(*b))
+            .collect();
+        let max = *diffs.iter().max().unwrap();
+        let changed = diffs.iter().filter(|&&d| d > 0).count() as f64 / diffs.len() as f64;
+        let mse = diffs.iter().map(|&d| f64::from(d).powi(2)).sum::<f64>() / diffs.len() as f64;
+        let psnr = 10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10();
+        // Samples differ by at most one level, so RGB by at most three after
+        // colour conversion; most are unchanged (48 dB here, where the JPEG
+        // re-encode of a thumbnail costs about 40).
+        assert!(
+            max <= 3 && psnr >= 45.0,
+            "max {max}, {changed:.3} changed, PSNR {psnr:.1} dB"
+        );
+
+        // Quality 50: quantisers of 16 make the last bit worth a level, so
+        // the decoder waits for it and matches the exact decode.
+        let coarse = encode_progressive("storm.jpg", 1, 50, raw::TJSAMP_TJSAMP_420 as u32, 0);
+        let end = first_scan_end(&coarse);
+        let mut cut = coarse[..end + 2].to_vec();
+        cut.extend_from_slice(b"not JPEG from here on");
+        assert!(ours(&cut, Precision::HALF_LEVEL).is_none());
+        assert_eq!(
+            ours(&coarse, Precision::HALF_LEVEL).unwrap().rgb,
+            ours(&coarse, EXACT).unwrap().rgb
+        );
     }
 
     /// A reader that hands out at most `step` bytes per call, so that
@@ -890,12 +960,13 @@ mod tests {
         assert!(jpeg.len() > 128 << 10, "{}", jpeg.len());
         let action = "resize:w_200|format:t_jpeg,q_85";
         let cut = read_source(&jpeg, action, 1 << 20);
-        assert!(
-            cut.len() < jpeg.len() / 2,
-            "{} of {}",
-            cut.len(),
-            jpeg.len()
-        );
+        // At quality 85 the DC refinement is not worth waiting for: the cut
+        // is the headers and the first scan, which ends with restart
+        // markers here (every 5 blocks).
+        let first_end = first_scan_end(&jpeg);
+        assert!(first_end < jpeg.len() / 4, "{first_end} of {}", jpeg.len());
+        assert_eq!(cut.len(), first_end + 2);
+        assert_eq!(cut[..first_end], jpeg[..first_end]);
         // Reads of any size keep the same bytes.
         for step in [1, 7, 4096] {
             assert!(read_source(&jpeg, action, step) == cut, "reads of {step}");
@@ -936,17 +1007,17 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images");
         let storm = std::fs::read(format!("{dir}/storm.jpg")).unwrap();
         // Baseline.
-        assert!(crate::imaging::jpeg_dc::decode_eighth(&storm).is_none());
+        assert!(crate::imaging::jpeg_dc::decode_eighth(&storm, EXACT).is_none());
         // Cut inside the first DC scan, with and without an end marker.
         let jpeg = progressive("storm.jpg", raw::TJSAMP_TJSAMP_420 as u32, 0);
         let sos = jpeg.windows(2).position(|w| w == [0xff, 0xda]).unwrap();
         let mut cut = jpeg[..sos + 200].to_vec();
         cut.extend_from_slice(&[0xff, 0xd9]);
-        assert!(crate::imaging::jpeg_dc::decode_eighth(&cut).is_none());
-        assert!(crate::imaging::jpeg_dc::decode_eighth(&jpeg[..sos + 200]).is_none());
+        assert!(crate::imaging::jpeg_dc::decode_eighth(&cut, EXACT).is_none());
+        assert!(crate::imaging::jpeg_dc::decode_eighth(&jpeg[..sos + 200], EXACT).is_none());
         // Garbage.
-        assert!(crate::imaging::jpeg_dc::decode_eighth(b"\xff\xd8\xff").is_none());
-        assert!(crate::imaging::jpeg_dc::decode_eighth(b"").is_none());
+        assert!(crate::imaging::jpeg_dc::decode_eighth(b"\xff\xd8\xff", EXACT).is_none());
+        assert!(crate::imaging::jpeg_dc::decode_eighth(b"", EXACT).is_none());
     }
 
     #[test]

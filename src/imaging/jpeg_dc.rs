@@ -8,16 +8,130 @@
 //! AC scan into a whole-image coefficient buffer (128 bytes per block, zeroed
 //! first) and run an IDCT per block; this decoder reads the DC scans into one
 //! integer per block, skips the AC scans by looking for their end marker,
-//! stops reading once every component's DC coefficients are complete, and
-//! converts colour on the small image.
+//! stops reading once every component's DC coefficients are precise enough
+//! (see [`Precision`]), and converts colour on the small image.
 //!
-//! The output is libjpeg-turbo's at scale 1/8 for the same DC data: the same
-//! dequantisation and rounding, the same YCbCr conversion; subsampled chroma
-//! is repeated over the pixels its block covers, which is what libjpeg-turbo's
-//! scaled IDCT yields when a block has no AC terms. Anything this decoder does
+//! Waiting for every bit, the output is libjpeg-turbo's at scale 1/8 for
+//! the same DC data: the same dequantisation and rounding, the same YCbCr
+//! conversion; subsampled chroma is repeated over the pixels its block
+//! covers, which is what libjpeg-turbo's scaled IDCT yields when a block has
+//! no AC terms. Anything this decoder does
 //! not cover (other frame types, 12-bit samples, four components, RGB-coded
 //! files, odd sampling ratios, truncated or damaged scans) gives `None`, and
 //! the caller decodes with libjpeg-turbo instead.
+
+/// How many bits of the DC coefficients the decoder waits for.
+///
+/// Progressive encoders usually send DC in two steps: every bit but the
+/// last in the first scan (successive approximation `Al = 1`), the last bit
+/// in a refinement scan placed after most of the AC data (libjpeg's standard
+/// progression puts it at about 70 % of the file). Bits not yet sent are
+/// worth up to `quantiser x (2^Al - 1) / 8` grey levels at this scale;
+/// taking the middle of their range leaves at most half of that. The value
+/// is the largest such error allowed, in sixteenths of a level: 0 waits for
+/// every bit and gives libjpeg-turbo's pixels exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision(pub(super) u32);
+
+impl Precision {
+    /// Stops before refinement scans whose bits are worth at most half a
+    /// grey level (`quantiser x (2^Al - 1) <= 8`): each sample is then
+    /// within one level of the exact decode before colour conversion.
+    /// Files saved at quality 75 or more qualify; coarser ones are read to
+    /// the last bit.
+    pub const HALF_LEVEL: Precision = Precision(8);
+}
+
+/// Tracks, from a file's tables, frame and DC scans, how many bits of each
+/// component's DC coefficients have been sent, and so when an eighth-scale
+/// decode has all it needs.
+#[derive(Default)]
+pub(super) struct DcBits {
+    /// The DC quantiser of each table, as last defined.
+    tables: [Option<i32>; 4],
+    /// In frame order.
+    components: Vec<ComponentBits>,
+}
+
+struct ComponentBits {
+    id: u8,
+    table: usize,
+    /// Once a DC scan has covered the component: the quantiser taken at
+    /// that first scan, as libjpeg does, and the lowest bit sent so far.
+    sent: Option<(i32, u8)>,
+}
+
+impl DcBits {
+    /// Takes the DC quantisers of a DQT segment's body.
+    pub(super) fn define_quant(&mut self, mut body: &[u8]) -> Option<()> {
+        while !body.is_empty() {
+            let precision = body[0] >> 4;
+            let id = (body[0] & 15) as usize;
+            if id > 3 || precision > 1 {
+                return None;
+            }
+            let size = if precision == 0 { 64 } else { 128 };
+            let first = if precision == 0 {
+                *body.get(1)? as i32
+            } else {
+                u16::from_be_bytes([*body.get(1)?, *body.get(2)?]) as i32
+            };
+            body.get(1..1 + size)?;
+            self.tables[id] = Some(first);
+            body = &body[1 + size..];
+        }
+        Some(())
+    }
+
+    /// Takes the components of a frame header's body.
+    pub(super) fn frame(&mut self, body: &[u8]) -> Option<()> {
+        let count = *body.get(5)? as usize;
+        self.components = (0..count)
+            .map(|c| {
+                let table = *body.get(8 + 3 * c)? as usize;
+                (table < 4).then_some(ComponentBits {
+                    id: *body.get(6 + 3 * c)?,
+                    table,
+                    sent: None,
+                })
+            })
+            .collect::<Option<_>>()?;
+        Some(())
+    }
+
+    /// Records a DC scan that has been read; `None` when it refines a
+    /// component no scan has covered, or uses an undefined table.
+    pub(super) fn scan(&mut self, header: &ScanHeader) -> Option<()> {
+        let low_bit = header.approx & 15;
+        for &(id, _) in &header.components {
+            let component = self.components.iter_mut().find(|c| c.id == id)?;
+            match &mut component.sent {
+                Some((_, low)) => *low = low_bit,
+                None if header.approx >> 4 == 0 => {
+                    component.sent = Some((self.tables[component.table]?, low_bit));
+                }
+                None => return None,
+            }
+        }
+        Some(())
+    }
+
+    /// The quantiser and lowest bit of frame component `index`, once a DC
+    /// scan has covered it.
+    fn of(&self, index: usize) -> Option<(i32, u8)> {
+        self.components.get(index)?.sent
+    }
+
+    /// True when every component's DC is as precise as `precision` asks.
+    pub(super) fn enough(&self, precision: Precision) -> bool {
+        !self.components.is_empty()
+            && self.components.iter().all(|c| {
+                c.sent.is_some_and(|(quant, low)| {
+                    i64::from(quant) * ((1i64 << low) - 1) <= i64::from(precision.0)
+                })
+            })
+    }
+}
 
 /// An RGB image at 1/8 scale: `width x height` pixels, 3 bytes each.
 pub struct Eighth {
@@ -27,17 +141,18 @@ pub struct Eighth {
 }
 
 /// Decodes a progressive, Huffman-coded, 8-bit JPEG at 1/8 scale from its DC
-/// scans; `None` when the file is anything else or does not decode cleanly.
-pub fn decode_eighth(jpeg: &[u8]) -> Option<Eighth> {
+/// scans, to `precision`; `None` when the file is anything else or does not
+/// decode cleanly.
+pub fn decode_eighth(jpeg: &[u8], precision: Precision) -> Option<Eighth> {
     let mut state = State::default();
     if jpeg.get(..2)? != [0xff, 0xd8] {
         return None;
     }
     let mut i = 2;
     loop {
-        // Once every component's DC coefficients hold all their bits, the
+        // Once every component's DC coefficients hold the bits wanted, the
         // rest of the file (AC scans) adds nothing at this scale.
-        if state.dc_complete() {
+        if state.bits.enough(precision) {
             break;
         }
         let (marker, start, end) = segment(jpeg, i)?;
@@ -48,18 +163,24 @@ pub fn decode_eighth(jpeg: &[u8]) -> Option<Eighth> {
         i = end;
         match marker {
             // One frame per file; the caller checked this one's size.
-            0xc2 if state.frame.is_none() => state.frame = Some(Frame::parse(body)?),
+            0xc2 if state.frame.is_none() => {
+                state.frame = Some(Frame::parse(body)?);
+                state.bits.frame(body)?;
+            }
             0xc2 => return None,
             0xc0 | 0xc1 | 0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return None,
             0xc4 => state.define_huffman(body)?,
-            0xdb => state.define_quant(body)?,
+            0xdb => state.bits.define_quant(body)?,
             0xdd => state.restart_interval = u16::from_be_bytes([*body.first()?, *body.get(1)?]),
             // Adobe: a transform flag of 0 means the channels are RGB.
             0xee if body.get(..5) == Some(b"Adobe") && body.get(11) == Some(&0) => return None,
             0xda => {
-                let scan = Scan::parse(body, state.frame.as_ref()?)?;
+                let header = scan_header(body)?;
+                let scan = Scan::parse(&header, state.frame.as_ref()?)?;
                 i = if scan.spectral_start == 0 {
-                    state.decode_dc_scan(&scan, jpeg, i)?
+                    let end = state.decode_dc_scan(&scan, jpeg, i)?;
+                    state.bits.scan(&header)?;
+                    end
                 } else {
                     scan_end(jpeg, i)?
                 };
@@ -73,11 +194,15 @@ pub fn decode_eighth(jpeg: &[u8]) -> Option<Eighth> {
 /// Reads a progressive JPEG, whose first bytes are `head` and the rest come
 /// from `rest`, keeping what an eighth-scale decode uses: every segment and
 /// the DC scans, with the AC scans' data dropped as it streams past (through
-/// one small buffer) and reading stopped once every component's DC is
-/// complete. The result ends with EOI and decodes at 1/8 like the whole
-/// file. A file that stops making sense is kept up to that point, for the
-/// decoder to report.
-pub fn read_dc_scans(head: Vec<u8>, rest: &mut dyn std::io::Read) -> std::io::Result<Vec<u8>> {
+/// one small buffer) and reading stopped once every component's DC is as
+/// precise as `precision` asks. The result ends with EOI and decodes at 1/8
+/// like the whole file. A file that stops making sense is kept up to that
+/// point, for the decoder to report.
+pub fn read_dc_scans(
+    head: Vec<u8>,
+    rest: &mut dyn std::io::Read,
+    precision: Precision,
+) -> std::io::Result<Vec<u8>> {
     let mut input = Window {
         end: head.len(),
         buf: head,
@@ -86,14 +211,12 @@ pub fn read_dc_scans(head: Vec<u8>, rest: &mut dyn std::io::Read) -> std::io::Re
         eof: false,
     };
     let mut kept = Vec::with_capacity(1 << 19);
-    // (component ids of the frame, ids whose DC is complete)
-    let mut ids: Vec<u8> = Vec::new();
-    let mut done: Vec<u8> = Vec::new();
+    let mut bits = DcBits::default();
     if input.ensure(2)? && input.bytes(2) == [0xff, 0xd8] {
         kept.extend_from_slice(input.bytes(2));
         input.pos += 2;
         loop {
-            if !ids.is_empty() && ids.iter().all(|id| done.contains(id)) {
+            if bits.enough(precision) {
                 break;
             }
             while input.ensure(2)? && input.bytes(2) == [0xff, 0xff] {
@@ -111,13 +234,11 @@ pub fn read_dc_scans(head: Vec<u8>, rest: &mut dyn std::io::Read) -> std::io::Re
             kept.extend_from_slice(&segment);
             input.pos += 2 + len;
             let body = &segment[4..];
+            // Tables or a frame that do not parse leave `bits` short of
+            // enough, so the rest is read for the decoder to judge.
             match marker {
-                0xc2 if body.len() >= 6 => {
-                    let count = body[5] as usize;
-                    ids = (0..count)
-                        .filter_map(|c| body.get(6 + 3 * c).copied())
-                        .collect();
-                }
+                0xc2 => _ = bits.frame(body),
+                0xdb => _ = bits.define_quant(body),
                 0xda => {
                     let Some(scan) = scan_header(body) else {
                         break;
@@ -126,8 +247,8 @@ pub fn read_dc_scans(head: Vec<u8>, rest: &mut dyn std::io::Read) -> std::io::Re
                     if !input.entropy_data(dc.then_some(&mut kept))? {
                         break;
                     }
-                    if dc && scan.approx & 15 == 0 {
-                        done.extend(scan.components.iter().map(|&(id, _)| id));
+                    if dc {
+                        _ = bits.scan(&scan);
                     }
                 }
                 _ => {}
@@ -253,12 +374,6 @@ struct Component {
     id: u8,
     h: usize,
     v: usize,
-    quant_table: usize,
-    /// The quantiser of the DC coefficient, taken at the component's first
-    /// scan, as libjpeg does.
-    dc_quant: Option<i32>,
-    /// A DC scan down to the last bit (successive approximation 0) covered it.
-    dc_done: bool,
     /// DC coefficients, one per block, over the whole MCU grid.
     dc: Vec<i32>,
     /// Blocks per row of `dc`.
@@ -294,11 +409,10 @@ impl Frame {
             let at = 6 + 3 * c;
             let sampling = *body.get(at + 1)?;
             let (h, v) = ((sampling >> 4) as usize, (sampling & 15) as usize);
-            let quant_table = *body.get(at + 2)? as usize;
-            if !(1..=4).contains(&h) || !(1..=4).contains(&v) || quant_table > 3 {
+            if !(1..=4).contains(&h) || !(1..=4).contains(&v) || *body.get(at + 2)? > 3 {
                 return None;
             }
-            parts.push((*body.get(at)?, h, v, quant_table));
+            parts.push((*body.get(at)?, h, v));
         }
         // RGB-coded files name their components R, G, B.
         if count == 3 && parts.iter().map(|p| p.0).eq(*b"RGB") {
@@ -314,13 +428,10 @@ impl Frame {
         let mcus_high = height.div_ceil(8 * v_max);
         let components = parts
             .into_iter()
-            .map(|(id, h, v, quant_table)| Component {
+            .map(|(id, h, v)| Component {
                 id,
                 h,
                 v,
-                quant_table,
-                dc_quant: None,
-                dc_done: false,
                 dc: vec![0; mcus_wide * h * mcus_high * v],
                 stride: mcus_wide * h,
                 blocks_wide: (width * h).div_ceil(h_max).div_ceil(8),
@@ -384,8 +495,7 @@ pub(super) fn scan_header(body: &[u8]) -> Option<ScanHeader> {
 }
 
 impl Scan {
-    fn parse(body: &[u8], frame: &Frame) -> Option<Scan> {
-        let header = scan_header(body)?;
+    fn parse(header: &ScanHeader, frame: &Frame) -> Option<Scan> {
         let count = header.components.len();
         if count == 0 || count > frame.components.len() {
             return None;
@@ -415,7 +525,7 @@ impl Scan {
 struct State {
     frame: Option<Frame>,
     dc_tables: [Option<Huffman>; 4],
-    quant_dc: [Option<i32>; 4],
+    bits: DcBits,
     restart_interval: u16,
 }
 
@@ -438,26 +548,6 @@ impl State {
         Some(())
     }
 
-    fn define_quant(&mut self, mut body: &[u8]) -> Option<()> {
-        while !body.is_empty() {
-            let precision = body[0] >> 4;
-            let id = (body[0] & 15) as usize;
-            if id > 3 || precision > 1 {
-                return None;
-            }
-            let size = if precision == 0 { 64 } else { 128 };
-            let first = if precision == 0 {
-                *body.get(1)? as i32
-            } else {
-                u16::from_be_bytes([*body.get(1)?, *body.get(2)?]) as i32
-            };
-            body.get(1..1 + size)?;
-            self.quant_dc[id] = Some(first);
-            body = &body[1 + size..];
-        }
-        Some(())
-    }
-
     /// Decodes one DC scan whose entropy-coded data starts at `from`; returns
     /// where its data ends.
     fn decode_dc_scan(&mut self, scan: &Scan, jpeg: &[u8], from: usize) -> Option<usize> {
@@ -468,12 +558,9 @@ impl State {
         }
         let mut tables = Vec::with_capacity(scan.components.len());
         for &(index, table) in &scan.components {
-            let component = &mut frame.components[index];
             if !refine {
-                let quant = self.quant_dc[component.quant_table]?;
-                component.dc_quant.get_or_insert(quant);
                 tables.push(self.dc_tables[table].as_ref()?);
-            } else if component.dc_quant.is_none() {
+            } else if self.bits.of(index).is_none() {
                 // A refinement before the first scan.
                 return None;
             }
@@ -556,9 +643,7 @@ impl State {
             }
         }
         for plane in planes {
-            let component = &mut frame.components[plane.index];
-            component.dc = plane.dc;
-            component.dc_done |= ok && scan.low_bit == 0;
+            frame.components[plane.index].dc = plane.dc;
         }
         if !ok {
             return None;
@@ -569,12 +654,6 @@ impl State {
         scan_end(jpeg, bits.position())
     }
 
-    fn dc_complete(&self) -> bool {
-        self.frame
-            .as_ref()
-            .is_some_and(|f| f.components.iter().all(|c| c.dc_done))
-    }
-
     fn finish(self) -> Option<Eighth> {
         let frame = self.frame?;
         let width = frame.width.div_ceil(8);
@@ -582,15 +661,19 @@ impl State {
         // Each component's samples at 1/8 scale, repeated over the pixels
         // its block covers when it is subsampled.
         let mut planes = Vec::with_capacity(frame.components.len());
-        for c in &frame.components {
-            let quant = c.dc_quant?;
+        for (index, c) in frame.components.iter().enumerate() {
+            let (quant, low_bit) = self.bits.of(index)?;
+            // Bits not sent yet take the middle of their range: in half
+            // coefficient units, 2^low_bit - 1. With every bit this is
+            // libjpeg's (dc * quant + 4) >> 3.
+            let missing = (1i32 << low_bit) - 1;
             let (dx, dy) = (frame.h_max / c.h, frame.v_max / c.v);
             let mut plane = Vec::with_capacity(width * height);
             for y in 0..height {
                 let blocks = c.dc.get((y / dy) * c.stride..)?;
                 plane.extend((0..width).map(|x| {
-                    let dc = blocks[x / dx];
-                    let value = (dc.wrapping_mul(quant).wrapping_add(4) >> 3) + 128;
+                    let twice = blocks[x / dx].wrapping_mul(2).wrapping_add(missing);
+                    let value = (twice.wrapping_mul(quant).wrapping_add(8) >> 4) + 128;
                     value.clamp(0, 255) as u8
                 }));
             }

@@ -155,7 +155,8 @@ struct State {
 /// that grew past the limit), or, for a progressive JPEG that the action
 /// shrinks to 1/8, only its segments and DC scans, which decode the same at
 /// that scale: a few hundred kilobytes of a file of several megabytes are
-/// kept, and reading stops once the DC coefficients are complete.
+/// kept, and reading stops once the DC coefficients are precise enough
+/// (within half a grey level, as the decoder itself stops).
 pub fn read_source(
     body: &mut dyn std::io::Read,
     size: u64,
@@ -174,7 +175,7 @@ pub fn read_source(
         && !describes_source
         && decode::eighth_scale_suffices(&input, lead)
     {
-        return jpeg_dc::read_dc_scans(input, body);
+        return jpeg_dc::read_dc_scans(input, body, jpeg_dc::Precision::HALF_LEVEL);
     }
     let have = input.len() as u64;
     input.reserve(size.min(max).saturating_sub(have) as usize);
