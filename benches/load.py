@@ -171,8 +171,8 @@ def run_once(data):
           f"target 0.9 x {cores} cores x {single_rate:.1f} = {0.9 * cores * single_rate:.1f})")
     print(f"events {n}, outputs written {len(written)} in {elapsed:.2f} s: {rate:.1f} per second = {ratio:.2f} x cores x single rate")
     print(f"latency from POST to output written: p50 {pct(0.50):.0f} ms, p99 {pct(0.99):.0f} ms")
-    print(f"server CPU: {server_cpu[0]:.2f} s (user {server_cpu[1] / tck:.2f}, sys {server_cpu[2] / tck:.2f}) = {server_cpu[0] * 1000 / n:.1f} ms "
-          f"and {server_cpu[3] / n:.0f} page faults per event (" + ", ".join(f"{name} {t * 1000 / n:.1f} ms" for name, t in sorted(by_thread.items())) + ")")
+    print(f"server CPU: {server_cpu[0]:.2f} s (user {server_cpu[1] / tck:.2f}, sys {server_cpu[2] / tck:.2f}) = {server_cpu[0] * 1000 / n:.2f} ms "
+          f"and {server_cpu[3] / n:.0f} page faults per event (" + ", ".join(f"{name} {t * 1000 / n:.2f} ms" for name, t in sorted(by_thread.items())) + ")")
     print(f"peak RSS of imgfunc serve: {peak_kib / 1024:.1f} MiB")
     ok = len(written) == n
     if args.notify:
