@@ -130,6 +130,7 @@ def run_once(data):
             return []
 
     posted = {}
+    cpu_at_start = proc_stat(server.pid)[0]
     start = time.time()
     for b in range(0, len(keys), 50):
         batch = keys[b:b + 50]
@@ -173,6 +174,9 @@ def run_once(data):
     print(f"latency from POST to output written: p50 {pct(0.50):.0f} ms, p99 {pct(0.99):.0f} ms")
     print(f"server CPU: {server_cpu[0]:.2f} s (user {server_cpu[1] / tck:.2f}, sys {server_cpu[2] / tck:.2f}) = {server_cpu[0] * 1000 / n:.2f} ms "
           f"and {server_cpu[3] / n:.0f} page faults per event (" + ", ".join(f"{name} {t * 1000 / n:.2f} ms" for name, t in sorted(by_thread.items())) + ")")
+    busy = server_cpu[0] - cpu_at_start
+    print(f"server CPU from the first POST on: {busy * 1000 / n:.2f} ms per event, "
+          f"{100 * busy / (elapsed * cores):.0f} % of the cores over the run")
     print(f"peak RSS of imgfunc serve: {peak_kib / 1024:.1f} MiB")
     ok = len(written) == n
     if args.notify:
