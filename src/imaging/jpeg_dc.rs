@@ -197,7 +197,10 @@ pub fn decode_eighth(jpeg: &[u8], precision: Precision) -> Option<Eighth> {
 /// one small buffer) and reading stopped once every component's DC is as
 /// precise as `precision` asks. The result ends with EOI and decodes at 1/8
 /// like the whole file. A file that stops making sense is kept up to that
-/// point, for the decoder to report.
+/// point, for the decoder to report. If [`decode_eighth`] then declines the
+/// file (RGB-coded, 12-bit), libjpeg-turbo decodes the cut without the
+/// bits left out and without their midpoint: at most `quantiser x (2^Al -
+/// 1) / 8` <= 1 level off.
 pub fn read_dc_scans(
     head: Vec<u8>,
     rest: &mut dyn std::io::Read,
