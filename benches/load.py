@@ -89,6 +89,12 @@ def proc_stat(path):
     return (int(fields[11]) + int(fields[12])) / tck, int(fields[11]), int(fields[12]), int(fields[7])
 
 
+def machine_ticks():
+    """(idle + iowait, steal, total) ticks of all CPUs since boot, from /proc/stat."""
+    f = [int(x) for x in open('/proc/stat').readline().split()[1:9]]
+    return f[3] + f[4], f[7], sum(f)
+
+
 def run_once(data):
     """One load run in `data`; prints its lines and returns (ratio, ok)."""
     notified.clear()
@@ -131,6 +137,7 @@ def run_once(data):
 
     posted = {}
     cpu_at_start = proc_stat(server.pid)[0]
+    ticks_at_start = machine_ticks()
     start = time.time()
     for b in range(0, len(keys), 50):
         batch = keys[b:b + 50]
@@ -147,6 +154,7 @@ def run_once(data):
     if args.notify:
         while len(notified) < len(keys) and time.monotonic() < deadline:
             time.sleep(0.1)
+    ticks = [b - a for a, b in zip(ticks_at_start, machine_ticks())]
     written = {e.name: e.stat().st_ctime_ns / 1e9 for e in outputs()}
     elapsed = max(written.values()) - start
     server_cpu = proc_stat(server.pid)
@@ -176,7 +184,9 @@ def run_once(data):
           f"and {server_cpu[3] / n:.0f} page faults per event (" + ", ".join(f"{name} {t * 1000 / n:.2f} ms" for name, t in sorted(by_thread.items())) + ")")
     busy = server_cpu[0] - cpu_at_start
     print(f"server CPU from the first POST on: {busy * 1000 / n:.2f} ms per event, "
-          f"{100 * busy / (elapsed * cores):.0f} % of the cores over the run")
+          f"{100 * busy / (elapsed * cores):.0f} % of the cores over the run; the machine meanwhile "
+          f"(to up to 0.1 s after the last output): {100 * ticks[1] / max(ticks[2], 1):.0f} % stolen by the hypervisor, "
+          f"{100 * ticks[0] / max(ticks[2], 1):.0f} % idle or waiting for the disk")
     print(f"peak RSS of imgfunc serve: {peak_kib / 1024:.1f} MiB")
     ok = len(written) == n
     if args.notify:
