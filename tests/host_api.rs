@@ -244,7 +244,13 @@ async fn a_busy_worker_and_a_full_queue_answer_503() {
 
     // One worker keeps two invocations in flight (their reads overlap the
     // image work): a.jpg and b.jpg are taken and stuck, c.jpg waits.
+    // The queue holds one, so each is posted once the one before it was
+    // taken (a worker may not have taken it yet on a busy machine).
     assert_eq!(host.post_events(&event("a.jpg")).await.status(), 202);
+    eventually("a.jpg to be taken", || async {
+        (host.queue_depth().await == 0).then_some(())
+    })
+    .await;
     assert_eq!(host.post_events(&event("b.jpg")).await.status(), 202);
     eventually("both in-flight invocations to be stuck reading", || {
         std::future::ready((accepted.load(Ordering::SeqCst) >= 2).then_some(()))

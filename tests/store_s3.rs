@@ -7,7 +7,7 @@ mod common;
 use bytes::Bytes;
 use common::s3::{S3Server, s3_client, start_s3};
 use imgfunc::store::{
-    DEFAULT_CONTENT_TYPE, ListEntry, LocalStore, ObjectStore, PutOptions, S3Store, StoreError,
+    Body, DEFAULT_CONTENT_TYPE, ListEntry, LocalStore, ObjectStore, PutOptions, S3Store, StoreError,
 };
 use std::collections::BTreeMap;
 
@@ -26,6 +26,21 @@ fn put_options(content_type: &str, meta: &[(&str, &str)]) -> PutOptions {
 }
 
 /// The behaviour every store must share. `bucket` exists and is empty;
+/// Up to `limit` bytes of an opened body, read on the blocking pool.
+async fn read_body(body: Body, limit: usize) -> Vec<u8> {
+    use std::io::Read;
+    match body {
+        Body::Bytes(bytes) => bytes[..limit.min(bytes.len())].to_vec(),
+        Body::Read(reader) => tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            reader.take(limit as u64).read_to_end(&mut out).unwrap();
+            out
+        })
+        .await
+        .unwrap(),
+    }
+}
+
 /// `missing_bucket` does not exist.
 async fn conformance(store: &dyn ObjectStore, bucket: &str, missing_bucket: &str) {
     let body = Bytes::from((0..=255u8).cycle().take(10_000).collect::<Vec<u8>>());
@@ -53,6 +68,33 @@ async fn conformance(store: &dyn ObjectStore, bucket: &str, missing_bucket: &str
         .collect();
     assert_eq!(object.meta.user_metadata, expected);
     assert!(object.meta.last_modified.is_some());
+
+    // Opening gives the same metadata and bytes. A streamed body is read
+    // off the runtime, as the image cloudfunc reads it, and may be dropped
+    // part-way, after which the store keeps serving.
+    let opened = store.open(bucket, "photos/a.jpg").await.unwrap();
+    assert_eq!(opened.meta.size, body.len() as u64);
+    assert_eq!(opened.meta.content_type, "image/jpeg");
+    assert_eq!(opened.meta.user_metadata, expected);
+    assert_eq!(read_body(opened.body, usize::MAX).await, body);
+    let big = Bytes::from((0..=250u8).cycle().take(4 << 20).collect::<Vec<u8>>());
+    store
+        .put(bucket, "big.bin", big.clone(), put_options("", &[]))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let opened = store.open(bucket, "big.bin").await.unwrap();
+        assert_eq!(opened.meta.size, big.len() as u64);
+        assert_eq!(read_body(opened.body, 100).await, big[..100]);
+    }
+    assert_eq!(store.get(bucket, "big.bin").await.unwrap().bytes, big);
+    store.delete(bucket, "big.bin").await.unwrap();
+    let err = store
+        .open(bucket, "photos/missing.jpg")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(&err, StoreError::NotFound { .. }), "{err}");
 
     let meta = store.head(bucket, "photos/a.jpg").await.unwrap();
     assert_eq!(meta.content_type, "image/jpeg");
@@ -297,4 +339,65 @@ async fn s3_store_creates_buckets() {
         store.create_bucket("Bad").await.unwrap_err().code(),
         "invalid_bucket"
     );
+}
+
+/// Counts the bytes a reader hands out.
+struct Counted<R> {
+    inner: R,
+    read: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_thumbnail_sources_are_read_only_up_to_their_dc_scan() {
+    let s3 = start_s3().await;
+    s3.create_bucket("photos").await;
+    let store = s3.store();
+    // A progressive 1280x960 JPEG at quality 90: its first scan carries DC
+    // to within half a level (quantiser 3, one bit left) and ends 15 KB
+    // into the 137 KB file.
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/images/wood-progressive-1280.jpg"
+    );
+    let jpeg = std::fs::read(path).unwrap();
+    store
+        .put(
+            "photos",
+            "wood.jpg",
+            Bytes::from(jpeg.clone()),
+            put_options("image/jpeg", &[]),
+        )
+        .await
+        .unwrap();
+    let opened = store.open("photos", "wood.jpg").await.unwrap();
+    assert_eq!(opened.meta.size, jpeg.len() as u64);
+    let Body::Read(reader) = opened.body else {
+        panic!("S3 bodies stream");
+    };
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut counted = Counted {
+        inner: reader,
+        read: read.clone(),
+    };
+    let action = imgfunc::action::Action::parse("resize:w_150").unwrap();
+    let size = jpeg.len() as u64;
+    let cut = tokio::task::spawn_blocking(move || {
+        imgfunc::imaging::read_source(&mut counted, size, &action, &Default::default()).unwrap()
+    })
+    .await
+    .unwrap();
+    let read = read.load(std::sync::atomic::Ordering::Relaxed);
+    // The 64 KB head, and no more: the DC scan ends inside it.
+    assert_eq!(read, 64 << 10, "read {read} of {}", jpeg.len());
+    assert!(cut.len() < read, "kept {} of {read}", cut.len());
+    assert_eq!(cut[..cut.len() - 2], jpeg[..cut.len() - 2]);
+    assert_eq!(cut[cut.len() - 2..], [0xff, 0xd9]);
 }

@@ -9,8 +9,8 @@
 
 use super::validate::normalize_put_options;
 use super::{
-    BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectStore,
-    PutOptions, StoreError, validate_bucket, validate_key,
+    Body, BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectReader,
+    ObjectStore, PutOptions, StoreError, validate_bucket, validate_key,
 };
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::Region;
@@ -225,6 +225,42 @@ impl ObjectStore for S3Store {
         })
     }
 
+    /// The body streams: a reader that stops early (a thumbnail of a
+    /// progressive JPEG needs its first scans only) drops the rest of the
+    /// response unread.
+    fn open(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectReader, StoreError>> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        Box::pin(async move {
+            check_target(&bucket, &key)?;
+            let resp = self
+                .client
+                .get_object()
+                .bucket(&bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| map_error("get_object", &bucket, &key, Missing::Object, e))?;
+            let meta = object_meta(
+                resp.content_type(),
+                resp.content_length()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .unwrap_or(0),
+                resp.metadata(),
+                resp.last_modified(),
+            );
+            let reader = StreamReader {
+                stream: resp.body,
+                chunk: Bytes::new(),
+                runtime: tokio::runtime::Handle::current(),
+                target: format!("{bucket}/{key}"),
+            };
+            Ok(ObjectReader {
+                meta,
+                body: Body::Read(Box::new(reader)),
+            })
+        })
+    }
+
     fn head(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectMeta, StoreError>> {
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
         Box::pin(async move {
@@ -345,6 +381,38 @@ impl ObjectStore for S3Store {
 
     fn describe(&self) -> String {
         format!("s3:{}", self.endpoint)
+    }
+}
+
+/// A blocking reader over a response body, for use off the runtime's
+/// worker threads (tokio's blocking pool): each read waits for the next
+/// chunk on the runtime.
+struct StreamReader {
+    stream: ByteStream,
+    /// The part of the last chunk not yet read.
+    chunk: Bytes,
+    runtime: tokio::runtime::Handle,
+    target: String,
+}
+
+impl std::io::Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.runtime.block_on(self.stream.next()) {
+                Some(Ok(chunk)) => self.chunk = chunk,
+                Some(Err(e)) => {
+                    return Err(std::io::Error::other(format!(
+                        "reading {} failed: {}",
+                        self.target,
+                        DisplayErrorContext(&e)
+                    )));
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
     }
 }
 
