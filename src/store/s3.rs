@@ -40,6 +40,30 @@ enum Missing {
 }
 
 impl S3Store {
+    /// Sends a GET: the object's metadata (its size from `Content-Length`)
+    /// and its body, not yet read.
+    async fn get_object(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(ObjectMeta, ByteStream), StoreError> {
+        check_target(bucket, key)?;
+        let resp = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| map_error("get_object", bucket, key, Missing::Object, e))?;
+        let meta = object_meta(
+            resp.content_type(),
+            non_negative(resp.content_length()),
+            resp.metadata(),
+            resp.last_modified(),
+        );
+        Ok((meta, resp.body))
+    }
     /// A store over a ready client. `endpoint_description` is only shown by
     /// [`ObjectStore::describe`] (`s3:<endpoint_description>`).
     pub fn new(client: Client, endpoint_description: String) -> Self {
@@ -195,23 +219,8 @@ impl ObjectStore for S3Store {
     fn get(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<Object, StoreError>> {
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
         Box::pin(async move {
-            check_target(&bucket, &key)?;
-            let resp = self
-                .client
-                .get_object()
-                .bucket(&bucket)
-                .key(&key)
-                .send()
-                .await
-                .map_err(|e| map_error("get_object", &bucket, &key, Missing::Object, e))?;
-            let mut meta = object_meta(
-                resp.content_type(),
-                0,
-                resp.metadata(),
-                resp.last_modified(),
-            );
-            let bytes = resp
-                .body
+            let (mut meta, body) = self.get_object(&bucket, &key).await?;
+            let bytes = body
                 .collect()
                 .await
                 .map_err(|e| StoreError::Backend {
@@ -231,25 +240,9 @@ impl ObjectStore for S3Store {
     fn open(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectReader, StoreError>> {
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
         Box::pin(async move {
-            check_target(&bucket, &key)?;
-            let resp = self
-                .client
-                .get_object()
-                .bucket(&bucket)
-                .key(&key)
-                .send()
-                .await
-                .map_err(|e| map_error("get_object", &bucket, &key, Missing::Object, e))?;
-            let meta = object_meta(
-                resp.content_type(),
-                resp.content_length()
-                    .and_then(|n| u64::try_from(n).ok())
-                    .unwrap_or(0),
-                resp.metadata(),
-                resp.last_modified(),
-            );
+            let (meta, body) = self.get_object(&bucket, &key).await?;
             let reader = StreamReader {
-                stream: resp.body,
+                stream: body,
                 chunk: Bytes::new(),
                 runtime: tokio::runtime::Handle::current(),
                 target: format!("{bucket}/{key}"),
