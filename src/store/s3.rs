@@ -40,30 +40,6 @@ enum Missing {
 }
 
 impl S3Store {
-    /// Sends a GET: the object's metadata (its size from `Content-Length`)
-    /// and its body, not yet read.
-    async fn get_object(
-        &self,
-        bucket: &str,
-        key: &str,
-    ) -> Result<(ObjectMeta, ByteStream), StoreError> {
-        check_target(bucket, key)?;
-        let resp = self
-            .client
-            .get_object()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| map_error("get_object", bucket, key, Missing::Object, e))?;
-        let meta = object_meta(
-            resp.content_type(),
-            non_negative(resp.content_length()),
-            resp.metadata(),
-            resp.last_modified(),
-        );
-        Ok((meta, resp.body))
-    }
     /// A store over a ready client. `endpoint_description` is only shown by
     /// [`ObjectStore::describe`] (`s3:<endpoint_description>`).
     pub fn new(client: Client, endpoint_description: String) -> Self {
@@ -134,6 +110,31 @@ impl S3Store {
             Err(err) if err.code() == Some("BucketAlreadyOwnedByYou") => Ok(()),
             Err(err) => Err(map_error("create_bucket", bucket, "", Missing::Bucket, err)),
         }
+    }
+
+    /// Sends a GET: the object's metadata (its size from `Content-Length`)
+    /// and its body, not yet read.
+    async fn get_object(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(ObjectMeta, ByteStream), StoreError> {
+        check_target(bucket, key)?;
+        let resp = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| map_error("get_object", bucket, key, Missing::Object, e))?;
+        let meta = object_meta(
+            resp.content_type(),
+            non_negative(resp.content_length()),
+            resp.metadata(),
+            resp.last_modified(),
+        );
+        Ok((meta, resp.body))
     }
 }
 
