@@ -242,26 +242,23 @@ async fn a_busy_worker_and_a_full_queue_answer_503() {
     assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
     let event = |key: &str| json!({"event_type": "create_object", "bucket_name": "photos", "object_key": key});
 
-    // One worker keeps two invocations in flight (their reads overlap the
-    // image work): a.jpg and b.jpg are taken and stuck, c.jpg waits.
-    // The queue holds one, so each is posted once the one before it was
-    // taken (a worker may not have taken it yet on a busy machine).
-    assert_eq!(host.post_events(&event("a.jpg")).await.status(), 202);
-    eventually("a.jpg to be taken", || async {
-        (host.queue_depth().await == 0).then_some(())
-    })
-    .await;
-    assert_eq!(host.post_events(&event("b.jpg")).await.status(), 202);
-    eventually("both in-flight invocations to be stuck reading", || {
-        std::future::ready((accepted.load(Ordering::SeqCst) >= 2).then_some(()))
-    })
-    .await;
-    assert_eq!(host.post_events(&event("c.jpg")).await.status(), 202);
+    // One worker keeps four invocations in flight (their reads and writes
+    // overlap the image work): a.jpg to d.jpg are taken and stuck, e.jpg
+    // waits. The queue holds one, so each is posted once the one before it
+    // was taken (a worker may not have taken it yet on a busy machine).
+    for (n, name) in ["a.jpg", "b.jpg", "c.jpg", "d.jpg"].into_iter().enumerate() {
+        assert_eq!(host.post_events(&event(name)).await.status(), 202);
+        eventually(&format!("{name} to be taken and stuck reading"), || {
+            std::future::ready((accepted.load(Ordering::SeqCst) > n).then_some(()))
+        })
+        .await;
+    }
+    assert_eq!(host.post_events(&event("e.jpg")).await.status(), 202);
     assert_eq!(host.queue_depth().await, 1);
-    let refused = host.post_events(&event("d.jpg")).await;
+    let refused = host.post_events(&event("f.jpg")).await;
     assert_eq!(refused.headers()["retry-after"], "1");
     assert_error(refused, 503, "queue_full", &["1 waiting"]).await;
-    assert_eq!(host.queue_depth().await, 1, "d.jpg was not queued");
+    assert_eq!(host.queue_depth().await, 1, "f.jpg was not queued");
     let ready: Value = host
         .http
         .get(host.url("/readyz"))

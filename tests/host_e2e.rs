@@ -340,7 +340,8 @@ async fn two_rules_saving_into_each_others_buckets_stop_after_one_round() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_queued_work_before_run_returns() {
-    const UPLOADS: usize = 3;
+    // More than the four invocations one worker keeps in flight.
+    const UPLOADS: usize = 7;
     let receiver = Receiver::start(Behaviour::Accept).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());

@@ -36,8 +36,8 @@ pub struct HostConfig {
     pub data_dir: PathBuf,
     /// Rule files loaded at start (`functions/*.json`).
     pub functions_dir: Option<PathBuf>,
-    /// Image work running at once (off the async runtime). Twice as many
-    /// invocations are in flight, so their reads and writes overlap it.
+    /// Image work running at once (off the async runtime). Four times as
+    /// many invocations are in flight, so their reads and writes overlap it.
     pub workers: usize,
     /// Invocations that may wait; past this, events are answered 503.
     pub queue_bound: usize,
