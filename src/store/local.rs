@@ -538,6 +538,7 @@ fn write_staged(
         .parent()
         .ok_or_else(|| StoreError::io("write", path, ErrorKind::InvalidInput.into()))?;
     let mut staged = stage(dir, unnamed)?;
+    let mut linking = false;
     let mut write = || -> io::Result<bool> {
         staged.file.write_all(bytes)?;
         let stored = match attribute {
@@ -549,11 +550,20 @@ fn write_staged(
             None => false,
         };
         staged.file.sync_all()?;
+        linking = true;
         staged.publish(path)?;
         Ok(stored)
     };
     match write() {
         Ok(stored) => Ok(stored),
+        // Linking through /proc can be refused where unnamed files are
+        // allowed (a sandbox, /proc mounted with restrictions): the process
+        // goes back to named temporary files, and this write starts over.
+        Err(e) if linking && staged.name.is_none() && link_refused(&e) => {
+            UNNAMED_FILES.store(false, Ordering::Relaxed);
+            drop(staged);
+            write_staged(path, bytes, attribute, false)
+        }
         Err(e) => {
             // Best effort: the write already failed, and the name is hidden
             // from listings if the removal fails too. An unnamed file goes
@@ -564,6 +574,23 @@ fn write_staged(
             Err(StoreError::io("write", path, e))
         }
     }
+}
+
+/// Whether linking an unnamed file failed because the system does not allow
+/// it, rather than because of the target (which a named write would meet
+/// too).
+fn link_refused(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(
+            libc::EPERM
+                | libc::EACCES
+                | libc::EXDEV
+                | libc::EINVAL
+                | libc::ENOSYS
+                | libc::EOPNOTSUPP
+        )
+    )
 }
 
 /// A file being written before it is published under its object's name.
@@ -1238,6 +1265,23 @@ mod tests {
                 .map(|e| e.unwrap().file_name())
                 .collect();
             assert_eq!(names, ["k.jpg"], "unnamed {unnamed}");
+        }
+    }
+
+    #[test]
+    fn a_refused_link_is_told_apart_from_a_failed_write() {
+        // An unnamed file cannot be linked into another filesystem: the
+        // kind of refusal after which a write starts over with a name.
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir_in("/dev/shm").unwrap();
+        let staged = stage(dir.path(), true).unwrap();
+        assert!(staged.name.is_none(), "this filesystem has unnamed files");
+        let err = staged.publish(&other.path().join("k")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EXDEV), "{err}");
+        assert!(link_refused(&err));
+        // What a named write would meet too is not a refusal.
+        for errno in [libc::ENOSPC, libc::EIO, libc::EDQUOT, libc::EROFS] {
+            assert!(!link_refused(&io::Error::from_raw_os_error(errno)));
         }
     }
 
