@@ -237,8 +237,8 @@ async fn run_image(
         .into());
     }
     // A streamed object is read off the async runtime, and off the image
-    // threads so that they never wait for a disk: only its DC scans when
-    // that is all a thumbnail uses.
+    // threads so that they never wait for a disk or the network: only its
+    // DC scans when that is all a thumbnail uses.
     let input: Bytes = match source.body {
         Body::Bytes(bytes) => bytes,
         Body::Read(mut reader) => {

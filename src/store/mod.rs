@@ -71,6 +71,9 @@ pub struct ObjectReader {
 /// that a reader which needs only part of a large object reads only that).
 pub enum Body {
     Bytes(Bytes),
+    /// Blocking reads, from a disk or the network: read it on tokio's
+    /// blocking pool or a thread of its own, never on a runtime worker (the
+    /// S3 store's reader waits on the runtime for each chunk).
     Read(Box<dyn std::io::Read + Send>),
 }
 
