@@ -18,8 +18,8 @@ the kernel's high-water mark (VmHWM).
 
 Prints, per run: completions per second and the ratio to the target, p50/p99
 latency from POST to output written, the server's CPU time and page faults
-per event (by thread kind) beside bench's time per image, and the server's
-peak RSS; then the median ratio over the runs. Data directories are removed
+per event (by thread kind) beside bench's time per image, the disks' write
+requests per event while it ran, and the server's peak RSS; then the median ratio over the runs. Data directories are removed
 only after the last run: ext4 without a journal makes new files skip inodes
 deleted in the last one to five minutes (`recently_deleted`, a scan that
 took half of the server's non-image CPU in a run started two minutes after
@@ -105,6 +105,16 @@ def machine_ticks():
     return f[3] + f[4], f[7], sum(f)
 
 
+def disk_writes():
+    """Write requests completed by the machine's disks (not partitions), from /proc/diskstats."""
+    total = 0
+    for line in open('/proc/diskstats'):
+        f = line.split()
+        if os.path.exists(f'/sys/block/{f[2]}') and not f[2].startswith(('loop', 'ram')):
+            total += int(f[7])
+    return total
+
+
 def run_once(data):
     """One load run in `data`; prints its lines and returns (ratio, ok)."""
     notified.clear()
@@ -148,6 +158,7 @@ def run_once(data):
     posted = {}
     cpu_at_start = proc_stat(server.pid)[0]
     ticks_at_start = machine_ticks()
+    writes_at_start = disk_writes()
     start = time.time()
     for b in range(0, len(keys), 50):
         batch = keys[b:b + 50]
@@ -165,6 +176,7 @@ def run_once(data):
         while len(notified) < len(keys) and time.monotonic() < deadline:
             time.sleep(0.1)
     ticks = [b - a for a, b in zip(ticks_at_start, machine_ticks())]
+    writes = disk_writes() - writes_at_start
     written = {e.name: e.stat().st_ctime_ns / 1e9 for e in outputs()}
     elapsed = max(written.values()) - start
     server_cpu = proc_stat(server.pid)
@@ -196,7 +208,7 @@ def run_once(data):
     print(f"server CPU from the first POST on: {busy * 1000 / n:.2f} ms per event, "
           f"{100 * busy / (elapsed * cores):.0f} % of the cores over the run; the machine meanwhile "
           f"(to up to 0.1 s after the last output): {100 * ticks[1] / max(ticks[2], 1):.0f} % stolen by the hypervisor, "
-          f"{100 * ticks[0] / max(ticks[2], 1):.0f} % idle or waiting for the disk")
+          f"{100 * ticks[0] / max(ticks[2], 1):.0f} % idle or waiting for the disk; {writes / n:.1f} disk writes per event")
     print(f"peak RSS of imgfunc serve: {peak_kib / 1024:.1f} MiB")
     ok = len(written) == n
     if args.notify:

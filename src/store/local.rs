@@ -43,6 +43,7 @@
 //! operator places under the root are followed when reading; listings do not
 //! descend into linked folders.
 
+use super::flush::GroupFlush;
 use super::validate::{normalize_put_options, validate_local_key};
 use super::{
     Body, BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectReader,
@@ -89,6 +90,7 @@ pub struct LocalStore {
     root: PathBuf,
     place: MetadataPlace,
     locks: Box<[Arc<RwLock<()>>]>,
+    flush: Arc<GroupFlush>,
 }
 
 /// Where a [`LocalStore`] writes objects' metadata.
@@ -141,7 +143,12 @@ impl LocalStore {
         let locks = (0..LOCK_SHARDS)
             .map(|_| Arc::new(RwLock::new(())))
             .collect();
-        LocalStore { root, place, locks }
+        LocalStore {
+            root,
+            place,
+            locks,
+            flush: Arc::default(),
+        }
     }
 
     /// The folder this store keeps its buckets in.
@@ -244,13 +251,14 @@ impl ObjectStore for LocalStore {
         let target = self.target(bucket, key);
         let lock = self.lock(bucket, key);
         let place = self.place;
+        let flush = Arc::clone(&self.flush);
         Box::pin(async move {
             let target = target?;
             let opts = normalize_put_options(opts)?;
             let guard = lock.write_owned().await;
             blocking(move || {
                 let _guard = guard;
-                write_object(&target, &bytes, opts, place)
+                write_object(&target, &bytes, opts, place, &flush)
             })
             .await
         })
@@ -416,6 +424,7 @@ fn write_object(
     bytes: &[u8],
     opts: PutOptions,
     place: MetadataPlace,
+    flush: &GroupFlush,
 ) -> Result<(), StoreError> {
     check_not_shadowed(target)?;
     let stored = StoredMeta {
@@ -425,13 +434,13 @@ fn write_object(
     let json = serde_json::to_vec(&stored)
         .map_err(|e| StoreError::io("encode metadata of", &target.object, io::Error::other(e)))?;
     let attribute = (place == MetadataPlace::Xattr).then_some(&json[..]);
-    if write_atomic(&target.object, bytes, attribute)? {
+    if write_atomic(&target.object, bytes, attribute, flush)? {
         // The new file carries its metadata; an older sidecar would only
         // confuse a later reader of the folder.
         return remove_file_if_present(&target.sidecar, "remove the old sidecar");
     }
     clear_stale_sidecars(target)?;
-    write_atomic(&target.sidecar, &json, None)?;
+    write_atomic(&target.sidecar, &json, None, flush)?;
     Ok(())
 }
 
@@ -512,9 +521,10 @@ fn clear_stale_sidecars(target: &Target) -> Result<(), StoreError> {
 }
 
 /// Writes `bytes` to a new file in `path`'s folder, with `attribute` as its
-/// metadata attribute when given, flushes it to disk and only then gives it
-/// the name `path`, so that a reader sees the old object or the whole new
-/// one. Returns whether the attribute was stored.
+/// metadata attribute when given, flushes it to disk (with other writes
+/// that come at the same time: [`GroupFlush`]) and only then gives it the
+/// name `path`, so that a reader sees the old object or the whole new one.
+/// Returns whether the attribute was stored.
 ///
 /// The new file is unnamed (`O_TMPFILE`) where the filesystem allows, and
 /// linked under `path` once flushed: on ext4 that saves a directory entry,
@@ -522,8 +532,13 @@ fn clear_stale_sidecars(target: &Target) -> Result<(), StoreError> {
 /// named file (1.4 of 5.4 disk writes per object here). Replacing an
 /// existing object, or where unnamed files are not available, the file has
 /// a hidden temporary name and is renamed over `path`.
-fn write_atomic(path: &Path, bytes: &[u8], attribute: Option<&[u8]>) -> Result<bool, StoreError> {
-    write_staged(path, bytes, attribute, unnamed_files())
+fn write_atomic(
+    path: &Path,
+    bytes: &[u8],
+    attribute: Option<&[u8]>,
+    flush: &GroupFlush,
+) -> Result<bool, StoreError> {
+    write_staged(path, bytes, attribute, unnamed_files(), flush)
 }
 
 /// [`write_atomic`] with unnamed files (`unnamed`) or named ones.
@@ -532,6 +547,7 @@ fn write_staged(
     bytes: &[u8],
     attribute: Option<&[u8]>,
     unnamed: bool,
+    flush: &GroupFlush,
 ) -> Result<bool, StoreError> {
     use xattr::FileExt;
     let dir = path
@@ -549,7 +565,7 @@ fn write_staged(
             },
             None => false,
         };
-        staged.file.sync_all()?;
+        flush.flush(&staged.file)?;
         linking = true;
         staged.publish(path)?;
         Ok(stored)
@@ -562,7 +578,7 @@ fn write_staged(
         Err(e) if linking && staged.name.is_none() && link_refused(&e) => {
             UNNAMED_FILES.store(false, Ordering::Relaxed);
             drop(staged);
-            write_staged(path, bytes, attribute, false)
+            write_staged(path, bytes, attribute, false, flush)
         }
         Err(e) => {
             // Best effort: the write already failed, and the name is hidden
@@ -1239,7 +1255,9 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             // The folder does not exist yet.
             let path = dir.path().join("b/deep/k.jpg");
-            let stored = write_staged(&path, b"first", Some(b"{\"a\":1}"), unnamed).unwrap();
+            let flush = GroupFlush::new();
+            let stored =
+                write_staged(&path, b"first", Some(b"{\"a\":1}"), unnamed, &flush).unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), b"first", "unnamed {unnamed}");
             if stored {
                 assert_eq!(
@@ -1248,7 +1266,7 @@ mod tests {
                 );
             }
             // Replacing goes through a temporary name and a rename.
-            write_staged(&path, b"second", Some(b"{\"a\":2}"), unnamed).unwrap();
+            write_staged(&path, b"second", Some(b"{\"a\":2}"), unnamed, &flush).unwrap();
             assert_eq!(
                 std::fs::read(&path).unwrap(),
                 b"second",

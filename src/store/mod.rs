@@ -15,6 +15,7 @@
 //!   S3 returns them.
 
 mod error;
+mod flush;
 mod local;
 mod s3;
 mod validate;
