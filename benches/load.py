@@ -2,7 +2,7 @@
 """Load test of `imgfunc serve`: N create_object events for real photos on the
 embedded store with rule P1, measured from the outside.
 
-    benches/load.py [--runs 3] [--events 500] [--notify] [--bin target/release/imgfunc] [PHOTO...]
+    benches/load.py [--runs 5] [--events 500] [--notify] [--bin target/release/imgfunc] [PHOTO...]
 
 Each run measures the single-image P1 rate with `imgfunc bench` just before
 and just after the load (the throughput target is 0.9 x cores x that rate;
@@ -19,7 +19,9 @@ the kernel's high-water mark (VmHWM).
 Prints, per run: completions per second and the ratio to the target, p50/p99
 latency from POST to output written, the server's CPU time and page faults
 per event (by thread kind) beside bench's time per image, the disks' write
-requests per event while it ran, and the server's peak RSS; then the median ratio over the runs. Data directories are removed
+requests per event while it ran, context switches per event by thread kind
+(`waits`: the thread slept; `preempted`: another thread took its core), and
+the server's peak RSS; then the median ratio over the runs. Data directories are removed
 only after the last run: ext4 without a journal makes new files skip inodes
 deleted in the last one to five minutes (`recently_deleted`, a scan that
 took half of the server's non-image CPU in a run started two minutes after
@@ -34,7 +36,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ap = argparse.ArgumentParser()
-ap.add_argument('--runs', type=int, default=3)
+ap.add_argument('--runs', type=int, default=5)
 ap.add_argument('--events', type=int, default=500)
 ap.add_argument('--notify', action='store_true')
 ap.add_argument('--bin', default=os.path.join(os.path.dirname(__file__), '..', 'target', 'release', 'imgfunc'))
@@ -180,11 +182,16 @@ def run_once(data):
     written = {e.name: e.stat().st_ctime_ns / 1e9 for e in outputs()}
     elapsed = max(written.values()) - start
     server_cpu = proc_stat(server.pid)
-    by_thread = {}
+    by_thread, switches = {}, {}
     for tid in os.listdir(f'/proc/{server.pid}/task'):
         try:
             name = open(f'/proc/{server.pid}/task/{tid}/comm').read().strip().rstrip('0123456789-')
             by_thread[name] = by_thread.get(name, 0) + run_time(f'{server.pid}/task/{tid}')
+            for line in open(f'/proc/{server.pid}/task/{tid}/status'):
+                field, _, value = line.partition(':')
+                if field in ('voluntary_ctxt_switches', 'nonvoluntary_ctxt_switches'):
+                    key = (name, 'waits' if field.startswith('voluntary') else 'preempted')
+                    switches[key] = switches.get(key, 0) + int(value)
         except OSError:
             pass
     peak_kib = next(int(line.split()[1]) for line in open(f'/proc/{server.pid}/status') if line.startswith('VmHWM:'))
@@ -209,6 +216,7 @@ def run_once(data):
           f"{100 * busy / (elapsed * cores):.0f} % of the cores over the run; the machine meanwhile "
           f"(to up to 0.1 s after the last output): {100 * ticks[1] / max(ticks[2], 1):.0f} % stolen by the hypervisor, "
           f"{100 * ticks[0] / max(ticks[2], 1):.0f} % idle or waiting for the disk; {writes / n:.1f} disk writes per event")
+    print("context switches per event: " + ", ".join(f"{name} {kind} {count / n:.1f}" for (name, kind), count in sorted(switches.items())))
     print(f"peak RSS of imgfunc serve: {peak_kib / 1024:.1f} MiB")
     ok = len(written) == n
     if args.notify:

@@ -40,10 +40,12 @@ pub const WINDOW: Duration = Duration::from_millis(10);
 /// A leader stops waiting when this many writers are in its batch.
 pub const BATCH: usize = 8;
 
-/// One batch's shared outcome: `Err` holds the OS error code.
+/// One batch: its members wait on `wake` (with the state's mutex) for the
+/// outcome, or to be asked to lead. `Err` holds the OS error code.
 #[derive(Default)]
 struct Batch {
     outcome: OnceLock<Result<(), i32>>,
+    wake: Condvar,
 }
 
 struct State {
@@ -63,7 +65,8 @@ struct State {
 /// Flushes new files in groups; see the module documentation.
 pub struct GroupFlush {
     state: Mutex<State>,
-    joined: Condvar,
+    /// The collecting leader waits here until its batch is full.
+    full: Condvar,
     flushes: AtomicU64,
     files: AtomicU64,
 }
@@ -95,7 +98,7 @@ impl GroupFlush {
                 last_arrival: None,
                 gap: Duration::MAX,
             }),
-            joined: Condvar::new(),
+            full: Condvar::new(),
             flushes: AtomicU64::new(0),
             files: AtomicU64::new(0),
         }
@@ -128,7 +131,9 @@ impl GroupFlush {
         state.members += 1;
         state.dev = dev;
         let batch = Arc::clone(&state.open);
-        self.joined.notify_all();
+        if state.members == BATCH {
+            self.full.notify_one();
+        }
         loop {
             if let Some(outcome) = batch.outcome.get() {
                 drop(state);
@@ -147,13 +152,18 @@ impl GroupFlush {
                 let outcome = syncfs(file);
                 // Set once: only the leader of a closed batch sets it.
                 let _ = batch.outcome.set(outcome);
-                self.lock().leading = false;
-                self.joined.notify_all();
+                let mut state = self.lock();
+                state.leading = false;
+                // Wake this batch's members, and one writer of the next
+                // batch (if any) to lead it.
+                batch.wake.notify_all();
+                state.open.wake.notify_one();
+                drop(state);
                 outcome.map_err(io::Error::from_raw_os_error)?;
                 return wait_for_writeback(file);
             }
-            state = self
-                .joined
+            state = batch
+                .wake
                 .wait(state)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
@@ -172,7 +182,7 @@ impl GroupFlush {
                 break;
             }
             state = self
-                .joined
+                .full
                 .wait_timeout(state, deadline - now)
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
