@@ -41,6 +41,20 @@ async fn read_body(body: Body, limit: usize) -> Vec<u8> {
     }
 }
 
+/// Up to `limit` bytes of `body`, read in place: for `open_with` readers,
+/// which run where blocking is allowed.
+fn read_blocking(body: Body, limit: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    match body {
+        Body::Bytes(bytes) => Ok(bytes[..limit.min(bytes.len())].to_vec()),
+        Body::Read(reader) => {
+            let mut out = Vec::new();
+            reader.take(limit as u64).read_to_end(&mut out)?;
+            Ok(out)
+        }
+    }
+}
+
 /// `missing_bucket` does not exist.
 async fn conformance(store: &dyn ObjectStore, bucket: &str, missing_bucket: &str) {
     let body = Bytes::from((0..=255u8).cycle().take(10_000).collect::<Vec<u8>>());
@@ -88,6 +102,61 @@ async fn conformance(store: &dyn ObjectStore, bucket: &str, missing_bucket: &str
         assert_eq!(read_body(opened.body, 100).await, big[..100]);
     }
     assert_eq!(store.get(bucket, "big.bin").await.unwrap().bytes, big);
+
+    // Opening with a reader: it sees the metadata and the body (read where
+    // blocking is allowed), and its bytes come back; it may stop early or
+    // leave the body unread; its errors name the object.
+    let (meta, bytes) = store
+        .open_with(
+            bucket,
+            "photos/a.jpg",
+            Box::new(|meta, body| {
+                assert_eq!(meta.content_type, "image/jpeg");
+                Ok(Some(Bytes::from(read_blocking(body, usize::MAX)?)))
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(meta.user_metadata, expected);
+    assert_eq!(bytes.unwrap(), body);
+    for _ in 0..3 {
+        let (meta, bytes) = store
+            .open_with(
+                bucket,
+                "big.bin",
+                Box::new(|_, body| Ok(Some(Bytes::from(read_blocking(body, 100)?)))),
+            )
+            .await
+            .unwrap();
+        assert_eq!(meta.size, big.len() as u64);
+        assert_eq!(bytes.unwrap(), big[..100]);
+    }
+    let (meta, bytes) = store
+        .open_with(bucket, "big.bin", Box::new(|_, _| Ok(None)))
+        .await
+        .unwrap();
+    assert_eq!((meta.size, bytes), (big.len() as u64, None));
+    let err = store
+        .open_with(
+            bucket,
+            "big.bin",
+            Box::new(|_, _| Err(std::io::Error::other("not a JPEG"))),
+        )
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(&err, StoreError::Io { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("big.bin") && message.contains("not a JPEG"),
+        "{message}"
+    );
+    let err = store
+        .open_with(bucket, "photos/missing.jpg", Box::new(|_, _| Ok(None)))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(&err, StoreError::NotFound { .. }), "{err}");
     store.delete(bucket, "big.bin").await.unwrap();
     let err = store
         .open(bucket, "photos/missing.jpg")

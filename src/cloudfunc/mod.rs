@@ -20,7 +20,7 @@ use crate::action::Op;
 use crate::events::Event;
 use crate::imaging::{self, Encoded, ImagingError, Limits, WatermarkResolver};
 use crate::rules::{CloudFunc, ImageArgs, Rule};
-use crate::store::{Body, ObjectStore, PutOptions, StoreError};
+use crate::store::{Body, ObjectMeta, ObjectStore, PutOptions, StoreError};
 
 /// User metadata naming the rules that produced an object, as
 /// comma-separated `bucket:rule_id` links. A rule never runs on an object
@@ -31,6 +31,13 @@ pub const CHAIN_METADATA: &str = "imgfunc-chain";
 /// The chain link of rule `rule_id` of `bucket`.
 pub fn chain_link(bucket: &str, rule_id: &str) -> String {
     format!("{bucket}:{rule_id}")
+}
+
+/// The rule chain an object's metadata records (empty when none).
+fn chain_of(meta: &ObjectMeta) -> &str {
+    meta.user_metadata
+        .get(CHAIN_METADATA)
+        .map_or("", String::as_str)
 }
 
 /// True when `chain` holds rule `rule_id` of `bucket`.
@@ -213,46 +220,50 @@ async fn run_image(
             event: event.event_type.as_str(),
         });
     }
-    let source = rt.store.open(&event.bucket, &event.key).await?;
-    let chain = source
-        .meta
-        .user_metadata
-        .get(CHAIN_METADATA)
-        .cloned()
-        .unwrap_or_default();
+    // The source is opened and read in one step off the async runtime, and
+    // off the image threads so that they never wait for a disk or the
+    // network: only its DC scans when that is all a thumbnail uses. An
+    // object this rule wrote, or one over the size limit, is left unread.
+    let action = args.action.clone();
+    let limits = rt.limits.clone();
+    let (bucket, rule_id) = (event.bucket.clone(), rule.id.clone());
+    let (read_action, read_limits) = (action.clone(), limits.clone());
+    let (meta, input) = rt
+        .store
+        .open_with(
+            &event.bucket,
+            &event.key,
+            Box::new(move |meta, body| {
+                if in_chain(chain_of(meta), &bucket, &rule_id)
+                    || meta.size > read_limits.max_input_bytes as u64
+                {
+                    return Ok(None);
+                }
+                Ok(Some(match body {
+                    Body::Bytes(bytes) => bytes,
+                    Body::Read(mut reader) => {
+                        imaging::read_source(&mut reader, meta.size, &read_action, &read_limits)?
+                            .into()
+                    }
+                }))
+            }),
+        )
+        .await?;
+    let chain = chain_of(&meta).to_string();
     if in_chain(&chain, &event.bucket, &rule.id) {
         return Ok(ImageOutcome::Skipped(format!(
             "{}/{} was written by rule {}; it does not run on its own output",
             event.bucket, event.key, rule.id
         )));
     }
-    let watermarks = fetch_watermarks(rt, args).await;
-    let action = args.action.clone();
-    let limits = rt.limits.clone();
-    if source.meta.size > limits.max_input_bytes as u64 {
+    let Some(input) = input else {
         return Err(ImagingError::InputTooLarge {
-            size: usize::try_from(source.meta.size).unwrap_or(usize::MAX),
+            size: usize::try_from(meta.size).unwrap_or(usize::MAX),
             limit: limits.max_input_bytes,
         }
         .into());
-    }
-    // A streamed object is read off the async runtime, and off the image
-    // threads so that they never wait for a disk or the network: only its
-    // DC scans when that is all a thumbnail uses.
-    let input: Bytes = match source.body {
-        Body::Bytes(bytes) => bytes,
-        Body::Read(mut reader) => {
-            let name = format!("{}/{}", event.bucket, event.key);
-            let (action, limits, size) = (action.clone(), limits.clone(), source.meta.size);
-            tokio::task::spawn_blocking(move || {
-                imaging::read_source(&mut reader, size, &action, &limits)
-                    .map_err(|e| StoreError::io("read", name, e))
-            })
-            .await
-            .map_err(|e| InvokeError::Internal(e.to_string()))??
-            .into()
-        }
     };
+    let watermarks = fetch_watermarks(rt, args).await;
     let output = rt
         .run_cpu(move || imaging::process(&input, &action, &limits, &watermarks))
         .await

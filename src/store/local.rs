@@ -47,7 +47,7 @@ use super::flush::GroupFlush;
 use super::validate::{normalize_put_options, validate_local_key};
 use super::{
     Body, BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectReader,
-    ObjectStore, PutOptions, StoreError, validate_bucket,
+    ObjectStore, PutOptions, ReadBody, StoreError, validate_bucket,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -233,6 +233,29 @@ impl ObjectStore for LocalStore {
                 meta,
                 body: Body::Read(Box::new(file)),
             })
+        })
+    }
+
+    fn open_with(
+        &self,
+        bucket: &str,
+        key: &str,
+        read: ReadBody,
+    ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Bytes>), StoreError>> {
+        let target = self.target(bucket, key);
+        let lock = self.lock(bucket, key);
+        Box::pin(async move {
+            let target = target?;
+            let guard = lock.read_owned().await;
+            blocking(move || {
+                let _guard = guard;
+                let (file, meta) = open_object(&target)?;
+                let bytes = read(&meta, Body::Read(Box::new(file))).map_err(|e| {
+                    StoreError::io("read", format!("{}/{}", target.bucket, target.key), e)
+                })?;
+                Ok((meta, bytes))
+            })
+            .await
         })
     }
 

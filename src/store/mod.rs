@@ -78,6 +78,11 @@ pub enum Body {
     Read(Box<dyn std::io::Read + Send>),
 }
 
+/// What [`ObjectStore::open_with`] does with an opened object: given its
+/// metadata and body, the bytes to keep, or `None` to leave the body unread.
+pub type ReadBody =
+    Box<dyn FnOnce(&ObjectMeta, Body) -> std::io::Result<Option<Bytes>> + Send + 'static>;
+
 /// One object in a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListEntry {
@@ -133,6 +138,40 @@ pub trait ObjectStore: Send + Sync + 'static {
                 meta: object.meta,
                 body: Body::Bytes(object.bytes),
             })
+        })
+    }
+
+    /// Opens an object and hands its metadata and body to `read`, which
+    /// returns the bytes it wants (all, part, or `None` to leave them
+    /// unread). `read` runs on tokio's blocking pool when the body is
+    /// [`Body::Read`], and in place when it is already in memory. The local
+    /// store opens and reads in one blocking task, one hand-off between
+    /// threads instead of two. An error from `read` comes back as an I/O
+    /// error naming the object.
+    fn open_with(
+        &self,
+        bucket: &str,
+        key: &str,
+        read: ReadBody,
+    ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Bytes>), StoreError>> {
+        let open = self.open(bucket, key);
+        let name = format!("{bucket}/{key}");
+        Box::pin(async move {
+            let ObjectReader { meta, body } = open.await?;
+            let streamed = matches!(body, Body::Read(_));
+            let task_name = name.clone();
+            let run = move || {
+                let bytes = read(&meta, body).map_err(|e| StoreError::io("read", name, e))?;
+                Ok((meta, bytes))
+            };
+            if !streamed {
+                return run();
+            }
+            match tokio::task::spawn_blocking(run).await {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(StoreError::io("read", task_name, std::io::Error::other(e))),
+            }
         })
     }
 
