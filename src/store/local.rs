@@ -190,6 +190,17 @@ impl LocalStore {
     }
 
     fn read(&self, bucket: &str, key: &str, with_bytes: bool) -> BoxFuture<'_, ReadResult> {
+        self.reading(bucket, key, move |target| read_object(target, with_bytes))
+    }
+
+    /// Runs `f` on the key's files on the blocking pool, under the key's
+    /// read lock.
+    fn reading<T: Send + 'static>(
+        &self,
+        bucket: &str,
+        key: &str,
+        f: impl FnOnce(&Target) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, StoreError>> {
         let target = self.target(bucket, key);
         let lock = self.lock(bucket, key);
         Box::pin(async move {
@@ -197,7 +208,7 @@ impl LocalStore {
             let guard = lock.read_owned().await;
             blocking(move || {
                 let _guard = guard;
-                read_object(&target, with_bytes)
+                f(&target)
             })
             .await
         })
@@ -219,16 +230,9 @@ impl ObjectStore for LocalStore {
     }
 
     fn open(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectReader, StoreError>> {
-        let target = self.target(bucket, key);
-        let lock = self.lock(bucket, key);
+        let open = self.reading(bucket, key, open_object);
         Box::pin(async move {
-            let target = target?;
-            let guard = lock.read_owned().await;
-            let (file, meta) = blocking(move || {
-                let _guard = guard;
-                open_object(&target)
-            })
-            .await?;
+            let (file, meta) = open.await?;
             Ok(ObjectReader {
                 meta,
                 body: Body::Read(Box::new(file)),
@@ -242,20 +246,12 @@ impl ObjectStore for LocalStore {
         key: &str,
         read: ReadBody,
     ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Bytes>), StoreError>> {
-        let target = self.target(bucket, key);
-        let lock = self.lock(bucket, key);
-        Box::pin(async move {
-            let target = target?;
-            let guard = lock.read_owned().await;
-            blocking(move || {
-                let _guard = guard;
-                let (file, meta) = open_object(&target)?;
-                let bytes = read(&meta, Body::Read(Box::new(file))).map_err(|e| {
-                    StoreError::io("read", format!("{}/{}", target.bucket, target.key), e)
-                })?;
-                Ok((meta, bytes))
-            })
-            .await
+        self.reading(bucket, key, move |target| {
+            let (file, meta) = open_object(target)?;
+            let bytes = read(&meta, Body::Read(Box::new(file))).map_err(|e| {
+                StoreError::io("read", format!("{}/{}", target.bucket, target.key), e)
+            })?;
+            Ok((meta, bytes))
         })
     }
 
