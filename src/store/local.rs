@@ -30,11 +30,13 @@
 //! `delete` and `list` on a missing bucket folder return
 //! [`StoreError::NoSuchBucket`], as S3 does.
 //!
-//! Writes go to a temporary file (`.imgfunc-tmp-*`, hidden from listings) in
-//! the object's folder and are renamed into place, so readers never see half
-//! an object. Within one process, a put and a get of the same key are also
-//! ordered, so bytes and a sidecar are read as one version. All file I/O runs
-//! on tokio's blocking pool.
+//! Writes go to a new file in the object's folder, unnamed where the
+//! filesystem allows (else a temporary name, `.imgfunc-tmp-*`, hidden from
+//! listings), are flushed to disk (writes that come together share one
+//! flush: [`super::flush`]) and are then linked or renamed into place, so
+//! readers never see half an object. Within one process, a put and a get of
+//! the same key are also ordered, so bytes and a sidecar are read as one
+//! version. All file I/O runs on tokio's blocking pool.
 //!
 //! Because keys are paths, the local store is stricter than S3: keys with
 //! `.` or `..` segments, empty segments (`a//b`, `a/`), a leading `/`, a
@@ -547,8 +549,9 @@ fn clear_stale_sidecars(target: &Target) -> Result<(), StoreError> {
 ///
 /// The new file is unnamed (`O_TMPFILE`) where the filesystem allows, and
 /// linked under `path` once flushed: on ext4 that saves a directory entry,
-/// a rename, and the flush of the parent folder that fsync does for a newly
-/// named file (1.4 of 5.4 disk writes per object here). Replacing an
+/// a rename, and the flush of the parent folder that `fsync` does for a
+/// newly named file (1.4 of 5.4 disk writes per object here, with `fsync`
+/// per file). Replacing an
 /// existing object, or where unnamed files are not available, the file has
 /// a hidden temporary name and is renamed over `path`.
 fn write_atomic(
