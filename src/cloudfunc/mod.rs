@@ -239,13 +239,25 @@ async fn run_image(
                 {
                     return Ok(None);
                 }
-                Ok(Some(match body {
-                    Body::Bytes(bytes) => bytes,
-                    Body::Read(mut reader) => {
-                        imaging::read_source(&mut reader, meta.size, &read_action, &read_limits)?
-                            .into()
-                    }
+                // The reader parses untrusted bytes: a panic there fails this
+                // invocation, not the worker that runs it.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Ok(Some(match body {
+                        Body::Bytes(bytes) => bytes,
+                        Body::Read(mut reader) => imaging::read_source(
+                            &mut reader,
+                            meta.size,
+                            &read_action,
+                            &read_limits,
+                        )?
+                        .into(),
+                    }))
                 }))
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::other(
+                        "reading the source stopped unexpectedly (a panic in the reader)",
+                    ))
+                })
             }),
         )
         .await?;

@@ -26,7 +26,8 @@
 //! (`sync_file_range`), which reports an error in its own data since it
 //! opened it, whoever wrote it back. A file on another filesystem than the
 //! open batch's (a bucket folder that is a mount point) is flushed on its
-//! own with `fsync`.
+//! own with `fsync`, and so is a file on a filesystem where `syncfs` does
+//! not make it durable (see [`syncfs_covers`]).
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -113,12 +114,14 @@ impl GroupFlush {
         )
     }
 
-    /// Returns once `file`'s bytes, metadata and attributes are on disk.
+    /// Returns once `file`'s bytes and attributes are on disk (not a name:
+    /// the caller links or renames it afterwards).
     pub fn flush(&self, file: &std::fs::File) -> io::Result<()> {
-        self.files.fetch_add(1, Ordering::Relaxed);
         let dev = file.metadata()?.dev();
+        let covered = syncfs_covers(file)?;
+        self.files.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
-        if state.members > 0 && state.dev != dev {
+        if !covered || (state.members > 0 && state.dev != dev) {
             drop(state);
             self.flushes.fetch_add(1, Ordering::Relaxed);
             return file.sync_all();
@@ -191,12 +194,32 @@ impl GroupFlush {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // The state stays consistent across a panic: every update is a
-        // single assignment.
+        // Nothing that runs with the lock held can panic, so a poisoned
+        // lock still guards a consistent state.
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Whether one `syncfs` makes `file` durable: on ext2/3/4, XFS and Btrfs
+/// it writes and flushes everything (tmpfs has nothing to write). FUSE has
+/// no such hook (its servers are asked to sync per file), and network
+/// filesystems vary, so files there get their own `fsync`.
+fn syncfs_covers(file: &std::fs::File) -> io::Result<bool> {
+    // SAFETY: `statfs` is plain data, for which all zeroes is a valid value.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open and `stat` is a valid, writable statfs.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(matches!(
+        stat.f_type,
+        libc::EXT4_SUPER_MAGIC
+            | libc::XFS_SUPER_MAGIC
+            | libc::BTRFS_SUPER_MAGIC
+            | libc::TMPFS_MAGIC
+    ))
 }
 
 /// Writes back every dirty file of `file`'s filesystem and flushes the
@@ -292,6 +315,30 @@ mod tests {
             std::thread::sleep(WINDOW * 2);
         }
         assert_eq!(flush.counts(), (3, 3));
+    }
+
+    #[test]
+    fn syncfs_is_trusted_only_where_it_makes_files_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = new_file(dir.path(), "f", b"x");
+        let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) }, 0);
+        let disk = [
+            libc::EXT4_SUPER_MAGIC,
+            libc::XFS_SUPER_MAGIC,
+            libc::BTRFS_SUPER_MAGIC,
+            libc::TMPFS_MAGIC,
+        ]
+        .contains(&stat.f_type);
+        assert_eq!(syncfs_covers(&file).unwrap(), disk);
+        if std::path::Path::new("/dev/shm").is_dir() {
+            let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+            assert!(syncfs_covers(&new_file(shm.path(), "f", b"x")).unwrap());
+        }
+        // procfs stands for every filesystem not on the list: such files
+        // get their own fsync.
+        let proc = std::fs::File::open("/proc/self/stat").unwrap();
+        assert!(!syncfs_covers(&proc).unwrap());
     }
 
     #[test]

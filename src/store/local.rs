@@ -59,7 +59,7 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use tokio::sync::RwLock;
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
 /// The hidden folder under the root that holds the sidecars.
 const META_DIR: &str = ".imgfunc-meta";
@@ -192,27 +192,25 @@ impl LocalStore {
     }
 
     fn read(&self, bucket: &str, key: &str, with_bytes: bool) -> BoxFuture<'_, ReadResult> {
-        self.reading(bucket, key, move |target| read_object(target, with_bytes))
+        self.reading(bucket, key, move |target, _guard| {
+            read_object(target, with_bytes)
+        })
     }
 
-    /// Runs `f` on the key's files on the blocking pool, under the key's
-    /// read lock.
+    /// Runs `f` on the key's files on the blocking pool, with the key's read
+    /// lock, which `f` may drop early (an open file keeps its version).
     fn reading<T: Send + 'static>(
         &self,
         bucket: &str,
         key: &str,
-        f: impl FnOnce(&Target) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Target, OwnedRwLockReadGuard<()>) -> Result<T, StoreError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, StoreError>> {
         let target = self.target(bucket, key);
         let lock = self.lock(bucket, key);
         Box::pin(async move {
             let target = target?;
             let guard = lock.read_owned().await;
-            blocking(move || {
-                let _guard = guard;
-                f(&target)
-            })
-            .await
+            blocking(move || f(&target, guard)).await
         })
     }
 }
@@ -232,7 +230,7 @@ impl ObjectStore for LocalStore {
     }
 
     fn open(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectReader, StoreError>> {
-        let open = self.reading(bucket, key, open_object);
+        let open = self.reading(bucket, key, |target, _guard| open_object(target));
         Box::pin(async move {
             let (file, meta) = open.await?;
             Ok(ObjectReader {
@@ -248,8 +246,9 @@ impl ObjectStore for LocalStore {
         key: &str,
         read: ReadBody,
     ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Bytes>), StoreError>> {
-        self.reading(bucket, key, move |target| {
+        self.reading(bucket, key, move |target, guard| {
             let (file, meta) = open_object(target)?;
+            drop(guard);
             let bytes = read(&meta, Body::Read(Box::new(file))).map_err(|e| {
                 StoreError::io("read", format!("{}/{}", target.bucket, target.key), e)
             })?;
@@ -1452,6 +1451,47 @@ mod tests {
         let err = store.get("b", "k").await.unwrap_err();
         assert_eq!(err.code(), "io");
         assert!(err.to_string().contains(".imgfunc-meta"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_does_not_hold_up_a_put_of_the_same_key() {
+        let (_dir, store) = store();
+        let store = Arc::new(store);
+        let first = Bytes::from(vec![1u8; 300_000]);
+        let second = Bytes::from(vec![2u8; 1000]);
+        store
+            .put("b", "k", first.clone(), opts("a/b", &[]))
+            .await
+            .unwrap();
+        let (writer, runtime) = (Arc::clone(&store), tokio::runtime::Handle::current());
+        let replacement = second.clone();
+        let (_, read) = store
+            .open_with(
+                "b",
+                "k",
+                Box::new(move |_, body| {
+                    // Opened, not yet read: a put of the same key goes
+                    // through, and this reader still reads what it opened.
+                    let put = writer.put("b", "k", replacement, opts("a/b", &[]));
+                    runtime
+                        .block_on(tokio::time::timeout(
+                            std::time::Duration::from_secs(10),
+                            put,
+                        ))
+                        .map_err(|_| io::Error::other("the put waited for the reader"))?
+                        .map_err(io::Error::other)?;
+                    let Body::Read(mut reader) = body else {
+                        return Err(io::Error::other("the local store streams"));
+                    };
+                    let mut bytes = Vec::new();
+                    reader.read_to_end(&mut bytes)?;
+                    Ok(Some(Bytes::from(bytes)))
+                }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(read.unwrap(), first);
+        assert_eq!(store.get("b", "k").await.unwrap().bytes, second);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
