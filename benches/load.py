@@ -8,7 +8,8 @@ Each run measures the single-image P1 rate with `imgfunc bench` just before
 and just after the load (the throughput target is 0.9 x cores x that rate;
 the mean of the two is used, since the machine's speed drifts), starts the
 server on a fresh data directory, places the photos in bucket `photos`
-(written straight to the store folder, so no events fire), POSTs the events
+(written straight to the store folder, so no events fire, and flushed to
+disk, as objects stored through a PUT are), POSTs the events
 in batches of 50 as fast as the server takes them, and waits for the
 outputs: an output counts as written when it is renamed under its final name
 (writes are atomic renames), which the file's ctime records. The generator
@@ -135,6 +136,10 @@ def run_once(data):
         else:
             os.link(os.path.join(store, 'photos', keys[i % len(photos)]), dst)
         keys.append(key)
+    # Stored objects are on disk before their events fire (a PUT through the
+    # store flushes them); the copies above are not yet, and the server's
+    # first group flush (syncfs) would write them out while jobs wait.
+    os.sync()
     rule = {"bucket": "photos", "notifications": [{"id": "p1", "event_types": ["create_object"], "object_filters": ["load/*"],
             "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_300|format:t_jpeg,q_85", "save_bucket": "thumbs"},
             **rule_extra}]}
