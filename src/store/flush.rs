@@ -202,24 +202,34 @@ impl GroupFlush {
     }
 }
 
-/// Whether one `syncfs` makes `file` durable: on ext2/3/4, XFS and Btrfs
-/// it writes and flushes everything (tmpfs has nothing to write). FUSE has
-/// no such hook (its servers are asked to sync per file), and network
-/// filesystems vary, so files there get their own `fsync`.
-fn syncfs_covers(file: &std::fs::File) -> io::Result<bool> {
+/// The filesystem holding `file`.
+fn filesystem(file: &std::fs::File) -> io::Result<libc::statfs> {
     // SAFETY: `statfs` is plain data, for which all zeroes is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: the descriptor is open and `stat` is a valid, writable statfs.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(matches!(
-        stat.f_type,
+    Ok(stat)
+}
+
+/// Whether one `syncfs` makes a file on `fs` durable: on ext2/3/4, XFS and
+/// Btrfs it writes and flushes everything (tmpfs has nothing to write).
+/// FUSE has no such hook (its servers are asked to sync per file), and
+/// network filesystems vary, so files elsewhere get their own `fsync`.
+fn syncfs_durable(fs: &libc::statfs) -> bool {
+    matches!(
+        fs.f_type,
         libc::EXT4_SUPER_MAGIC
             | libc::XFS_SUPER_MAGIC
             | libc::BTRFS_SUPER_MAGIC
             | libc::TMPFS_MAGIC
-    ))
+    )
+}
+
+/// Whether one `syncfs` makes `file` durable (see [`syncfs_durable`]).
+fn syncfs_covers(file: &std::fs::File) -> io::Result<bool> {
+    Ok(syncfs_durable(&filesystem(file)?))
 }
 
 /// Writes back every dirty file of `file`'s filesystem and flushes the
@@ -321,15 +331,7 @@ mod tests {
     fn syncfs_is_trusted_only_where_it_makes_files_durable() {
         let dir = tempfile::tempdir().unwrap();
         let file = new_file(dir.path(), "f", b"x");
-        let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) }, 0);
-        let disk = [
-            libc::EXT4_SUPER_MAGIC,
-            libc::XFS_SUPER_MAGIC,
-            libc::BTRFS_SUPER_MAGIC,
-            libc::TMPFS_MAGIC,
-        ]
-        .contains(&stat.f_type);
+        let disk = syncfs_durable(&filesystem(&file).unwrap());
         assert_eq!(syncfs_covers(&file).unwrap(), disk);
         if std::path::Path::new("/dev/shm").is_dir() {
             let shm = tempfile::tempdir_in("/dev/shm").unwrap();

@@ -49,7 +49,7 @@ use super::flush::GroupFlush;
 use super::validate::{normalize_put_options, validate_local_key};
 use super::{
     Body, BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectReader,
-    ObjectStore, PutOptions, ReadBody, StoreError, validate_bucket,
+    ObjectStore, PutOptions, ReadBody, StoreError, run_blocking, validate_bucket,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -324,15 +324,7 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, StoreError> + Send + 'static,
 {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result,
-        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-        Err(err) => Err(StoreError::io(
-            "finish file operation for",
-            "the local store",
-            io::Error::other(err),
-        )),
-    }
+    run_blocking("finish file operation for", "the local store", f).await
 }
 
 /// The error for an object that is not there: the bucket's or the key's.

@@ -78,6 +78,25 @@ pub enum Body {
     Read(Box<dyn std::io::Read + Send>),
 }
 
+/// Runs blocking I/O on tokio's blocking pool. A panic there goes on in the
+/// caller; a task the runtime dropped (at shutdown) is an I/O error of `op`
+/// on `what`.
+async fn run_blocking<T, F>(
+    op: &'static str,
+    what: impl Into<std::path::PathBuf>,
+    f: F,
+) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(err) => Err(StoreError::io(op, what, std::io::Error::other(err))),
+    }
+}
+
 /// What [`ObjectStore::open_with`] does with an opened object: given its
 /// metadata and body, the bytes to keep, or `None` to leave the body unread.
 pub type ReadBody =
@@ -167,11 +186,7 @@ pub trait ObjectStore: Send + Sync + 'static {
             if !streamed {
                 return run();
             }
-            match tokio::task::spawn_blocking(run).await {
-                Ok(result) => result,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => Err(StoreError::io("read", task_name, std::io::Error::other(e))),
-            }
+            run_blocking("read", task_name, run).await
         })
     }
 
