@@ -227,9 +227,13 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
             lead_applied: plan.crop_applied,
         });
     }
-    let trimmed = (denom == 8 && header.is_progressive)
-        .then(|| dc_scans_only(input))
-        .flatten();
+    // At 1/2 and 1/4, a progressive file saved at the highest quality may
+    // not need its last refinement scans (see `jpeg_refine`).
+    let trimmed = match denom {
+        _ if !header.is_progressive => None,
+        8 => dc_scans_only(input),
+        _ => super::jpeg_refine::without_spare_refinements(input, denom),
+    };
     let source = trimmed.as_deref().unwrap_or(input);
     let pixels = super::jpeg::decode_rgb(source, denom, decoded_region)
         .map_err(|e| decode_error(format, e))?;
@@ -671,8 +675,13 @@ mod tests {
     const EXACT: crate::imaging::jpeg_dc::Precision = crate::imaging::jpeg_dc::Precision(0);
 
     fn decode_eighth(jpeg: &[u8]) -> Vec<u8> {
+        decode_scaled(jpeg, 8)
+    }
+
+    /// libjpeg-turbo's RGB decode of `jpeg` at 1/`denom` scale.
+    fn decode_scaled(jpeg: &[u8], denom: usize) -> Vec<u8> {
         let mut d = Decompressor::new().unwrap();
-        let factor = ScalingFactor::new(1, 8);
+        let factor = ScalingFactor::new(1, denom);
         d.set_scaling_factor(factor).unwrap();
         let h = d.read_header(jpeg).unwrap().scaled(factor);
         let mut px = vec![0u8; h.width * h.height * 3];
@@ -790,6 +799,62 @@ mod tests {
             raw::tj3Destroy(handle);
             jpeg
         }
+    }
+
+    #[test]
+    fn a_quarter_scale_decode_spares_the_last_luma_refinement_at_quality_100() {
+        for (subsamp, restart) in [
+            (raw::TJSAMP_TJSAMP_420, 0),
+            (raw::TJSAMP_TJSAMP_444, 0),
+            (raw::TJSAMP_TJSAMP_GRAY, 0),
+            (raw::TJSAMP_TJSAMP_420, 4),
+        ] {
+            let case = format!("subsampling {subsamp}, restart {restart}");
+            let jpeg = encode_progressive("storm.jpg", 1, 100, subsamp as u32, restart);
+            let spared = crate::imaging::jpeg_refine::without_spare_refinements(&jpeg, 4)
+                .unwrap_or_else(|| panic!("{case}: nothing spared"));
+            // libjpeg-turbo's script ends with the luma's last refinement,
+            // the largest scan of such a file.
+            assert!(spared.len() < jpeg.len() * 19 / 20, "{case}");
+            let (whole, quick) = (decode_scaled(&jpeg, 4), decode_scaled(&spared, 4));
+            assert_eq!(whole.len(), quick.len(), "{case}");
+            let max = whole.iter().zip(&quick).map(|(a, b)| a.abs_diff(*b)).max();
+            // One grey level from the bound, one from rounding.
+            assert!(max <= Some(2), "{case}: largest difference {max:?}");
+            // Half scale and full scale need every bit.
+            for denom in [1, 2] {
+                let kept = crate::imaging::jpeg_refine::without_spare_refinements(&jpeg, denom);
+                assert!(kept.is_none(), "{case}: 1/{denom}");
+            }
+        }
+        // Coarser quantisers need every bit at any scale.
+        let jpeg = encode_progressive("storm.jpg", 1, 95, raw::TJSAMP_TJSAMP_420 as u32, 0);
+        for denom in [2, 4] {
+            assert!(crate::imaging::jpeg_refine::without_spare_refinements(&jpeg, denom).is_none());
+        }
+    }
+
+    #[test]
+    fn a_thumbnail_of_a_quality_100_progressive_file_matches_the_whole_decode() {
+        // 1920x1280: a 300-wide thumbnail shrinks it on load by 4.
+        let jpeg = encode_progressive("storm.jpg", 4, 100, raw::TJSAMP_TJSAMP_420 as u32, 0);
+        assert!(crate::imaging::jpeg_refine::without_spare_refinements(&jpeg, 4).is_some());
+        let action = crate::action::Action::parse("resize:w_300").unwrap();
+        let (_, lead) = crate::imaging::geometry::lead(&action);
+        let decoded = decode(&jpeg, &Limits::default(), lead).unwrap();
+        let Pixels::Still(img) = decoded.pixels else {
+            panic!("still image")
+        };
+        assert_eq!((img.width(), img.height()), (480, 320));
+        let whole = decode_scaled(&jpeg, 4);
+        let ours = img.to_rgb8();
+        let max = ours
+            .as_raw()
+            .iter()
+            .zip(&whole)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max();
+        assert!(max <= Some(2), "largest difference {max:?}");
     }
 
     /// Our DC decoder's image against libjpeg-turbo's eighth-scale decode of
