@@ -19,20 +19,24 @@ OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT
 (cd "$ROOT" && cargo build --release --quiet)
 BIN="$ROOT/target/release/imgfunc"
 
-# Ours, then the peers, then ours again, on an otherwise idle machine: this
-# machine's speed drifts by up to 30 % within minutes, and the peers take
-# about a minute and a half, so our figure is the mean of the medians
-# before and after them (as the load script does with bench).
+# One file at a time: ours, then the peers, then ours again, on an
+# otherwise idle machine. This machine's speed drifts by up to 30 % within
+# minutes, so our figure is the mean of the medians before and after the
+# peers (as the load script does with bench), and the peers are run on one
+# file at a time (about 25 s for the largest) to keep the two close to
+# theirs.
 ours() {
-  "$BIN" bench --pipeline P1 --iterations "$ITER" -a 'resize:w_300|format:t_jpeg,q_85' "${FILES[@]}"
-  "$BIN" bench --pipeline P2 --iterations "$ITER" -a 'resize:w_500,h_500,m_2|format:t_jpeg,q_85' "${FILES[@]}"
-  "$BIN" bench --pipeline P3 --iterations "$ITER" -a 'crop:w_300|rotate:a_90|resize:h_200|format:t_png' "${FILES[@]}"
-  "$BIN" bench --pipeline P4 --iterations "$ITER" -a 'format:t_webp,q_80' "${FILES[@]}"
-  "$BIN" bench --pipeline P5 --iterations "$ITER" --decode-only "${FILES[@]}"
+  "$BIN" bench --pipeline P1 --iterations "$ITER" -a 'resize:w_300|format:t_jpeg,q_85' "$@"
+  "$BIN" bench --pipeline P2 --iterations "$ITER" -a 'resize:w_500,h_500,m_2|format:t_jpeg,q_85' "$@"
+  "$BIN" bench --pipeline P3 --iterations "$ITER" -a 'crop:w_300|rotate:a_90|resize:h_200|format:t_png' "$@"
+  "$BIN" bench --pipeline P4 --iterations "$ITER" -a 'format:t_webp,q_80' "$@"
+  "$BIN" bench --pipeline P5 --iterations "$ITER" --decode-only "$@"
 }
-ours > "$OUT/ours-before.txt"
-bash "$SHARED/bench/peers.sh" "$ITER" "${FILES[@]}" > "$OUT/peers.txt"
-ours > "$OUT/ours-after.txt"
+for f in "${FILES[@]}"; do
+  ours "$f" >> "$OUT/ours-before.txt"
+  bash "$SHARED/bench/peers.sh" "$ITER" "$f" >> "$OUT/peers.txt"
+  ours "$f" >> "$OUT/ours-after.txt"
+done
 
 head -1 "$OUT/peers.txt"
 echo "# imgfunc $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), $(rustc --version)"
@@ -64,7 +68,7 @@ for (pipeline, name), r in sorted(rows.items(), key=lambda kv: (order.index(kv[0
     fmt = lambda v: f"{v:8.1f}" if v is not None else f"{'-':>8}"
     fr = lambda v: f"{v:10.2f}" if v is not None else f"{'-':>10}"
     print(f"{pipeline:8} {name:26} {fmt(ours)} {fmt(sharp)} {fmt(pil)} {fmt(djpeg)} {fr(ratio)} {fr(dratio)}")
-print(f"imgfunc: mean of its medians before and after the peers (they differed by {100 * statistics.median(spread):.0f} % "
+print(f"imgfunc: mean of its medians just before and after the peers on the same file (they differed by {100 * statistics.median(spread):.0f} % "
       f"in the median row, {100 * max(spread):.0f} % at most)")
 PY
 echo
