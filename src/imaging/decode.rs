@@ -234,9 +234,13 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
         8 => dc_scans_only(input),
         _ => super::jpeg_refine::without_spare_refinements(input, denom),
     };
-    let source = trimmed.as_deref().unwrap_or(input);
-    let pixels = super::jpeg::decode_rgb(source, denom, decoded_region)
-        .map_err(|e| decode_error(format, e))?;
+    let pixels = match trimmed.map(|t| super::jpeg::decode_rgb(&t, denom, decoded_region)) {
+        Some(Ok(pixels)) => pixels,
+        // The shortened file failed (a damaged file our parser let through):
+        // the whole one gets the decoder's own verdict.
+        _ => super::jpeg::decode_rgb(input, denom, decoded_region)
+            .map_err(|e| decode_error(format, e))?,
+    };
     let mut buffer = image::RgbImage::from_raw(decoded_region.width, decoded_region.height, pixels)
         .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"))?;
     if decoded_region.width != want.width {
@@ -801,8 +805,35 @@ mod tests {
         }
     }
 
+    /// (component ids, spectral start and end, successive approximation high
+    /// and low bit) of each scan of `jpeg`.
+    fn scans(jpeg: &[u8]) -> Vec<(Vec<u8>, u8, u8, u8, u8)> {
+        let mut found = Vec::new();
+        let mut i = 2;
+        loop {
+            let (marker, start, end) = crate::imaging::jpeg_dc::segment(jpeg, i).unwrap();
+            if marker == 0xd9 {
+                return found;
+            }
+            i = end;
+            if marker == 0xda {
+                let h = crate::imaging::jpeg_dc::scan_header(&jpeg[start + 4..end]).unwrap();
+                let ids = h.components.iter().map(|c| c.0).collect();
+                found.push((
+                    ids,
+                    h.spectral_start,
+                    h.spectral_end,
+                    h.approx >> 4,
+                    h.approx & 15,
+                ));
+                i = crate::imaging::jpeg_dc::scan_end(jpeg, end).unwrap();
+            }
+        }
+    }
+
     #[test]
     fn a_quarter_scale_decode_spares_the_last_luma_refinement_at_quality_100() {
+        use crate::imaging::jpeg_refine::without_spare_refinements;
         for (subsamp, restart) in [
             (raw::TJSAMP_TJSAMP_420, 0),
             (raw::TJSAMP_TJSAMP_444, 0),
@@ -810,44 +841,60 @@ mod tests {
             (raw::TJSAMP_TJSAMP_420, 4),
         ] {
             let case = format!("subsampling {subsamp}, restart {restart}");
-            let jpeg = encode_progressive("storm.jpg", 1, 100, subsamp as u32, restart);
-            let spared = crate::imaging::jpeg_refine::without_spare_refinements(&jpeg, 4)
+            let jpeg = encode_progressive("wood.jpg", 1, 100, subsamp as u32, restart);
+            let spared = without_spare_refinements(&jpeg, 4)
                 .unwrap_or_else(|| panic!("{case}: nothing spared"));
-            // libjpeg-turbo's script ends with the luma's last refinement,
-            // the largest scan of such a file.
-            assert!(spared.len() < jpeg.len() * 19 / 20, "{case}");
+            // Exactly the luma's AC refinements to the last bit are gone:
+            // first scans, DC scans and chroma scans all stay.
+            let luma = scans(&jpeg)[0].0[0];
+            let mut expected = scans(&jpeg);
+            expected.retain(|(ids, ss, _, ah, _)| !(ids == &[luma] && *ss > 0 && *ah == 1));
+            assert!(expected.len() < scans(&jpeg).len(), "{case}");
+            assert_eq!(scans(&spared), expected, "{case}");
             let (whole, quick) = (decode_scaled(&jpeg, 4), decode_scaled(&spared, 4));
             assert_eq!(whole.len(), quick.len(), "{case}");
             let max = whole.iter().zip(&quick).map(|(a, b)| a.abs_diff(*b)).max();
-            // One grey level from the bound, one from rounding.
+            // 1.5 levels from the bound, rounding in the IDCT and colour.
             assert!(max <= Some(2), "{case}: largest difference {max:?}");
+            assert!(whole != quick, "{case}: the spared bits changed nothing");
             // Half scale and full scale need every bit.
             for denom in [1, 2] {
-                let kept = crate::imaging::jpeg_refine::without_spare_refinements(&jpeg, denom);
-                assert!(kept.is_none(), "{case}: 1/{denom}");
+                assert!(
+                    without_spare_refinements(&jpeg, denom).is_none(),
+                    "{case}: 1/{denom}"
+                );
             }
         }
         // Coarser quantisers need every bit at any scale.
-        let jpeg = encode_progressive("storm.jpg", 1, 95, raw::TJSAMP_TJSAMP_420 as u32, 0);
+        let jpeg = encode_progressive("wood.jpg", 1, 95, raw::TJSAMP_TJSAMP_420 as u32, 0);
         for denom in [2, 4] {
-            assert!(crate::imaging::jpeg_refine::without_spare_refinements(&jpeg, denom).is_none());
+            assert!(without_spare_refinements(&jpeg, denom).is_none());
         }
     }
 
     #[test]
-    fn a_thumbnail_of_a_quality_100_progressive_file_matches_the_whole_decode() {
-        // 1920x1280: a 300-wide thumbnail shrinks it on load by 4.
-        let jpeg = encode_progressive("storm.jpg", 4, 100, raw::TJSAMP_TJSAMP_420 as u32, 0);
-        assert!(crate::imaging::jpeg_refine::without_spare_refinements(&jpeg, 4).is_some());
+    fn a_thumbnail_of_a_quality_100_progressive_file_takes_the_spared_path() {
+        // 1280x960: a 300-wide thumbnail shrinks it on load by 4.
+        let jpeg = encode_progressive(
+            "wood-progressive-1280.jpg",
+            1,
+            100,
+            raw::TJSAMP_TJSAMP_420 as u32,
+            0,
+        );
+        let spared = crate::imaging::jpeg_refine::without_spare_refinements(&jpeg, 4).unwrap();
         let action = crate::action::Action::parse("resize:w_300").unwrap();
         let (_, lead) = crate::imaging::geometry::lead(&action);
         let decoded = decode(&jpeg, &Limits::default(), lead).unwrap();
         let Pixels::Still(img) = decoded.pixels else {
             panic!("still image")
         };
-        assert_eq!((img.width(), img.height()), (480, 320));
-        let whole = decode_scaled(&jpeg, 4);
+        assert_eq!((img.width(), img.height()), (320, 240));
+        // The pixels are those of the spared file, not the whole one.
         let ours = img.to_rgb8();
+        assert_eq!(ours.as_raw(), &decode_scaled(&spared, 4));
+        let whole = decode_scaled(&jpeg, 4);
+        assert_ne!(ours.as_raw(), &whole);
         let max = ours
             .as_raw()
             .iter()
@@ -855,6 +902,28 @@ mod tests {
             .map(|(a, b)| a.abs_diff(*b))
             .max();
         assert!(max <= Some(2), "largest difference {max:?}");
+    }
+
+    #[test]
+    fn damaged_quality_100_progressive_files_fail_cleanly_at_quarter_scale() {
+        // 1280x960, shrunk on load by 4 for a 300-wide thumbnail.
+        let jpeg = encode_progressive("wood.jpg", 2, 100, raw::TJSAMP_TJSAMP_420 as u32, 0);
+        assert!(crate::imaging::jpeg_refine::without_spare_refinements(&jpeg, 4).is_some());
+        let action = crate::action::Action::parse("resize:w_300").unwrap();
+        let (_, lead) = crate::imaging::geometry::lead(&action);
+        let limits = Limits::default();
+        let step = jpeg.len() / 97;
+        for at in (2..jpeg.len()).step_by(step) {
+            // Cut short, or one byte flipped: no panic, an image or an error.
+            let mut flipped = jpeg.clone();
+            flipped[at] ^= 0xff;
+            for bad in [&jpeg[..at], &flipped[..]] {
+                if let Some(out) = crate::imaging::jpeg_refine::without_spare_refinements(bad, 4) {
+                    assert!(out.len() < bad.len());
+                }
+                let _ = decode(bad, &limits, lead);
+            }
+        }
     }
 
     /// Our DC decoder's image against libjpeg-turbo's eighth-scale decode of

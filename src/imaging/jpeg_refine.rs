@@ -12,16 +12,16 @@
 //! `(2^Al - 1) * sum over AC (u, v) of q(u, v) * W(u) * W(v)`
 //!
 //! in grey levels, where `W(u)` is the largest share of coefficient `u` in
-//! one output sample. A refinement scan is left out when the precision it
-//! starts from already keeps that bound within [`LIMIT`] (chroma counted
-//! 1.772 times, its largest weight in the conversion to RGB), and so is
-//! every later refinement of the same coefficients, as successive
-//! approximation requires. First scans are always kept (a refinement
-//! depends on which coefficients they made nonzero), and so are DC scans.
-//! With bits missing, libjpeg-turbo's block smoothing estimates the lowest
-//! nine coefficients of a block where they read zero, within the range the
-//! missing bits leave open; that can double their error, so tests hold
-//! every sample within two levels of the exact decode.
+//! one output sample. With bits missing, libjpeg-turbo also turns on block
+//! smoothing, which estimates the first nine coefficients (in zigzag order)
+//! of a block where they read zero, within the range the missing bits leave
+//! open: their error can be twice as large, and the bound counts them
+//! twice. A refinement scan is left out when the precision it starts from
+//! already keeps that bound within [`LIMIT`] (chroma counted 1.772 times,
+//! its largest weight in the conversion to RGB), and so is every later
+//! refinement of the same component, as successive approximation requires.
+//! First scans are always kept (a refinement depends on which coefficients
+//! they made nonzero), and so are DC scans.
 //!
 //! Only files saved at the highest qualities qualify: at quality 100 (all
 //! quantisers 1) a 1/4-scale decode can spare the luma's last refinement
@@ -31,8 +31,11 @@
 
 use super::jpeg_dc::{scan_end, scan_header, segment};
 
-/// The most a sample may move, in grey levels.
-pub const LIMIT: f64 = 1.0;
+/// The most a sample may move, in grey levels, before colour conversion and
+/// rounding. At quality 100 and 1/4 scale the luma's last bit can move a
+/// sample by 0.73 levels, 1.14 with block smoothing's worst case; the next
+/// bit up, or quantisers of 2, would allow 2.3 or more.
+pub const LIMIT: f64 = 1.5;
 
 /// The JPEG zigzag order: entry `k` is the natural (row-major) index of the
 /// `k`th coefficient sent.
@@ -54,16 +57,14 @@ pub fn without_spare_refinements(jpeg: &[u8], denom: u32) -> Option<Vec<u8>> {
     if coarsest.iter().all(|&(_, al)| al == 0) {
         return None;
     }
-    let mut out = Vec::with_capacity(jpeg.len());
-    out.extend_from_slice(&jpeg[..2]);
-    let mut dropped = false;
+    // The spans of the file to keep; copied only if a scan is left out.
+    let mut kept: Vec<(usize, usize)> = vec![(0, 2)];
     let mut scans = 0;
     let mut i = 2;
     loop {
         let (marker, start, segment_end) = segment(jpeg, i)?;
-        if marker == 0xd9 {
-            out.extend_from_slice(&jpeg[start..segment_end]);
-            break;
+        if parameterless(marker) {
+            return None;
         }
         if marker == 0xdb && scans > 0 {
             // New quantisers after the first scan: the bound no longer
@@ -71,7 +72,10 @@ pub fn without_spare_refinements(jpeg: &[u8], denom: u32) -> Option<Vec<u8>> {
             return None;
         }
         if marker != 0xda {
-            out.extend_from_slice(&jpeg[start..segment_end]);
+            kept.push((start, segment_end));
+            if marker == 0xd9 {
+                break;
+            }
             i = segment_end;
             continue;
         }
@@ -85,14 +89,26 @@ pub fn without_spare_refinements(jpeg: &[u8], denom: u32) -> Option<Vec<u8>> {
             && coarsest
                 .iter()
                 .any(|&(id, al)| id == scan.components[0].0 && high <= al);
-        if spare {
-            dropped = true;
-        } else {
-            out.extend_from_slice(&jpeg[start..end]);
+        if !spare {
+            kept.push((start, end));
         }
         i = end;
     }
-    dropped.then_some(out)
+    let kept_bytes: usize = kept.iter().map(|(start, end)| end - start).sum();
+    (kept_bytes < jpeg.len()).then(|| {
+        let mut out = Vec::with_capacity(kept_bytes);
+        for (start, end) in kept {
+            out.extend_from_slice(&jpeg[start..end]);
+        }
+        out
+    })
+}
+
+/// Markers that stand alone, without a length: restart markers, TEM and SOI.
+/// Between segments libjpeg-turbo skips them, where [`segment`] would read
+/// a length, so a file that has them there is left whole.
+fn parameterless(marker: u8) -> bool {
+    matches!(marker, 0x01 | 0xd0..=0xd8)
 }
 
 /// For each component (by id), the coarsest precision `Al` its AC
@@ -105,6 +121,9 @@ fn coarsest_precisions(jpeg: &[u8], denom: u32) -> Option<Vec<(u8, u8)>> {
     let mut i = 2;
     loop {
         let (marker, start, end) = segment(jpeg, i)?;
+        if parameterless(marker) {
+            return None;
+        }
         let body = jpeg.get(start + 4..end)?;
         match marker {
             0xdb => define_quantisers(body, &mut tables)?,
@@ -118,6 +137,10 @@ fn coarsest_precisions(jpeg: &[u8], denom: u32) -> Option<Vec<(u8, u8)>> {
     let frame = frame?;
     if frame.is_empty() || frame.len() > 3 {
         // Four components are CMYK or YCCK, converted some other way.
+        return None;
+    }
+    if (1..frame.len()).any(|c| frame[..c].iter().any(|k| k.0 == frame[c].0)) {
+        // Two components with one id: a scan's id would be ambiguous.
         return None;
     }
     let (h_max, v_max) = frame
@@ -204,18 +227,20 @@ fn idct_size(least: u32, (h_max, v_max): (u32, u32), (h, v): (u32, u32)) -> usiz
 }
 
 /// How far, in grey levels, one unit of lost precision in every AC
-/// coefficient can move a sample of a block decoded at `size` x `size`.
+/// coefficient can move a sample of a block decoded at `size` x `size`,
+/// counting twice the nine coefficients that block smoothing estimates.
 fn bound(quantisers: &[u16; 64], size: usize) -> f64 {
     let w = weights(size);
-    let mut sum = 0.0;
-    for v in 0..8 {
-        for u in 0..8 {
-            if (u, v) != (0, 0) {
-                sum += quantisers[v * 8 + u] as f64 * w[u] * w[v];
-            }
-        }
-    }
-    sum
+    ZIGZAG
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(k, &natural)| {
+            let (u, v) = (natural % 8, natural / 8);
+            let smoothed = if k <= 9 { 2.0 } else { 1.0 };
+            smoothed * quantisers[natural] as f64 * w[u] * w[v]
+        })
+        .sum()
 }
 
 /// `W(u)` for each frequency `u`: the largest share of a coefficient in one
@@ -286,9 +311,14 @@ mod tests {
     fn only_quality_100_spares_bits_and_only_at_reduced_scale() {
         let ones = [1u16; 64];
         // Quarter scale, luma: one bit of every AC coefficient moves a sample
-        // by under a grey level; two bits (3 units) do not.
+        // by 0.73 levels, 1.14 with smoothing's estimates; two bits (3 units)
+        // by more than the limit.
         let quarter = bound(&ones, 2);
+        assert!((quarter - 1.14).abs() < 0.01, "{quarter}");
         assert!(quarter <= LIMIT && 3.0 * quarter > LIMIT, "{quarter}");
+        // Chroma is counted 1.772 times: none of it is spared, even at the
+        // luma's size (4:4:4; subsampled chroma is decoded larger).
+        assert!(1.772 * bound(&ones, 2) > LIMIT);
         // Half and full scale: even one bit may move a sample too far.
         assert!(bound(&ones, 4) > LIMIT);
         assert!(bound(&ones, 8) > LIMIT);
