@@ -17,7 +17,9 @@ shares the server's cores, so it runs no watcher threads while the server
 works; latencies come from those ctimes after the run, and the peak RSS is
 the kernel's high-water mark (VmHWM).
 
-Prints, per run: completions per second and the ratio to the target, p50/p99
+Prints, per run: completions per second and the ratio to the target (and
+the same between the 10th and 90th percentile outputs, without the start-up
+and the last flush), p50/p99
 latency from POST to output written, the server's CPU time and page faults
 per event (by thread kind) beside bench's time per image, the disks' write
 requests per event while it ran, context switches per event by thread kind
@@ -213,6 +215,13 @@ def run_once(data):
     print(f"single-image P1 rate from bench: {single_rate:.1f} per second ({before_ms:.1f} ms before, {after_ms:.1f} ms after; "
           f"target 0.9 x {cores} cores x {single_rate:.1f} = {0.9 * cores * single_rate:.1f})")
     print(f"events {n}, outputs written {len(written)} in {elapsed:.2f} s: {rate:.1f} per second = {ratio:.2f} x cores x single rate")
+    ts = sorted(written.values())
+    tenth = len(ts) // 10
+    if tenth and ts[-tenth - 1] > ts[tenth]:
+        steady = (len(ts) - 2 * tenth) / (ts[-tenth - 1] - ts[tenth])
+        print(f"between the 10th and the 90th percentile outputs (no start-up, no last flush): {steady:.1f} per second = "
+              f"{steady / (cores * single_rate):.2f} x cores x single rate; first output {1000 * (ts[0] - start):.0f} ms "
+              f"after the first POST")
     print(f"latency from POST to output written: p50 {pct(0.50):.0f} ms, p99 {pct(0.99):.0f} ms")
     print(f"server CPU: {server_cpu[0]:.2f} s (user {server_cpu[1] / tck:.2f}, sys {server_cpu[2] / tck:.2f}) = {server_cpu[0] * 1000 / n:.2f} ms "
           f"and {server_cpu[3] / n:.0f} page faults per event (" + ", ".join(f"{name} {t * 1000 / n:.2f} ms" for name, t in sorted(by_thread.items())) + ")")
