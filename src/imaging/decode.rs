@@ -1117,6 +1117,14 @@ mod tests {
         );
         assert_eq!((from_cut.width, from_cut.height), (200, 133));
         assert!(from_cut.bytes == from_all.bytes, "outputs differ");
+        // A quarter turn first: the resize moves before it, so the file is
+        // still shrunk on load and read to its DC scans only.
+        let turned = "rotate:a_90|resize:h_200|format:t_jpeg,q_85";
+        assert!(read_source(&jpeg, turned, 1 << 20) == cut);
+        let parsed = crate::action::Action::parse(turned).unwrap();
+        let out = crate::imaging::process(&cut, &parsed, &limits, &crate::imaging::NoWatermarks);
+        let out = out.unwrap().image.unwrap();
+        assert_eq!((out.width, out.height), (133, 200));
     }
 
     #[test]

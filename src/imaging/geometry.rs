@@ -24,6 +24,46 @@ pub(super) fn lead(action: &Action) -> (usize, Lead<'_>) {
     }
 }
 
+/// `action` with each `rotate` that comes right before a `resize` moved
+/// after it (the resize's sides swapped for a quarter turn), repeatedly, so
+/// that resizes meet the unrotated image: a leading one can shrink the JPEG
+/// on load, and the rotation turns the smaller result. The output is the
+/// same size and, up to rounding in the resampler, the same pixels. A
+/// resize that pads to both sides (`m_0`) stays where it is: it centres the
+/// image rounding down, which a turn would move by a pixel. So does one
+/// after `rotate:a_0`.
+pub(super) fn resize_before_rotate(action: &Action) -> std::borrow::Cow<'_, Action> {
+    // `rotate:a_0` turns nothing, and stays a way to keep the decoder from
+    // folding in the operation after it.
+    let movable = |pair: &[Op]| match pair {
+        [Op::Rotate(turn), Op::Resize(r)] => {
+            *turn != Rotation::R0
+                && !(r.width.is_some() && r.height.is_some() && r.mode == ResizeMode::Pad)
+        }
+        _ => false,
+    };
+    if !action.ops.windows(2).any(movable) {
+        return std::borrow::Cow::Borrowed(action);
+    }
+    let mut ops = action.ops.clone();
+    // Each swap moves a resize one place to the left, so this ends.
+    while let Some(i) = ops.windows(2).position(movable) {
+        if let [Op::Rotate(turn), Op::Resize(r)] = ops[i..i + 2] {
+            let r = match turn {
+                Rotation::R90 | Rotation::R270 => Resize {
+                    width: r.height,
+                    height: r.width,
+                    mode: r.mode,
+                },
+                Rotation::R0 | Rotation::R180 => r,
+            };
+            ops[i] = Op::Resize(r);
+            ops[i + 1] = Op::Rotate(turn);
+        }
+    }
+    std::borrow::Cow::Owned(Action { ops })
+}
+
 fn round_side(v: f64) -> u32 {
     (v.round() as u32).max(1)
 }
@@ -254,4 +294,46 @@ fn resample(
         _ => image::RgbaImage::from_raw(w, h, buf).map(DynamicImage::ImageRgba8),
     };
     out.ok_or_else(|| fail(&"resized buffer has the wrong size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ops(action: &str) -> Vec<Op> {
+        let action = Action::parse(action).unwrap();
+        resize_before_rotate(&action).into_owned().ops
+    }
+
+    #[test]
+    fn resizes_move_before_quarter_and_half_turns() {
+        let parse = |a: &str| Action::parse(a).unwrap().ops;
+        assert_eq!(
+            ops("rotate:a_90|resize:w_300"),
+            parse("resize:h_300|rotate:a_90")
+        );
+        assert_eq!(
+            ops("crop:w_300|rotate:a_270|resize:w_20,h_10,m_2|format:t_png"),
+            parse("crop:w_300|resize:w_10,h_20,m_2|rotate:a_270|format:t_png")
+        );
+        assert_eq!(
+            ops("rotate:a_180|resize:w_20,h_10,m_1"),
+            parse("resize:w_20,h_10,m_1|rotate:a_180")
+        );
+        // Through two turns, one at a time.
+        assert_eq!(
+            ops("rotate:a_90|rotate:a_180|resize:h_50"),
+            parse("resize:w_50|rotate:a_90|rotate:a_180")
+        );
+        // Staying put: padding to both sides, after a_0, not adjacent.
+        for kept in [
+            "rotate:a_90|resize:w_20,h_10,m_0",
+            "rotate:a_90|resize:w_20,h_10",
+            "rotate:a_0|resize:w_300",
+            "rotate:a_90|watermark:t_aGk|resize:w_300",
+            "resize:w_300|rotate:a_90",
+        ] {
+            assert_eq!(ops(kept), parse(kept), "{kept}");
+        }
+    }
 }

@@ -169,7 +169,8 @@ pub fn read_source(
     let max = limits.max_input_bytes as u64 + 1;
     let mut input = Vec::with_capacity(HEAD as usize);
     (&mut *body).take(HEAD.min(max)).read_to_end(&mut input)?;
-    let (_, lead) = geometry::lead(action);
+    let action = geometry::resize_before_rotate(action);
+    let (_, lead) = geometry::lead(&action);
     // `info` describes the source file itself, so it needs every byte.
     let describes_source = action.ops.iter().any(|op| matches!(op, Op::Info));
     if input.len() as u64 == HEAD
@@ -192,6 +193,7 @@ pub fn process(
     limits: &Limits,
     resolver: &dyn WatermarkResolver,
 ) -> Result<Output, ImagingError> {
+    let action = &*geometry::resize_before_rotate(action);
     let (lead_index, lead) = geometry::lead(action);
     let decoded = decode(input, limits, lead)?;
     let skip = decoded.lead_applied.then_some(lead_index);
