@@ -1122,9 +1122,15 @@ mod tests {
         let turned = "rotate:a_90|resize:h_200|format:t_jpeg,q_85";
         assert!(read_source(&jpeg, turned, 1 << 20) == cut);
         let parsed = crate::action::Action::parse(turned).unwrap();
-        let out = crate::imaging::process(&cut, &parsed, &limits, &crate::imaging::NoWatermarks);
-        let out = out.unwrap().image.unwrap();
+        let run = |input: &[u8]| {
+            let out =
+                crate::imaging::process(input, &parsed, &limits, &crate::imaging::NoWatermarks);
+            out.unwrap().image.unwrap()
+        };
+        let (out, whole) = (run(&cut), run(&jpeg));
         assert_eq!((out.width, out.height), (133, 200));
+        // Shrunk on load from the whole file too: the same bytes.
+        assert!(out.bytes == whole.bytes, "outputs differ");
     }
 
     #[test]
