@@ -24,31 +24,22 @@ pub(super) fn lead(action: &Action) -> (usize, Lead<'_>) {
     }
 }
 
-/// `action` with each `rotate` that comes right before a `resize` moved
-/// after it (the resize's sides swapped for a quarter turn), repeatedly, so
-/// that resizes meet the unrotated image: a leading one can shrink the JPEG
-/// on load, and the rotation turns the smaller result. The output is the
-/// same size and, up to rounding in the resampler, the same pixels. A
-/// resize that pads to both sides (`m_0`) stays where it is: it centres the
-/// image rounding down, which a turn would move by a pixel. So does one
-/// after `rotate:a_0`.
+/// `action` with each `rotate` that comes right before a `resize` (or with
+/// only `format` between them) moved after it, the resize's sides swapped
+/// for a quarter turn, repeatedly, so that resizes meet the unrotated
+/// image: a leading one can shrink the JPEG on load, and the rotation turns
+/// the smaller result. The output is the same size and, up to rounding in
+/// the resampler, the same pixels. A resize that pads to both sides (`m_0`)
+/// stays where it is: it centres the image rounding down, which a turn
+/// would move by a pixel. So does one after `rotate:a_0`.
 pub(super) fn resize_before_rotate(action: &Action) -> std::borrow::Cow<'_, Action> {
-    // `rotate:a_0` turns nothing, and stays a way to keep the decoder from
-    // folding in the operation after it.
-    let movable = |pair: &[Op]| match pair {
-        [Op::Rotate(turn), Op::Resize(r)] => {
-            *turn != Rotation::R0
-                && !(r.width.is_some() && r.height.is_some() && r.mode == ResizeMode::Pad)
-        }
-        _ => false,
-    };
-    if !action.ops.windows(2).any(movable) {
+    if next_move(&action.ops).is_none() {
         return std::borrow::Cow::Borrowed(action);
     }
     let mut ops = action.ops.clone();
-    // Each swap moves a resize one place to the left, so this ends.
-    while let Some(i) = ops.windows(2).position(movable) {
-        if let [Op::Rotate(turn), Op::Resize(r)] = ops[i..i + 2] {
+    // Each move takes a resize to the left of a turn, so this ends.
+    while let Some((turn_at, resize_at)) = next_move(&ops) {
+        if let (Op::Rotate(turn), Op::Resize(r)) = (ops[turn_at].clone(), ops[resize_at].clone()) {
             let r = match turn {
                 Rotation::R90 | Rotation::R270 => Resize {
                     width: r.height,
@@ -57,11 +48,37 @@ pub(super) fn resize_before_rotate(action: &Action) -> std::borrow::Cow<'_, Acti
                 },
                 Rotation::R0 | Rotation::R180 => r,
             };
-            ops[i] = Op::Resize(r);
-            ops[i + 1] = Op::Rotate(turn);
+            ops.remove(resize_at);
+            ops.insert(turn_at, Op::Resize(r));
         }
     }
     std::borrow::Cow::Owned(Action { ops })
+}
+
+/// The first turn that a resize can move before: (its index, the resize's).
+/// Only `format` may stand between them (it changes no pixels).
+fn next_move(ops: &[Op]) -> Option<(usize, usize)> {
+    ops.iter().enumerate().find_map(|(i, op)| {
+        // `rotate:a_0` turns nothing, and stays a way to keep the decoder
+        // from folding in the operation after it.
+        if !matches!(op, Op::Rotate(turn) if *turn != Rotation::R0) {
+            return None;
+        }
+        let j = i
+            + 1
+            + ops[i + 1..]
+                .iter()
+                .take_while(|o| matches!(o, Op::Format(_)))
+                .count();
+        match ops.get(j) {
+            Some(Op::Resize(r))
+                if !(r.width.is_some() && r.height.is_some() && r.mode == ResizeMode::Pad) =>
+            {
+                Some((i, j))
+            }
+            _ => None,
+        }
+    })
 }
 
 fn round_side(v: f64) -> u32 {
@@ -319,6 +336,11 @@ mod tests {
         assert_eq!(
             ops("rotate:a_180|resize:w_20,h_10,m_1"),
             parse("resize:w_20,h_10,m_1|rotate:a_180")
+        );
+        // Past a format, which changes no pixels.
+        assert_eq!(
+            ops("rotate:a_90|format:t_png|resize:w_300"),
+            parse("resize:h_300|rotate:a_90|format:t_png")
         );
         // Through two turns, one at a time.
         assert_eq!(
