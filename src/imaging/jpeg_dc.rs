@@ -719,7 +719,7 @@ fn ycc_to_rgb(y: u8, cb: u8, cr: u8) -> [u8; 3] {
 
 /// A canonical Huffman table: a lookup on the next 9 bits for short codes,
 /// then the largest code of each longer length.
-struct Huffman {
+pub(super) struct Huffman {
     /// (code length << 8 | symbol); 0 where no code of 9 bits or fewer starts.
     fast: Vec<u16>,
     /// Per length 1..=16: the largest code, or -1.
@@ -732,7 +732,7 @@ struct Huffman {
 const FAST_BITS: u32 = 9;
 
 impl Huffman {
-    fn new(counts: &[u8; 16], values: &[u8]) -> Option<Huffman> {
+    pub(super) fn new(counts: &[u8; 16], values: &[u8]) -> Option<Huffman> {
         let mut fast = vec![0u16; 1 << FAST_BITS];
         let mut max_code = [-1i32; 17];
         let mut offset = [0i32; 17];
@@ -767,7 +767,8 @@ impl Huffman {
         })
     }
 
-    fn decode(&self, bits: &mut BitReader<'_>) -> Option<u32> {
+    #[inline]
+    pub(super) fn decode(&self, bits: &mut BitReader<'_>) -> Option<u32> {
         bits.fill();
         let entry = self.fast[bits.peek(FAST_BITS) as usize];
         if entry != 0 {
@@ -788,7 +789,7 @@ impl Huffman {
 
 /// Reads entropy-coded bits, undoing 0xff00 stuffing; at a marker it stops
 /// and supplies zeros, counting them, so a scan that runs short is noticed.
-struct BitReader<'a> {
+pub(super) struct BitReader<'a> {
     data: &'a [u8],
     pos: usize,
     /// Bits not yet consumed, most significant first.
@@ -799,7 +800,7 @@ struct BitReader<'a> {
 }
 
 impl<'a> BitReader<'a> {
-    fn new(data: &'a [u8], pos: usize) -> Self {
+    pub(super) fn new(data: &'a [u8], pos: usize) -> Self {
         BitReader {
             data,
             pos,
@@ -809,6 +810,7 @@ impl<'a> BitReader<'a> {
         }
     }
 
+    #[inline]
     fn fill(&mut self) {
         while self.count <= 56 {
             let byte = if self.padding > 0 {
@@ -835,16 +837,19 @@ impl<'a> BitReader<'a> {
         }
     }
 
+    #[inline]
     fn peek(&self, n: u32) -> u64 {
         self.acc >> (64 - n)
     }
 
+    #[inline]
     fn consume(&mut self, n: u32) {
         self.acc <<= n;
         self.count -= n;
     }
 
-    fn bit(&mut self) -> bool {
+    #[inline]
+    pub(super) fn bit(&mut self) -> bool {
         if self.count == 0 {
             self.fill();
         }
@@ -853,8 +858,23 @@ impl<'a> BitReader<'a> {
         set
     }
 
+    /// The next `n` bits (at most 32) as an unsigned number.
+    #[inline]
+    pub(super) fn take(&mut self, n: u32) -> u32 {
+        if n == 0 {
+            return 0;
+        }
+        if self.count < n {
+            self.fill();
+        }
+        let v = self.peek(n) as u32;
+        self.consume(n);
+        v
+    }
+
     /// Reads `size` bits as a signed DC difference (JPEG's EXTEND).
-    fn receive_extend(&mut self, size: u32) -> Option<i32> {
+    #[inline]
+    pub(super) fn receive_extend(&mut self, size: u32) -> Option<i32> {
         if size == 0 {
             return Some(0);
         }
@@ -872,17 +892,17 @@ impl<'a> BitReader<'a> {
     }
 
     /// True when bits past the scan's data were consumed.
-    fn read_past_end(&self) -> bool {
+    pub(super) fn read_past_end(&self) -> bool {
         self.padding * 8 > self.count
     }
 
     /// The first byte not yet taken into the bit buffer.
-    fn position(&self) -> usize {
+    pub(super) fn position(&self) -> usize {
         self.pos
     }
 
     /// Skips to the next restart marker and starts a fresh byte after it.
-    fn restart(&mut self) -> Option<()> {
+    pub(super) fn restart(&mut self) -> Option<()> {
         if self.read_past_end() {
             return None;
         }

@@ -10,6 +10,7 @@ mod geometry;
 mod info;
 mod jpeg;
 mod jpeg_dc;
+mod jpeg_progressive;
 mod jpeg_refine;
 pub mod smartcrop;
 pub mod watermark;
