@@ -234,6 +234,7 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
     // to libjpeg-turbo's SIMD transforms.
     if denom == 1
         && header.is_progressive
+        && matches!(header.colorspace, Colorspace::YCbCr | Colorspace::Gray)
         && plan.region.is_some()
         && u64::from(want.width) * u64::from(want.height) * 4 <= u64::from(sw) * u64::from(sh)
     {

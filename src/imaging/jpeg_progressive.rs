@@ -52,6 +52,7 @@ pub fn decode(jpeg: &[u8], max_blocks: usize) -> Option<Coefficients> {
     let mut quantisers = [[0u16; 64]; 4];
     let mut frame: Option<Coefficients> = None;
     let mut interval = 0usize;
+    let mut scans = 0usize;
     let mut i = 2;
     loop {
         let (marker, start, end) = segment(jpeg, i)?;
@@ -64,6 +65,9 @@ pub fn decode(jpeg: &[u8], max_blocks: usize) -> Option<Coefficients> {
         let body = jpeg.get(start + 4..end)?;
         match marker {
             0xc4 => define_huffman(body, &mut dc, &mut ac)?,
+            // libjpeg takes a component's quantisers at its first scan; a
+            // table redefined after the first scan is left to it.
+            0xdb if scans > 0 => return None,
             0xdb => define_quantisers(body, &mut quantisers)?,
             0xdd => interval = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize,
             0xc2 if frame.is_none() => frame = Some(parse_frame(body, max_blocks)?),
@@ -80,7 +84,17 @@ pub fn decode(jpeg: &[u8], max_blocks: usize) -> Option<Coefficients> {
                     .collect::<Option<_>>()?;
                 let (ss, se) = (header.spectral_start as usize, header.spectral_end as usize);
                 let (ah, al) = ((header.approx >> 4) as u32, (header.approx & 15) as u32);
-                if se > 63 || ss > se || al > 13 || slots.is_empty() {
+                scans += 1;
+                let repeated = (1..slots.len()).any(|n| slots[..n].contains(&slots[n]));
+                // A file of thousands of scans would walk every block each
+                // time; libjpeg-turbo's documentation suggests 500 at most.
+                if se > 63
+                    || ss > se
+                    || al > 13
+                    || slots.is_empty()
+                    || repeated
+                    || scans > MAX_SCANS
+                {
                     return None;
                 }
                 let end_of_data = if ss == 0 {
@@ -131,6 +145,9 @@ fn define_huffman(
     }
     Some(())
 }
+
+/// The most scans a file may have here (more are left to libjpeg-turbo).
+const MAX_SCANS: usize = 500;
 
 const ZIGZAG: [usize; 64] = [
     0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
@@ -367,6 +384,9 @@ fn ac_scan_with<const BMI2: bool>(
                         let symbol = huff.decode(&mut bits)?;
                         let (r, s) = (symbol >> 4, symbol & 15);
                         let mut value = 0i16;
+                        if s > 1 {
+                            return None;
+                        }
                         if s != 0 {
                             value = if bits.bit() { p1 } else { m1 };
                         } else if r != 15 {
@@ -426,6 +446,7 @@ fn deposit_pdep(bits: &mut BitReader<'_>, block: &mut [i16; 64], mut mask: u64, 
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::_pdep_u64;
+        debug_assert!(std::arch::is_x86_feature_detected!("bmi2"));
         while mask != 0 {
             let n = mask.count_ones().min(32);
             let word = bits.take(n);
