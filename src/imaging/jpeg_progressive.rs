@@ -876,6 +876,26 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_naming_a_component_five_times_is_refused() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/images/wood-progressive-1280.jpg"
+        );
+        let jpeg = std::fs::read(path).unwrap();
+        let sos = jpeg.windows(2).position(|w| w == [0xff, 0xda]).unwrap();
+        let length = u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]) as usize;
+        let first = &jpeg[sos + 4..sos + 2 + length];
+        // The first (DC) scan, its first component listed five times.
+        let mut header = vec![0xff, 0xda, 0, 16, 5];
+        for _ in 0..5 {
+            header.extend_from_slice(&first[1..3]);
+        }
+        header.extend_from_slice(&first[first.len() - 3..]);
+        let crafted = [&jpeg[..sos], &header[..], &jpeg[sos + 2 + length..]].concat();
+        assert!(decode(&crafted, 1 << 20).is_none());
+    }
+
+    #[test]
     fn damaged_files_give_none_or_coefficients_without_panicking() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
