@@ -396,27 +396,93 @@ struct Frame {
     components: Vec<Component>,
 }
 
-impl Frame {
-    fn parse(body: &[u8]) -> Option<Frame> {
-        if *body.first()? != 8 {
+/// The JPEG zigzag order: entry `k` is the natural (row-major) index of the
+/// `k`th coefficient sent.
+pub(super) const ZIGZAG: [usize; 64] = [
+    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
+    13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59,
+    52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+];
+
+/// Reads a DQT segment's tables into `tables`, in natural order.
+pub(super) fn define_quantisers(
+    mut body: &[u8],
+    tables: &mut [Option<[u16; 64]>; 4],
+) -> Option<()> {
+    while let Some(&head) = body.first() {
+        let (precision, id) = (head >> 4, (head & 15) as usize);
+        if id > 3 || precision > 1 {
             return None;
         }
-        let height = u16::from_be_bytes([*body.get(1)?, *body.get(2)?]) as usize;
-        let width = u16::from_be_bytes([*body.get(3)?, *body.get(4)?]) as usize;
-        let count = *body.get(5)? as usize;
-        if width == 0 || height == 0 || !(count == 1 || count == 3) {
-            return None;
+        let width = 1 + precision as usize;
+        let values = body.get(1..1 + 64 * width)?;
+        let mut table = [0u16; 64];
+        for (k, &natural) in ZIGZAG.iter().enumerate() {
+            table[natural] = if width == 1 {
+                values[k] as u16
+            } else {
+                u16::from_be_bytes([values[2 * k], values[2 * k + 1]])
+            };
         }
-        let mut parts = Vec::with_capacity(count);
-        for c in 0..count {
+        tables[id] = Some(table);
+        body = &body[1 + 64 * width..];
+    }
+    Some(())
+}
+
+/// An 8-bit frame header: its size, and per component (id, horizontal and
+/// vertical sampling, quantiser table).
+pub(super) struct FrameHeader {
+    pub width: usize,
+    pub height: usize,
+    pub components: Vec<(u8, usize, usize, usize)>,
+}
+
+/// Parses a frame header's body; `None` for 12-bit samples, sampling
+/// factors outside 1-4 or a quantiser table over 3.
+pub(super) fn frame_header(body: &[u8]) -> Option<FrameHeader> {
+    if *body.first()? != 8 {
+        return None;
+    }
+    let height = u16::from_be_bytes([*body.get(1)?, *body.get(2)?]) as usize;
+    let width = u16::from_be_bytes([*body.get(3)?, *body.get(4)?]) as usize;
+    let count = *body.get(5)? as usize;
+    let components = (0..count)
+        .map(|c| {
             let at = 6 + 3 * c;
             let sampling = *body.get(at + 1)?;
             let (h, v) = ((sampling >> 4) as usize, (sampling & 15) as usize);
-            if !(1..=4).contains(&h) || !(1..=4).contains(&v) || *body.get(at + 2)? > 3 {
-                return None;
-            }
-            parts.push((*body.get(at)?, h, v));
+            let table = *body.get(at + 2)? as usize;
+            ((1..=4).contains(&h) && (1..=4).contains(&v) && table < 4).then_some((
+                *body.get(at)?,
+                h,
+                v,
+                table,
+            ))
+        })
+        .collect::<Option<_>>()?;
+    Some(FrameHeader {
+        width,
+        height,
+        components,
+    })
+}
+
+impl Frame {
+    fn parse(body: &[u8]) -> Option<Frame> {
+        let FrameHeader {
+            width,
+            height,
+            components,
+        } = frame_header(body)?;
+        let count = components.len();
+        if width == 0 || height == 0 || !(count == 1 || count == 3) {
+            return None;
         }
+        let parts: Vec<(u8, usize, usize)> = components
+            .into_iter()
+            .map(|(id, h, v, _)| (id, h, v))
+            .collect();
         // RGB-coded files name their components R, G, B.
         if count == 3 && parts.iter().map(|p| p.0).eq(*b"RGB") {
             return None;

@@ -12,7 +12,10 @@
 //! Damaged or unsupported files give `None` (the caller decodes with
 //! libjpeg-turbo); nothing here panics on input.
 
-use super::jpeg_dc::{BitReader, Huffman, scan_end, scan_header, segment};
+use super::jpeg_dc::{
+    BitReader, FrameHeader, Huffman, ZIGZAG, define_quantisers, frame_header, scan_end,
+    scan_header, segment,
+};
 
 /// One component's coefficients over its whole block grid (MCU-padded).
 pub struct Component {
@@ -49,7 +52,7 @@ pub fn decode(jpeg: &[u8], max_blocks: usize) -> Option<Coefficients> {
     }
     let mut dc: [Option<Huffman>; 4] = Default::default();
     let mut ac: [Option<Huffman>; 4] = Default::default();
-    let mut quantisers = [[0u16; 64]; 4];
+    let mut quantisers: [Option<[u16; 64]>; 4] = [None; 4];
     let mut frame: Option<Coefficients> = None;
     let mut interval = 0usize;
     let mut scans = 0usize;
@@ -122,7 +125,8 @@ pub fn decode(jpeg: &[u8], max_blocks: usize) -> Option<Coefficients> {
         i = end;
     }
     let mut frame = frame?;
-    frame.quantisers = quantisers;
+    // A table the file never defines reads as zeros.
+    frame.quantisers = quantisers.map(|t| t.unwrap_or([0; 64]));
     Some(frame)
 }
 
@@ -149,52 +153,14 @@ fn define_huffman(
 /// The most scans a file may have here (more are left to libjpeg-turbo).
 const MAX_SCANS: usize = 500;
 
-const ZIGZAG: [usize; 64] = [
-    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
-    13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59,
-    52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
-];
-
-fn define_quantisers(mut body: &[u8], tables: &mut [[u16; 64]; 4]) -> Option<()> {
-    while let Some(&head) = body.first() {
-        let (precision, id) = (head >> 4, (head & 15) as usize);
-        let width = 1 + precision as usize;
-        if precision > 1 || id > 3 {
-            return None;
-        }
-        let values = body.get(1..1 + 64 * width)?;
-        for (k, &natural) in ZIGZAG.iter().enumerate() {
-            tables[id][natural] = if width == 1 {
-                values[k] as u16
-            } else {
-                u16::from_be_bytes([values[2 * k], values[2 * k + 1]])
-            };
-        }
-        body = &body[1 + 64 * width..];
-    }
-    Some(())
-}
-
 fn parse_frame(body: &[u8], max_blocks: usize) -> Option<Coefficients> {
-    if *body.first()? != 8 {
+    let FrameHeader {
+        width,
+        height,
+        components: parts,
+    } = frame_header(body)?;
+    if width == 0 || height == 0 || !(parts.len() == 1 || parts.len() == 3) {
         return None;
-    }
-    let height = u16::from_be_bytes([*body.get(1)?, *body.get(2)?]) as usize;
-    let width = u16::from_be_bytes([*body.get(3)?, *body.get(4)?]) as usize;
-    let count = *body.get(5)? as usize;
-    if width == 0 || height == 0 || !(count == 1 || count == 3) {
-        return None;
-    }
-    let mut parts = Vec::with_capacity(count);
-    for c in 0..count {
-        let at = 6 + 3 * c;
-        let sampling = *body.get(at + 1)?;
-        let (h, v) = ((sampling >> 4) as usize, (sampling & 15) as usize);
-        let table = *body.get(at + 2)? as usize;
-        if !(1..=4).contains(&h) || !(1..=4).contains(&v) || table > 3 {
-            return None;
-        }
-        parts.push((*body.get(at)?, h, v, table));
     }
     let h_max = parts.iter().map(|p| p.1).max()?;
     let v_max = parts.iter().map(|p| p.2).max()?;

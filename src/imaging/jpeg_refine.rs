@@ -29,21 +29,13 @@
 //! about a seventh of such a file's bytes; at quality 95 nothing is spared.
 //! A full-scale decode never qualifies.
 
-use super::jpeg_dc::{scan_end, scan_header, segment};
+use super::jpeg_dc::{ZIGZAG, define_quantisers, frame_header, scan_end, scan_header, segment};
 
 /// The most a sample may move, in grey levels, before colour conversion and
 /// rounding. At quality 100 and 1/4 scale the luma's last bit can move a
 /// sample by 0.73 levels, 1.14 with block smoothing's worst case; the next
 /// bit up, or quantisers of 2, would allow 2.3 or more.
 pub const LIMIT: f64 = 1.5;
-
-/// The JPEG zigzag order: entry `k` is the natural (row-major) index of the
-/// `k`th coefficient sent.
-const ZIGZAG: [usize; 64] = [
-    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
-    13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59,
-    52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
-];
 
 /// `jpeg` without the refinement scans that a decode at 1/`denom` scale can
 /// spare (see the module documentation); `None` when it needs them all, or
@@ -117,7 +109,7 @@ fn parameterless(marker: u8) -> bool {
 /// with one to three components and its segments parse.
 fn coarsest_precisions(jpeg: &[u8], denom: u32) -> Option<Vec<(u8, u8)>> {
     let mut tables: [Option<[u16; 64]>; 4] = [None; 4];
-    let mut frame: Option<Vec<(u8, u32, u32, usize)>> = None;
+    let mut frame: Option<Vec<(u8, usize, usize, usize)>> = None;
     let mut i = 2;
     loop {
         let (marker, start, end) = segment(jpeg, i)?;
@@ -127,7 +119,8 @@ fn coarsest_precisions(jpeg: &[u8], denom: u32) -> Option<Vec<(u8, u8)>> {
         let body = jpeg.get(start + 4..end)?;
         match marker {
             0xdb => define_quantisers(body, &mut tables)?,
-            0xc2 => frame = Some(parse_frame(body)?),
+            // 12-bit samples are refused: the bound is in 8-bit grey levels.
+            0xc2 => frame = Some(frame_header(body)?.components),
             0xc0 | 0xc1 | 0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return None,
             0xda | 0xd9 => break,
             _ => {}
@@ -146,7 +139,7 @@ fn coarsest_precisions(jpeg: &[u8], denom: u32) -> Option<Vec<(u8, u8)>> {
     let (h_max, v_max) = frame
         .iter()
         .fold((1, 1), |(h, v), c| (h.max(c.1), v.max(c.2)));
-    let least = 8 / denom;
+    let least = 8 / denom as usize;
     frame
         .iter()
         .enumerate()
@@ -164,58 +157,11 @@ fn coarsest_precisions(jpeg: &[u8], denom: u32) -> Option<Vec<(u8, u8)>> {
         .collect()
 }
 
-/// Reads a DQT segment's tables into `tables`, in natural order.
-fn define_quantisers(mut body: &[u8], tables: &mut [Option<[u16; 64]>; 4]) -> Option<()> {
-    while let Some(&head) = body.first() {
-        let (precision, id) = (head >> 4, (head & 15) as usize);
-        if id > 3 || precision > 1 {
-            return None;
-        }
-        let width = 1 + precision as usize;
-        let values = body.get(1..1 + 64 * width)?;
-        let mut table = [0u16; 64];
-        for (k, &natural) in ZIGZAG.iter().enumerate() {
-            table[natural] = if width == 1 {
-                values[k] as u16
-            } else {
-                u16::from_be_bytes([values[2 * k], values[2 * k + 1]])
-            };
-        }
-        tables[id] = Some(table);
-        body = &body[1 + 64 * width..];
-    }
-    Some(())
-}
-
-/// A frame header's components: (id, horizontal and vertical sampling,
-/// quantiser table).
-fn parse_frame(body: &[u8]) -> Option<Vec<(u8, u32, u32, usize)>> {
-    if *body.first()? != 8 {
-        // 12-bit samples: the bound is in 8-bit grey levels.
-        return None;
-    }
-    let count = *body.get(5)? as usize;
-    (0..count)
-        .map(|c| {
-            let at = 6 + 3 * c;
-            let sampling = *body.get(at + 1)?;
-            let (h, v) = ((sampling >> 4) as u32, (sampling & 15) as u32);
-            let table = *body.get(at + 2)? as usize;
-            ((1..=4).contains(&h) && (1..=4).contains(&v) && table < 4).then_some((
-                *body.get(at)?,
-                h,
-                v,
-                table,
-            ))
-        })
-        .collect()
-}
-
 /// The inverse DCT size libjpeg-turbo uses for a component: the smallest
 /// (`least`, 8 / the scale's denominator) doubled while the component's
 /// subsampling allows, so that chroma comes out at the luma's size without
 /// upsampling (its `jpeg_core_output_dimensions`).
-fn idct_size(least: u32, (h_max, v_max): (u32, u32), (h, v): (u32, u32)) -> usize {
+fn idct_size(least: usize, (h_max, v_max): (usize, usize), (h, v): (usize, usize)) -> usize {
     let mut size = least;
     while size < 8
         && (h_max * least).is_multiple_of(h * size * 2)
@@ -223,7 +169,7 @@ fn idct_size(least: u32, (h_max, v_max): (u32, u32), (h, v): (u32, u32)) -> usiz
     {
         size *= 2;
     }
-    size as usize
+    size
 }
 
 /// How far, in grey levels, one unit of lost precision in every AC
