@@ -767,7 +767,7 @@ impl State {
 }
 
 /// libjpeg's YCbCr to RGB conversion (jdcolor.c), in 16-bit fixed point.
-fn ycc_to_rgb(y: u8, cb: u8, cr: u8) -> [u8; 3] {
+pub(super) fn ycc_to_rgb(y: u8, cb: u8, cr: u8) -> [u8; 3] {
     const ONE_HALF: i32 = 1 << 15;
     const fn fix(x: f64) -> i32 {
         (x * 65536.0 + 0.5) as i32

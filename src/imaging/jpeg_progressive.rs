@@ -14,7 +14,7 @@
 
 use super::jpeg_dc::{
     BitReader, FrameHeader, Huffman, ZIGZAG, define_quantisers, frame_header, scan_end,
-    scan_header, segment,
+    scan_header, segment, ycc_to_rgb,
 };
 
 /// One component's coefficients over its whole block grid (MCU-padded).
@@ -541,21 +541,6 @@ fn fancy_h2v2(
         this * 3 + colsum(i + 1) + 7
     };
     (v >> 4) as u8
-}
-
-/// libjpeg's fixed-point YCbCr to RGB.
-fn ycc_to_rgb(y: u8, cb: u8, cr: u8) -> [u8; 3] {
-    const ONE_HALF: i32 = 1 << 15;
-    let fix = |v: f64| (v * 65536.0 + 0.5) as i32;
-    let (y, cb, cr) = (y as i32, cb as i32 - 128, cr as i32 - 128);
-    let r = y + ((fix(1.40200) * cr + ONE_HALF) >> 16);
-    let g = y + ((-fix(0.34414) * cb - fix(0.71414) * cr + ONE_HALF) >> 16);
-    let b = y + ((fix(1.77200) * cb + ONE_HALF) >> 16);
-    [
-        r.clamp(0, 255) as u8,
-        g.clamp(0, 255) as u8,
-        b.clamp(0, 255) as u8,
-    ]
 }
 
 /// The component's samples in `(x0, y0)..(x1, y1)`, from the blocks that
