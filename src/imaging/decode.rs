@@ -3,7 +3,7 @@ use std::io::Cursor;
 use image::codecs::gif::GifDecoder;
 use image::metadata::Orientation;
 use image::{AnimationDecoder, DynamicImage, Frame, ImageDecoder, ImageReader};
-use turbojpeg::{Colorspace, Decompressor, ScalingFactor};
+use turbojpeg::{Colorspace, Decompressor, ScalingFactor, Subsamp};
 
 use super::jpeg::Region;
 use super::{ImageFormat, ImagingError, Limits};
@@ -235,6 +235,11 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
     if denom == 1
         && header.is_progressive
         && matches!(header.colorspace, Colorspace::YCbCr | Colorspace::Gray)
+        // The subsamplings its upsampler covers, known before decoding.
+        && matches!(
+            header.subsamp,
+            Subsamp::None | Subsamp::Sub2x1 | Subsamp::Sub2x2 | Subsamp::Gray
+        )
         && plan.region.is_some()
         && u64::from(want.width) * u64::from(want.height) * 4 <= u64::from(sw) * u64::from(sh)
     {
