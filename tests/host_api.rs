@@ -8,11 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::host::{
     Behaviour, QUIET, Receiver, TestHost, decoded, eventually, fixture, test_config,
 };
 use common::s3::s3_client;
-use imgfunc::store::S3Store;
+use imgfunc::store::{
+    BoxFuture, ListEntry, LocalStore, Object, ObjectMeta, ObjectReader, ObjectStore, PutOptions,
+    ReadBody, S3Store, StoreError,
+};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -553,5 +557,132 @@ async fn invoke_answers_with_the_result_synchronously() {
         &["event"],
     )
     .await;
+    host.stop().await;
+}
+
+/// The embedded store with its writes to one bucket held at a gate, as a
+/// disk that stalls on writes would hold them; counts the writes waiting.
+struct StalledWrites {
+    inner: LocalStore,
+    bucket: &'static str,
+    gate: tokio::sync::Semaphore,
+    waiting: AtomicUsize,
+}
+
+impl ObjectStore for StalledWrites {
+    fn get(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<Object, StoreError>> {
+        self.inner.get(bucket, key)
+    }
+    fn open(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectReader, StoreError>> {
+        self.inner.open(bucket, key)
+    }
+    fn open_with(
+        &self,
+        bucket: &str,
+        key: &str,
+        read: ReadBody,
+    ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Bytes>), StoreError>> {
+        self.inner.open_with(bucket, key, read)
+    }
+    fn head(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectMeta, StoreError>> {
+        self.inner.head(bucket, key)
+    }
+    fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: Bytes,
+        opts: PutOptions,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let held = bucket == self.bucket;
+        let put = self.inner.put(bucket, key, bytes, opts);
+        Box::pin(async move {
+            if held {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                let _pass = self.gate.acquire().await;
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+            put.await
+        })
+    }
+    fn delete(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner.delete(bucket, key)
+    }
+    fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> BoxFuture<'_, Result<Vec<ListEntry>, StoreError>> {
+        self.inner.list(bucket, prefix)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_output_writes_do_not_hold_back_image_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.embedded = false;
+    config.workers = 1;
+    let store = Arc::new(StalledWrites {
+        inner: LocalStore::new(dir.path().to_path_buf()),
+        bucket: "thumbs",
+        gate: tokio::sync::Semaphore::new(0),
+        waiting: AtomicUsize::new(0),
+    });
+    std::fs::create_dir(dir.path().join("thumbs")).unwrap();
+    let photo = fixture("images/storm.jpg");
+    const PHOTOS: usize = 12;
+    for n in 0..PHOTOS {
+        store
+            .inner
+            .put(
+                "photos",
+                &format!("{n}.jpg"),
+                Bytes::from(photo.clone()),
+                PutOptions::with_content_type("image/jpeg"),
+            )
+            .await
+            .unwrap();
+    }
+    let host = TestHost::start(config, store.clone()).await;
+    let rules = one_rule(json!({
+        "id": "thumbs", "event_types": ["create_object"],
+        "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_40", "save_bucket": "thumbs"}}));
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    let records: Vec<Value> = (0..PHOTOS)
+        .map(|n| {
+            json!({"eventName": "s3:ObjectCreated:Put",
+                   "s3": {"bucket": {"name": "photos"}, "object": {"key": format!("{n}.jpg")}}})
+        })
+        .collect();
+    let posted = host.post_events(&json!({ "Records": records })).await;
+    assert_eq!(posted.status(), 202);
+
+    // One image thread has four slots for sources, yet every photo is read
+    // and processed while no output can be written: waiting writes hold
+    // no slot.
+    eventually("every output to wait at the stalled disk", || {
+        std::future::ready((store.waiting.load(Ordering::SeqCst) == PHOTOS).then_some(()))
+    })
+    .await;
+    assert_eq!(host.queue_depth().await, 0);
+    assert!(store.inner.list("thumbs", "").await.unwrap().is_empty());
+
+    store.gate.add_permits(PHOTOS);
+    let written = eventually("the outputs once the disk moves", || {
+        let store = store.clone();
+        async move {
+            let keys = store.inner.list("thumbs", "").await.ok()?;
+            (keys.len() == PHOTOS).then_some(keys)
+        }
+    })
+    .await;
+    let first = store.inner.get("thumbs", &written[0].key).await.unwrap();
+    let (format, width, _) = decoded(&first.bytes);
+    assert_eq!((format.as_str(), width), ("jpeg", 40));
     host.stop().await;
 }

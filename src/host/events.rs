@@ -81,7 +81,8 @@ pub async fn invoke(
         .ok_or_else(|| ApiError::bad_request("invalid_request", "missing field `rule`"))?;
     let rule = Rule::from_json(rule_json, &event.bucket)
         .map_err(|e| ApiError::bad_request("invalid_rule", e.under("rule").to_string()))?;
-    let result = cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event).await;
+    let slot = state.runtime.image_slot().await;
+    let result = cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event, slot).await;
     Ok(Json(result))
 }
 

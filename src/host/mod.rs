@@ -22,7 +22,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
-use crate::cloudfunc::{CpuPool, Runtime, SourceConfig, WatermarkSources};
+use crate::cloudfunc::{Runtime, SourceConfig, WatermarkSources};
 use crate::imaging::Limits;
 use crate::notify::{Notifier, NotifyConfig};
 use crate::rules::RuleBook;
@@ -36,8 +36,8 @@ pub struct HostConfig {
     pub data_dir: PathBuf,
     /// Rule files loaded at start (`functions/*.json`).
     pub functions_dir: Option<PathBuf>,
-    /// Image work running at once (off the async runtime). Four times as
-    /// many invocations are in flight, so their reads and writes overlap it.
+    /// Image work running at once (off the async runtime). More
+    /// invocations are in flight, so their reads and writes overlap it.
     pub workers: usize,
     /// Invocations that may wait; past this, events are answered 503.
     pub queue_bound: usize,
@@ -104,12 +104,12 @@ impl Host {
             config.functions_dir.as_deref(),
         )?;
         let notifier = Notifier::new(config.notify.clone())?;
-        let runtime = Runtime {
-            store: store.clone(),
-            limits: config.limits.clone(),
-            sources: WatermarkSources::new(config.sources.clone()),
-            cpu: CpuPool::new(config.workers)?,
-        };
+        let runtime = Runtime::new(
+            store.clone(),
+            config.limits.clone(),
+            WatermarkSources::new(config.sources.clone()),
+            config.workers,
+        )?;
         let (queue, receiver) = queue::Queue::new(config.queue_bound);
         let listener = TcpListener::bind(config.listen).await?;
         let state = Arc::new(AppState {

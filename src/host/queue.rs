@@ -14,12 +14,12 @@ use crate::cloudfunc::{self, InvocationResult, Status};
 use crate::events::Event;
 use crate::rules::{EventType, Rule};
 
-/// Invocations in flight per image thread: the others read their sources
-/// and write their outputs while one is processed, so the thread finds the
-/// next image ready. With 2 the image threads were busy 91-98 % of a
-/// 500-event backlog, with 4 97-98 %. Those waiting for an image thread
-/// hold their source, never a decoded image.
-const IN_FLIGHT_PER_WORKER: usize = 4;
+/// Invocations in flight per image thread. Of these,
+/// [`cloudfunc::IMAGE_SLOTS_PER_WORKER`] may read their sources and wait
+/// for the thread (so it finds the next image ready); the others write
+/// their outputs and wait for them to be flushed, which on a slow disk can
+/// take longer than the image work.
+const IN_FLIGHT_PER_WORKER: usize = 16;
 
 /// One invocation waiting to run.
 #[derive(Debug)]
@@ -144,16 +144,21 @@ impl Workers {
             let deliveries = deliveries.clone();
             tasks.spawn(async move {
                 loop {
-                    let job = {
+                    // One worker at a time waits for a slot, then for a
+                    // job: jobs wait in the queue, not in a worker, and an
+                    // idle host holds one slot, not all of them (a direct
+                    // invocation takes one too).
+                    let (job, slot) = {
                         let mut rx = receiver.lock().await;
+                        let slot = state.runtime.image_slot().await;
                         let job = rx.recv().await;
                         if job.is_some() {
                             state.queue.running.fetch_add(1, Ordering::SeqCst);
                         }
-                        job
+                        (job, slot)
                     };
                     let Some(job) = job else { break };
-                    run_job(&state, &deliveries, job).await;
+                    run_job(&state, &deliveries, job, slot).await;
                     state.queue.running.fetch_sub(1, Ordering::SeqCst);
                 }
             });
@@ -191,7 +196,12 @@ impl Workers {
     }
 }
 
-async fn run_job(state: &Arc<AppState>, deliveries: &Arc<Mutex<JoinSet<()>>>, job: Job) {
+async fn run_job(
+    state: &Arc<AppState>,
+    deliveries: &Arc<Mutex<JoinSet<()>>>,
+    job: Job,
+    slot: cloudfunc::ImageSlot,
+) {
     let span = tracing::info_span!(
         "invocation",
         id = %job.id,
@@ -201,7 +211,8 @@ async fn run_job(state: &Arc<AppState>, deliveries: &Arc<Mutex<JoinSet<()>>>, jo
     );
     async {
         let waited = job.enqueued.elapsed();
-        let mut result = cloudfunc::invoke(&state.runtime, &job.id, &job.rule, &job.event).await;
+        let mut result =
+            cloudfunc::invoke(&state.runtime, &job.id, &job.rule, &job.event, slot).await;
         result.queue_ms = (waited.as_secs_f64() * 1e5).round() / 100.0;
         match result.status {
             Status::Ok => tracing::info!(
