@@ -246,9 +246,9 @@ async fn a_busy_worker_and_a_full_queue_answer_503() {
     assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
     let event = |key: &str| json!({"event_type": "create_object", "bucket_name": "photos", "object_key": key});
 
-    // One worker keeps four invocations in flight (their reads and writes
-    // overlap the image work): a.jpg to d.jpg are taken and stuck, e.jpg
-    // waits. The queue holds one, so each is posted once the one before it
+    // One worker has four slots for invocations reading their sources
+    // (the reads overlap the image work): a.jpg to d.jpg take them and are
+    // stuck, e.jpg waits in the queue. The queue holds one, so each is posted once the one before it
     // was taken (a worker may not have taken it yet on a busy machine).
     for (n, name) in ["a.jpg", "b.jpg", "c.jpg", "d.jpg"].into_iter().enumerate() {
         assert_eq!(host.post_events(&event(name)).await.status(), 202);
