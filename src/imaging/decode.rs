@@ -912,11 +912,7 @@ mod tests {
 
     #[test]
     fn a_narrow_crop_of_a_progressive_file_is_decoded_by_our_decoder_exactly() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/images/wood-progressive-1280.jpg"
-        );
-        let jpeg = std::fs::read(path).unwrap();
+        let jpeg = crate::imaging::tests::fixture("wood-progressive-1280.jpg");
         // Our decoder takes this file, and a 200-wide crop is narrow enough.
         assert!(crate::imaging::jpeg_progressive::decode(&jpeg, 1 << 20).is_some());
         let limits = Limits::default();

@@ -115,7 +115,17 @@ pub fn decode(jpeg: &[u8], max_blocks: usize) -> Option<Coefficients> {
                     }
                     let huff = ac.get((tables[0] & 15) as usize)?.as_ref()?;
                     let component = frame.components.get_mut(slots[0])?;
-                    ac_scan(jpeg, end, component, huff, (ss, se), (ah, al), interval)?
+                    ac_scan(
+                        jpeg,
+                        end,
+                        component,
+                        AcScan {
+                            huff,
+                            band: (ss, se),
+                            approx: (ah, al),
+                            interval,
+                        },
+                    )?
                 };
                 i = scan_end(jpeg, end_of_data)?;
                 continue;
@@ -255,37 +265,32 @@ fn dc_scan(
     (!bits.read_past_end()).then_some(bits.position())
 }
 
-/// Decodes one AC scan of `c` starting at `from`; returns where its data
-/// ends.
-fn ac_scan(
-    jpeg: &[u8],
-    from: usize,
-    c: &mut Component,
-    huff: &Huffman,
+/// What an AC scan header says: its Huffman table, its band of
+/// coefficients (`ss..=se`), its bit positions (`ah`, `al`) and the restart
+/// interval in blocks.
+#[derive(Clone, Copy)]
+struct AcScan<'a> {
+    huff: &'a Huffman,
     band: (usize, usize),
     approx: (u32, u32),
     interval: usize,
-) -> Option<usize> {
+}
+
+/// Decodes one AC scan of `c` starting at `from`; returns where its data
+/// ends.
+fn ac_scan(jpeg: &[u8], from: usize, c: &mut Component, scan: AcScan) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("bmi2") {
         // SAFETY: BMI2 was detected at run time.
-        return unsafe { ac_scan_bmi2(jpeg, from, c, huff, band, approx, interval) };
+        return unsafe { ac_scan_bmi2(jpeg, from, c, scan) };
     }
-    ac_scan_with::<false>(jpeg, from, c, huff, band, approx, interval)
+    ac_scan_with::<false>(jpeg, from, c, scan)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "bmi2")]
-fn ac_scan_bmi2(
-    jpeg: &[u8],
-    from: usize,
-    c: &mut Component,
-    huff: &Huffman,
-    band: (usize, usize),
-    approx: (u32, u32),
-    interval: usize,
-) -> Option<usize> {
-    ac_scan_with::<true>(jpeg, from, c, huff, band, approx, interval)
+fn ac_scan_bmi2(jpeg: &[u8], from: usize, c: &mut Component, scan: AcScan) -> Option<usize> {
+    ac_scan_with::<true>(jpeg, from, c, scan)
 }
 
 #[inline(always)]
@@ -293,11 +298,14 @@ fn ac_scan_with<const BMI2: bool>(
     jpeg: &[u8],
     from: usize,
     c: &mut Component,
-    huff: &Huffman,
-    (ss, se): (usize, usize),
-    (ah, al): (u32, u32),
-    interval: usize,
+    scan: AcScan,
 ) -> Option<usize> {
+    let AcScan {
+        huff,
+        band: (ss, se),
+        approx: (ah, al),
+        interval,
+    } = scan;
     let mut bits = BitReader::new(jpeg, from);
     let band = (!0u64 >> (63 - se)) & (!0u64 << ss);
     let p1 = (1i32 << al) as i16;
@@ -741,11 +749,7 @@ mod tests {
 
     #[test]
     fn coefficients_render_to_libjpeg_turbos_picture() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/images/wood-progressive-1280.jpg"
-        );
-        let jpeg = std::fs::read(path).unwrap();
+        let jpeg = crate::imaging::tests::fixture("wood-progressive-1280.jpg");
         let ours = render(&decode(&jpeg, 1 << 20).unwrap());
         let image: turbojpeg::Image<Vec<u8>> =
             turbojpeg::decompress(&jpeg, turbojpeg::PixelFormat::RGB).unwrap();
@@ -764,11 +768,7 @@ mod tests {
 
     #[test]
     fn a_region_matches_libjpeg_turbos_decode_of_it() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/images/wood-progressive-1280.jpg"
-        );
-        let jpeg = std::fs::read(path).unwrap();
+        let jpeg = crate::imaging::tests::fixture("wood-progressive-1280.jpg");
         let c = decode(&jpeg, 1 << 20).unwrap();
         let whole: turbojpeg::Image<Vec<u8>> =
             turbojpeg::decompress(&jpeg, turbojpeg::PixelFormat::RGB).unwrap();
@@ -828,11 +828,7 @@ mod tests {
 
     #[test]
     fn a_scan_naming_a_component_five_times_is_refused() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/images/wood-progressive-1280.jpg"
-        );
-        let jpeg = std::fs::read(path).unwrap();
+        let jpeg = crate::imaging::tests::fixture("wood-progressive-1280.jpg");
         let sos = jpeg.windows(2).position(|w| w == [0xff, 0xda]).unwrap();
         let length = u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]) as usize;
         let first = &jpeg[sos + 4..sos + 2 + length];
@@ -848,11 +844,7 @@ mod tests {
 
     #[test]
     fn damaged_files_give_none_or_coefficients_without_panicking() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/images/wood-progressive-1280.jpg"
-        );
-        let jpeg = std::fs::read(path).unwrap();
+        let jpeg = crate::imaging::tests::fixture("wood-progressive-1280.jpg");
         assert!(decode(&jpeg, 1 << 20).is_some());
         let step = jpeg.len() / 101;
         for at in (2..jpeg.len()).step_by(step) {

@@ -3,7 +3,8 @@ use image::{DynamicImage, GenericImageView, Rgb, RgbImage, Rgba, RgbaImage};
 use super::*;
 use crate::action::Action;
 
-fn fixture(name: &str) -> Vec<u8> {
+/// The bytes of `fixtures/images/{name}` (also for the decoders' own tests).
+pub(super) fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
