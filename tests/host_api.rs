@@ -212,6 +212,73 @@ async fn a_post_larger_than_the_queue_is_refused_whole_with_503() {
     host.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_their_endpoints_limit_are_refused_with_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.max_object_bytes = 4 << 20;
+    let host = TestHost::local(config).await;
+    // JSON is parsed into a tree several times its size: 3 MiB of zeros is
+    // refused on every JSON endpoint before it is parsed.
+    let zeros = format!("[{}0]", "0,".repeat(3 << 19));
+    for (method, path) in [
+        ("POST", "/v1/events"),
+        ("POST", "/v1/invoke"),
+        ("PUT", "/photos?notification"),
+    ] {
+        let request = match method {
+            "POST" => host.http.post(host.url(path)),
+            _ => host.http.put(host.url(path)),
+        };
+        let response = request
+            .header("content-type", "application/json")
+            .body(zeros.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_error(
+            response,
+            413,
+            "body_too_large",
+            &["events, invocations and rules", "2097152 bytes"],
+        )
+        .await;
+    }
+    // Objects have their own, larger limit: 3 MiB is stored, 5 MiB is not.
+    let three = vec![7u8; 3 << 20];
+    let stored = host
+        .put_object(
+            "photos",
+            "three.bin",
+            three.clone(),
+            "application/octet-stream",
+        )
+        .await;
+    assert_eq!(stored.status(), 201);
+    let response = host
+        .put_object(
+            "photos",
+            "five.bin",
+            vec![7u8; 5 << 20],
+            "application/octet-stream",
+        )
+        .await;
+    assert_error(response, 413, "body_too_large", &["objects 4194304"]).await;
+    assert_eq!(host.list_keys("photos").await, ["three.bin"]);
+    let back = host
+        .http
+        .get(host.object_url("photos", "three.bin"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(back.bytes().await.unwrap(), three);
+    // A small event still goes through.
+    let one =
+        json!({"event_type": "create_object", "bucket_name": "photos", "object_key": "three.bin"});
+    assert_eq!(host.post_events(&one).await.status(), 202);
+    host.stop().await;
+}
+
 /// An S3 endpoint that accepts connections and never answers, so that a
 /// worker reading from it stays busy; counts the connections.
 async fn silent_endpoint() -> (String, Arc<AtomicUsize>) {

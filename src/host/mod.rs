@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
@@ -167,26 +169,59 @@ impl Host {
     }
 }
 
+/// Largest JSON body (events, a direct invocation, a bucket's rules): they
+/// are parsed into a tree in memory, several times their size.
+pub const MAX_JSON_BODY: usize = 2 << 20;
+
+/// A request body within its endpoint's limit ([`MAX_JSON_BODY`], or
+/// [`HostConfig::max_object_bytes`] for objects); over it, a 413 that says so.
+pub struct RequestBody(pub Bytes);
+
+impl FromRequest<Arc<AppState>> for RequestBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        match Bytes::from_request(req, state).await {
+            Ok(bytes) => Ok(RequestBody(bytes)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "the request body is too large: events, invocations and rules may \
+                     have {MAX_JSON_BODY} bytes, objects {}",
+                    state.config.max_object_bytes
+                ),
+            )),
+            Err(e) => Err(ApiError::bad_request("invalid_body", e.body_text())),
+        }
+    }
+}
+
 fn router(state: Arc<AppState>) -> Router {
-    let body_limit = state.config.max_object_bytes;
+    let object_limit = DefaultBodyLimit::max(state.config.max_object_bytes);
+    let json_limit = DefaultBodyLimit::max(MAX_JSON_BODY);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(events::ready))
-        .route("/v1/events", post(events::post_events))
-        .route("/v1/invoke", post(events::invoke))
+        .route(
+            "/v1/events",
+            post(events::post_events).layer(json_limit.clone()),
+        )
+        .route("/v1/invoke", post(events::invoke).layer(json_limit.clone()))
         .route(
             "/{bucket}",
             get(objects::get_bucket)
                 .put(objects::put_bucket)
-                .delete(objects::delete_bucket),
+                .delete(objects::delete_bucket)
+                .layer(json_limit),
         )
         .route(
             "/{bucket}/{*key}",
             get(objects::get_object)
                 .put(objects::put_object)
-                .delete(objects::delete_object),
+                .delete(objects::delete_object)
+                .layer(object_limit),
         )
-        .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

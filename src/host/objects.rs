@@ -5,14 +5,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::queue::{Job, Reservation, jobs_for};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, RequestBody};
 use crate::action::Action;
 use crate::events::Event;
 use crate::imaging::{self, NoWatermarks};
@@ -86,7 +86,7 @@ pub async fn put_bucket(
     State(state): State<Arc<AppState>>,
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
     check_bucket(&bucket)?;
     if query(&raw).contains_key("notification") {
@@ -136,7 +136,7 @@ pub async fn put_object(
     State(state): State<Arc<AppState>>,
     Path((bucket, key)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;

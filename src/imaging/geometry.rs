@@ -229,6 +229,20 @@ pub(super) fn apply(
                 scaled_size(r, src),
                 limits.max_output_side.saturating_mul(2),
             )?;
+            // An animation is checked for its frame count and pixels when it
+            // is decoded; enlarging it must stay within the same bound, or a
+            // tiny GIF could ask for hundreds of full-size frames.
+            if let Pixels::Animated(frames) = pixels {
+                let total = u64::from(out.0) * u64::from(out.1) * frames.len() as u64;
+                if total > limits.max_animation_pixels {
+                    return Err(ImagingError::AnimationTooLarge {
+                        frames: frames.len(),
+                        width: out.0,
+                        height: out.1,
+                        limit: format!("{} frame pixels (resize)", limits.max_animation_pixels),
+                    });
+                }
+            }
             pixels.for_each_frame(|img| {
                 *img = resize(img, r)?;
                 Ok(())

@@ -313,6 +313,32 @@ fn animated_gif_keeps_every_frame_through_geometry() {
     );
 }
 
+#[test]
+fn enlarging_an_animation_is_bounded_like_decoding_it() {
+    // Four frames of 16384x16384 would be a gigabyte each: refused before
+    // any frame is resized, where the same size as one still is allowed.
+    let input = fixture("ladybird-animated.gif");
+    let err = run(&input, "resize:w_16384,h_16384,m_2").err().unwrap();
+    assert!(
+        matches!(
+            err,
+            ImagingError::AnimationTooLarge {
+                frames: 4,
+                width: 16384,
+                height: 16384,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.code(), "animation_too_large");
+    // Within the bound, an enlarged animation keeps its frames.
+    let out = run(&input, "resize:w_800").unwrap().image.unwrap();
+    assert_eq!(out.width, 800);
+    let decoded = decode(&out.bytes, &Limits::default(), Lead::Nothing).unwrap();
+    assert!(matches!(decoded.pixels, Pixels::Animated(ref f) if f.len() == 4));
+}
+
 fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = 0xffff_ffffu32;
     for b in bytes {
