@@ -203,11 +203,8 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(events::ready))
-        .route(
-            "/v1/events",
-            post(events::post_events).layer(json_limit.clone()),
-        )
-        .route("/v1/invoke", post(events::invoke).layer(json_limit.clone()))
+        .route("/v1/events", post(events::post_events).layer(json_limit))
+        .route("/v1/invoke", post(events::invoke).layer(json_limit))
         .route(
             "/{bucket}",
             get(objects::get_bucket)
