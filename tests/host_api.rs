@@ -263,7 +263,13 @@ async fn bodies_over_their_endpoints_limit_are_refused_with_413() {
             "application/octet-stream",
         )
         .await;
-    assert_error(response, 413, "body_too_large", &["objects 4194304"]).await;
+    assert_error(
+        response,
+        413,
+        "body_too_large",
+        &["objects may have 4194304 bytes"],
+    )
+    .await;
     assert_eq!(host.list_keys("photos").await, ["three.bin"]);
     let back = host
         .http
@@ -276,6 +282,44 @@ async fn bodies_over_their_endpoints_limit_are_refused_with_413() {
     let one =
         json!({"event_type": "create_object", "bucket_name": "photos", "object_key": "three.bin"});
     assert_eq!(host.post_events(&one).await.status(), 202);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_requests_refuse_objects_over_the_input_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let storm = fixture("images/storm.jpg");
+    let mut config = test_config(dir.path());
+    config.limits.max_input_bytes = storm.len() - 1;
+    let host = TestHost::local(config).await;
+    let small = fixture("images/adwaita.webp");
+    assert!(small.len() < storm.len() - 1);
+    for (key, bytes) in [("storm.jpg", &storm), ("adwaita.webp", &small)] {
+        let put = host
+            .put_object("photos", key, bytes.clone(), "image/jpeg")
+            .await;
+        assert_eq!(put.status(), 201);
+    }
+    let get = |key: &str| {
+        let url = format!(
+            "{}?image&action=resize:w_40",
+            host.object_url("photos", key)
+        );
+        host.http.get(url).send()
+    };
+    let limit = (storm.len() - 1).to_string();
+    let size = storm.len().to_string();
+    assert_error(
+        get("storm.jpg").await.unwrap(),
+        413,
+        "input_too_large",
+        &[&size, &limit],
+    )
+    .await;
+    let resized = get("adwaita.webp").await.unwrap();
+    assert_eq!(resized.status(), 200);
+    let (_, width, _) = decoded(&resized.bytes().await.unwrap());
+    assert_eq!(width, 40);
     host.stop().await;
 }
 

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::action::Op;
+use crate::action::{Action, Op};
 use crate::events::Event;
 use crate::imaging::{self, Encoded, ImagingError, Limits, WatermarkResolver};
 use crate::rules::{CloudFunc, ImageArgs, Rule};
@@ -267,47 +267,14 @@ async fn run_image(
             event: event.event_type.as_str(),
         });
     }
-    // The source is opened and read in one step off the async runtime, and
-    // off the image threads so that they never wait for a disk or the
-    // network: only its DC scans when that is all a thumbnail uses. An
-    // object this rule wrote, or one over the size limit, is left unread.
+    // An object this rule wrote is left unread.
     let action = args.action.clone();
     let limits = rt.limits.clone();
     let (bucket, rule_id) = (event.bucket.clone(), rule.id.clone());
-    let (read_action, read_limits) = (action.clone(), limits.clone());
-    let (meta, input) = rt
-        .store
-        .open_with(
-            &event.bucket,
-            &event.key,
-            Box::new(move |meta, body| {
-                if in_chain(chain_of(meta), &bucket, &rule_id)
-                    || meta.size > read_limits.max_input_bytes as u64
-                {
-                    return Ok(None);
-                }
-                // The reader parses untrusted bytes: a panic there fails this
-                // invocation, not the worker that runs it.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Ok(Some(match body {
-                        Body::Bytes(bytes) => bytes,
-                        Body::Read(mut reader) => imaging::read_source(
-                            &mut reader,
-                            meta.size,
-                            &read_action,
-                            &read_limits,
-                        )?
-                        .into(),
-                    }))
-                }))
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::other(
-                        "reading the source stopped unexpectedly (a panic in the reader)",
-                    ))
-                })
-            }),
-        )
-        .await?;
+    let (meta, input) = read_source(rt, &event.bucket, &event.key, &action, move |meta| {
+        in_chain(chain_of(meta), &bucket, &rule_id)
+    })
+    .await?;
     let chain = chain_of(&meta).to_string();
     if in_chain(&chain, &event.bucket, &rule.id) {
         return Ok(ImageOutcome::Skipped(format!(
@@ -349,6 +316,47 @@ async fn run_image(
         outputs,
         info: output.info,
     })
+}
+
+/// Reads the source `bucket/key` for `action`, in one step off the async
+/// runtime and off the image threads, so that they never wait for a disk or
+/// the network: only its DC scans when that is all a thumbnail uses. The
+/// bytes are `None` when `skip` says so from the object's metadata, or when
+/// the object is over the input size limit (left unread either way).
+pub async fn read_source(
+    rt: &Runtime,
+    bucket: &str,
+    key: &str,
+    action: &Action,
+    skip: impl Fn(&ObjectMeta) -> bool + Send + 'static,
+) -> Result<(ObjectMeta, Option<Bytes>), StoreError> {
+    let (action, limits) = (action.clone(), rt.limits.clone());
+    rt.store
+        .open_with(
+            bucket,
+            key,
+            Box::new(move |meta, body| {
+                if skip(meta) || meta.size > limits.max_input_bytes as u64 {
+                    return Ok(None);
+                }
+                // The reader parses untrusted bytes: a panic there fails this
+                // read, not the worker that runs it.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Ok(Some(match body {
+                        Body::Bytes(bytes) => bytes,
+                        Body::Read(mut reader) => {
+                            imaging::read_source(&mut reader, meta.size, &action, &limits)?.into()
+                        }
+                    }))
+                }))
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::other(
+                        "reading the source stopped unexpectedly (a panic in the reader)",
+                    ))
+                })
+            }),
+        )
+        .await
 }
 
 async fn write(

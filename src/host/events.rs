@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::queue::jobs_for;
-use super::{ApiError, AppState, RequestBody, new_id};
+use super::{ApiError, AppState, JsonBody, new_id};
 use crate::cloudfunc;
 use crate::events::parse_body;
 use crate::rules::Rule;
@@ -18,7 +18,7 @@ use crate::rules::Rule;
 /// per invocation, or 503 (nothing queued) when the queue cannot take them all.
 pub async fn post_events(
     State(state): State<Arc<AppState>>,
-    RequestBody(body): RequestBody,
+    JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let parsed =
         parse_body(&body).map_err(|e| ApiError::bad_request("invalid_event", e.to_string()))?;
@@ -63,7 +63,7 @@ pub async fn post_events(
 /// the rule runs whatever its `event_types` and `object_filters` say.
 pub async fn invoke(
     State(state): State<Arc<AppState>>,
-    RequestBody(body): RequestBody,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<cloudfunc::InvocationResult>, ApiError> {
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_request", format!("body is not JSON: {e}")))?;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
@@ -173,51 +173,100 @@ impl Host {
 /// are parsed into a tree in memory, several times their size.
 pub const MAX_JSON_BODY: usize = 2 << 20;
 
-/// A request body within its endpoint's limit ([`MAX_JSON_BODY`], or
-/// [`HostConfig::max_object_bytes`] for objects); over it, a 413 that says so.
-pub struct RequestBody(pub Bytes);
+/// How much of a body over its limit is read and dropped before the 413 is
+/// sent, so that the client, still sending, reads the answer instead of a
+/// reset connection. Larger bodies get the 413 at once.
+const DRAIN_OVER_LIMIT: usize = 64 << 20;
 
-impl FromRequest<Arc<AppState>> for RequestBody {
+/// A JSON request body of at most [`MAX_JSON_BODY`] bytes.
+pub struct JsonBody(pub Bytes);
+
+/// An object's body, of at most [`HostConfig::max_object_bytes`].
+pub struct ObjectBody(pub Bytes);
+
+impl FromRequest<Arc<AppState>> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        match Bytes::from_request(req, state).await {
-            Ok(bytes) => Ok(RequestBody(bytes)),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!(
-                    "the request body is too large: events, invocations and rules may \
-                     have {MAX_JSON_BODY} bytes, objects {}",
-                    state.config.max_object_bytes
-                ),
-            )),
-            Err(e) => Err(ApiError::bad_request("invalid_body", e.body_text())),
-        }
+    async fn from_request(req: Request, _: &Arc<AppState>) -> Result<Self, ApiError> {
+        read_body(req, MAX_JSON_BODY, "events, invocations and rules")
+            .await
+            .map(JsonBody)
     }
 }
 
+impl FromRequest<Arc<AppState>> for ObjectBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        read_body(req, state.config.max_object_bytes, "objects")
+            .await
+            .map(ObjectBody)
+    }
+}
+
+/// Reads a request body of at most `limit` bytes; over it, a 413 naming
+/// the limit (after draining what the client sends, up to a bound).
+async fn read_body(req: Request, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+    use axum::body::HttpBody;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is over the limit: {what} may have {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit.saturating_add(DRAIN_OVER_LIMIT) as u64) {
+        return Err(too_large());
+    }
+    let mut body = req.into_body();
+    let capacity = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+    let mut bytes = Vec::with_capacity(capacity);
+    let mut seen = 0usize;
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let frame = frame.map_err(|e| {
+            ApiError::bad_request("invalid_body", format!("cannot read the request body: {e}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen > limit.saturating_add(DRAIN_OVER_LIMIT) {
+            break;
+        }
+        if seen <= limit {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    if seen > limit {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(bytes))
+}
+
 fn router(state: Arc<AppState>) -> Router {
-    let object_limit = DefaultBodyLimit::max(state.config.max_object_bytes);
-    let json_limit = DefaultBodyLimit::max(MAX_JSON_BODY);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(events::ready))
-        .route("/v1/events", post(events::post_events).layer(json_limit))
-        .route("/v1/invoke", post(events::invoke).layer(json_limit))
+        .route("/v1/events", post(events::post_events))
+        .route("/v1/invoke", post(events::invoke))
         .route(
             "/{bucket}",
             get(objects::get_bucket)
                 .put(objects::put_bucket)
-                .delete(objects::delete_bucket)
-                .layer(json_limit),
+                .delete(objects::delete_bucket),
         )
         .route(
             "/{bucket}/{*key}",
             get(objects::get_object)
                 .put(objects::put_object)
-                .delete(objects::delete_object)
-                .layer(object_limit),
+                .delete(objects::delete_object),
         )
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

@@ -12,10 +12,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::queue::{Job, Reservation, jobs_for};
-use super::{ApiError, AppState, RequestBody};
+use super::{ApiError, AppState, JsonBody, ObjectBody};
 use crate::action::Action;
+use crate::cloudfunc;
 use crate::events::Event;
-use crate::imaging::{self, NoWatermarks};
+use crate::imaging::{self, ImagingError, NoWatermarks};
 use crate::rules::EventType;
 use crate::store::{PutOptions, validate_bucket, validate_key};
 
@@ -86,7 +87,7 @@ pub async fn put_bucket(
     State(state): State<Arc<AppState>>,
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
-    RequestBody(body): RequestBody,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     check_bucket(&bucket)?;
     if query(&raw).contains_key("notification") {
@@ -136,7 +137,7 @@ pub async fn put_object(
     State(state): State<Arc<AppState>>,
     Path((bucket, key)): Path<(String, String)>,
     headers: HeaderMap,
-    RequestBody(body): RequestBody,
+    ObjectBody(body): ObjectBody,
 ) -> Result<Response, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
@@ -269,13 +270,22 @@ async fn process(
             "save and watermark_image run in rules (cloudfunc image), not in ?image requests",
         ));
     }
-    let object = state.store.get(bucket, key).await?;
+    // Like an invocation: a slot bounds the sources in memory at once, and
+    // an object over the input limit is refused unread.
+    let slot = state.runtime.image_slot().await;
+    let (meta, input) =
+        cloudfunc::read_source(&state.runtime, bucket, key, &action, |_| false).await?;
+    let input = input.ok_or_else(|| ImagingError::InputTooLarge {
+        size: usize::try_from(meta.size).unwrap_or(usize::MAX),
+        limit: state.config.limits.max_input_bytes,
+    })?;
     let limits = state.config.limits.clone();
     let output = state
         .runtime
-        .run_cpu(move || imaging::process(&object.bytes, &action, &limits, &NoWatermarks))
+        .run_cpu(move || imaging::process(&input, &action, &limits, &NoWatermarks))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
+    drop(slot);
     match (output.image, output.info) {
         (Some(image), _) => Ok((
             [(header::CONTENT_TYPE, image.format.content_type())],
