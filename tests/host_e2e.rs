@@ -311,6 +311,68 @@ async fn loop_guard_keeps_a_rule_off_its_own_outputs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loop_guard_holds_for_any_rule_id_and_key() {
+    // Rule ids and keys go into the outputs' metadata: a comma in an id
+    // must not split its chain link (the rule would run on its own
+    // outputs), and non-ASCII ids or a key ending in a space must still
+    // make valid metadata (or every write would fail).
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let cases = [
+        (
+            "ids1",
+            "缩略图,small",
+            "x.jpg",
+            "ids1:%E7%BC%A9%E7%95%A5%E5%9B%BE%2Csmall",
+            "ids1/x.jpg",
+        ),
+        ("ids2", "a,b", "y.jpg", "ids2:a%2Cb", "ids2/y.jpg"),
+        (
+            "ids3",
+            "thumbs 2",
+            "z.jpg ",
+            "ids3:thumbs%202",
+            "ids3/z.jpg%20",
+        ),
+    ];
+    for (bucket, id, key, _, _) in cases {
+        let rules = json!({"notifications": [{
+            "id": id,
+            "event_types": ["create_object"],
+            "object_filters": ["*"],
+            "cloudfunc": "image",
+            "cloudfunc_args": {"action": "resize:w_64"},
+            "notify_url": receiver.url,
+        }]});
+        assert_eq!(host.set_rules(bucket, &rules).await.status(), 200);
+        let put = host
+            .put_object(bucket, key, fixture("images/storm.jpg"), "image/jpeg")
+            .await;
+        assert_eq!(put.status(), 201);
+    }
+    receiver.wait_for(cases.len()).await;
+    tokio::time::sleep(QUIET).await;
+    let bodies = receiver.bodies();
+    assert_eq!(bodies.len(), cases.len(), "nothing loops: {bodies:?}");
+    assert!(bodies.iter().all(|b| b["status"] == "ok"), "{bodies:?}");
+    for (bucket, _, key, chain, source) in cases {
+        let output = format!("gen_{key}");
+        assert_eq!(host.list_keys(bucket).await, [output.as_str(), key]);
+        let head = host
+            .http
+            .head(host.object_url(bucket, &output))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), 200);
+        assert_eq!(head.headers()["x-amz-meta-imgfunc-chain"], chain);
+        assert_eq!(head.headers()["x-amz-meta-imgfunc-source"], source);
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_rules_saving_into_each_others_buckets_stop_after_one_round() {
     let receiver = Receiver::start(Behaviour::Accept).await;
     let dir = tempfile::tempdir().unwrap();

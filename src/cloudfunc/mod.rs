@@ -28,9 +28,21 @@ use crate::store::{Body, ObjectMeta, ObjectStore, PutOptions, StoreError};
 /// made them, even through other rules.
 pub const CHAIN_METADATA: &str = "imgfunc-chain";
 
-/// The chain link of rule `rule_id` of `bucket`.
+/// Bytes of a rule id kept as they are in a chain link; the others are
+/// percent-encoded, so a link is printable ASCII without `,` (which
+/// separates links) whatever the id holds.
+const ID_IN_LINK: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.');
+
+/// The chain link of rule `rule_id` of `bucket` (bucket names are
+/// lowercase letters, digits, `-` and `.`).
 pub fn chain_link(bucket: &str, rule_id: &str) -> String {
-    format!("{bucket}:{rule_id}")
+    format!(
+        "{bucket}:{}",
+        percent_encoding::utf8_percent_encode(rule_id, ID_IN_LINK)
+    )
 }
 
 /// The rule chain an object's metadata records (empty when none).
@@ -370,7 +382,7 @@ async fn write(
     let content_type = image.format.content_type();
     let mut meta = BTreeMap::new();
     meta.insert(CHAIN_METADATA.to_string(), chain.to_string());
-    meta.insert("imgfunc-source".to_string(), sanitize_meta(source));
+    meta.insert("imgfunc-source".to_string(), source_meta(source));
     let opts = PutOptions {
         content_type: content_type.to_string(),
         user_metadata: meta,
@@ -389,10 +401,28 @@ async fn write(
     })
 }
 
-/// Metadata values must be printable ASCII; keys may not be, so non-ASCII
-/// bytes and controls are percent-encoded.
-fn sanitize_meta(value: &str) -> String {
-    percent_encoding::utf8_percent_encode(value, percent_encoding::CONTROLS).to_string()
+/// Bytes of a source name percent-encoded in its metadata value: values
+/// are printable ASCII without a leading or trailing space; keys may hold
+/// anything but NUL.
+const SOURCE_IN_META: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b' ').add(b'%');
+
+/// The longest source name kept in the metadata; a longer one is cut (and
+/// ends in `...`), so that the object's metadata stays within its limit.
+const MAX_SOURCE_META: usize = 512;
+
+/// The `imgfunc-source` metadata value for `source` (`bucket/key`).
+fn source_meta(source: &str) -> String {
+    let mut value = percent_encoding::utf8_percent_encode(source, SOURCE_IN_META).to_string();
+    if value.len() > MAX_SOURCE_META {
+        // The value is ASCII, so any byte is a boundary; a cut escape
+        // (`%` or `%X` at the end) goes too.
+        value.truncate(MAX_SOURCE_META - 3);
+        if let Some(i) = value[value.len().saturating_sub(2)..].find('%') {
+            value.truncate(value.len().saturating_sub(2) + i);
+        }
+        value.push_str("...");
+    }
+    value
 }
 
 /// Watermark bytes fetched before the CPU work starts, keyed by URL; a
@@ -419,4 +449,36 @@ async fn fetch_watermarks(rt: &Runtime, args: &ImageArgs) -> Prefetched {
         }
     }
     Prefetched(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_links_are_printable_and_unambiguous() {
+        assert_eq!(chain_link("photos", "thumbs-2_x.y"), "photos:thumbs-2_x.y");
+        let link = chain_link("photos", "缩略图,a:b");
+        assert_eq!(link, "photos:%E7%BC%A9%E7%95%A5%E5%9B%BE%2Ca%3Ab");
+        let chain = format!("{},{link}", chain_link("other", "a"));
+        assert!(in_chain(&chain, "photos", "缩略图,a:b"));
+        assert!(in_chain(&chain, "other", "a"));
+        assert!(!in_chain(&chain, "photos", "缩略图"));
+        assert!(!in_chain(&chain, "photos", "a"));
+    }
+
+    #[test]
+    fn source_metadata_is_printable_and_bounded() {
+        assert_eq!(source_meta("photos/a b.jpg "), "photos/a%20b.jpg%20");
+        assert_eq!(source_meta("photos/100%.jpg"), "photos/100%25.jpg");
+        // 300 three-byte characters encode to 2700 bytes: cut at 512,
+        // never inside an escape.
+        let value = source_meta(&format!("photos/{}", "图".repeat(300)));
+        assert!(value.len() <= MAX_SOURCE_META, "{}", value.len());
+        assert!(value.ends_with("..."));
+        let body = value.trim_end_matches("...");
+        assert!(body.bytes().all(|b| (0x21..0x7f).contains(&b)));
+        let escapes = body.match_indices('%').count();
+        assert_eq!(body.len(), "photos/".len() + 3 * escapes);
+    }
 }

@@ -156,8 +156,18 @@ fn notifications_in<'a>(
     Ok((items, rules))
 }
 
+/// The longest rule id: ids go, percent-encoded, into the metadata of every
+/// output (the rule chain), which has a size limit.
+const MAX_ID_BYTES: usize = 128;
+
 fn rule_from_raw(raw: RawNotification, bucket: &str) -> Result<Rule, RuleError> {
     let id = match raw.id {
+        Some(id) if id.len() > MAX_ID_BYTES => {
+            return Err(RuleError::new(
+                "id",
+                format!("at most {MAX_ID_BYTES} bytes, got {}", id.len()),
+            ));
+        }
         Some(id) if !id.trim().is_empty() => id,
         _ => return Err(RuleError::new("id", "required: a non-empty rule id")),
     };
@@ -495,6 +505,24 @@ mod tests {
             assert_eq!(err.field, "notifications[0].event_types");
             assert!(err.message.starts_with("required"), "{err}");
         }
+    }
+
+    #[test]
+    fn ids_are_any_text_of_at_most_128_bytes() {
+        for id in ["缩略图,small", "a b", &"x".repeat(128)] {
+            let mut body = example();
+            body["notifications"][0]["id"] = json!(id);
+            assert_eq!(parse(&body).unwrap()[0].id, id);
+        }
+        let err = error_with(|r| {
+            r.insert("id".into(), json!("图".repeat(43)));
+        });
+        assert_eq!(err.field, "notifications[0].id");
+        assert_eq!(err.message, "at most 128 bytes, got 129");
+        let err = error_with(|r| {
+            r.insert("id".into(), json!("  "));
+        });
+        assert_eq!(err.message, "required: a non-empty rule id");
     }
 
     #[test]
