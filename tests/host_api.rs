@@ -649,6 +649,32 @@ async fn invoke_answers_with_the_result_synchronously() {
     assert_eq!(result["error"]["code"], "not_found");
     assert_eq!(result["outputs"], json!([]));
 
+    // A `save` that fails after the rule's own output was written: the
+    // result is an error and still lists the object that is in the store.
+    let taken = host
+        .put_object("photos", "taken/x.txt", b"x".to_vec(), "text/plain")
+        .await;
+    assert_eq!(taken.status(), 201);
+    let result: Value = invoke(json!({"event": event, "rule": {
+        "id": "partial", "event_types": "create_object", "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_40|save:b_photos,k_taken"}}}))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(result["status"], "error", "{result}");
+    assert_eq!(result["error"]["code"], "invalid_key", "{result}");
+    assert_eq!(result["outputs"].as_array().unwrap().len(), 1, "{result}");
+    assert_eq!(result["outputs"][0]["key"], "gen_in/storm.jpg");
+    let written = host
+        .http
+        .get(host.object_url("photos", "gen_in/storm.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decoded(&written.bytes().await.unwrap()).1, 40);
+
     assert_error(
         invoke(
             json!({"event": event, "rule": {"id": "x", "event_types": "create_object",

@@ -230,36 +230,34 @@ pub async fn invoke(
     };
     match &rule.cloudfunc {
         CloudFunc::Notifier => drop(slot),
-        CloudFunc::Image(args) => match run_image(rt, rule, args, event, slot).await {
-            Ok(ImageOutcome::Done { outputs, info }) => {
-                result.outputs = outputs;
-                result.info = info;
+        // Outputs written before a later write failed stay in the result:
+        // they are in the store, and their events fire.
+        CloudFunc::Image(args) => {
+            match run_image(rt, rule, args, event, slot, &mut result.outputs).await {
+                Ok(ImageOutcome::Done { info }) => result.info = info,
+                Ok(ImageOutcome::Skipped(reason)) => {
+                    result.status = Status::Skipped;
+                    result.error = Some(ErrorBody {
+                        code: "loop_guard".into(),
+                        message: reason,
+                    });
+                }
+                Err(e) => {
+                    result.status = Status::Error;
+                    result.error = Some(ErrorBody {
+                        code: e.code().into(),
+                        message: e.to_string(),
+                    });
+                }
             }
-            Ok(ImageOutcome::Skipped(reason)) => {
-                result.status = Status::Skipped;
-                result.error = Some(ErrorBody {
-                    code: "loop_guard".into(),
-                    message: reason,
-                });
-            }
-            Err(e) => {
-                result.status = Status::Error;
-                result.error = Some(ErrorBody {
-                    code: e.code().into(),
-                    message: e.to_string(),
-                });
-            }
-        },
+        }
     }
     result.duration_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
     result
 }
 
 enum ImageOutcome {
-    Done {
-        outputs: Vec<WrittenObject>,
-        info: Option<Value>,
-    },
+    Done { info: Option<Value> },
     Skipped(String),
 }
 
@@ -269,6 +267,7 @@ async fn run_image(
     args: &ImageArgs,
     event: &Event,
     slot: ImageSlot,
+    outputs: &mut Vec<WrittenObject>,
 ) -> Result<ImageOutcome, InvokeError> {
     use crate::rules::EventType;
     if matches!(
@@ -315,7 +314,6 @@ async fn run_image(
         format!("{chain},{link}")
     };
     let source = format!("{}/{}", event.bucket, event.key);
-    let mut outputs = Vec::new();
     if let Some(image) = &output.image {
         let bucket = args.output_bucket(&event.bucket);
         let key = args.output_key(&event.key);
@@ -324,10 +322,7 @@ async fn run_image(
     for save in &output.saves {
         outputs.push(write(rt, &save.bucket, &save.key, &save.image, &chain, &source).await?);
     }
-    Ok(ImageOutcome::Done {
-        outputs,
-        info: output.info,
-    })
+    Ok(ImageOutcome::Done { info: output.info })
 }
 
 /// Reads the source `bucket/key` for `action`, in one step off the async

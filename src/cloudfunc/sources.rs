@@ -1,12 +1,13 @@
 //! Where `watermark_image` URLs are read from: objects of the configured
 //! store when the URL names one, otherwise allow-listed http(s) hosts only.
 
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use reqwest::Url;
 
-use crate::store::ObjectStore;
+use crate::store::{Body, ObjectStore, ReadBody};
 
 /// How watermark URLs may be fetched.
 #[derive(Debug, Clone)]
@@ -58,11 +59,34 @@ impl WatermarkSources {
     /// Reads the watermark behind `url`; the error says why it cannot be read.
     pub async fn fetch(&self, store: &dyn ObjectStore, url: &str) -> Result<Vec<u8>, String> {
         match self.classify(url)? {
-            Source::Object { bucket, key } => store
-                .get(&bucket, &key)
-                .await
-                .map(|o| o.bytes.to_vec())
-                .map_err(|e| e.to_string()),
+            Source::Object { bucket, key } => {
+                // The same cap as a download, checked before reading.
+                let limit = self.config.max_bytes;
+                let read: ReadBody = Box::new(move |meta, body| {
+                    if meta.size > limit as u64 {
+                        return Ok(None);
+                    }
+                    Ok(Some(match body {
+                        Body::Bytes(bytes) => bytes,
+                        Body::Read(reader) => {
+                            let mut bytes = Vec::new();
+                            reader.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+                            bytes.into()
+                        }
+                    }))
+                });
+                let (meta, bytes) = store
+                    .open_with(&bucket, &key, read)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match bytes {
+                    Some(bytes) if bytes.len() <= limit => Ok(bytes.to_vec()),
+                    _ => Err(format!(
+                        "{bucket}/{key} is {} bytes, over the {limit}-byte watermark cap",
+                        meta.size
+                    )),
+                }
+            }
             Source::Remote(url) => self.fetch_remote(url).await,
         }
     }
@@ -295,6 +319,30 @@ mod tests {
         for ip in ["8.8.8.8", "2606:4700::1111"] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    #[tokio::test]
+    async fn store_watermarks_are_capped_like_downloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::LocalStore::new(dir.path().to_path_buf());
+        for (key, size) in [("small.png", 1000), ("big.png", 1001)] {
+            let opts = crate::store::PutOptions::with_content_type("image/png");
+            let bytes = bytes::Bytes::from(vec![1u8; size]);
+            store.put("marks", key, bytes, opts).await.unwrap();
+        }
+        let s = WatermarkSources::new(SourceConfig {
+            max_bytes: 1000,
+            ..SourceConfig::default()
+        });
+        assert_eq!(
+            s.fetch(&store, "s3://marks/small.png").await.unwrap().len(),
+            1000
+        );
+        let err = s.fetch(&store, "s3://marks/big.png").await.unwrap_err();
+        assert_eq!(
+            err,
+            "marks/big.png is 1001 bytes, over the 1000-byte watermark cap"
+        );
     }
 
     #[tokio::test]
