@@ -257,6 +257,53 @@ async fn notify_to_a_hanging_receiver_ends_in_the_dead_letter_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_keeps_notifications_it_cannot_wait_for() {
+    // The receiver never answers and each attempt may take 5 s, but the
+    // host drains for 300 ms only: the payload under way is kept in the
+    // dead-letter file rather than dropped with the process.
+    let receiver = Receiver::start(Behaviour::Hang).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.notify.timeout = Duration::from_secs(5);
+    config.drain_timeout = Duration::from_millis(300);
+    let host = TestHost::local(config).await;
+    let rules = image_rule("thumbs", "in/*", "resize:w_100", &receiver.url);
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    let put = host
+        .put_object(
+            "photos",
+            "in/a.jpg",
+            fixture("images/storm.jpg"),
+            "image/jpeg",
+        )
+        .await;
+    assert_eq!(put.status(), 201);
+    eventually("the first attempt", || {
+        std::future::ready((receiver.hits() > 0).then_some(()))
+    })
+    .await;
+    let path = host.dead_letter_path();
+    assert!(!path.exists(), "nothing is kept while the delivery runs");
+    host.stop().await;
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record["url"], receiver.url);
+    assert_eq!(record["attempts"], 1);
+    assert!(
+        record["last_error"].as_str().unwrap().contains("shutdown"),
+        "{record}"
+    );
+    assert_eq!(record["payload"]["rule_id"], "thumbs");
+    assert_eq!(record["payload"]["outputs"][0]["key"], "gen_in/a.jpg");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loop_guard_keeps_a_rule_off_its_own_outputs() {
     let receiver = Receiver::start(Behaviour::Accept).await;
     let dir = tempfile::tempdir().unwrap();

@@ -188,8 +188,12 @@ impl Workers {
         };
         if tokio::time::timeout(timeout, wait).await.is_err() {
             self.state.queue.close();
+            // The notifications still under way stop with the process: they
+            // go to the dead-letter file, as undelivered ones do.
+            let kept = self.state.notifier.abandon_pending().await;
             tracing::warn!(
                 ?timeout,
+                notifications_kept = kept,
                 "shutdown: work still running after the drain timeout"
             );
         }

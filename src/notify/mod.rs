@@ -9,8 +9,11 @@
 
 mod dead_letter;
 
+use std::collections::HashMap;
 use std::error::Error as _;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -83,6 +86,18 @@ pub struct Notifier {
     client: reqwest::Client,
     config: NotifyConfig,
     dead_letters: DeadLetters,
+    /// Deliveries under way (URL, payload and attempts so far), so that a
+    /// shutdown that cannot wait for them keeps them in the dead-letter
+    /// file ([`Notifier::abandon_pending`]).
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_delivery: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    url: String,
+    payload: Value,
+    attempts: u32,
 }
 
 /// What one attempt came to.
@@ -109,6 +124,8 @@ impl Notifier {
             client,
             dead_letters: DeadLetters::new(config.dead_letter.clone()),
             config,
+            pending: Mutex::new(HashMap::new()),
+            next_delivery: AtomicU64::new(0),
         })
     }
 
@@ -129,6 +146,55 @@ impl Notifier {
             self.give_up(url, 0, &error.to_string(), payload).await;
             return Err(error);
         }
+        let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
+        self.track(id, url, payload, 0);
+        let result = self.deliver_tracked(id, url, payload).await;
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.remove(&id);
+        }
+        result
+    }
+
+    /// Writes every delivery still under way to the dead-letter file, for a
+    /// shutdown that stops them: each record's error says so. A delivery
+    /// that succeeds in the meantime may be both delivered and kept.
+    pub async fn abandon_pending(&self) -> usize {
+        let pending: Vec<Pending> = match self.pending.lock() {
+            Ok(mut map) => map.drain().map(|(_, p)| p).collect(),
+            Err(_) => Vec::new(),
+        };
+        for p in &pending {
+            let error = "shutdown: delivery still under way when the drain timeout ended";
+            self.give_up(&p.url, p.attempts, error, &p.payload).await;
+        }
+        pending.len()
+    }
+
+    fn track(&self, id: u64, url: &str, payload: &Value, attempts: u32) {
+        if let Ok(mut pending) = self.pending.lock() {
+            match pending.get_mut(&id) {
+                Some(p) => p.attempts = attempts,
+                None => {
+                    let (url, payload) = (url.to_string(), payload.clone());
+                    pending.insert(
+                        id,
+                        Pending {
+                            url,
+                            payload,
+                            attempts,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    async fn deliver_tracked(
+        &self,
+        id: u64,
+        url: &str,
+        payload: &Value,
+    ) -> Result<Delivery, NotifyError> {
         let attempts = self.config.attempts.max(1);
         let mut made = 0;
         let mut last_error = String::new();
@@ -137,6 +203,7 @@ impl Notifier {
                 tokio::time::sleep(self.config.delay).await;
             }
             made += 1;
+            self.track(id, url, payload, made);
             match self.attempt(url, payload).await {
                 Attempt::Delivered(status) => {
                     tracing::debug!(url, attempts = made, %status, "notification delivered");
