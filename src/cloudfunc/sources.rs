@@ -215,17 +215,25 @@ fn percent_decode(s: &str) -> String {
 fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
-                || v4.is_unspecified()
                 || v4.is_broadcast()
                 || v4.is_documentation()
-                || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+                || a == 0 // "this network", 0.0.0.0/8
+                || a == 100 && (b & 0xc0) == 64 // shared (CGNAT), 100.64/10
+                || a == 198 && (b & 0xfe) == 18 // benchmarking, 198.18/15
+                || a >= 240) // reserved and broadcast, 240/4
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
+            }
+            // NAT64 (64:ff9b::/96) reaches the IPv4 address in its last bits.
+            if v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let o = v6.octets();
+                return is_public(IpAddr::V4([o[12], o[13], o[14], o[15]].into()));
             }
             let seg = v6.segments()[0];
             !(v6.is_loopback()
@@ -313,10 +321,19 @@ mod tests {
             "fd00::1",
             "::ffff:10.0.0.1",
             "100.64.0.1",
+            "0.1.2.3",
+            "198.19.0.1",
+            "240.0.0.1",
+            "64:ff9b::a9fe:a9fe",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["8.8.8.8", "2606:4700::1111"] {
+        for ip in [
+            "8.8.8.8",
+            "2606:4700::1111",
+            "198.20.0.1",
+            "64:ff9b::808:808",
+        ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
     }
