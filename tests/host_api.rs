@@ -323,6 +323,66 @@ async fn image_requests_refuse_objects_over_the_input_limit() {
     host.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_events_wait_for_room_in_a_full_queue() {
+    // Uploads to `in` are resized into `out`, and every object in `out` is
+    // reported. The queue holds one job, and uploads keep it full (a 503
+    // is retried), so outputs often find it full: their events must wait
+    // for room, not be dropped, since the outputs are already stored.
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.workers = 1;
+    config.queue_bound = 1;
+    let host = TestHost::local(config).await;
+    let resize = one_rule(json!({
+        "id": "small", "event_types": ["create_object"], "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_32", "save_bucket": "out"}}));
+    assert_eq!(host.set_rules("in", &resize).await.status(), 200);
+    let report = one_rule(json!({
+        "id": "report", "event_types": ["create_object"],
+        "cloudfunc": "notifier", "notify_url": receiver.url}));
+    assert_eq!(host.set_rules("out", &report).await.status(), 200);
+
+    // Eight clients upload four photos each, retrying on 503.
+    let uploads = 32;
+    let storm = fixture("images/storm.jpg");
+    let mut clients = tokio::task::JoinSet::new();
+    for client in 0..8 {
+        let (http, storm) = (host.http.clone(), storm.clone());
+        let urls: Vec<String> = (0..4)
+            .map(|i| host.object_url("in", &format!("{:02}.jpg", client * 4 + i)))
+            .collect();
+        clients.spawn(async move {
+            let mut refused = 0;
+            for url in urls {
+                loop {
+                    let put = http.put(&url).body(storm.clone()).send().await.unwrap();
+                    match put.status().as_u16() {
+                        201 => break,
+                        503 => refused += 1,
+                        other => panic!("PUT answered {other}"),
+                    }
+                }
+            }
+            refused
+        });
+    }
+    let refused: u32 = clients.join_all().await.into_iter().sum();
+    assert!(refused > 0, "the queue was full at times");
+    receiver.wait_for(uploads).await;
+    tokio::time::sleep(QUIET).await;
+    let mut reported: Vec<String> = receiver
+        .bodies()
+        .iter()
+        .map(|b| b["event"]["key"].as_str().unwrap().to_string())
+        .collect();
+    reported.sort();
+    let expected: Vec<String> = (0..uploads).map(|i| format!("gen_{i:02}.jpg")).collect();
+    assert_eq!(reported, expected);
+    host.stop().await;
+}
+
 /// An S3 endpoint that accepts connections and never answers, so that a
 /// worker reading from it stays busy; counts the connections.
 async fn silent_endpoint() -> (String, Arc<AtomicUsize>) {

@@ -36,6 +36,8 @@ pub struct Queue {
     bound: usize,
     /// Jobs taken by a worker and not yet finished.
     running: AtomicUsize,
+    /// Output events waiting for room in a full queue.
+    waiting: AtomicUsize,
 }
 
 /// Room reserved in the queue for jobs not built yet.
@@ -58,6 +60,7 @@ impl Queue {
                 sender: Mutex::new(Some(tx)),
                 bound: bound.max(1),
                 running: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
             },
             rx,
         )
@@ -100,7 +103,9 @@ impl Queue {
 
     /// True when nothing waits and nothing runs.
     fn idle(&self) -> bool {
-        self.depth() == 0 && self.running.load(Ordering::SeqCst) == 0
+        self.depth() == 0
+            && self.running.load(Ordering::SeqCst) == 0
+            && self.waiting.load(Ordering::SeqCst) == 0
     }
 
     /// Stops taking new jobs; workers drain what is queued.
@@ -254,6 +259,9 @@ async fn run_job(
 
 /// Objects written to the embedded store fire `create_object` like uploads
 /// do, so rules can chain; the loop guard keeps a rule off its own outputs.
+/// The object is already stored, so its event is not refused when the
+/// queue is full: it waits for room (off the worker, which must go on to
+/// make room), and a shutdown drains it like queued work.
 fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
     for out in &result.outputs {
         let event = Event::internal(EventType::CreateObject, &out.bucket, &out.key);
@@ -262,12 +270,32 @@ fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
         if jobs.is_empty() {
             continue;
         }
-        if let Err(depth) = state.queue.try_push_all(jobs) {
-            tracing::warn!(
-                bucket = %out.bucket, key = %out.key, depth,
-                "queue full: output event not dispatched"
-            );
-        }
+        let jobs = match state.queue.try_reserve(jobs.len()) {
+            Ok(room) => {
+                room.send(jobs);
+                continue;
+            }
+            Err(_) => jobs,
+        };
+        let Some(sender) = state.queue.sender() else {
+            tracing::warn!(bucket = %out.bucket, key = %out.key,
+                "shutting down: output event not dispatched");
+            continue;
+        };
+        tracing::info!(bucket = %out.bucket, key = %out.key,
+            "queue full: output event waits for room");
+        state.queue.waiting.fetch_add(1, Ordering::SeqCst);
+        let state = state.clone();
+        tokio::spawn(async move {
+            for job in jobs {
+                match sender.reserve().await {
+                    Ok(permit) => permit.send(job),
+                    Err(_) => tracing::warn!(key = %job.event.key,
+                        "shutting down: output event not dispatched"),
+                }
+            }
+            state.queue.waiting.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 }
 
