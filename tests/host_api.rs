@@ -171,6 +171,14 @@ async fn rules_are_validated_when_set_and_survive_a_restart() {
 }
 
 /// Three S3 records for `bucket`, which a queue of one cannot take at once.
+/// A host configuration with one image thread and room for one waiting job.
+fn one_job_queue(dir: &std::path::Path) -> imgfunc::host::HostConfig {
+    let mut config = test_config(dir);
+    config.workers = 1;
+    config.queue_bound = 1;
+    config
+}
+
 fn three_records(bucket: &str) -> Value {
     let record = |key: &str| {
         json!({"eventName": "s3:ObjectCreated:Put",
@@ -183,10 +191,7 @@ fn three_records(bucket: &str) -> Value {
 async fn a_post_larger_than_the_queue_is_refused_whole_with_503() {
     let receiver = Receiver::start(Behaviour::Accept).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.workers = 1;
-    config.queue_bound = 1;
-    let host = TestHost::local(config).await;
+    let host = TestHost::local(one_job_queue(dir.path())).await;
     let rules = one_rule(json!({
         "id": "hook", "event_types": ["create_object"],
         "cloudfunc": "notifier", "notify_url": receiver.url}));
@@ -331,10 +336,7 @@ async fn output_events_wait_for_room_in_a_full_queue() {
     // for room, not be dropped, since the outputs are already stored.
     let receiver = Receiver::start(Behaviour::Accept).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.workers = 1;
-    config.queue_bound = 1;
-    let host = TestHost::local(config).await;
+    let host = TestHost::local(one_job_queue(dir.path())).await;
     let resize = one_rule(json!({
         "id": "small", "event_types": ["create_object"], "cloudfunc": "image",
         "cloudfunc_args": {"action": "resize:w_32", "save_bucket": "out"}}));

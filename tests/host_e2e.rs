@@ -12,6 +12,7 @@ use common::host::{
     Behaviour, QUIET, Receiver, TestHost, decoded, eventually, fixture, test_config,
 };
 use common::s3::start_s3;
+use imgfunc::host::HostConfig;
 use serde_json::{Value, json};
 
 /// An image rule for the objects matching `filter` that notifies `url`.
@@ -199,16 +200,15 @@ async fn notify_retries_after_a_500_and_delivers_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn notify_to_a_hanging_receiver_ends_in_the_dead_letter_file() {
-    let receiver = Receiver::start(Behaviour::Hang).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.notify.attempts = 2;
-    config.notify.timeout = Duration::from_millis(300);
-    config.notify.delay = Duration::from_millis(100);
+/// A host with rule `thumbs` (`action` on `photos/in/*`, results to
+/// `receiver`) and `in/a.jpg` uploaded, which fires it.
+async fn upload_under_thumbs_rule(
+    config: HostConfig,
+    action: &str,
+    receiver: &Receiver,
+) -> TestHost {
     let host = TestHost::local(config).await;
-    let rules = image_rule("thumbs", "in/*", "resize:w_100|format:t_png", &receiver.url);
+    let rules = image_rule("thumbs", "in/*", action, &receiver.url);
     assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
     let put = host
         .put_object(
@@ -219,6 +219,18 @@ async fn notify_to_a_hanging_receiver_ends_in_the_dead_letter_file() {
         )
         .await;
     assert_eq!(put.status(), 201);
+    host
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_to_a_hanging_receiver_ends_in_the_dead_letter_file() {
+    let receiver = Receiver::start(Behaviour::Hang).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.notify.attempts = 2;
+    config.notify.timeout = Duration::from_millis(300);
+    config.notify.delay = Duration::from_millis(100);
+    let host = upload_under_thumbs_rule(config, "resize:w_100|format:t_png", &receiver).await;
 
     let path = host.dead_letter_path();
     let records: Vec<Value> = eventually("a dead-letter record", || {
@@ -266,18 +278,7 @@ async fn a_shutdown_keeps_notifications_it_cannot_wait_for() {
     let mut config = test_config(dir.path());
     config.notify.timeout = Duration::from_secs(5);
     config.drain_timeout = Duration::from_millis(300);
-    let host = TestHost::local(config).await;
-    let rules = image_rule("thumbs", "in/*", "resize:w_100", &receiver.url);
-    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
-    let put = host
-        .put_object(
-            "photos",
-            "in/a.jpg",
-            fixture("images/storm.jpg"),
-            "image/jpeg",
-        )
-        .await;
-    assert_eq!(put.status(), 201);
+    let host = upload_under_thumbs_rule(config, "resize:w_100", &receiver).await;
     eventually("the first attempt", || {
         std::future::ready((receiver.hits() > 0).then_some(()))
     })
