@@ -20,7 +20,9 @@ use crate::action::{Action, Op};
 use crate::events::Event;
 use crate::imaging::{self, Encoded, ImagingError, Limits, WatermarkResolver};
 use crate::rules::{CloudFunc, ImageArgs, Rule};
-use crate::store::{Body, ObjectMeta, ObjectStore, PutOptions, StoreError};
+use crate::store::{
+    Body, MAX_USER_METADATA_BYTES, ObjectMeta, ObjectStore, PutOptions, StoreError,
+};
 
 /// User metadata naming the rules that produced an object, as
 /// comma-separated `bucket:rule_id` links. A rule never runs on an object
@@ -28,21 +30,11 @@ use crate::store::{Body, ObjectMeta, ObjectStore, PutOptions, StoreError};
 /// made them, even through other rules.
 pub const CHAIN_METADATA: &str = "imgfunc-chain";
 
-/// Bytes of a rule id kept as they are in a chain link; the others are
-/// percent-encoded, so a link is printable ASCII without `,` (which
-/// separates links) whatever the id holds.
-const ID_IN_LINK: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.');
-
 /// The chain link of rule `rule_id` of `bucket` (bucket names are
-/// lowercase letters, digits, `-` and `.`).
+/// lowercase letters, digits, `-` and `.`; the id is percent-encoded, so a
+/// comma in it cannot split the chain).
 pub fn chain_link(bucket: &str, rule_id: &str) -> String {
-    format!(
-        "{bucket}:{}",
-        percent_encoding::utf8_percent_encode(rule_id, ID_IN_LINK)
-    )
+    format!("{bucket}:{}", crate::rules::id_in_metadata(rule_id))
 }
 
 /// The rule chain an object's metadata records (empty when none).
@@ -375,9 +367,16 @@ async fn write(
     source: &str,
 ) -> Result<WrittenObject, InvokeError> {
     let content_type = image.format.content_type();
+    // The source name is informative and takes what room the chain, which
+    // the loop guard needs, leaves in the metadata's limit.
+    let room = MAX_USER_METADATA_BYTES
+        .saturating_sub(CHAIN_METADATA.len() + chain.len() + SOURCE_METADATA.len());
     let mut meta = BTreeMap::new();
     meta.insert(CHAIN_METADATA.to_string(), chain.to_string());
-    meta.insert("imgfunc-source".to_string(), source_meta(source));
+    meta.insert(
+        SOURCE_METADATA.to_string(),
+        source_meta(source, room.min(MAX_SOURCE_META)),
+    );
     let opts = PutOptions {
         content_type: content_type.to_string(),
         user_metadata: meta,
@@ -401,17 +400,24 @@ async fn write(
 /// anything but NUL.
 const SOURCE_IN_META: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b' ').add(b'%');
 
+/// User metadata naming the object an output was made from (`bucket/key`).
+const SOURCE_METADATA: &str = "imgfunc-source";
+
 /// The longest source name kept in the metadata; a longer one is cut (and
 /// ends in `...`), so that the object's metadata stays within its limit.
 const MAX_SOURCE_META: usize = 512;
 
-/// The `imgfunc-source` metadata value for `source` (`bucket/key`).
-fn source_meta(source: &str) -> String {
+/// The `imgfunc-source` metadata value for `source` (`bucket/key`), at most
+/// `max` bytes (empty when not even `...` fits).
+fn source_meta(source: &str, max: usize) -> String {
     let mut value = percent_encoding::utf8_percent_encode(source, SOURCE_IN_META).to_string();
-    if value.len() > MAX_SOURCE_META {
+    if value.len() > max {
+        if max < 3 {
+            return String::new();
+        }
         // The value is ASCII, so any byte is a boundary; a cut escape
         // (`%` or `%X` at the end) goes too.
-        value.truncate(MAX_SOURCE_META - 3);
+        value.truncate(max - 3);
         if let Some(i) = value[value.len().saturating_sub(2)..].find('%') {
             value.truncate(value.len().saturating_sub(2) + i);
         }
@@ -464,11 +470,13 @@ mod tests {
 
     #[test]
     fn source_metadata_is_printable_and_bounded() {
-        assert_eq!(source_meta("photos/a b.jpg "), "photos/a%20b.jpg%20");
-        assert_eq!(source_meta("photos/100%.jpg"), "photos/100%25.jpg");
+        assert_eq!(source_meta("photos/a b.jpg ", 512), "photos/a%20b.jpg%20");
+        assert_eq!(source_meta("photos/100%.jpg", 512), "photos/100%25.jpg");
+        assert_eq!(source_meta("photos/a.jpg", 10), "photos/...");
+        assert_eq!(source_meta("photos/a.jpg", 2), "");
         // 300 three-byte characters encode to 2700 bytes: cut at 512,
         // never inside an escape.
-        let value = source_meta(&format!("photos/{}", "图".repeat(300)));
+        let value = source_meta(&format!("photos/{}", "图".repeat(300)), MAX_SOURCE_META);
         assert!(value.len() <= MAX_SOURCE_META, "{}", value.len());
         assert!(value.ends_with("..."));
         let body = value.trim_end_matches("...");

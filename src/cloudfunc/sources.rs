@@ -230,10 +230,19 @@ fn is_public(ip: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
-            // NAT64 (64:ff9b::/96) reaches the IPv4 address in its last bits.
-            if v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                let o = v6.octets();
+            let s = v6.segments();
+            let o = v6.octets();
+            // NAT64 (64:ff9b::/96) reaches the IPv4 address in its last
+            // bits, 6to4 (2002::/16) the one in bits 16-47; local-use NAT64
+            // (64:ff9b:1::/48) reaches whatever its operator chose.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
                 return is_public(IpAddr::V4([o[12], o[13], o[14], o[15]].into()));
+            }
+            if s[0] == 0x2002 {
+                return is_public(IpAddr::V4([o[2], o[3], o[4], o[5]].into()));
+            }
+            if s[..3] == [0x64, 0xff9b, 1] {
+                return false;
             }
             let seg = v6.segments()[0];
             !(v6.is_loopback()
@@ -325,6 +334,8 @@ mod tests {
             "198.19.0.1",
             "240.0.0.1",
             "64:ff9b::a9fe:a9fe",
+            "2002:a00:1::1",
+            "64:ff9b:1::808:808",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
@@ -333,6 +344,7 @@ mod tests {
             "2606:4700::1111",
             "198.20.0.1",
             "64:ff9b::808:808",
+            "2002:808:808::1",
         ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }

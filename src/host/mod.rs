@@ -224,7 +224,11 @@ async fn read_body(req: Request, limit: usize, what: &str) -> Result<Bytes, ApiE
         return Err(too_large());
     }
     let mut body = req.into_body();
-    let capacity = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+    // Grown as the bytes come, past the first megabyte: a declared length
+    // alone does not get a large allocation.
+    let capacity = declared.map_or(0, |n| {
+        usize::try_from(n).unwrap_or(limit).min(limit).min(1 << 20)
+    });
     let mut bytes = Vec::with_capacity(capacity);
     let mut seen = 0usize;
     while let Some(frame) =

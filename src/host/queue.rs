@@ -193,8 +193,15 @@ impl Workers {
         };
         if tokio::time::timeout(timeout, wait).await.is_err() {
             self.state.queue.close();
-            // The notifications still under way stop with the process: they
-            // go to the dead-letter file, as undelivered ones do.
+            // Work and notifications still under way stop here, and the
+            // notifications go to the dead-letter file, as undelivered ones
+            // do; stopped first, so that none starts or ends meanwhile.
+            self.tasks.shutdown().await;
+            let mut deliveries = match self.deliveries.lock() {
+                Ok(mut set) => std::mem::take(&mut *set),
+                Err(_) => JoinSet::new(),
+            };
+            deliveries.shutdown().await;
             let kept = self.state.notifier.abandon_pending().await;
             tracing::warn!(
                 ?timeout,

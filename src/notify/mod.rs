@@ -147,7 +147,17 @@ impl Notifier {
             return Err(error);
         }
         let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
-        self.track(id, url, payload, 0);
+        if let Ok(mut pending) = self.pending.lock() {
+            let (url, payload) = (url.to_string(), payload.clone());
+            pending.insert(
+                id,
+                Pending {
+                    url,
+                    payload,
+                    attempts: 0,
+                },
+            );
+        }
         let result = self.deliver_tracked(id, url, payload).await;
         if let Ok(mut pending) = self.pending.lock() {
             pending.remove(&id);
@@ -156,8 +166,9 @@ impl Notifier {
     }
 
     /// Writes every delivery still under way to the dead-letter file, for a
-    /// shutdown that stops them: each record's error says so. A delivery
-    /// that succeeds in the meantime may be both delivered and kept.
+    /// shutdown that has stopped them: each record's error says so. Call it
+    /// once the deliveries are aborted; one still running could succeed and
+    /// be kept as well.
     pub async fn abandon_pending(&self) -> usize {
         let pending: Vec<Pending> = match self.pending.lock() {
             Ok(mut map) => map.drain().map(|(_, p)| p).collect(),
@@ -170,22 +181,13 @@ impl Notifier {
         pending.len()
     }
 
-    fn track(&self, id: u64, url: &str, payload: &Value, attempts: u32) {
-        if let Ok(mut pending) = self.pending.lock() {
-            match pending.get_mut(&id) {
-                Some(p) => p.attempts = attempts,
-                None => {
-                    let (url, payload) = (url.to_string(), payload.clone());
-                    pending.insert(
-                        id,
-                        Pending {
-                            url,
-                            payload,
-                            attempts,
-                        },
-                    );
-                }
-            }
+    /// Notes the attempts a delivery has made; one that was abandoned in
+    /// the meantime stays out.
+    fn track(&self, id: u64, attempts: u32) {
+        if let Ok(mut pending) = self.pending.lock()
+            && let Some(p) = pending.get_mut(&id)
+        {
+            p.attempts = attempts;
         }
     }
 
@@ -203,7 +205,7 @@ impl Notifier {
                 tokio::time::sleep(self.config.delay).await;
             }
             made += 1;
-            self.track(id, url, payload, made);
+            self.track(id, made);
             match self.attempt(url, payload).await {
                 Attempt::Delivered(status) => {
                     tracing::debug!(url, attempts = made, %status, "notification delivered");

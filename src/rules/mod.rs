@@ -18,6 +18,7 @@ pub use error::RuleError;
 pub use event_type::{EventType, UnknownEventType};
 pub use rule::{
     CloudFunc, DEFAULT_KEY_PREFIX, DEFAULT_KEY_SEPRATE, ImageArgs, ObjectFilters, Rule,
+    id_in_metadata,
 };
 pub(crate) use validate::kind as json_kind;
 pub use validate::{parse_notifications, parse_rule_file, validate_bucket_name};

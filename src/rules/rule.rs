@@ -9,6 +9,19 @@ pub const DEFAULT_KEY_PREFIX: &str = "gen";
 /// `key_seprate` (QingStor's spelling) when a rule does not give one.
 pub const DEFAULT_KEY_SEPRATE: &str = "_";
 
+/// Bytes of a rule id kept as they are where the id is written into an
+/// object's metadata (its rule chain); the others are percent-encoded, so
+/// the text is printable ASCII without `,` or `:` whatever the id holds.
+const ID_KEPT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.');
+
+/// `id` as it is written into metadata: percent-encoded (see [`ID_KEPT`]).
+pub fn id_in_metadata(id: &str) -> String {
+    percent_encoding::utf8_percent_encode(id, ID_KEPT).to_string()
+}
+
 /// A validated notification rule of one bucket.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {

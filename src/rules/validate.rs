@@ -156,16 +156,21 @@ fn notifications_in<'a>(
     Ok((items, rules))
 }
 
-/// The longest rule id: ids go, percent-encoded, into the metadata of every
-/// output (the rule chain), which has a size limit.
-const MAX_ID_BYTES: usize = 128;
+/// The longest rule id, percent-encoded: ids go that way into the metadata
+/// of every output (the rule chain), which has a size limit.
+const MAX_ID_BYTES: usize = 256;
 
 fn rule_from_raw(raw: RawNotification, bucket: &str) -> Result<Rule, RuleError> {
     let id = match raw.id {
-        Some(id) if id.len() > MAX_ID_BYTES => {
+        Some(id) if super::id_in_metadata(&id).len() > MAX_ID_BYTES => {
             return Err(RuleError::new(
                 "id",
-                format!("at most {MAX_ID_BYTES} bytes, got {}", id.len()),
+                format!(
+                    "at most {MAX_ID_BYTES} bytes once percent-encoded (ASCII letters, \
+                     digits, '-', '_' and '.' are one byte each, other bytes three), \
+                     got {}",
+                    super::id_in_metadata(&id).len()
+                ),
             ));
         }
         Some(id) if !id.trim().is_empty() => id,
@@ -508,17 +513,21 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_any_text_of_at_most_128_bytes() {
-        for id in ["缩略图,small", "a b", &"x".repeat(128)] {
+    fn ids_are_any_text_of_at_most_256_encoded_bytes() {
+        for id in ["缩略图,small", "a b", &"x".repeat(256), &"图".repeat(28)] {
             let mut body = example();
             body["notifications"][0]["id"] = json!(id);
             assert_eq!(parse(&body).unwrap()[0].id, id);
         }
         let err = error_with(|r| {
-            r.insert("id".into(), json!("图".repeat(43)));
+            r.insert("id".into(), json!("图".repeat(29)));
         });
         assert_eq!(err.field, "notifications[0].id");
-        assert_eq!(err.message, "at most 128 bytes, got 129");
+        assert!(
+            err.message
+                .starts_with("at most 256 bytes once percent-encoded")
+        );
+        assert!(err.message.ends_with("got 261"), "{}", err.message);
         let err = error_with(|r| {
             r.insert("id".into(), json!("  "));
         });

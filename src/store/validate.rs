@@ -8,7 +8,7 @@ const MAX_KEY_BYTES: usize = 1024;
 const MAX_SEGMENT_BYTES: usize = 255;
 
 /// The most user metadata S3 accepts: names plus values, in bytes.
-const MAX_USER_METADATA_BYTES: usize = 2048;
+pub const MAX_USER_METADATA_BYTES: usize = 2048;
 
 /// File names starting with this are the local store's own (temporary files),
 /// so no key segment may start with it.
