@@ -34,19 +34,25 @@ pub struct Job {
 pub struct Queue {
     sender: Mutex<Option<mpsc::Sender<Job>>>,
     bound: usize,
-    /// Jobs taken by a worker and not yet finished.
-    running: AtomicUsize,
+    /// Jobs sent into the queue and not yet finished, queued or running:
+    /// counted before a job is sent and after it is done, so no moment
+    /// between the two looks idle.
+    unfinished: Arc<AtomicUsize>,
     /// Output events waiting for room in a full queue.
     waiting: AtomicUsize,
 }
 
 /// Room reserved in the queue for jobs not built yet.
-pub struct Reservation(Vec<mpsc::OwnedPermit<Job>>);
+pub struct Reservation {
+    permits: Vec<mpsc::OwnedPermit<Job>>,
+    unfinished: Arc<AtomicUsize>,
+}
 
 impl Reservation {
     /// Sends `jobs` into the reserved room (at most as many as were reserved).
     pub fn send(self, jobs: Vec<Job>) {
-        for (permit, job) in self.0.into_iter().zip(jobs) {
+        for (permit, job) in self.permits.into_iter().zip(jobs) {
+            self.unfinished.fetch_add(1, Ordering::SeqCst);
             permit.send(job);
         }
     }
@@ -59,7 +65,7 @@ impl Queue {
             Queue {
                 sender: Mutex::new(Some(tx)),
                 bound: bound.max(1),
-                running: AtomicUsize::new(0),
+                unfinished: Arc::default(),
                 waiting: AtomicUsize::new(0),
             },
             rx,
@@ -78,8 +84,12 @@ impl Queue {
 
     /// Reserves room for `n` jobs, all or none; `Err` carries the queue depth.
     pub fn try_reserve(&self, n: usize) -> Result<Reservation, usize> {
+        let unfinished = Arc::clone(&self.unfinished);
         if n == 0 {
-            return Ok(Reservation(Vec::new()));
+            return Ok(Reservation {
+                permits: Vec::new(),
+                unfinished,
+            });
         }
         let sender = self.sender().ok_or(self.bound)?;
         let mut permits = Vec::with_capacity(n);
@@ -92,7 +102,10 @@ impl Queue {
                     .map_err(|_| self.depth())?,
             );
         }
-        Ok(Reservation(permits))
+        Ok(Reservation {
+            permits,
+            unfinished,
+        })
     }
 
     /// Enqueues all of `jobs` or none of them; `Err` carries the queue depth.
@@ -103,9 +116,7 @@ impl Queue {
 
     /// True when nothing waits and nothing runs.
     fn idle(&self) -> bool {
-        self.depth() == 0
-            && self.running.load(Ordering::SeqCst) == 0
-            && self.waiting.load(Ordering::SeqCst) == 0
+        self.unfinished.load(Ordering::SeqCst) == 0 && self.waiting.load(Ordering::SeqCst) == 0
     }
 
     /// Stops taking new jobs; workers drain what is queued.
@@ -156,15 +167,11 @@ impl Workers {
                     let (job, slot) = {
                         let mut rx = receiver.lock().await;
                         let slot = state.runtime.image_slot().await;
-                        let job = rx.recv().await;
-                        if job.is_some() {
-                            state.queue.running.fetch_add(1, Ordering::SeqCst);
-                        }
-                        (job, slot)
+                        (rx.recv().await, slot)
                     };
                     let Some(job) = job else { break };
                     run_job(&state, &deliveries, job, slot).await;
-                    state.queue.running.fetch_sub(1, Ordering::SeqCst);
+                    state.queue.unfinished.fetch_sub(1, Ordering::SeqCst);
                 }
             });
         }
@@ -296,7 +303,10 @@ fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
         tokio::spawn(async move {
             for job in jobs {
                 match sender.reserve().await {
-                    Ok(permit) => permit.send(job),
+                    Ok(permit) => {
+                        state.queue.unfinished.fetch_add(1, Ordering::SeqCst);
+                        permit.send(job);
+                    }
                     Err(_) => tracing::warn!(key = %job.event.key,
                         "shutting down: output event not dispatched"),
                 }
