@@ -53,7 +53,7 @@ use super::{
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{self, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
@@ -789,6 +789,29 @@ fn prune_empty_folders(path: &Path, stop: &Path) {
     }
 }
 
+/// A listing entry ordered by its key alone.
+struct ByKey(ListEntry);
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ByKey {}
+
+impl PartialOrd for ByKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.key.cmp(&other.0.key)
+    }
+}
+
 fn list_objects(
     bucket: &str,
     bucket_dir: &Path,
@@ -797,7 +820,10 @@ fn list_objects(
     if !bucket_dir.is_dir() {
         return Err(StoreError::no_such_bucket(bucket));
     }
-    let mut entries = Vec::new();
+    // The first LIST_LIMIT keys in order, kept in a heap whose top is the
+    // greatest, so memory stays bounded however many files the folder has.
+    let mut kept: BinaryHeap<ByKey> = BinaryHeap::new();
+    let mut found = 0usize;
     // Folders still to read, with their key prefix ("" or ending in '/').
     let mut pending = vec![(bucket_dir.to_path_buf(), String::new())];
     while let Some((dir, dir_key)) = pending.pop() {
@@ -834,25 +860,31 @@ fn list_objects(
                 continue;
             };
             if stat.is_file() {
-                entries.push(ListEntry {
+                found += 1;
+                if kept.len() == LIST_LIMIT && kept.peek().is_some_and(|top| top.0.key <= key) {
+                    continue;
+                }
+                kept.push(ByKey(ListEntry {
                     key,
                     size: stat.len(),
                     last_modified: stat.modified().ok(),
-                });
+                }));
+                if kept.len() > LIST_LIMIT {
+                    kept.pop();
+                }
             }
         }
     }
-    entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-    if entries.len() > LIST_LIMIT {
+    if found > LIST_LIMIT {
         tracing::warn!(
             bucket,
             prefix,
-            found = entries.len(),
+            found,
             limit = LIST_LIMIT,
             "listing truncated"
         );
-        entries.truncate(LIST_LIMIT);
     }
+    let entries = kept.into_sorted_vec().into_iter().map(|e| e.0).collect();
     Ok(entries)
 }
 
@@ -1187,6 +1219,33 @@ mod tests {
             "not_found"
         );
         store.delete("b", "k").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_long_listing_keeps_the_first_keys_in_order() {
+        let (dir, store) = store();
+        let folders = ["x", "a", "m"];
+        let per_folder = LIST_LIMIT / 2;
+        let mut all = Vec::new();
+        for folder in folders {
+            let path = dir.path().join("root/b").join(folder);
+            std::fs::create_dir_all(&path).unwrap();
+            // Written in reverse, so the folder's order is not the keys'.
+            for i in (0..per_folder).rev() {
+                std::fs::write(path.join(format!("{i:05}")), b"").unwrap();
+                all.push(format!("{folder}/{i:05}"));
+            }
+        }
+        all.sort();
+        let listed: Vec<String> = store
+            .list("b", "")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(listed.len(), LIST_LIMIT);
+        assert_eq!(listed, all[..LIST_LIMIT]);
     }
 
     #[tokio::test]
