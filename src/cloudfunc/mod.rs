@@ -286,11 +286,7 @@ async fn run_image(
         )));
     }
     let Some(input) = input else {
-        return Err(ImagingError::InputTooLarge {
-            size: usize::try_from(meta.size).unwrap_or(usize::MAX),
-            limit: limits.max_input_bytes,
-        }
-        .into());
+        return Err(ImagingError::input_too_large(meta.size, &limits).into());
     };
     let watermarks = fetch_watermarks(rt, args).await;
     let output = rt

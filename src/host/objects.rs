@@ -275,10 +275,8 @@ async fn process(
     let slot = state.runtime.image_slot().await;
     let (meta, input) =
         cloudfunc::read_source(&state.runtime, bucket, key, &action, |_| false).await?;
-    let input = input.ok_or_else(|| ImagingError::InputTooLarge {
-        size: usize::try_from(meta.size).unwrap_or(usize::MAX),
-        limit: state.config.limits.max_input_bytes,
-    })?;
+    let input =
+        input.ok_or_else(|| ImagingError::input_too_large(meta.size, &state.config.limits))?;
     let limits = state.config.limits.clone();
     let output = state
         .runtime

@@ -34,12 +34,10 @@ pub struct Job {
 pub struct Queue {
     sender: Mutex<Option<mpsc::Sender<Job>>>,
     bound: usize,
-    /// Jobs sent into the queue and not yet finished, queued or running:
-    /// counted before a job is sent and after it is done, so no moment
-    /// between the two looks idle.
+    /// Jobs not yet finished: waiting for room, queued or running. Counted
+    /// before a job is sent and after it is done, so no moment between the
+    /// two looks idle.
     unfinished: Arc<AtomicUsize>,
-    /// Output events waiting for room in a full queue.
-    waiting: AtomicUsize,
 }
 
 /// Room reserved in the queue for jobs not built yet.
@@ -66,7 +64,6 @@ impl Queue {
                 sender: Mutex::new(Some(tx)),
                 bound: bound.max(1),
                 unfinished: Arc::default(),
-                waiting: AtomicUsize::new(0),
             },
             rx,
         )
@@ -116,7 +113,7 @@ impl Queue {
 
     /// True when nothing waits and nothing runs.
     fn idle(&self) -> bool {
-        self.unfinished.load(Ordering::SeqCst) == 0 && self.waiting.load(Ordering::SeqCst) == 0
+        self.unfinished.load(Ordering::SeqCst) == 0
     }
 
     /// Stops taking new jobs; workers drain what is queued.
@@ -192,11 +189,7 @@ impl Workers {
             }
             self.state.queue.close();
             while self.tasks.join_next().await.is_some() {}
-            let pending = match self.deliveries.lock() {
-                Ok(mut set) => std::mem::take(&mut *set),
-                Err(_) => JoinSet::new(),
-            };
-            pending.join_all().await;
+            take(&self.deliveries).join_all().await;
         };
         if tokio::time::timeout(timeout, wait).await.is_err() {
             self.state.queue.close();
@@ -204,11 +197,7 @@ impl Workers {
             // notifications go to the dead-letter file, as undelivered ones
             // do; stopped first, so that none starts or ends meanwhile.
             self.tasks.shutdown().await;
-            let mut deliveries = match self.deliveries.lock() {
-                Ok(mut set) => std::mem::take(&mut *set),
-                Err(_) => JoinSet::new(),
-            };
-            deliveries.shutdown().await;
+            take(&self.deliveries).shutdown().await;
             let kept = self.state.notifier.abandon_pending().await;
             tracing::warn!(
                 ?timeout,
@@ -217,6 +206,14 @@ impl Workers {
             );
         }
     }
+}
+
+/// The notifications started so far, leaving an empty set in their place.
+fn take(deliveries: &Mutex<JoinSet<()>>) -> JoinSet<()> {
+    deliveries
+        .lock()
+        .map(|mut set| std::mem::take(&mut *set))
+        .unwrap_or_default()
 }
 
 async fn run_job(
@@ -298,20 +295,20 @@ fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
         };
         tracing::info!(bucket = %out.bucket, key = %out.key,
             "queue full: output event waits for room");
-        state.queue.waiting.fetch_add(1, Ordering::SeqCst);
-        let state = state.clone();
+        // Unfinished from now: a shutdown waits for these jobs too.
+        let unfinished = Arc::clone(&state.queue.unfinished);
+        unfinished.fetch_add(jobs.len(), Ordering::SeqCst);
         tokio::spawn(async move {
             for job in jobs {
                 match sender.reserve().await {
-                    Ok(permit) => {
-                        state.queue.unfinished.fetch_add(1, Ordering::SeqCst);
-                        permit.send(job);
+                    Ok(permit) => permit.send(job),
+                    Err(_) => {
+                        unfinished.fetch_sub(1, Ordering::SeqCst);
+                        tracing::warn!(key = %job.event.key,
+                            "shutting down: output event not dispatched");
                     }
-                    Err(_) => tracing::warn!(key = %job.event.key,
-                        "shutting down: output event not dispatched"),
                 }
             }
-            state.queue.waiting.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }

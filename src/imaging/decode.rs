@@ -120,10 +120,7 @@ fn decoder_limits(limits: &Limits) -> image::Limits {
 /// region used.
 pub fn decode(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, ImagingError> {
     if input.len() > limits.max_input_bytes {
-        return Err(ImagingError::InputTooLarge {
-            size: input.len(),
-            limit: limits.max_input_bytes,
-        });
+        return Err(ImagingError::input_too_large(input.len() as u64, limits));
     }
     let format = sniff(input)?;
     match format {

@@ -47,6 +47,14 @@ pub enum ImagingError {
 }
 
 impl ImagingError {
+    /// An input of `size` bytes refused for being over `limits`' input limit.
+    pub fn input_too_large(size: u64, limits: &super::Limits) -> ImagingError {
+        ImagingError::InputTooLarge {
+            size: usize::try_from(size).unwrap_or(usize::MAX),
+            limit: limits.max_input_bytes,
+        }
+    }
+
     /// A stable, machine-readable code for results and HTTP errors.
     pub fn code(&self) -> &'static str {
         match self {
