@@ -1199,6 +1199,67 @@ mod tests {
     }
 
     #[test]
+    fn damaged_progressive_thumbnails_decode_or_fail_cleanly() {
+        // The thumbnail path reads and decodes a progressive file with our own
+        // code (the DC scans only): cut short, a byte flipped or a marker
+        // dropped in anywhere, it gives a 40-wide image or an error that
+        // names the input, never a panic.
+        let action = "resize:w_40|format:t_jpeg,q_85";
+        let parsed = crate::action::Action::parse(action).unwrap();
+        let limits = crate::imaging::Limits::default();
+        for restart in [0, 5] {
+            let jpeg = progressive_scaled("storm.jpg", 4, raw::TJSAMP_TJSAMP_420 as u32, restart);
+            let cut = read_source(&jpeg, action, 4096).len();
+            assert!(cut < jpeg.len() / 2, "{cut} of {}", jpeg.len());
+            let (mut images, mut errors) = (0, 0);
+            let step = jpeg.len() / 101;
+            for at in (2..jpeg.len()).step_by(step) {
+                let mut flipped = jpeg.clone();
+                flipped[at] ^= 0x5a;
+                let mut marked = jpeg.clone();
+                marked.splice(at..at, [0xff, [0xda, 0xc4, 0xd9, 0xd0][at % 4]]);
+                for bad in [&jpeg[..at], &flipped[..], &marked[..]] {
+                    let mut body = Trickle {
+                        data: bad,
+                        step: 4096,
+                    };
+                    let Ok(input) =
+                        crate::imaging::read_source(&mut body, bad.len() as u64, &parsed, &limits)
+                    else {
+                        errors += 1;
+                        continue;
+                    };
+                    match crate::imaging::process(
+                        &input,
+                        &parsed,
+                        &limits,
+                        &crate::imaging::NoWatermarks,
+                    ) {
+                        Ok(out) => {
+                            assert_eq!(out.image.map(|i| i.width), Some(40), "damage at {at}");
+                            images += 1;
+                        }
+                        Err(e) => {
+                            let code = e.code();
+                            assert!(
+                                ["decode_failed", "not_an_image", "too_many_pixels"]
+                                    .contains(&code),
+                                "damage at {at}: {code} {e}"
+                            );
+                            errors += 1;
+                        }
+                    }
+                }
+            }
+            // Both outcomes occur: the sweep reaches past the headers.
+            assert!(
+                images > 100 && errors > 10,
+                "{images} images, {errors} errors"
+            );
+        }
+    }
+
+    #[test]
     fn other_sources_are_read_whole() {
         let progressive = progressive_scaled("storm.jpg", 4, raw::TJSAMP_TJSAMP_420 as u32, 0);
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images");
