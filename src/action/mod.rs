@@ -206,9 +206,10 @@ pub struct Opacity(f32);
 impl Opacity {
     pub const DEFAULT: Opacity = Opacity(0.25);
 
-    /// Clamps values above 1 to 1 (QingStor accepts them); refuses 0, negatives and NaN.
+    /// Clamps values above 1 to 1 (QingStor accepts them); refuses 0, negatives,
+    /// NaN and infinities.
     pub fn new(value: f32) -> Option<Opacity> {
-        if value.is_nan() || value <= 0.0 {
+        if !value.is_finite() || value <= 0.0 {
             None
         } else {
             Some(Opacity(value.min(1.0)))

@@ -60,6 +60,15 @@ fn unknown_operations_and_keys_are_errors() {
     assert!(err("watermark:p_0.5").contains("missing required key `t`"));
     assert!(err("watermark:t_!!!").contains("watermark: t must be non-empty UTF-8 text"));
     assert!(err("watermark:t_YQ,p_0").contains("watermark: p must be a number above 0"));
+    for p in ["inf", "-inf", "infinity", "NaN"] {
+        let e = err(&format!("watermark_image:u_YQ,p_{p}"));
+        assert!(
+            e.contains(&format!(
+                "p must be a number above 0 (values above 1 mean 1), got {p}"
+            )),
+            "{e}"
+        );
+    }
     assert!(err("").contains("empty"));
     assert!(err("info||info").contains("position 2"));
     assert!(err("info:x_1").contains("info: unknown key"));

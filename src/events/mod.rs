@@ -96,10 +96,10 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedEvents, EventError> {
 /// `unwrap_sns` is false inside an SNS message, which is never wrapped twice.
 fn parse_value(value: &Value, unwrap_sns: bool) -> Result<ParsedEvents, EventError> {
     match value {
-        Value::Array(items) => qingstor::parse_list(items),
+        Value::Array(items) => qingstor::parse_list(items, false),
         Value::Object(fields) if fields.contains_key("Records") => s3::parse_notification(value),
         Value::Object(fields) if fields.contains_key("event_type") => {
-            qingstor::parse_list(std::slice::from_ref(value))
+            qingstor::parse_list(std::slice::from_ref(value), true)
         }
         Value::Object(fields) => {
             if let Some(Value::String(name)) = fields.get("Event") {

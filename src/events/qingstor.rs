@@ -16,13 +16,12 @@ use super::fields::{At, check_key, describe, etag};
 use super::{Event, EventSource, ParsedEvents};
 use crate::rules::EventType;
 
-/// Parses a list of events; a single event is a list of one, whose field
-/// paths carry no index.
-pub(crate) fn parse_list(items: &[Value]) -> Result<ParsedEvents, EventError> {
-    let single = items.len() == 1 && items[0].is_object();
+/// Parses a list of events. `bare` is a single event sent as an object
+/// rather than a list: its field paths carry no index, as in the body sent.
+pub(crate) fn parse_list(items: &[Value], bare: bool) -> Result<ParsedEvents, EventError> {
     let mut events = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let path = if single {
+        let path = if bare {
             String::new()
         } else {
             format!("[{i}]")
@@ -131,6 +130,9 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(err.to_string(), "[1].object_key: required field is missing");
+        // A list of one is still a list: the path says which item.
+        let err = parse(&json!([{"event_type": "create_object", "bucket_name": "b"}])).unwrap_err();
+        assert_eq!(err.to_string(), "[0].object_key: required field is missing");
 
         let err = parse(&json!({"event_type": "create_object", "bucket_name": "b",
                                 "object_key": "k", "size": 1.5}))

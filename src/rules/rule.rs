@@ -120,11 +120,16 @@ pub struct ObjectFilters {
 }
 
 impl ObjectFilters {
-    /// Compiles the patterns; the error names the first one that is not a
-    /// valid glob as `object_filters[i]`.
-    pub fn new(patterns: Vec<String>) -> Result<ObjectFilters, RuleError> {
+    /// Compiles the patterns, leaving out empty ones (an empty pattern could
+    /// only match an empty key; QingStor users write `"object_filters": ""`
+    /// to mean "no filter"). The error names the first one that is not a
+    /// valid glob as `object_filters[i]`, `i` counting the list as written.
+    pub fn new(mut patterns: Vec<String>) -> Result<ObjectFilters, RuleError> {
         let mut builder = GlobSetBuilder::new();
         for (i, pattern) in patterns.iter().enumerate() {
+            if pattern.is_empty() {
+                continue;
+            }
             let glob = GlobBuilder::new(pattern)
                 .literal_separator(false)
                 .build()
@@ -136,6 +141,7 @@ impl ObjectFilters {
         let set = builder
             .build()
             .map_err(|e| RuleError::new("object_filters", format!("invalid globs: {e}")))?;
+        patterns.retain(|p| !p.is_empty());
         Ok(ObjectFilters { patterns, set })
     }
 
@@ -222,6 +228,12 @@ mod tests {
         let err = ObjectFilters::new(vec!["*.jpg".into(), "photos/[a-".into()]).unwrap_err();
         assert_eq!(err.field, "object_filters[1]");
         assert!(err.message.starts_with("invalid glob: "), "{err}");
+        // Empty patterns are left out but still counted in the index.
+        let err = ObjectFilters::new(vec!["".into(), "a[b".into()]).unwrap_err();
+        assert_eq!(err.field, "object_filters[1]");
+        let kept = ObjectFilters::new(vec!["".into(), "*.png".into()]).unwrap();
+        assert_eq!(kept.patterns(), ["*.png"]);
+        assert!(kept.matches("a.png") && !kept.matches("a.jpg"));
     }
 
     #[test]

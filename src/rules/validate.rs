@@ -177,14 +177,7 @@ fn rule_from_raw(raw: RawNotification, bucket: &str) -> Result<Rule, RuleError> 
         _ => return Err(RuleError::new("id", "required: a non-empty rule id")),
     };
     let event_types = event_types(&raw.event_types)?;
-    // An empty pattern could only match an empty key; QingStor users write
-    // `"object_filters": ""` to mean "no filter".
-    let patterns = raw
-        .object_filters
-        .into_iter()
-        .filter(|p| !p.is_empty())
-        .collect();
-    let filters = ObjectFilters::new(patterns)?;
+    let filters = ObjectFilters::new(raw.object_filters)?;
     let notify_url = match raw.notify_url {
         Some(url) if !url.trim().is_empty() => Some(notify_url(url.trim())?),
         _ => None,
@@ -278,11 +271,13 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
             ));
         }
     };
-    // `save:` targets are store objects: check them now, not at event time.
+    // `save:` targets are store objects: check them now, not at event time,
+    // by the stricter rules of the local store (a relative path of plain
+    // segments), so a rule behaves the same on either store.
     for op in &action.ops {
         if let crate::action::Op::Save(save) = op {
             crate::store::validate_bucket(&save.bucket)
-                .and_then(|()| crate::store::validate_key(&save.key))
+                .and_then(|()| crate::store::validate_local_key(&save.key))
                 .map_err(|e| RuleError::new("cloudfunc_args.action", format!("save: {e}")))?;
         }
     }
@@ -303,6 +298,23 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
         }
         _ => None,
     };
+    // Every output key is `key_prefix + key_seprate + original key`, and an
+    // original key is itself valid: check the part the rule adds now, with a
+    // one-character key standing in, so no event fails on it later.
+    let example = format!("{key_prefix}{key_seprate}a.jpg");
+    if let Err(e) = crate::store::validate_local_key(&format!("{key_prefix}{key_seprate}a")) {
+        let reason = match e {
+            crate::store::StoreError::InvalidKey { reason, .. } => reason,
+            other => other.to_string(),
+        };
+        return Err(RuleError::new(
+            "cloudfunc_args.key_prefix",
+            format!(
+                "key_prefix {key_prefix:?} and key_seprate {key_seprate:?} make output keys such \
+                 as {example:?}, which are not valid keys: {reason}"
+            ),
+        ));
+    }
     let output_bucket = save_bucket.as_deref().unwrap_or(bucket);
     if key_prefix.is_empty() && key_seprate.is_empty() && output_bucket == bucket {
         return Err(RuleError::new(
@@ -689,6 +701,52 @@ mod tests {
             rules[0].image_args().unwrap().output_key("a/b.jpg"),
             "a/b.jpg"
         );
+    }
+
+    #[test]
+    fn output_keys_the_store_would_refuse_are_refused_when_the_rule_is_set() {
+        for (prefix, sep, why) in [
+            ("/", "", "must not start with '/'"),
+            ("..", "/", "`..` segments are not allowed"),
+            ("gen", "//", "empty segments"),
+            ("a\\b", "_", "must not contain '\\'"),
+            ("gen\u{0}", "_", "must not contain NUL"),
+            (".imgfunc-x", "/", "reserved by the local store"),
+        ] {
+            let err = error_with(|r| {
+                r.insert(
+                    "cloudfunc_args".into(),
+                    json!({"action": "rotate:a_90", "key_prefix": prefix, "key_seprate": sep}),
+                );
+            });
+            assert_eq!(err.field, "notifications[0].cloudfunc_args.key_prefix");
+            assert!(err.message.contains(why), "{prefix:?} {sep:?}: {err}");
+            assert!(err.message.contains("which are not valid keys"), "{err}");
+        }
+        let long = "p".repeat(1100);
+        let err = error_with(|r| {
+            r.insert(
+                "cloudfunc_args".into(),
+                json!({"action": "rotate:a_90", "key_prefix": long}),
+            );
+        });
+        assert!(err.message.contains("at most 1024 bytes"), "{err}");
+        // Folders in the prefix, dots inside a name: fine.
+        for (prefix, sep) in [("thumbs/small", "/"), ("..", "_"), ("gen.", "")] {
+            let mut body = example();
+            body["notifications"][0]["cloudfunc_args"] =
+                json!({"action": "rotate:a_90", "key_prefix": prefix, "key_seprate": sep});
+            assert!(parse(&body).is_ok(), "{prefix:?} {sep:?}");
+        }
+        // `save:` keys are held to the same rules.
+        for key in ["/abs.jpg", "a/../b.jpg", "dir/"] {
+            let action = format!("rotate:a_90|save:b_out,k_{key}");
+            let err = error_with(|r| {
+                r.insert("cloudfunc_args".into(), json!({"action": action}));
+            });
+            assert_eq!(err.field, "notifications[0].cloudfunc_args.action", "{key}");
+            assert!(err.message.starts_with("save: "), "{key}: {err}");
+        }
     }
 
     #[test]
