@@ -333,21 +333,21 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
     })
 }
 
-/// Deserializes `value`; on a type error, names the top-level field at fault
-/// by trying each field alone (serde's own message does not say which).
+/// Deserializes `value`; a type error names the field at fault by its
+/// whole path (`cloudfunc_args.save_bucket`, `object_filters[1]`), which
+/// serde's own message does not.
 fn deserialize_at<T: DeserializeOwned>(value: &Value) -> Result<T, RuleError> {
-    T::deserialize(value).map_err(|error| {
-        if let Value::Object(fields) = value {
-            for (name, field) in fields {
-                let alone = Value::Object(Map::from_iter([(name.clone(), field.clone())]));
-                if let Err(e) = T::deserialize(&alone) {
-                    return RuleError::new(name.clone(), e.to_string());
-                }
-            }
-        } else {
-            return RuleError::new("", format!("expected a JSON object, got {}", kind(value)));
-        }
-        RuleError::new("", error.to_string())
+    if !value.is_object() {
+        return Err(RuleError::new(
+            "",
+            format!("expected a JSON object, got {}", kind(value)),
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        // The crate writes the root as "."; our paths leave it empty.
+        let path = if path == "." { String::new() } else { path };
+        RuleError::new(path, error.into_inner().to_string())
     })
 }
 
@@ -642,6 +642,40 @@ mod tests {
             r.insert("id".into(), json!(["a"]));
         });
         assert_eq!(err.field, "notifications[0].id");
+
+        // Fields inside cloudfunc_args and items of a list are named too.
+        for (field, args) in [
+            (
+                "save_bucket",
+                json!({"action": "rotate:a_90", "save_bucket": 5}),
+            ),
+            ("action", json!({"action": ["rotate:a_90"]})),
+            (
+                "key_prefix",
+                json!({"action": "rotate:a_90", "key_prefix": false}),
+            ),
+            (
+                "key_seprate",
+                json!({"action": "rotate:a_90", "key_seprate": {}}),
+            ),
+        ] {
+            let err = error_with(|r| {
+                r.insert("cloudfunc_args".into(), args);
+            });
+            assert_eq!(
+                err.field,
+                format!("notifications[0].cloudfunc_args.{field}")
+            );
+            assert!(err.message.contains("expected a string"), "{err}");
+        }
+        let err = error_with(|r| {
+            r.insert("object_filters".into(), json!(["*.jpg", 7]));
+        });
+        assert_eq!(err.field, "notifications[0].object_filters[1]");
+        let err = error_with(|r| {
+            r.insert("cloudfunc_args".into(), json!("resize:w_10"));
+        });
+        assert_eq!(err.field, "notifications[0].cloudfunc_args");
 
         let err = parse(&json!({"notifications": ["thumbs"]})).unwrap_err();
         assert_eq!(err.field, "notifications[0]");
