@@ -75,7 +75,12 @@ fn decode_error(format: ImageFormat, e: impl std::fmt::Display) -> ImagingError 
     }
 }
 
-fn check_pixels(width: u32, height: u32, limits: &Limits) -> Result<(), ImagingError> {
+fn check_pixels(
+    format: ImageFormat,
+    width: u32,
+    height: u32,
+    limits: &Limits,
+) -> Result<(), ImagingError> {
     let pixels = width as u64 * height as u64;
     if pixels > limits.max_pixels {
         return Err(ImagingError::TooManyPixels {
@@ -86,10 +91,10 @@ fn check_pixels(width: u32, height: u32, limits: &Limits) -> Result<(), ImagingE
         });
     }
     if width == 0 || height == 0 {
-        return Err(ImagingError::Decode {
-            format: "image",
-            message: format!("image has no pixels ({width}x{height})"),
-        });
+        return Err(decode_error(
+            format,
+            format!("it has no pixels ({width}x{height})"),
+        ));
     }
     Ok(())
 }
@@ -156,7 +161,7 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
     let mut d = Decompressor::new().map_err(|e| decode_error(format, e))?;
     let header = d.read_header(input).map_err(|e| decode_error(format, e))?;
     let (width, height) = (header.width as u32, header.height as u32);
-    check_pixels(width, height, limits)?;
+    check_pixels(format, width, height, limits)?;
     let orientation = exif_orientation(input);
     let space = match header.colorspace {
         Colorspace::Gray => "b-w",
@@ -458,7 +463,7 @@ fn decode_generic(
     r.limits(decoder_limits(limits));
     let mut decoder = r.into_decoder().map_err(|e| decode_error(format, e))?;
     let (width, height) = decoder.dimensions();
-    check_pixels(width, height, limits)?;
+    check_pixels(format, width, height, limits)?;
     let orientation = decoder
         .orientation()
         .ok()
@@ -504,15 +509,38 @@ fn orientation_number(o: Orientation) -> u8 {
     }
 }
 
+/// How much larger than its screen a GIF's frame may be, in bytes of RGBA.
+const FRAME_SLACK_BYTES: u64 = 16 << 20;
+
 fn decode_gif(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
     let format = ImageFormat::Gif;
-    let decoder = GifDecoder::new(Cursor::new(input)).map_err(|e| decode_error(format, e))?;
+    let mut decoder = GifDecoder::new(Cursor::new(input)).map_err(|e| decode_error(format, e))?;
     let (width, height) = decoder.dimensions();
-    check_pixels(width, height, limits)?;
+    check_pixels(format, width, height, limits)?;
     let per_frame = width as u64 * height as u64;
+    // The decoder reserves its canvas (the logical screen) and then each
+    // frame's buffer, sized by the frame's own descriptor, against this
+    // budget: a frame far larger than the screen, a bomb of a few bytes that
+    // would allocate gigabytes, is refused before it is allocated.
+    let budget = per_frame * 4 * 2 + FRAME_SLACK_BYTES;
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_alloc = Some(budget);
+    decoder
+        .set_limits(decoder_limits)
+        .map_err(|e| decode_error(format, e))?;
     let mut frames = Vec::new();
     for frame in decoder.into_frames() {
-        let frame = frame.map_err(|e| decode_error(format, e))?;
+        let frame = frame.map_err(|e| match e {
+            image::ImageError::Limits(_) => decode_error(
+                format,
+                format!(
+                    "a frame is larger than its {width}x{height} screen allows \
+                     (frames may exceed the screen by at most {} pixels)",
+                    FRAME_SLACK_BYTES / 4
+                ),
+            ),
+            e => decode_error(format, e),
+        })?;
         frames.push(frame);
         let total = per_frame * frames.len() as u64;
         if frames.len() > limits.max_frames || total > limits.max_animation_pixels {

@@ -411,6 +411,46 @@ fn decompression_bombs_are_refused_from_the_header() {
     assert!(png_bomb().len() < 200);
 }
 
+/// A GIF whose screen is 1x1 but whose one frame claims `side`x`side`, with
+/// a few bytes of LZW data (a clear code and the end code).
+fn gif_frame_bomb(side: u16) -> Vec<u8> {
+    let mut gif = b"GIF89a".to_vec();
+    gif.extend([1, 0, 1, 0, 0x80, 0, 0]); // 1x1 screen, 2-colour table
+    gif.extend([0, 0, 0, 255, 255, 255]);
+    gif.extend([0x2c, 0, 0, 0, 0]); // frame at (0, 0)
+    gif.extend(side.to_le_bytes());
+    gif.extend(side.to_le_bytes());
+    gif.extend([0, 2, 1, 0x2c, 0, 0x3b]);
+    gif
+}
+
+#[test]
+fn a_gif_frame_larger_than_its_screen_is_refused_before_it_is_allocated() {
+    // 30000x30000 would be 3.6 GB of RGBA for a 1x1 picture.
+    let bomb = gif_frame_bomb(30000);
+    assert!(bomb.len() < 40);
+    for action in ["info", "resize:w_10"] {
+        let err = run(&bomb, action).err().unwrap();
+        assert_eq!(err.code(), "decode_failed");
+        assert!(
+            err.to_string()
+                .contains("cannot decode gif image: a frame is larger than its 1x1 screen allows"),
+            "{err}"
+        );
+    }
+    // A frame a little past its screen, as some encoders write, still decodes.
+    let mut gif = Vec::new();
+    image::codecs::gif::GifEncoder::new(&mut gif)
+        .encode(&[200; 4 * 4 * 4], 4, 4, image::ExtendedColorType::Rgba8)
+        .unwrap();
+    gif[6..10].copy_from_slice(&[2, 0, 2, 0]);
+    let out = run(&gif, "info").unwrap().info.unwrap();
+    assert_eq!(
+        (out["width"].as_u64(), out["height"].as_u64()),
+        (Some(2), Some(2))
+    );
+}
+
 #[test]
 fn other_limits_name_the_limit() {
     let input = fixture("storm.jpg");
