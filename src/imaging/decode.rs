@@ -38,6 +38,64 @@ pub struct Decoded {
     pub meta: SourceMeta,
     /// True when decoding already did the lead crop.
     pub lead_applied: bool,
+    /// Set when the decoder shrank the image or decoded only a region for a
+    /// lead resize: where the pixels sit in the whole (oriented) image, so
+    /// the resize sizes its output from the whole image, as without the
+    /// shortcut, and samples exactly the part it covers.
+    pub lead_frame: Option<LeadFrame>,
+}
+
+/// How decoded pixels map onto the whole oriented image they came from: the
+/// image's point (x, y) is at pixel ((x - origin.0) / scale, (y - origin.1) /
+/// scale). A JPEG shrunk by 1/`scale` rounds its sides up to whole pixels,
+/// whose last row and column stand for a partial block: the image covers
+/// only part of them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeadFrame {
+    /// The whole image's width and height, oriented.
+    pub size: (u32, u32),
+    pub origin: (f64, f64),
+    pub scale: f64,
+}
+
+impl LeadFrame {
+    /// A rectangle `(left, top, width, height)` of the whole image, in pixels
+    /// of the decoded one, kept inside its `dims`.
+    pub fn to_pixels(&self, rect: (f64, f64, f64, f64), dims: (u32, u32)) -> (f64, f64, f64, f64) {
+        let (l, t) = (
+            ((rect.0 - self.origin.0) / self.scale).clamp(0.0, f64::from(dims.0)),
+            ((rect.1 - self.origin.1) / self.scale).clamp(0.0, f64::from(dims.1)),
+        );
+        let w = (rect.2 / self.scale).min(f64::from(dims.0) - l);
+        let h = (rect.3 / self.scale).min(f64::from(dims.1) - t);
+        (l, t, w, h)
+    }
+}
+
+/// The frame of an unoriented `canvas` (in decoded pixels at 1/`denom`) of
+/// a JPEG of `full` size once EXIF `orientation` turns it: the canvas
+/// reaches past the image's right and bottom edges, which the orientation
+/// moves to where the image's own axes start or end.
+fn oriented_frame(full: (u32, u32), canvas: (u32, u32), denom: u32, orientation: u8) -> LeadFrame {
+    let d = f64::from(denom);
+    let (w, h) = (f64::from(full.0), f64::from(full.1));
+    // How far the canvas reaches before the image starts, once mirrored.
+    let (past_x, past_y) = (w - f64::from(canvas.0) * d, h - f64::from(canvas.1) * d);
+    let (size, origin) = match orientation {
+        2 => (full, (past_x, 0.0)),
+        3 => (full, (past_x, past_y)),
+        4 => (full, (0.0, past_y)),
+        5 => ((full.1, full.0), (0.0, 0.0)),
+        6 => ((full.1, full.0), (past_y, 0.0)),
+        7 => ((full.1, full.0), (past_y, past_x)),
+        8 => ((full.1, full.0), (0.0, past_x)),
+        _ => (full, (0.0, 0.0)),
+    };
+    LeadFrame {
+        size,
+        origin,
+        scale: d,
+    }
 }
 
 /// Format and dimensions from the header, without decoding pixels.
@@ -184,6 +242,7 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
             format,
             meta,
             lead_applied: false,
+            lead_frame: None,
         });
     }
     let plan = plan_oriented(lead, (width, height), orientation);
@@ -204,6 +263,24 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
         x: want.x - want.x % mcu,
         width: want.width + want.x % mcu,
         ..want
+    };
+    // A region is planned only for unrotated files.
+    let lead_frame = match (lead, plan.region) {
+        (Lead::Resize(_), Some(region)) => Some(LeadFrame {
+            size: (width, height),
+            origin: (
+                f64::from(region.x) * f64::from(denom),
+                f64::from(region.y) * f64::from(denom),
+            ),
+            scale: f64::from(denom),
+        }),
+        (Lead::Resize(_), None) if denom > 1 => Some(oriented_frame(
+            (width, height),
+            (sw, sh),
+            denom,
+            orientation,
+        )),
+        _ => None,
     };
     // At 1/8 each block becomes one pixel from its DC coefficient alone, so a
     // progressive file's AC scans (most of its bytes) need not be decoded:
@@ -227,6 +304,7 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
             format,
             meta,
             lead_applied: plan.crop_applied,
+            lead_frame,
         });
     }
     // A narrow region of a progressive file at full scale: libjpeg-turbo
@@ -264,6 +342,7 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
                 format,
                 meta,
                 lead_applied: plan.crop_applied,
+                lead_frame,
             });
         }
     }
@@ -292,6 +371,7 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
         format,
         meta,
         lead_applied: plan.crop_applied,
+        lead_frame,
     })
 }
 
@@ -493,6 +573,7 @@ fn decode_generic(
             frames: 1,
         },
         lead_applied: false,
+        lead_frame: None,
     })
 }
 
@@ -577,6 +658,7 @@ fn decode_gif(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
             frames: count,
         },
         lead_applied: false,
+        lead_frame: None,
     })
 }
 

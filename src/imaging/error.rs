@@ -14,12 +14,13 @@ pub enum ImagingError {
         pixels: u64,
         limit: u64,
     },
-    #[error("{op}: output would be {width}x{height}, over the limit of {limit} px per side")]
+    #[error("{op}: output would be {width}x{height}, over the limit of {limit}")]
     OutputTooLarge {
         op: &'static str,
         width: u32,
         height: u32,
-        limit: u32,
+        /// The limit with its unit: "16384 px per side", "100000000 pixels".
+        limit: String,
     },
     #[error("animation has {frames} frames of {width}x{height}, over the limit of {limit}")]
     AnimationTooLarge {

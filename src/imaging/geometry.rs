@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use fast_image_resize as fr;
 use image::{DynamicImage, GenericImageView};
 
-use super::{ImagingError, Lead, Pixels, smartcrop};
+use super::{ImagingError, Lead, LeadFrame, Pixels, smartcrop};
 use crate::action::{Action, Crop, CropAnchor, Gravity, Op, Resize, ResizeMode, Rotation};
 
 /// The pipeline's first operation other than `format`, with its index, when
@@ -173,7 +173,26 @@ fn check_side(op: &'static str, (w, h): (u32, u32), limit: u32) -> Result<(), Im
             op,
             width: w,
             height: h,
-            limit,
+            limit: format!("{limit} px per side"),
+        });
+    }
+    Ok(())
+}
+
+/// A resize's output is held to the pixel limit its input was: each side
+/// within bounds can still make 268 million pixels.
+fn check_output_pixels(
+    op: &'static str,
+    (w, h): (u32, u32),
+    limits: &super::Limits,
+) -> Result<(), ImagingError> {
+    check_side(op, (w, h), limits.max_output_side)?;
+    if u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(ImagingError::OutputTooLarge {
+            op,
+            width: w,
+            height: h,
+            limit: format!("{} pixels", limits.max_pixels),
         });
     }
     Ok(())
@@ -220,49 +239,68 @@ pub(super) fn apply(
             };
             Ok(())
         }),
-        Op::Resize(r) => {
-            let src = pixels.dimensions();
-            let out = resized_size(r, src);
-            check_side("resize", out, limits.max_output_side)?;
-            check_side(
-                "resize",
-                scaled_size(r, src),
-                limits.max_output_side.saturating_mul(2),
-            )?;
-            // An animation is checked for its frame count and pixels when it
-            // is decoded; enlarging it must stay within the same bound, or a
-            // tiny GIF could ask for hundreds of full-size frames.
-            if let Pixels::Animated(frames) = pixels {
-                let total = u64::from(out.0) * u64::from(out.1) * frames.len() as u64;
-                if total > limits.max_animation_pixels {
-                    return Err(ImagingError::AnimationTooLarge {
-                        frames: frames.len(),
-                        width: out.0,
-                        height: out.1,
-                        limit: format!("{} frame pixels (resize)", limits.max_animation_pixels),
-                    });
-                }
-            }
-            pixels.for_each_frame(|img| {
-                *img = resize(img, r)?;
-                Ok(())
-            })
-        }
+        Op::Resize(r) => resize_pixels(pixels, r, None, limits),
         _ => Ok(()),
     }
 }
 
+/// Resizes every frame as `r` says. With a `frame`, the pixels are a JPEG
+/// the decoder shrank or cut to a region for this resize: the output is
+/// sized from the whole image and sampled from exactly the part it covers.
+pub(super) fn resize_pixels(
+    pixels: &mut Pixels,
+    r: &Resize,
+    frame: Option<&LeadFrame>,
+    limits: &super::Limits,
+) -> Result<(), ImagingError> {
+    let src = frame.map_or_else(|| pixels.dimensions(), |f| f.size);
+    // A cover resize samples its box from the source in one pass, so only
+    // the output's size matters, never the scaled whole it is cut from.
+    let out = resized_size(r, src);
+    check_output_pixels("resize", out, limits)?;
+    // An animation is checked for its frame count and pixels when it is
+    // decoded; enlarging it must stay within the same bound, or a tiny GIF
+    // could ask for hundreds of full-size frames.
+    if let Pixels::Animated(frames) = pixels {
+        let total = u64::from(out.0) * u64::from(out.1) * frames.len() as u64;
+        if total > limits.max_animation_pixels {
+            return Err(ImagingError::AnimationTooLarge {
+                frames: frames.len(),
+                width: out.0,
+                height: out.1,
+                limit: format!("{} frame pixels (resize)", limits.max_animation_pixels),
+            });
+        }
+    }
+    pixels.for_each_frame(|img| {
+        *img = resize(img, r, frame)?;
+        Ok(())
+    })
+}
+
 /// Resizes one image as `r` says, in a single resampling pass.
-fn resize(img: &DynamicImage, r: &Resize) -> Result<DynamicImage, ImagingError> {
-    let src = img.dimensions();
+fn resize(
+    img: &DynamicImage,
+    r: &Resize,
+    frame: Option<&LeadFrame>,
+) -> Result<DynamicImage, ImagingError> {
+    let src = frame.map_or_else(|| img.dimensions(), |f| f.size);
     let scaled = scaled_size(r, src);
+    // The part of the image to sample, in its pixels: all of it, or with a
+    // frame the part the whole image covers.
+    let part = |rect: (f64, f64, f64, f64)| match frame {
+        Some(f) => Some(f.to_pixels(rect, img.dimensions())),
+        None if rect == (0.0, 0.0, f64::from(src.0), f64::from(src.1)) => None,
+        None => Some(rect),
+    };
+    let whole = (0.0, 0.0, f64::from(src.0), f64::from(src.1));
     match (r.width, r.height, r.mode) {
         (Some(w), Some(h), ResizeMode::Cover) => {
             // Sample only the centred source region with the box's aspect ratio.
-            resample(img, (w, h), Some(cover_region(src, (w, h))))
+            resample(img, (w, h), part(cover_region(src, (w, h))))
         }
         (Some(w), Some(h), ResizeMode::Pad) => {
-            let inner = resample(img, scaled, None)?;
+            let inner = resample(img, scaled, part(whole))?;
             if scaled == (w, h) {
                 return Ok(inner);
             }
@@ -280,7 +318,7 @@ fn resize(img: &DynamicImage, r: &Resize) -> Result<DynamicImage, ImagingError> 
             image::imageops::replace(&mut canvas, &inner, x as i64, y as i64);
             Ok(canvas)
         }
-        _ => resample(img, scaled, None),
+        _ => resample(img, scaled, part(whole)),
     }
 }
 

@@ -15,7 +15,7 @@ mod jpeg_refine;
 pub mod smartcrop;
 pub mod watermark;
 
-pub use decode::{Decoded, Lead, Pixels, SourceMeta, decode, probe};
+pub use decode::{Decoded, Lead, LeadFrame, Pixels, SourceMeta, decode, probe};
 pub use encode::encode;
 pub use error::ImagingError;
 pub use geometry::{crop_rect, scaled_size};
@@ -252,6 +252,9 @@ pub fn process(
                 watermark::draw_text(img, w);
                 Ok(())
             })?,
+            Op::Resize(r) if index == lead_index && decoded.lead_frame.is_some() => {
+                geometry::resize_pixels(&mut state.pixels, r, decoded.lead_frame.as_ref(), limits)?
+            }
             Op::Crop(_) | Op::Rotate(_) | Op::Resize(_) => {
                 geometry::apply(&mut state.pixels, op, limits)?
             }

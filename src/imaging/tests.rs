@@ -315,17 +315,25 @@ fn animated_gif_keeps_every_frame_through_geometry() {
 
 #[test]
 fn enlarging_an_animation_is_bounded_like_decoding_it() {
-    // Four frames of 16384x16384 would be a gigabyte each: refused before
-    // any frame is resized, where the same size as one still is allowed.
+    // With a bound of 100 million frame pixels, four frames of 6000x6000
+    // (144 million) are refused before any frame is resized, where the same
+    // size as one still is allowed.
     let input = fixture("ladybird-animated.gif");
-    let err = run(&input, "resize:w_16384,h_16384,m_2").err().unwrap();
+    let limits = Limits {
+        max_animation_pixels: 100_000_000,
+        ..Limits::default()
+    };
+    let action = Action::parse("resize:w_6000,h_6000,m_2").unwrap();
+    let err = process(&input, &action, &limits, &NoWatermarks)
+        .err()
+        .unwrap();
     assert!(
         matches!(
             err,
             ImagingError::AnimationTooLarge {
                 frames: 4,
-                width: 16384,
-                height: 16384,
+                width: 6000,
+                height: 6000,
                 ..
             }
         ),
@@ -732,4 +740,92 @@ fn decoding_only_the_region_matches_cropping_after_a_full_decode() {
             );
         }
     }
+}
+
+/// The decoded output of `action` (which ends in `format:t_png`).
+fn output_image(input: &[u8], action: &str) -> DynamicImage {
+    let out = run(input, action).unwrap().image.unwrap();
+    image::load_from_memory(&out.bytes).unwrap()
+}
+
+#[test]
+fn shrunk_jpegs_are_sized_and_sampled_from_the_whole_image() {
+    // Sides of 450 and 300 leave partial blocks (2 and 4 of 8 pixels) on
+    // the right and bottom, which each EXIF orientation moves elsewhere.
+    // Shrunk on load by 8, the result must match a resize of the full
+    // decode (`rotate:a_0` keeps the decoder from folding the resize in):
+    // the same size, and the same picture.
+    for o in 1..=8 {
+        let jpeg = fixture(&format!("orientation-{o}.jpg"));
+        for (resize, size) in [
+            ("resize:w_40", (40, 27)),
+            ("resize:h_20", (30, 20)),
+            ("resize:w_38,h_38,m_2", (38, 38)),
+            ("resize:w_38,h_38,m_0", (38, 38)),
+        ] {
+            let shrunk = output_image(&jpeg, &format!("{resize}|format:t_png"));
+            let full = output_image(&jpeg, &format!("rotate:a_0|{resize}|format:t_png"));
+            assert_eq!(shrunk.dimensions(), size, "orientation {o} {resize}");
+            assert_eq!(full.dimensions(), size, "orientation {o} {resize}");
+            // 39-46 dB; sampling the whole canvas, partial blocks included,
+            // gave 21-30 dB where an orientation moves them to the start.
+            let db = psnr(&shrunk, &full);
+            assert!(db > 36.0, "orientation {o} {resize}: {db:.1} dB");
+        }
+    }
+    // 1000x333 shrinks by 8 to 125x42, whose last row is 5/8 image: a
+    // 100-wide resize is 100x33 as round(333 x 100 / 1000) says, not 100x34.
+    let mut jpeg = Vec::new();
+    let photo = image::load_from_memory(&fixture("storm.jpg"))
+        .unwrap()
+        .resize_exact(1000, 333, image::imageops::FilterType::Triangle);
+    photo
+        .write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+            &mut jpeg, 90,
+        ))
+        .unwrap();
+    for (resize, size) in [("resize:w_100", (100, 33)), ("resize:w_700", (700, 233))] {
+        let shrunk = output_image(&jpeg, &format!("{resize}|format:t_png"));
+        let full = output_image(&jpeg, &format!("rotate:a_0|{resize}|format:t_png"));
+        assert_eq!(shrunk.dimensions(), size, "{resize}");
+        assert_eq!(full.dimensions(), size, "{resize}");
+        assert!(psnr(&shrunk, &full) > 36.0, "{resize}");
+    }
+}
+
+#[test]
+fn resize_limits_hold_the_output_not_what_is_never_made() {
+    let png = |w: u32, h: u32| {
+        let mut out = Vec::new();
+        DynamicImage::ImageRgb8(image::RgbImage::from_pixel(w, h, image::Rgb([9, 99, 199])))
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    };
+    // A cover box is sampled from a thin source in one pass: the 100x100000
+    // whole it is notionally cut from is never made.
+    for (w, h) in [(1, 1000), (10000, 10)] {
+        let out = run(&png(w, h), "resize:w_100,h_100,m_2")
+            .unwrap()
+            .image
+            .unwrap();
+        assert_eq!((out.width, out.height), (100, 100), "{w}x{h}");
+    }
+    // Each side within 16384 can still make 268 million pixels: refused by
+    // the pixel limit the input is held to.
+    for action in ["resize:w_16384,h_16384", "resize:w_16384,h_16383,m_0"] {
+        let err = run(&png(1, 1), action).err().unwrap();
+        assert_eq!(err.code(), "output_too_large", "{action}");
+        assert!(
+            err.to_string()
+                .contains("over the limit of 100000000 pixels"),
+            "{err}"
+        );
+    }
+    let err = run(&png(1, 1), "resize:w_16385").err().unwrap();
+    assert!(
+        err.to_string()
+            .ends_with("over the limit of 16384 px per side"),
+        "{err}"
+    );
 }
