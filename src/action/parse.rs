@@ -13,6 +13,10 @@ const OPERATIONS: &str = "info, crop, rotate, resize, watermark, watermark_image
 pub(super) const MAX_SIDE: u32 = 1 << 20;
 const MAX_DPI: u32 = 2400;
 
+/// The longest watermark text: every glyph is laid out before the text is
+/// clipped to the image, so the length bounds the work.
+const MAX_WATERMARK_CHARS: usize = 1000;
+
 pub(super) fn parse(input: &str) -> Result<Action, ActionError> {
     let input = input.trim();
     if input.is_empty() {
@@ -232,6 +236,16 @@ fn parse_resize(params: &str) -> Result<Op, ActionError> {
 fn parse_watermark(params: &str) -> Result<Op, ActionError> {
     let p = Params::new("watermark", "t, p, d, c", &["t", "p", "d", "c"], params)?;
     let text = p.required("t", "t is the text in base64", p.base64_text("t")?)?;
+    let chars = text.chars().count();
+    if chars > MAX_WATERMARK_CHARS {
+        let raw = p.raw("t").unwrap_or_default();
+        let shown: String = raw.chars().take(16).collect();
+        return Err(p.invalid(
+            "t",
+            &format!("{shown}... ({chars} characters)"),
+            format!("text of at most {MAX_WATERMARK_CHARS} characters"),
+        ));
+    }
     let opacity = p.opacity("p")?;
     let dpi = p
         .uint("d", 1, MAX_DPI)?

@@ -60,6 +60,16 @@ fn unknown_operations_and_keys_are_errors() {
     assert!(err("watermark:p_0.5").contains("missing required key `t`"));
     assert!(err("watermark:t_!!!").contains("watermark: t must be non-empty UTF-8 text"));
     assert!(err("watermark:t_YQ,p_0").contains("watermark: p must be a number above 0"));
+    use base64::Engine as _;
+    let long = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("水".repeat(1001));
+    let e = err(&format!("watermark:t_{long}"));
+    assert!(
+        e.contains("t must be text of at most 1000 characters, got"),
+        "{e}"
+    );
+    assert!(e.contains("(1001 characters)") && e.len() < 200, "{e}");
+    let fits = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("水".repeat(1000));
+    assert!(Action::parse(&format!("watermark:t_{fits}")).is_ok());
     for p in ["inf", "-inf", "infinity", "NaN"] {
         let e = err(&format!("watermark_image:u_YQ,p_{p}"));
         assert!(

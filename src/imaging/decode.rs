@@ -188,7 +188,7 @@ pub fn decode(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, 
     let format = sniff(input)?;
     match format {
         ImageFormat::Jpeg => decode_jpeg(input, limits, lead),
-        ImageFormat::Gif => decode_gif(input, limits),
+        ImageFormat::Gif => decode_gif(input, limits, usize::MAX),
         _ => decode_generic(input, format, limits),
     }
 }
@@ -593,7 +593,21 @@ fn orientation_number(o: Orientation) -> u8 {
 /// How much larger than its screen a GIF's frame may be, in bytes of RGBA.
 const FRAME_SLACK_BYTES: u64 = 16 << 20;
 
-fn decode_gif(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
+/// Decodes the first frame of an animation, or the still image: a watermark
+/// overlay, which never animates, need not decode the other frames.
+pub fn decode_first_frame(input: &[u8], limits: &Limits) -> Result<DynamicImage, ImagingError> {
+    if input.len() > limits.max_input_bytes {
+        return Err(ImagingError::input_too_large(input.len() as u64, limits));
+    }
+    let decoded = match sniff(input)? {
+        ImageFormat::Gif => decode_gif(input, limits, 1)?,
+        _ => decode(input, limits, Lead::Nothing)?,
+    };
+    Ok(decoded.pixels.into_first_frame())
+}
+
+/// Decodes a GIF's frames, at most `wanted` of them.
+fn decode_gif(input: &[u8], limits: &Limits, wanted: usize) -> Result<Decoded, ImagingError> {
     let format = ImageFormat::Gif;
     let mut decoder = GifDecoder::new(Cursor::new(input)).map_err(|e| decode_error(format, e))?;
     let (width, height) = decoder.dimensions();
@@ -610,7 +624,7 @@ fn decode_gif(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
         .set_limits(decoder_limits)
         .map_err(|e| decode_error(format, e))?;
     let mut frames = Vec::new();
-    for frame in decoder.into_frames() {
+    for frame in decoder.into_frames().take(wanted) {
         let frame = frame.map_err(|e| match e {
             image::ImageError::Limits(_) => decode_error(
                 format,

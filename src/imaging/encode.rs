@@ -34,9 +34,16 @@ pub fn encode(
             }
             out
         }
-        (Pixels::Animated(_), _) => {
-            let first = Pixels::Still(pixels.clone().into_first_frame());
-            return encode(&first, format, quality);
+        // Other formats take the first frame, copied alone.
+        (Pixels::Animated(frames), _) => {
+            let first = frames
+                .first()
+                .ok_or_else(|| encode_error(format, "the animation has no frames"))?;
+            encode_still(
+                &DynamicImage::ImageRgba8(first.buffer().clone()),
+                format,
+                quality,
+            )?
         }
         (Pixels::Still(img), _) => encode_still(img, format, quality)?,
     };
@@ -47,6 +54,9 @@ pub fn encode(
         height,
     })
 }
+
+/// The widest and tallest image a WebP file can hold.
+const WEBP_MAX_SIDE: u32 = 16383;
 
 fn encode_still(
     img: &DynamicImage,
@@ -79,6 +89,14 @@ fn encode_still(
             .map_err(|e| encode_error(format, e))
         }
         ImageFormat::Webp => {
+            if w > WEBP_MAX_SIDE || h > WEBP_MAX_SIDE {
+                return Err(ImagingError::OutputTooLarge {
+                    op: "format",
+                    width: w,
+                    height: h,
+                    limit: format!("{WEBP_MAX_SIDE} px per side, the most WebP can hold"),
+                });
+            }
             let enc = match img {
                 DynamicImage::ImageRgba8(b) => webp::Encoder::from_rgba(b.as_raw(), w, h),
                 DynamicImage::ImageRgb8(b) => webp::Encoder::from_rgb(b.as_raw(), w, h),
@@ -109,10 +127,12 @@ fn encode_still(
                 ImageFormat::Gif => image::ImageFormat::Gif,
                 _ => image::ImageFormat::Bmp,
             };
+            let flat;
             let img = if format == ImageFormat::Bmp && img.color().has_alpha() {
-                DynamicImage::ImageRgb8(flatten_on_white(img))
+                flat = DynamicImage::ImageRgb8(flatten_on_white(img));
+                &flat
             } else {
-                img.clone()
+                img
             };
             img.write_to(&mut out, target)
                 .map_err(|e| encode_error(format, e))?;

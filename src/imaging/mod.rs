@@ -235,13 +235,14 @@ pub fn process(
                             url: w.url.clone(),
                             message,
                         })?;
-                let overlay = decode(&bytes, limits, Lead::Nothing)
+                // In RGBA once, not for every frame it is laid on.
+                let overlay = decode::decode_first_frame(&bytes, limits)
                     .map_err(|e| ImagingError::Watermark {
                         url: w.url.clone(),
                         message: e.to_string(),
                     })?
-                    .pixels
-                    .into_first_frame();
+                    .into_rgba8();
+                let overlay = DynamicImage::ImageRgba8(overlay);
                 let opacity = w.opacity.get();
                 state.pixels.for_each_frame(|img| {
                     watermark::composite(img, &overlay, w.left, w.top, opacity);

@@ -547,9 +547,44 @@ impl WatermarkResolver for FixtureResolver {
                 10,
                 Rgba([0, 0, 255, 255]),
             )))),
+            "s3://marks/two-frames.gif" => Ok(gif_with_bomb_second_frame()),
             _ => Err(format!("no such object {url}")),
         }
     }
+}
+
+/// A 4x4 blue GIF whose second frame claims 30000x30000.
+fn gif_with_bomb_second_frame() -> Vec<u8> {
+    let mut gif = Vec::new();
+    let blue: Vec<u8> = [0, 0, 255, 255].repeat(16);
+    image::codecs::gif::GifEncoder::new(&mut gif)
+        .encode(&blue, 4, 4, image::ExtendedColorType::Rgba8)
+        .unwrap();
+    assert_eq!(gif.pop(), Some(0x3b));
+    gif.extend([0x2c, 0, 0, 0, 0]);
+    gif.extend(30000u16.to_le_bytes());
+    gif.extend(30000u16.to_le_bytes());
+    gif.extend([0, 2, 1, 0x2c, 0, 0x3b]);
+    gif
+}
+
+#[test]
+fn a_watermark_overlay_decodes_only_its_first_frame() {
+    use base64::Engine as _;
+    let white = png(&DynamicImage::ImageRgb8(RgbImage::from_pixel(
+        20,
+        20,
+        Rgb([255, 255, 255]),
+    )));
+    let u = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("s3://marks/two-frames.gif");
+    let action = Action::parse(&format!("watermark_image:u_{u},l_2,t_2,p_1|format:t_png")).unwrap();
+    let out = process(&white, &action, &Limits::default(), &FixtureResolver).unwrap();
+    let img = image::load_from_memory(&out.image.unwrap().bytes).unwrap();
+    assert_eq!(rgb_at(&img, 3, 3), [0, 0, 255]);
+    assert_eq!(rgb_at(&img, 7, 7), [255, 255, 255]);
+    // Decoded as an image, the second frame is read and refused.
+    let err = run(&gif_with_bomb_second_frame(), "info").err().unwrap();
+    assert!(err.to_string().contains("a frame is larger"), "{err}");
 }
 
 #[test]
@@ -822,6 +857,14 @@ fn resize_limits_hold_the_output_not_what_is_never_made() {
             "{err}"
         );
     }
+    // WebP holds at most 16383 px per side: named before the encoder fails.
+    let err = run(&png(16384, 1), "format:t_webp").err().unwrap();
+    assert_eq!(err.code(), "output_too_large");
+    assert!(
+        err.to_string()
+            .contains("format: output would be 16384x1, over the limit of 16383 px per side"),
+        "{err}"
+    );
     let err = run(&png(1, 1), "resize:w_16385").err().unwrap();
     assert!(
         err.to_string()
