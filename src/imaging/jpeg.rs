@@ -67,19 +67,50 @@ pub fn decode_rgb(jpeg: &[u8], denom: u32, region: Region) -> Result<Vec<u8>, St
         num: 1,
         denom: denom as c_int,
     };
-    // SAFETY: plain parameter setters on a valid handle.
+    // SAFETY: plain parameter setters and getters on a valid handle.
     handle.check(unsafe { raw::tj3SetScalingFactor(handle.0, factor) })?;
+    let scaled = |param| {
+        // SAFETY: as above; the header was read, so the value is the file's.
+        let full = unsafe { raw::tj3Get(handle.0, param as c_int) };
+        u32::try_from(full).map_or(0, |v| v.div_ceil(denom))
+    };
+    let (sw, sh) = (
+        scaled(raw::TJPARAM_TJPARAM_JPEGWIDTH),
+        scaled(raw::TJPARAM_TJPARAM_JPEGHEIGHT),
+    );
+    let whole = (region.x, region.y, region.width, region.height) == (0, 0, sw, sh);
     let crop = raw::tjregion {
         x: region.x as c_int,
         y: region.y as c_int,
         w: region.width as c_int,
         h: region.height as c_int,
     };
-    handle.check(unsafe { raw::tj3SetCroppingRegion(handle.0, crop) })?;
-    let pitch = region.width as usize * 3;
-    let mut pixels = vec![0u8; pitch * region.height as usize];
-    // SAFETY: `pixels` holds exactly `region.height` rows of `pitch` bytes,
-    // which is what TurboJPEG writes for the cropping region set above.
+    // libjpeg-turbo refuses a region for some files (sampling factors it
+    // does not name, lossless JPEG), which it decodes whole; a region of
+    // those is cut from the whole decode.
+    // SAFETY: as above.
+    let cropped = whole
+        || handle
+            .check(unsafe { raw::tj3SetCroppingRegion(handle.0, crop) })
+            .is_ok();
+    let (width, height) = if cropped {
+        (region.width, region.height)
+    } else {
+        (sw, sh)
+    };
+    if !cropped
+        && (region.x.saturating_add(region.width) > sw
+            || region.y.saturating_add(region.height) > sh)
+    {
+        return Err(format!(
+            "region {}x{} at ({}, {}) is outside the {sw}x{sh} image",
+            region.width, region.height, region.x, region.y
+        ));
+    }
+    let pitch = width as usize * 3;
+    let mut pixels = vec![0u8; pitch * height as usize];
+    // SAFETY: `pixels` holds exactly `height` rows of `pitch` bytes, which is
+    // what TurboJPEG writes for the region set above, or the whole image.
     handle.check(unsafe {
         raw::tj3Decompress8(
             handle.0,
@@ -90,7 +121,16 @@ pub fn decode_rgb(jpeg: &[u8], denom: u32, region: Region) -> Result<Vec<u8>, St
             raw::TJPF_TJPF_RGB as c_int,
         )
     })?;
-    Ok(pixels)
+    if cropped {
+        return Ok(pixels);
+    }
+    let row = region.width as usize * 3;
+    let mut out = Vec::with_capacity(row * region.height as usize);
+    for y in region.y..region.y + region.height {
+        let start = y as usize * pitch + region.x as usize * 3;
+        out.extend_from_slice(&pixels[start..start + row]);
+    }
+    Ok(out)
 }
 
 /// The width of one iMCU column at `1/denom` scale: cropping regions start

@@ -872,3 +872,30 @@ fn resize_limits_hold_the_output_not_what_is_never_made() {
         "{err}"
     );
 }
+
+#[test]
+fn jpegs_libjpeg_turbo_cannot_crop_are_decoded_whole_and_cut() {
+    // Luma sampled 3x1: libjpeg-turbo decodes it but refuses a cropping
+    // region, which every decode used to set, so each action failed.
+    let odd = fixture("storm-3x1.jpg");
+    for (action, size) in [
+        ("resize:w_100", (100u64, 67u64)),
+        ("info", (480, 320)),
+        ("resize:w_100,h_100,m_2", (100, 100)),
+        ("crop:w_50,h_60,l_70,t_30", (50, 60)),
+    ] {
+        let out = run(&odd, &format!("{action}|info")).unwrap().info.unwrap();
+        assert_eq!(
+            (out["width"].as_u64(), out["height"].as_u64()),
+            (Some(size.0), Some(size.1)),
+            "{action}"
+        );
+    }
+    // The region cut from the whole decode is the region of the whole decode.
+    let region = output_image(&odd, "crop:w_50,h_60,l_70,t_30|format:t_png");
+    let whole = output_image(&odd, "format:t_png");
+    assert_eq!(
+        region.to_rgb8().as_raw(),
+        whole.crop_imm(70, 30, 50, 60).to_rgb8().as_raw()
+    );
+}
