@@ -894,3 +894,96 @@ async fn stalled_output_writes_do_not_hold_back_image_work() {
     assert_eq!((format.as_str(), width), ("jpeg", 40));
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_a_put_cannot_keep_is_refused_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let put = |headers: Vec<(&'static str, reqwest::header::HeaderValue)>| {
+        let mut request = host
+            .http
+            .put(host.object_url("meta", "a.txt"))
+            .body("hello");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+    let raw = |bytes: &[u8]| reqwest::header::HeaderValue::from_bytes(bytes).unwrap();
+    // A value that is not ASCII (UTF-8 for 水印), in metadata or the type.
+    let response = put(vec![("x-amz-meta-note", raw("水印".as_bytes()))])
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        400,
+        "invalid_metadata",
+        &["x-amz-meta-note", "printable ASCII"],
+    )
+    .await;
+    let response = put(vec![("content-type", raw("image/水".as_bytes()))])
+        .await
+        .unwrap();
+    assert_error(response, 400, "invalid_metadata", &["content-type"]).await;
+    // The same field twice.
+    let response = put(vec![
+        ("x-amz-meta-owner", raw(b"alice")),
+        ("x-amz-meta-owner", raw(b"bob")),
+    ])
+    .await
+    .unwrap();
+    assert_error(
+        response,
+        400,
+        "invalid_metadata",
+        &["x-amz-meta-owner", "twice"],
+    )
+    .await;
+    // Nothing was stored by the refused PUTs.
+    let get = host
+        .http
+        .get(host.object_url("meta", "a.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 404);
+    // A clean PUT keeps its fields.
+    let response = put(vec![("x-amz-meta-owner", raw(b"alice"))])
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let head = host
+        .http
+        .head(host.object_url("meta", "a.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.headers()["x-amz-meta-owner"], "alice");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_no_route_takes_answer_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let response = host
+        .http
+        .put(host.url("/photos/"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "invalid_key", &["must not be empty"]).await;
+    let response = host.http.get(host.url("/")).send().await.unwrap();
+    assert_error(response, 404, "no_route", &["/{bucket}/{key}"]).await;
+    // A bucket name of 33 two-byte characters is refused for its characters.
+    let bucket = "é".repeat(33);
+    let response = host
+        .http
+        .get(host.url(&format!("/{bucket}")))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "invalid_bucket", &["'é' is not allowed"]).await;
+    host.stop().await;
+}

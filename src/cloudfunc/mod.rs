@@ -105,12 +105,22 @@ impl Runtime {
         }
     }
 
-    /// Runs image work on the CPU pool.
+    /// Runs image work on the CPU pool, holding `slot` until the work is
+    /// done: a caller that goes away (a client that hangs up) cannot free
+    /// the slot while its work still waits or runs, so queued work stays
+    /// bounded by the slots, and work nobody waits for any more is skipped
+    /// when its turn comes.
     pub async fn run_cpu<T: Send + 'static>(
         &self,
+        slot: ImageSlot,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, String> {
-        self.cpu.run(work).await
+        self.cpu
+            .run(move || {
+                let _slot = slot;
+                work()
+            })
+            .await
     }
 }
 
@@ -290,10 +300,11 @@ async fn run_image(
     };
     let watermarks = fetch_watermarks(rt, args).await;
     let output = rt
-        .run_cpu(move || imaging::process(&input, &action, &limits, &watermarks))
+        .run_cpu(slot, move || {
+            imaging::process(&input, &action, &limits, &watermarks)
+        })
         .await
         .map_err(InvokeError::Internal)??;
-    drop(slot);
 
     let link = chain_link(&event.bucket, &rule.id);
     let chain = if chain.is_empty() {
@@ -462,6 +473,43 @@ mod tests {
         assert!(in_chain(&chain, "other", "a"));
         assert!(!in_chain(&chain, "photos", "缩略图"));
         assert!(!in_chain(&chain, "photos", "a"));
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_held_until_its_image_work_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::LocalStore::new(dir.path().to_path_buf()));
+        let rt = Arc::new(
+            Runtime::new(
+                store,
+                Limits::default(),
+                WatermarkSources::new(SourceConfig::default()),
+                1,
+            )
+            .unwrap(),
+        );
+        let free = || rt.image_slots.available_permits();
+        let slot = rt.image_slot().await;
+        assert_eq!(free(), IMAGE_SLOTS_PER_WORKER - 1);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let request = tokio::spawn({
+            let rt = rt.clone();
+            async move { rt.run_cpu(slot, move || held.recv().is_ok()).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The client hangs up while its image is processed: the slot stays
+        // taken until the work is done, so new requests cannot pile up work.
+        request.abort();
+        let _ = request.await;
+        assert_eq!(free(), IMAGE_SLOTS_PER_WORKER - 1);
+        release.send(()).unwrap();
+        for _ in 0..200 {
+            if free() == IMAGE_SLOTS_PER_WORKER {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(free(), IMAGE_SLOTS_PER_WORKER);
     }
 
     #[test]

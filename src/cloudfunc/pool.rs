@@ -50,6 +50,10 @@ impl CpuPool {
     ) -> Result<T, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task: Task = Box::new(move || {
+            // The caller went away while this waited: nobody wants the result.
+            if tx.is_closed() {
+                return;
+            }
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
             let _ = tx.send(result);
         });
@@ -78,5 +82,32 @@ mod tests {
         assert!(err.contains("panicked"));
         // The pool keeps working after a panic.
         assert_eq!(pool.run(|| 1).await, Ok(1));
+    }
+
+    #[tokio::test]
+    async fn work_nobody_waits_for_is_skipped() {
+        let pool = std::sync::Arc::new(CpuPool::new(1).unwrap());
+        // Hold the one thread until told.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(move || held.recv().is_ok()).await }
+        });
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiting = tokio::spawn({
+            let (pool, ran) = (pool.clone(), ran.clone());
+            async move {
+                pool.run(move || ran.store(true, std::sync::atomic::Ordering::SeqCst))
+                    .await
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Its caller goes away while it waits (a client hung up).
+        waiting.abort();
+        let _ = waiting.await;
+        release.send(()).unwrap();
+        assert_eq!(busy.await.unwrap(), Ok(true));
+        assert_eq!(pool.run(|| 1).await, Ok(1));
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

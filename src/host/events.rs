@@ -81,7 +81,18 @@ pub async fn invoke(
     let rule = Rule::from_json(rule_json, &event.bucket)
         .map_err(|e| ApiError::bad_request("invalid_rule", e.under("rule").to_string()))?;
     let slot = state.runtime.image_slot().await;
-    let result = cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event, slot).await;
+    // Once it has its slot the invocation runs to the end even if the client
+    // goes away: its outputs are all written, or its result says which.
+    let task = tokio::spawn(async move {
+        cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event, slot).await
+    });
+    let result = task.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the invocation stopped: {e}"),
+        )
+    })?;
     Ok(Json(result))
 }
 

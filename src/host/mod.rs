@@ -272,8 +272,26 @@ fn router(state: Arc<AppState>) -> Router {
                 .put(objects::put_object)
                 .delete(objects::delete_object),
         )
+        .fallback(no_route)
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Paths no route takes, answered in JSON like every other error: a bucket
+/// with an empty key (`/photos/`) or the bare root.
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    let path = uri.path();
+    let inner = path.strip_prefix('/').and_then(|p| p.strip_suffix('/'));
+    match inner {
+        Some(bucket) if !bucket.is_empty() && !bucket.contains('/') => {
+            ApiError::bad_request("invalid_key", "a key must not be empty")
+        }
+        _ => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            format!("no route for {path}: objects are /{{bucket}}/{{key}}"),
+        ),
+    }
 }
 
 /// Completes on SIGTERM or Ctrl-C.

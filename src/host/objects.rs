@@ -18,7 +18,7 @@ use crate::cloudfunc;
 use crate::events::Event;
 use crate::imaging::{self, ImagingError, NoWatermarks};
 use crate::rules::EventType;
-use crate::store::{PutOptions, validate_bucket, validate_key};
+use crate::store::{PutOptions, StoreError, validate_bucket, validate_key};
 
 /// The query string's keys and values; a bare key such as `image` maps to "".
 fn query(raw: &Option<String>) -> HashMap<String, String> {
@@ -143,38 +143,71 @@ pub async fn put_object(
     validate_key(&key)?;
     let mut event = Event::internal(EventType::CreateObject, &bucket, &key);
     event.size = Some(body.len() as u64);
+    let opts = put_options(&headers)?;
     let (jobs, reservation) = reserve_events(&state, event)?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/octet-stream")
-        .to_string();
-    let user_metadata: BTreeMap<String, String> = headers
-        .iter()
-        .filter_map(|(name, value)| {
-            let name = name.as_str().strip_prefix("x-amz-meta-")?;
-            // imgfunc's own metadata (the loop guard's chain) is not the
-            // client's to set.
-            if name.starts_with("imgfunc-") {
-                return None;
-            }
-            Some((name.to_string(), value.to_str().ok()?.to_string()))
-        })
-        .collect();
-    state
-        .store
-        .put(
-            &bucket,
-            &key,
-            body,
-            PutOptions {
-                content_type,
-                user_metadata,
-            },
-        )
-        .await?;
-    reservation.send(jobs);
+    // The write and its event run to the end even if the client goes away
+    // meanwhile: a stored object always fires its event.
+    let task = tokio::spawn(async move {
+        state.store.put(&bucket, &key, body, opts).await?;
+        reservation.send(jobs);
+        Ok::<_, ApiError>(())
+    });
+    finish(task).await?;
     Ok(StatusCode::CREATED.into_response())
+}
+
+/// Waits for a task spawned so that a client's going away cannot cut it short.
+async fn finish<T>(task: tokio::task::JoinHandle<Result<T, ApiError>>) -> Result<T, ApiError> {
+    task.await.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the request's work stopped: {e}"),
+        ))
+    })
+}
+
+/// The content type and `x-amz-meta-*` fields of a PUT. A value that is not
+/// printable ASCII, or a field given twice, is refused with its name rather
+/// than dropped.
+fn put_options(headers: &HeaderMap) -> Result<PutOptions, ApiError> {
+    let text = |name: &str, value: &header::HeaderValue| {
+        value.to_str().map(str::to_string).map_err(|_| {
+            ApiError::from(StoreError::InvalidMetadata {
+                name: name.to_string(),
+                reason: "the value must be printable ASCII".into(),
+            })
+        })
+    };
+    let content_type = match headers.get(header::CONTENT_TYPE) {
+        Some(value) => text("content-type", value)?,
+        None => "application/octet-stream".to_string(),
+    };
+    let mut user_metadata = BTreeMap::new();
+    for (name, value) in headers {
+        let Some(field) = name.as_str().strip_prefix("x-amz-meta-") else {
+            continue;
+        };
+        // imgfunc's own metadata (the loop guard's chain) is not the
+        // client's to set.
+        if field.starts_with("imgfunc-") {
+            continue;
+        }
+        if user_metadata
+            .insert(field.to_string(), text(name.as_str(), value)?)
+            .is_some()
+        {
+            return Err(StoreError::InvalidMetadata {
+                name: name.as_str().to_string(),
+                reason: "given twice".into(),
+            }
+            .into());
+        }
+    }
+    Ok(PutOptions {
+        content_type,
+        user_metadata,
+    })
 }
 
 /// `DELETE /{bucket}/{key}` removes the object and fires `delete_object`.
@@ -188,8 +221,12 @@ pub async fn delete_object(
         &state,
         Event::internal(EventType::DeleteObject, &bucket, &key),
     )?;
-    state.store.delete(&bucket, &key).await?;
-    reservation.send(jobs);
+    let task = tokio::spawn(async move {
+        state.store.delete(&bucket, &key).await?;
+        reservation.send(jobs);
+        Ok::<_, ApiError>(())
+    });
+    finish(task).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -280,10 +317,11 @@ async fn process(
     let limits = state.config.limits.clone();
     let output = state
         .runtime
-        .run_cpu(move || imaging::process(&input, &action, &limits, &NoWatermarks))
+        .run_cpu(slot, move || {
+            imaging::process(&input, &action, &limits, &NoWatermarks)
+        })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
-    drop(slot);
     match (output.image, output.info) {
         (Some(image), _) => Ok((
             [(header::CONTENT_TYPE, image.format.content_type())],

@@ -39,18 +39,18 @@ pub fn validate_bucket(bucket: &str) -> Result<(), StoreError> {
         bucket: bucket.to_owned(),
         reason,
     };
-    if bucket.is_empty() || bucket.len() > 63 {
-        return Err(invalid(format!(
-            "a bucket name is 1 to 63 characters, got {}",
-            bucket.chars().count()
-        )));
-    }
     if let Some(c) = bucket
         .chars()
         .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '-'))
     {
         return Err(invalid(format!(
             "{c:?} is not allowed; use a-z, 0-9, '.', '_' and '-'"
+        )));
+    }
+    if bucket.is_empty() || bucket.len() > 63 {
+        return Err(invalid(format!(
+            "a bucket name is 1 to 63 characters, got {}",
+            bucket.len()
         )));
     }
     if bucket.starts_with(['.', '-']) {
