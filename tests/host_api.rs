@@ -987,3 +987,48 @@ async fn paths_no_route_takes_answer_in_json() {
     assert_error(response, 400, "invalid_bucket", &["'é' is not allowed"]).await;
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_the_client_gives_up_on_is_stored_and_fires_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let store = Arc::new(StalledWrites {
+        inner: LocalStore::new(dir.path().to_path_buf()),
+        bucket: "uploads",
+        gate: tokio::sync::Semaphore::new(0),
+        waiting: AtomicUsize::new(0),
+    });
+    let host = TestHost::start(config, store.clone()).await;
+    let rules = one_rule(json!({
+        "id": "thumbs", "event_types": ["create_object"],
+        "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_40", "save_bucket": "thumbs"}}));
+    assert_eq!(host.set_rules("uploads", &rules).await.status(), 200);
+    // The client stops waiting while the write is held at the disk.
+    let gave_up = host
+        .http
+        .put(host.object_url("uploads", "a.jpg"))
+        .header("content-type", "image/jpeg")
+        .timeout(std::time::Duration::from_millis(300))
+        .body(fixture("images/storm.jpg"))
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()));
+    eventually("the write to wait at the stalled disk", || {
+        std::future::ready((store.waiting.load(Ordering::SeqCst) == 1).then_some(()))
+    })
+    .await;
+    store.gate.add_permits(1);
+    // The object is stored and its event ran the rule.
+    let written = eventually("the rule's output", || {
+        let store = store.clone();
+        async move {
+            let keys = store.inner.list("thumbs", "").await.ok()?;
+            (keys.len() == 1).then_some(keys)
+        }
+    })
+    .await;
+    assert_eq!(written[0].key, "gen_a.jpg");
+    assert!(store.inner.head("uploads", "a.jpg").await.is_ok());
+    host.stop().await;
+}
