@@ -104,7 +104,7 @@ impl S3Store {
 
     /// Creates a bucket; one that already exists and is ours is fine.
     pub async fn create_bucket(&self, bucket: &str) -> Result<(), StoreError> {
-        validate_bucket(bucket)?;
+        check_bucket(bucket)?;
         match self.client.create_bucket().bucket(bucket).send().await {
             Ok(_) => Ok(()),
             Err(err) if err.code() == Some("BucketAlreadyOwnedByYou") => Ok(()),
@@ -150,8 +150,33 @@ fn check_endpoint(endpoint: &str) -> Result<(), StoreError> {
 }
 
 fn check_target(bucket: &str, key: &str) -> Result<(), StoreError> {
-    validate_bucket(bucket)?;
+    check_bucket(bucket)?;
     validate_key(key)
+}
+
+/// The shared bucket rules and S3's own on top: at least 3 characters, no
+/// `_`, no `..`, a letter or digit at each end, not shaped like an IP
+/// address. A name S3 would refuse is a 400 naming the rule, not a 502
+/// from the server.
+fn check_bucket(bucket: &str) -> Result<(), StoreError> {
+    validate_bucket(bucket)?;
+    let reason = if bucket.len() < 3 {
+        "S3 bucket names are at least 3 characters"
+    } else if bucket.contains('_') {
+        "S3 bucket names cannot contain '_'"
+    } else if bucket.contains("..") {
+        "S3 bucket names cannot contain '..'"
+    } else if !bucket.ends_with(|c: char| c.is_ascii_alphanumeric()) {
+        "S3 bucket names end with a letter or digit"
+    } else if bucket.parse::<std::net::Ipv4Addr>().is_ok() {
+        "S3 bucket names cannot look like an IP address"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::InvalidBucket {
+        bucket: bucket.to_owned(),
+        reason: reason.into(),
+    })
 }
 
 /// Turns an SDK error into a [`StoreError`] naming the operation and target.
@@ -335,7 +360,7 @@ impl ObjectStore for S3Store {
     ) -> BoxFuture<'_, Result<Vec<ListEntry>, StoreError>> {
         let (bucket, prefix) = (bucket.to_owned(), prefix.to_owned());
         Box::pin(async move {
-            validate_bucket(&bucket)?;
+            check_bucket(&bucket)?;
             let mut request = self.client.list_objects_v2().bucket(&bucket);
             if !prefix.is_empty() {
                 request = request.prefix(&prefix);
@@ -441,7 +466,10 @@ mod tests {
             .build();
         // Nothing listens on port 9; a request would fail with `backend`.
         let store = S3Store::from_sdk_config(&config, "http://127.0.0.1:9", true).unwrap();
-        assert_eq!(store.get("b", "").await.unwrap_err().code(), "invalid_key");
+        assert_eq!(
+            store.get("bkt", "").await.unwrap_err().code(),
+            "invalid_key"
+        );
         assert_eq!(
             store.head("B", "k").await.unwrap_err().code(),
             "invalid_bucket"
@@ -452,7 +480,25 @@ mod tests {
         );
         let mut opts = PutOptions::default();
         opts.user_metadata.insert("bad name".into(), "v".into());
-        let err = store.put("b", "k", Bytes::new(), opts).await.unwrap_err();
+        let err = store.put("bkt", "k", Bytes::new(), opts).await.unwrap_err();
         assert_eq!(err.code(), "invalid_metadata");
+        // Names the shared rules allow but S3 refuses: a 400 naming S3's
+        // rule, not a 502 from the server.
+        for (bucket, why) in [
+            ("ab", "at least 3"),
+            ("my_bucket", "'_'"),
+            ("a..b", "'..'"),
+            ("photos-", "end with a letter or digit"),
+            ("192.168.1.10", "IP address"),
+        ] {
+            let err = store.get(bucket, "k").await.unwrap_err();
+            assert_eq!(err.code(), "invalid_bucket", "{bucket}");
+            assert!(err.to_string().contains(why), "{bucket}: {err}");
+            assert_eq!(
+                store.list(bucket, "").await.unwrap_err().code(),
+                "invalid_bucket"
+            );
+        }
+        assert!(check_bucket("photos.2024-a").is_ok());
     }
 }
