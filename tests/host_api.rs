@@ -1032,3 +1032,46 @@ async fn a_put_the_client_gives_up_on_is_stored_and_fires_its_event() {
     assert!(store.inner.head("uploads", "a.jpg").await.is_ok());
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_streams_objects_of_many_chunks_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    // 3 MiB and a bit, in chunks of 256 KiB: every byte, in order.
+    let bytes: Vec<u8> = (0..(3 << 20) + 12345u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let put = host
+        .put_object("big", "blob.bin", bytes.clone(), "application/x-test")
+        .await;
+    assert_eq!(put.status(), 201);
+    let get = host
+        .http
+        .get(host.object_url("big", "blob.bin"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 200);
+    assert_eq!(get.headers()["content-type"], "application/x-test");
+    assert_eq!(
+        get.headers()["content-length"],
+        bytes.len().to_string().as_str()
+    );
+    assert!(get.bytes().await.unwrap() == bytes);
+    // An empty object is an empty body.
+    assert_eq!(
+        host.put_object("big", "empty", Vec::new(), "text/plain")
+            .await
+            .status(),
+        201
+    );
+    let get = host
+        .http
+        .get(host.object_url("big", "empty"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 200);
+    assert!(get.bytes().await.unwrap().is_empty());
+    host.stop().await;
+}

@@ -18,7 +18,7 @@ use crate::cloudfunc;
 use crate::events::Event;
 use crate::imaging::{self, ImagingError, NoWatermarks};
 use crate::rules::EventType;
-use crate::store::{PutOptions, StoreError, validate_bucket, validate_key};
+use crate::store::{Body as StoreBody, PutOptions, StoreError, validate_bucket, validate_key};
 
 /// The query string's keys and values; a bare key such as `image` maps to "".
 fn query(raw: &Option<String>) -> HashMap<String, String> {
@@ -255,8 +255,12 @@ pub async fn get_object(
         );
         return Ok(response);
     }
-    let object = state.store.get(&bucket, &key).await?;
-    let mut response = Response::new(Body::from(object.bytes));
+    let object = state.store.open(&bucket, &key).await?;
+    let body = match object.body {
+        StoreBody::Bytes(bytes) => Body::from(bytes),
+        StoreBody::Read(read) => stream_body(read),
+    };
+    let mut response = Response::new(body);
     set_object_headers(
         response.headers_mut(),
         &object.meta.content_type,
@@ -264,6 +268,40 @@ pub async fn get_object(
         &object.meta.user_metadata,
     );
     Ok(response)
+}
+
+/// Bytes read per chunk of a streamed GET.
+const GET_CHUNK_BYTES: usize = 256 << 10;
+
+/// A response body read from `read` a chunk at a time as the client takes
+/// it, each read a short task on the blocking pool: an object of any size
+/// holds about one chunk in memory, and a slow client holds no thread.
+fn stream_body(read: Box<dyn std::io::Read + Send>) -> Body {
+    let chunks = futures_util::stream::unfold(Some(read), |state| async move {
+        let mut read = state?;
+        let chunk = tokio::task::spawn_blocking(move || {
+            let mut chunk = vec![0u8; GET_CHUNK_BYTES];
+            loop {
+                match read.read(&mut chunk) {
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        return (read, Ok(chunk));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return (read, Err(e)),
+                }
+            }
+        })
+        .await;
+        match chunk {
+            Ok((_, Ok(chunk))) if chunk.is_empty() => None,
+            Ok((read, Ok(chunk))) => Some((Ok(bytes::Bytes::from(chunk)), Some(read))),
+            // The client sees the connection end short of Content-Length.
+            Ok((_, Err(e))) => Some((Err(e), None)),
+            Err(e) => Some((Err(std::io::Error::other(e)), None)),
+        }
+    });
+    Body::from_stream(chunks)
 }
 
 fn set_object_headers(
