@@ -91,10 +91,24 @@ pub async fn put_bucket(
 ) -> Result<StatusCode, ApiError> {
     check_bucket(&bucket)?;
     if query(&raw).contains_key("notification") {
-        state.rules.set(&bucket, &body)?;
+        let book = Arc::clone(&state);
+        let name = bucket.clone();
+        rules_io(move || book.rules.set(&name, &body)).await?;
         tracing::info!(%bucket, "notification rules set");
     }
     Ok(StatusCode::OK)
+}
+
+/// Runs a rule-book change, which writes and syncs the rules file, on the
+/// blocking pool rather than an async worker; it runs to the end even if
+/// the client goes away.
+async fn rules_io<T: Send + 'static>(
+    change: impl FnOnce() -> Result<T, crate::rules::RuleBookError> + Send + 'static,
+) -> Result<T, ApiError> {
+    finish(tokio::task::spawn_blocking(move || {
+        change().map_err(ApiError::from)
+    }))
+    .await
 }
 
 /// `DELETE /{bucket}?notification` removes the bucket's rules.
@@ -105,7 +119,8 @@ pub async fn delete_bucket(
 ) -> Result<StatusCode, ApiError> {
     check_bucket(&bucket)?;
     if query(&raw).contains_key("notification") {
-        state.rules.delete(&bucket)?;
+        let book = Arc::clone(&state);
+        rules_io(move || book.rules.delete(&bucket)).await?;
         return Ok(StatusCode::NO_CONTENT);
     }
     Err(ApiError::new(
