@@ -1075,3 +1075,42 @@ async fn get_streams_objects_of_many_chunks_whole() {
     assert!(get.bytes().await.unwrap().is_empty());
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_waits_for_a_put_whose_client_gave_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(StalledWrites {
+        inner: LocalStore::new(dir.path().to_path_buf()),
+        bucket: "uploads",
+        gate: tokio::sync::Semaphore::new(0),
+        waiting: AtomicUsize::new(0),
+    });
+    // No rule matches, so the write reserves no room in the queue: only the
+    // shutdown's wait for requests' own work keeps it.
+    let host = TestHost::start(test_config(dir.path()), store.clone()).await;
+    let gave_up = host
+        .http
+        .put(host.object_url("uploads", "a.jpg"))
+        .header("content-type", "image/jpeg")
+        .timeout(std::time::Duration::from_millis(300))
+        .body(fixture("images/storm.jpg"))
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()));
+    eventually("the write to wait at the stalled disk", || {
+        std::future::ready((store.waiting.load(Ordering::SeqCst) == 1).then_some(()))
+    })
+    .await;
+    // The disk moves on only after the shutdown has begun; the shutdown
+    // waits for the write.
+    let release = tokio::spawn({
+        let store = store.clone();
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            store.gate.add_permits(1);
+        }
+    });
+    host.stop().await;
+    release.await.unwrap();
+    assert!(store.inner.head("uploads", "a.jpg").await.is_ok());
+}

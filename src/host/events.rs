@@ -83,7 +83,7 @@ pub async fn invoke(
     let slot = state.runtime.image_slot().await;
     // Once it has its slot the invocation runs to the end even if the client
     // goes away: its outputs are all written, or its result says which.
-    let task = tokio::spawn(async move {
+    let task = state.detached.clone().spawn(async move {
         cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event, slot).await
     });
     let result = task.await.map_err(|e| {

@@ -83,6 +83,9 @@ pub struct AppState {
     pub runtime: Runtime,
     pub notifier: Notifier,
     pub queue: queue::Queue,
+    /// Work a request hands off so that it finishes even if its client goes
+    /// away (a PUT's write and event, an invocation); shutdown waits for it.
+    pub detached: tokio_util::task::TaskTracker,
     ready: AtomicBool,
 }
 
@@ -121,6 +124,7 @@ impl Host {
             runtime,
             notifier,
             queue,
+            detached: tokio_util::task::TaskTracker::new(),
             ready: AtomicBool::new(true),
         });
         let workers = queue::Workers::start(state.clone(), receiver);
@@ -163,6 +167,17 @@ impl Host {
             .await?;
         tracing::info!("shutting down: finishing queued work");
         let drain = state.config.drain_timeout;
+        // Requests' own work first: a PUT still sends its event to the queue.
+        state.detached.close();
+        if tokio::time::timeout(drain, state.detached.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = state.detached.len(),
+                "requests' work still running after the drain timeout"
+            );
+        }
         drop(state);
         self.workers.finish(drain).await;
         Ok(())

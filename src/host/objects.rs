@@ -162,7 +162,7 @@ pub async fn put_object(
     let (jobs, reservation) = reserve_events(&state, event)?;
     // The write and its event run to the end even if the client goes away
     // meanwhile: a stored object always fires its event.
-    let task = tokio::spawn(async move {
+    let task = state.detached.clone().spawn(async move {
         state.store.put(&bucket, &key, body, opts).await?;
         reservation.send(jobs);
         Ok::<_, ApiError>(())
@@ -236,7 +236,7 @@ pub async fn delete_object(
         &state,
         Event::internal(EventType::DeleteObject, &bucket, &key),
     )?;
-    let task = tokio::spawn(async move {
+    let task = state.detached.clone().spawn(async move {
         state.store.delete(&bucket, &key).await?;
         reservation.send(jobs);
         Ok::<_, ApiError>(())

@@ -54,7 +54,10 @@ pub struct Decoded {
 pub struct LeadFrame {
     /// The whole image's width and height, oriented.
     pub size: (u32, u32),
+    /// The point of the whole image at the decoded pixels' top-left corner;
+    /// negative where the decoded pixels reach past the image's start.
     pub origin: (f64, f64),
+    /// Pixels of the whole image per decoded pixel: the shrink's 1, 2, 4 or 8.
     pub scale: f64,
 }
 
@@ -62,12 +65,14 @@ impl LeadFrame {
     /// A rectangle `(left, top, width, height)` of the whole image, in pixels
     /// of the decoded one, kept inside its `dims`.
     pub fn to_pixels(&self, rect: (f64, f64, f64, f64), dims: (u32, u32)) -> (f64, f64, f64, f64) {
-        let (l, t) = (
-            ((rect.0 - self.origin.0) / self.scale).clamp(0.0, f64::from(dims.0)),
-            ((rect.1 - self.origin.1) / self.scale).clamp(0.0, f64::from(dims.1)),
-        );
-        let w = (rect.2 / self.scale).min(f64::from(dims.0) - l);
-        let h = (rect.3 / self.scale).min(f64::from(dims.1) - t);
+        let span = |start: f64, len: f64, origin: f64, size: u32| {
+            let size = f64::from(size);
+            let from = ((start - origin) / self.scale).clamp(0.0, size);
+            let to = ((start + len - origin) / self.scale).clamp(from, size);
+            (from, to - from)
+        };
+        let (l, w) = span(rect.0, rect.2, self.origin.0, dims.0);
+        let (t, h) = span(rect.1, rect.3, self.origin.1, dims.1);
         (l, t, w, h)
     }
 }
@@ -613,11 +618,13 @@ fn decode_gif(input: &[u8], limits: &Limits, wanted: usize) -> Result<Decoded, I
     let (width, height) = decoder.dimensions();
     check_pixels(format, width, height, limits)?;
     let per_frame = width as u64 * height as u64;
-    // The decoder reserves its canvas (the logical screen) and then each
-    // frame's buffer, sized by the frame's own descriptor, against this
-    // budget: a frame far larger than the screen, a bomb of a few bytes that
-    // would allocate gigabytes, is refused before it is allocated.
-    let budget = per_frame * 4 * 2 + FRAME_SLACK_BYTES;
+    // The decoder keeps its canvas (the logical screen) reserved, and for
+    // each frame reserves the frame's own buffer, sized by the frame's
+    // descriptor, and a second canvas to composite a partial frame on. A
+    // frame at most the screen plus the slack fits; a frame far larger, a
+    // bomb of a few bytes that would allocate gigabytes, is refused before
+    // it is allocated.
+    let budget = per_frame * 4 * 3 + FRAME_SLACK_BYTES;
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_alloc = Some(budget);
     decoder

@@ -803,7 +803,7 @@ fn shrunk_jpegs_are_sized_and_sampled_from_the_whole_image() {
             assert_eq!(shrunk.dimensions(), size, "orientation {o} {resize}");
             assert_eq!(full.dimensions(), size, "orientation {o} {resize}");
             // 39-46 dB; sampling the whole canvas, partial blocks included,
-            // gave 21-30 dB where an orientation moves them to the start.
+            // gives 21-30 dB where an orientation moves them to the start.
             let db = psnr(&shrunk, &full);
             assert!(db > 36.0, "orientation {o} {resize}: {db:.1} dB");
         }
@@ -876,7 +876,7 @@ fn resize_limits_hold_the_output_not_what_is_never_made() {
 #[test]
 fn jpegs_libjpeg_turbo_cannot_crop_are_decoded_whole_and_cut() {
     // Luma sampled 3x1: libjpeg-turbo decodes it but refuses a cropping
-    // region, which every decode used to set, so each action failed.
+    // region, so only a region is cut from the whole decode.
     let odd = fixture("storm-3x1.jpg");
     for (action, size) in [
         ("resize:w_100", (100u64, 67u64)),
@@ -897,5 +897,33 @@ fn jpegs_libjpeg_turbo_cannot_crop_are_decoded_whole_and_cut() {
     assert_eq!(
         region.to_rgb8().as_raw(),
         whole.crop_imm(70, 30, 50, 60).to_rgb8().as_raw()
+    );
+}
+
+#[test]
+fn a_gif_frame_the_size_of_its_screen_plus_the_slack_decodes() {
+    // A partial frame makes the decoder hold its canvas, the frame and a
+    // second canvas at once: a 2100x2100 frame (over 16 MB of RGBA) at
+    // (50, 50) on a 2200x2200 screen fits the budget.
+    let blank = image::RgbaImage::from_pixel(2200, 2200, Rgba([0, 0, 0, 255]));
+    let patch = image::RgbaImage::from_pixel(2100, 2100, Rgba([255, 255, 255, 255]));
+    let mut gif = Vec::new();
+    {
+        let mut encoder = image::codecs::gif::GifEncoder::new_with_speed(&mut gif, 30);
+        encoder
+            .encode_frames([
+                image::Frame::new(blank),
+                image::Frame::from_parts(patch, 50, 50, image::Delay::from_numer_denom_ms(100, 1)),
+            ])
+            .unwrap();
+    }
+    let decoded = decode(&gif, &Limits::default(), Lead::Nothing).unwrap();
+    let Pixels::Animated(frames) = decoded.pixels else {
+        panic!("two frames");
+    };
+    assert_eq!(frames.len(), 2);
+    assert_eq!(
+        frames[1].buffer().get_pixel(1000, 1000).0,
+        [255, 255, 255, 255]
     );
 }
