@@ -300,7 +300,9 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
     };
     // Every output key is `key_prefix + key_seprate + original key`, and an
     // original key is itself valid: check the part the rule adds now, with a
-    // one-character key standing in, so no event fails on it later.
+    // one-character key standing in. What depends on the key as well (a
+    // first segment made too long, or reserved, by the prefix) can still
+    // fail at event time.
     let example = format!("{key_prefix}{key_seprate}a.jpg");
     if let Err(e) = crate::store::validate_local_key(&format!("{key_prefix}{key_seprate}a")) {
         let reason = match e {
