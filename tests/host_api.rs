@@ -988,23 +988,19 @@ async fn paths_no_route_takes_answer_in_json() {
     host.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_put_the_client_gives_up_on_is_stored_and_fires_its_event() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = test_config(dir.path());
-    let store = Arc::new(StalledWrites {
-        inner: LocalStore::new(dir.path().to_path_buf()),
+/// A local store whose writes to `uploads` wait at a gate.
+fn stalled_uploads(dir: &std::path::Path) -> Arc<StalledWrites> {
+    Arc::new(StalledWrites {
+        inner: LocalStore::new(dir.to_path_buf()),
         bucket: "uploads",
         gate: tokio::sync::Semaphore::new(0),
         waiting: AtomicUsize::new(0),
-    });
-    let host = TestHost::start(config, store.clone()).await;
-    let rules = one_rule(json!({
-        "id": "thumbs", "event_types": ["create_object"],
-        "cloudfunc": "image",
-        "cloudfunc_args": {"action": "resize:w_40", "save_bucket": "thumbs"}}));
-    assert_eq!(host.set_rules("uploads", &rules).await.status(), 200);
-    // The client stops waiting while the write is held at the disk.
+    })
+}
+
+/// PUTs `uploads/a.jpg` and gives up after 300 ms, while the write waits
+/// at the stalled disk; returns once the write is waiting there.
+async fn put_and_give_up(host: &TestHost, store: &StalledWrites) {
     let gave_up = host
         .http
         .put(host.object_url("uploads", "a.jpg"))
@@ -1018,6 +1014,19 @@ async fn a_put_the_client_gives_up_on_is_stored_and_fires_its_event() {
         std::future::ready((store.waiting.load(Ordering::SeqCst) == 1).then_some(()))
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_the_client_gives_up_on_is_stored_and_fires_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = stalled_uploads(dir.path());
+    let host = TestHost::start(test_config(dir.path()), store.clone()).await;
+    let rules = one_rule(json!({
+        "id": "thumbs", "event_types": ["create_object"],
+        "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_40", "save_bucket": "thumbs"}}));
+    assert_eq!(host.set_rules("uploads", &rules).await.status(), 200);
+    put_and_give_up(&host, &store).await;
     store.gate.add_permits(1);
     // The object is stored and its event ran the rule.
     let written = eventually("the rule's output", || {
@@ -1031,6 +1040,28 @@ async fn a_put_the_client_gives_up_on_is_stored_and_fires_its_event() {
     assert_eq!(written[0].key, "gen_a.jpg");
     assert!(store.inner.head("uploads", "a.jpg").await.is_ok());
     host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_waits_for_a_put_whose_client_gave_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = stalled_uploads(dir.path());
+    // No rule matches, so the write reserves no room in the queue: only the
+    // shutdown's wait for requests' own work keeps it.
+    let host = TestHost::start(test_config(dir.path()), store.clone()).await;
+    put_and_give_up(&host, &store).await;
+    // The disk moves on only after the shutdown has begun; the shutdown
+    // waits for the write.
+    let release = tokio::spawn({
+        let store = store.clone();
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            store.gate.add_permits(1);
+        }
+    });
+    host.stop().await;
+    release.await.unwrap();
+    assert!(store.inner.head("uploads", "a.jpg").await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1074,43 +1105,4 @@ async fn get_streams_objects_of_many_chunks_whole() {
     assert_eq!(get.status(), 200);
     assert!(get.bytes().await.unwrap().is_empty());
     host.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_waits_for_a_put_whose_client_gave_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(StalledWrites {
-        inner: LocalStore::new(dir.path().to_path_buf()),
-        bucket: "uploads",
-        gate: tokio::sync::Semaphore::new(0),
-        waiting: AtomicUsize::new(0),
-    });
-    // No rule matches, so the write reserves no room in the queue: only the
-    // shutdown's wait for requests' own work keeps it.
-    let host = TestHost::start(test_config(dir.path()), store.clone()).await;
-    let gave_up = host
-        .http
-        .put(host.object_url("uploads", "a.jpg"))
-        .header("content-type", "image/jpeg")
-        .timeout(std::time::Duration::from_millis(300))
-        .body(fixture("images/storm.jpg"))
-        .send()
-        .await;
-    assert!(gave_up.is_err_and(|e| e.is_timeout()));
-    eventually("the write to wait at the stalled disk", || {
-        std::future::ready((store.waiting.load(Ordering::SeqCst) == 1).then_some(()))
-    })
-    .await;
-    // The disk moves on only after the shutdown has begun; the shutdown
-    // waits for the write.
-    let release = tokio::spawn({
-        let store = store.clone();
-        async move {
-            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-            store.gate.add_permits(1);
-        }
-    });
-    host.stop().await;
-    release.await.unwrap();
-    assert!(store.inner.head("uploads", "a.jpg").await.is_ok());
 }

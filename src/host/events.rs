@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::queue::jobs_for;
-use super::{ApiError, AppState, JsonBody, new_id};
+use super::{ApiError, AppState, JsonBody, detach, new_id};
 use crate::cloudfunc;
 use crate::events::parse_body;
 use crate::rules::Rule;
@@ -83,16 +83,10 @@ pub async fn invoke(
     let slot = state.runtime.image_slot().await;
     // Once it has its slot the invocation runs to the end even if the client
     // goes away: its outputs are all written, or its result says which.
-    let task = state.detached.clone().spawn(async move {
-        cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event, slot).await
-    });
-    let result = task.await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("the invocation stopped: {e}"),
-        )
-    })?;
+    let result = detach(&state.clone(), async move {
+        Ok(cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event, slot).await)
+    })
+    .await?;
     Ok(Json(result))
 }
 

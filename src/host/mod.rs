@@ -89,6 +89,28 @@ pub struct AppState {
     ready: AtomicBool,
 }
 
+/// Runs a request's `work` as a task of its own, tracked for the shutdown,
+/// and waits for it: the work finishes even if the client goes away.
+pub(super) async fn detach<T: Send + 'static>(
+    state: &Arc<AppState>,
+    work: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    finish(state.detached.spawn(work)).await
+}
+
+/// Waits for a task spawned so that a client's going away cannot cut it short.
+pub(super) async fn finish<T>(
+    task: tokio::task::JoinHandle<Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    task.await.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the request's work stopped: {e}"),
+        ))
+    })
+}
+
 /// A short random id for requests and invocations.
 pub fn new_id() -> String {
     format!("{:016x}", rand::random::<u64>())

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::queue::{Job, Reservation, jobs_for};
-use super::{ApiError, AppState, JsonBody, ObjectBody};
+use super::{ApiError, AppState, JsonBody, ObjectBody, detach, finish};
 use crate::action::Action;
 use crate::cloudfunc;
 use crate::events::Event;
@@ -162,24 +162,13 @@ pub async fn put_object(
     let (jobs, reservation) = reserve_events(&state, event)?;
     // The write and its event run to the end even if the client goes away
     // meanwhile: a stored object always fires its event.
-    let task = state.detached.clone().spawn(async move {
+    detach(&state.clone(), async move {
         state.store.put(&bucket, &key, body, opts).await?;
         reservation.send(jobs);
-        Ok::<_, ApiError>(())
-    });
-    finish(task).await?;
-    Ok(StatusCode::CREATED.into_response())
-}
-
-/// Waits for a task spawned so that a client's going away cannot cut it short.
-async fn finish<T>(task: tokio::task::JoinHandle<Result<T, ApiError>>) -> Result<T, ApiError> {
-    task.await.unwrap_or_else(|e| {
-        Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("the request's work stopped: {e}"),
-        ))
+        Ok(())
     })
+    .await?;
+    Ok(StatusCode::CREATED.into_response())
 }
 
 /// The content type and `x-amz-meta-*` fields of a PUT. A value that is not
@@ -236,12 +225,12 @@ pub async fn delete_object(
         &state,
         Event::internal(EventType::DeleteObject, &bucket, &key),
     )?;
-    let task = state.detached.clone().spawn(async move {
+    detach(&state.clone(), async move {
         state.store.delete(&bucket, &key).await?;
         reservation.send(jobs);
-        Ok::<_, ApiError>(())
-    });
-    finish(task).await?;
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
