@@ -30,7 +30,9 @@ deleted in the last one to five minutes (`recently_deleted`, a scan that
 took half of the server's non-image CPU in a run started two minutes after
 a cleanup), so a run must not follow a cleanup closely. The time of each
 cleanup is kept in the load folder's parent, and the next invocation waits
-until five minutes have passed (--no-wait skips that).
+until five minutes have passed (--no-wait skips that; --keep leaves the
+data directories in place, so that back-to-back invocations, as when two
+builds are compared, need no wait; remove them afterwards).
 With --notify the rule also has a notify_url and a local receiver checks
 that every invocation reported `ok`.
 """
@@ -45,6 +47,7 @@ ap.add_argument('--notify', action='store_true')
 ap.add_argument('--bin', default=os.path.join(os.path.dirname(__file__), '..', 'target', 'release', 'imgfunc'))
 ap.add_argument('--workers', type=int, default=0)
 ap.add_argument('--no-wait', action='store_true', help='start even if a cleanup was less than five minutes ago')
+ap.add_argument('--keep', action='store_true', help='leave the data directories in place (no cleanup, so the next invocation need not wait)')
 ap.add_argument('photos', nargs='*')
 args = ap.parse_args()
 corpus = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'corpus')
@@ -260,8 +263,11 @@ try:
         ratios.append(ratio)
         all_ok = all_ok and ok
 finally:
-    shutil.rmtree(parent, ignore_errors=True)
-    open(cleaned_at, 'w').close()
+    if args.keep:
+        print(f"data directories left in {parent}")
+    else:
+        shutil.rmtree(parent, ignore_errors=True)
+        open(cleaned_at, 'w').close()
 print(f"ratio to cores x single rate over {len(ratios)} runs: median {statistics.median(ratios):.2f} "
       f"(min {min(ratios):.2f}, max {max(ratios):.2f}); target 0.90")
 sys.exit(0 if all_ok else 1)
