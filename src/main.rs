@@ -1,7 +1,7 @@
 //! The `imgfunc` command: `process` runs one pipeline on a file; `serve` runs
 //! the function host.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -176,14 +176,25 @@ impl WatermarkResolver for LocalResolver {
 /// The input of `process`, through [`imaging::read_source`]: a thumbnail of
 /// a large progressive JPEG reads only its DC scans, as `serve` does.
 fn read_source(path: &PathBuf, action: &Action, limits: &imaging::Limits) -> Result<Vec<u8>> {
+    let limit = limits.max_input_bytes;
     if path.as_os_str() == "-" {
-        return imaging::read_source(&mut std::io::stdin().lock(), 0, action, limits)
+        // Its size is known once it is read: held to the limit like a file.
+        let mut input = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(limit as u64 + 1)
+            .read_to_end(&mut input)
+            .context("reading stdin")?;
+        if input.len() > limit {
+            bail!("stdin is over the limit of {limit} bytes");
+        }
+        let len = input.len() as u64;
+        return imaging::read_source(&mut input.as_slice(), len, action, limits)
             .context("reading stdin");
     }
     let cannot = || format!("cannot read {}", path.display());
     let mut file = std::fs::File::open(path).with_context(cannot)?;
     let len = file.metadata().with_context(cannot)?.len();
-    let limit = limits.max_input_bytes;
     if len > limit as u64 {
         bail!(
             "{} is {len} bytes, over the limit of {limit} bytes",
@@ -196,6 +207,15 @@ fn read_source(path: &PathBuf, action: &Action, limits: &imaging::Limits) -> Res
 fn process(args: ProcessArgs) -> Result<()> {
     let action = Action::parse(&args.action).context("bad --action")?;
     let limits = args.limits.limits();
+    // `save:` writes DIR/<bucket>/<key>: held to the store's names, checked
+    // before any work, so that no save reaches outside DIR.
+    for op in &action.ops {
+        if let imgfunc::action::Op::Save(save) = op {
+            imgfunc::store::validate_bucket(&save.bucket)
+                .and_then(|()| imgfunc::store::validate_local_key(&save.key))
+                .map_err(|e| anyhow::anyhow!("bad --action: save: {e}"))?;
+        }
+    }
     let input = read_source(&args.input, &action, &limits)?;
     let resolver = LocalResolver { store: args.store };
     let out = imaging::process(&input, &action, &limits, &resolver)?;
@@ -251,7 +271,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.queue_bound = args.queue.max(1);
     config.notify.attempts = args.notify_attempts.max(1);
     config.limits = args.limits.limits();
-    config.sources.allow_hosts = args.watermark_hosts.clone();
+    config.sources.allow_hosts = args
+        .watermark_hosts
+        .iter()
+        .filter(|h| !h.trim().is_empty())
+        .map(|h| imgfunc::cloudfunc::allow_list_entry(h).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
     config.sources.allow_private = args.watermark_allow_private;
     config.sources.self_urls = vec![format!("http://{}", args.listen)];
     let store: Arc<dyn ObjectStore> = match &args.s3_endpoint {

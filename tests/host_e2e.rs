@@ -222,6 +222,19 @@ async fn upload_under_thumbs_rule(
     host
 }
 
+/// The dead-letter file's records, once there are `n` of them.
+async fn dead_letters(path: &std::path::Path, n: usize) -> Vec<Value> {
+    eventually(&format!("{n} dead-letter record(s)"), || {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let records: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each dead letter is a JSON line"))
+            .collect();
+        std::future::ready((records.len() >= n).then_some(records))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_to_a_hanging_receiver_ends_in_the_dead_letter_file() {
     let receiver = Receiver::start(Behaviour::Hang).await;
@@ -232,16 +245,7 @@ async fn notify_to_a_hanging_receiver_ends_in_the_dead_letter_file() {
     config.notify.delay = Duration::from_millis(100);
     let host = upload_under_thumbs_rule(config, "resize:w_100|format:t_png", &receiver).await;
 
-    let path = host.dead_letter_path();
-    let records: Vec<Value> = eventually("a dead-letter record", || {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let records: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each dead letter is a JSON line"))
-            .collect();
-        std::future::ready((!records.is_empty()).then_some(records))
-    })
-    .await;
+    let records = dead_letters(&host.dead_letter_path(), 1).await;
     assert_eq!(records.len(), 1, "{records:?}");
     let record = &records[0];
     assert_eq!(record["url"], receiver.url);
@@ -265,6 +269,47 @@ async fn notify_to_a_hanging_receiver_ends_in_the_dead_letter_file() {
     assert!(payload["duration_ms"].is_number());
     assert_eq!(receiver.hits(), 2, "exactly the configured attempts");
     assert!(receiver.bodies().is_empty());
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_under_way_are_bounded_and_the_rest_wait_their_turn() {
+    // A receiver that never answers holds each delivery for its whole
+    // timeout; with room for two, two requests are open at a time, the
+    // other invocations wait for their turn, and every payload still ends
+    // in the dead-letter file.
+    let receiver = Receiver::start(Behaviour::Hang).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.notify.attempts = 1;
+    config.notify.timeout = Duration::from_millis(700);
+    config.notify.max_in_flight = 2;
+    let host = TestHost::local(config).await;
+    let rules = json!({"notifications": [{
+        "id": "hook", "event_types": ["create_object"],
+        "cloudfunc": "notifier", "notify_url": receiver.url}]});
+    assert_eq!(host.set_rules("busy", &rules).await.status(), 200);
+    let events: Vec<Value> = (0..5)
+        .map(|i| json!({"event_type": "create_object", "bucket_name": "busy", "object_key": format!("{i}.jpg")}))
+        .collect();
+    assert_eq!(host.post_events(&json!(events)).await.status(), 202);
+
+    eventually("two requests at the receiver", || {
+        std::future::ready((receiver.hits() == 2).then_some(()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.hits(), 2, "no third request while two are open");
+
+    let records = dead_letters(&host.dead_letter_path(), 5).await;
+    assert_eq!(records.len(), 5, "{records:?}");
+    let mut keys: Vec<&str> = records
+        .iter()
+        .map(|r| r["payload"]["event"]["key"].as_str().unwrap())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["0.jpg", "1.jpg", "2.jpg", "3.jpg", "4.jpg"]);
+    assert_eq!(receiver.hits(), 5, "one attempt each, two at a time");
     host.stop().await;
 }
 
@@ -531,4 +576,38 @@ async fn clients_cannot_forge_the_loop_guard_chain() {
     assert_eq!(head.headers()["x-amz-meta-owner"], "alice");
     assert!(head.headers().get("x-amz-meta-imgfunc-chain").is_none());
     host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_does_not_hold_the_shutdown_past_its_drain_timeout() {
+    use tokio::io::AsyncWriteExt;
+    // A client that sends half an upload and then nothing: the shutdown
+    // waits the drain timeout for it, then goes on, and the half object is
+    // not stored.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.drain_timeout = Duration::from_millis(500);
+    let host = TestHost::local(config).await;
+    let mut client = tokio::net::TcpStream::connect(host.addr).await.unwrap();
+    client
+        .write_all(b"PUT /photos/half.jpg HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    client.write_all(&[0u8; 50_000]).await.unwrap();
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let data_dir = host.data_dir.clone();
+    let started = std::time::Instant::now();
+    host.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450),
+        "the open request was given its drain time: {took:?}"
+    );
+    assert!(
+        !data_dir.join("photos/half.jpg").exists(),
+        "half an upload is not an object"
+    );
+    drop(client);
 }

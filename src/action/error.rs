@@ -33,6 +33,12 @@ pub enum ActionError {
         value: String,
         allowed: String,
     },
+    #[error("too many operations: at most {max}{what} per action, got {count}")]
+    TooMany {
+        what: &'static str,
+        max: usize,
+        count: usize,
+    },
     #[error("{op}: {message}")]
     Conflict {
         op: &'static str,

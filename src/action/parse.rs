@@ -17,16 +17,43 @@ const MAX_DPI: u32 = 2400;
 /// clipped to the image, so the length bounds the work.
 const MAX_WATERMARK_CHARS: usize = 1000;
 
+/// The most operations one action may hold: each may work on the whole
+/// image, so the count bounds an event's work (a rule's body may be 2 MiB).
+pub(super) const MAX_OPERATIONS: usize = 32;
+
+/// The most `watermark_image` operations in one action: their images (up
+/// to 10 MiB each) are all fetched before the image work starts.
+pub(super) const MAX_WATERMARK_IMAGES: usize = 4;
+
 pub(super) fn parse(input: &str) -> Result<Action, ActionError> {
     let input = input.trim();
     if input.is_empty() {
         return Err(ActionError::Empty);
+    }
+    let count = input.split('|').count();
+    if count > MAX_OPERATIONS {
+        return Err(ActionError::TooMany {
+            what: "",
+            max: MAX_OPERATIONS,
+            count,
+        });
     }
     let ops = input
         .split('|')
         .enumerate()
         .map(|(i, part)| parse_op(i + 1, part.trim()))
         .collect::<Result<Vec<_>, _>>()?;
+    let images = ops
+        .iter()
+        .filter(|op| matches!(op, Op::WatermarkImage(_)))
+        .count();
+    if images > MAX_WATERMARK_IMAGES {
+        return Err(ActionError::TooMany {
+            what: " watermark_image operations",
+            max: MAX_WATERMARK_IMAGES,
+            count: images,
+        });
+    }
     Ok(Action { ops })
 }
 

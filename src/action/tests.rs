@@ -36,6 +36,29 @@ fn parses_the_readme_pipeline() {
 }
 
 #[test]
+fn the_number_of_operations_is_bounded() {
+    let ok = vec!["rotate:a_90"; parse::MAX_OPERATIONS].join("|");
+    assert_eq!(Action::parse(&ok).unwrap().ops.len(), parse::MAX_OPERATIONS);
+    let over = vec!["rotate:a_90"; parse::MAX_OPERATIONS + 1].join("|");
+    assert_eq!(
+        err(&over),
+        "too many operations: at most 32 per action, got 33"
+    );
+    // A rule body may be 2 MiB: refused before any operation is parsed.
+    let huge = vec!["rotate:a_90"; 100_000].join("|");
+    assert!(err(&huge).ends_with("got 100000"));
+
+    let mark = "watermark_image:u_czM6Ly9tL2EucG5n";
+    let four = [mark; parse::MAX_WATERMARK_IMAGES].join("|");
+    assert!(Action::parse(&four).is_ok());
+    let five = [mark; parse::MAX_WATERMARK_IMAGES + 1].join("|");
+    assert_eq!(
+        err(&five),
+        "too many operations: at most 4 watermark_image operations per action, got 5"
+    );
+}
+
+#[test]
 fn rotate_error_names_op_key_value_and_allowed() {
     assert_eq!(
         err("rotate:a_45"),
@@ -207,7 +230,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
 
 proptest! {
     #[test]
-    fn printing_round_trips(ops in prop::collection::vec(arb_op(), 1..6)) {
+    fn printing_round_trips(ops in prop::collection::vec(arb_op(), 1..=parse::MAX_WATERMARK_IMAGES)) {
         let action = Action { ops };
         let printed = action.to_string();
         let reparsed = Action::parse(&printed).unwrap();

@@ -161,10 +161,24 @@ impl WatermarkSources {
     async fn fetch_remote(&self, url: Url) -> Result<Vec<u8>, String> {
         let host = url.host_str().unwrap_or_default().to_string();
         let port = url.port_or_known_default().unwrap_or(443);
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        // An address in the URL (`[::1]` for IPv6) is used as it is.
+        let literal = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(&host)
+            .parse::<IpAddr>();
+        let addrs: Vec<SocketAddr> = match literal {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            // The lookup counts against the fetch's time like the request.
+            Err(_) => tokio::time::timeout(
+                self.config.timeout,
+                tokio::net::lookup_host((host.as_str(), port)),
+            )
             .await
+            .map_err(|_| format!("cannot resolve {host} within {:?}", self.config.timeout))?
             .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .collect();
+            .collect(),
+        };
         let addr = addrs
             .iter()
             .copied()
@@ -172,10 +186,13 @@ impl WatermarkSources {
             .ok_or_else(|| {
                 format!("{host} resolves only to private, loopback or link-local addresses")
             })?;
-        // Pin the checked address so a second lookup cannot swap it.
+        // Pin the checked address so a second lookup cannot swap it, and
+        // connect to it directly: a proxy from the environment would look
+        // the name up again, past the check.
         let client = reqwest::Client::builder()
             .timeout(self.config.timeout)
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .resolve(&host, addr)
             .build()
             .map_err(|e| e.to_string())?;
@@ -202,6 +219,33 @@ impl WatermarkSources {
             }
         }
         Ok(body)
+    }
+}
+
+/// An entry of the watermark allow-list as [`SourceConfig::allow_hosts`]
+/// holds it (lowercase; an IPv6 address in brackets, as URLs give it), or
+/// why it cannot be one: a host name or address, without scheme or port.
+pub fn allow_list_entry(entry: &str) -> Result<String, String> {
+    let host = entry.trim().to_ascii_lowercase();
+    if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
+        return Ok(format!("[{ip}]"));
+    }
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    if let Some(ip) = bare.and_then(|h| h.parse::<std::net::Ipv6Addr>().ok()) {
+        return Ok(format!("[{ip}]"));
+    }
+    match Url::parse(&format!("http://{host}/")) {
+        Ok(url)
+            if !host.is_empty()
+                && url.port().is_none()
+                && url.host_str() == Some(host.as_str()) =>
+        {
+            Ok(host)
+        }
+        _ => Err(format!(
+            "watermark host `{}` is not a host name or address (no scheme, port or path)",
+            entry.trim()
+        )),
     }
 }
 
@@ -372,6 +416,59 @@ mod tests {
             err,
             "marks/big.png is 1001 bytes, over the 1000-byte watermark cap"
         );
+    }
+
+    #[test]
+    fn allow_list_entries_are_host_names_or_addresses() {
+        assert_eq!(
+            allow_list_entry(" CDN.example.com ").unwrap(),
+            "cdn.example.com"
+        );
+        assert_eq!(allow_list_entry("192.0.2.7").unwrap(), "192.0.2.7");
+        assert_eq!(allow_list_entry("2001:DB8::1").unwrap(), "[2001:db8::1]");
+        assert_eq!(allow_list_entry("[2001:db8::1]").unwrap(), "[2001:db8::1]");
+        for bad in [
+            "",
+            " ",
+            "cdn.example.com:8443",
+            "https://cdn.example.com",
+            "a/b",
+            "a b",
+        ] {
+            let err = allow_list_entry(bad).unwrap_err();
+            assert!(err.contains("no scheme, port or path"), "{bad:?}: {err}");
+        }
+        // An entry matches the URLs it names.
+        let s = WatermarkSources::new(SourceConfig {
+            allow_hosts: vec![allow_list_entry("2001:db8::1").unwrap()],
+            ..SourceConfig::default()
+        });
+        assert!(matches!(
+            s.classify("http://[2001:db8::1]/m.png"),
+            Ok(Source::Remote(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_allow_listed_ip_literal_is_fetched_from_that_address() {
+        // Served by a real HTTP server on IPv6 loopback; before, the URL's
+        // bracketed host was handed to the resolver and never fetched.
+        let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
+            eprintln!("no IPv6 loopback here; skipped");
+            return;
+        };
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/m.png", axum::routing::get(|| async { "mark" }));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let s = WatermarkSources::new(SourceConfig {
+            allow_hosts: vec![allow_list_entry("::1").unwrap()],
+            allow_private: true,
+            ..SourceConfig::default()
+        });
+        let store = crate::store::LocalStore::new(std::env::temp_dir());
+        let url = format!("http://[::1]:{}/m.png", addr.port());
+        assert_eq!(s.fetch(&store, &url).await.unwrap(), b"mark");
+        server.abort();
     }
 
     #[tokio::test]

@@ -179,16 +179,35 @@ impl Host {
             workers = state.config.workers,
             "serving"
         );
+        let drain = state.config.drain_timeout;
         let flag = state.clone();
+        let (signalled, on_signal) = tokio::sync::oneshot::channel();
         let shutdown = async move {
             shutdown.await;
             flag.ready.store(false, Ordering::SeqCst);
+            let _ = signalled.send(());
         };
-        axum::serve(self.listener, app)
+        let serve = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
-            .await?;
+            .into_future();
+        // Open requests get the drain timeout to finish: a client that stops
+        // reading a download or sending an upload does not hold the
+        // shutdown for ever. Those still open when it ends are cut off as
+        // the process exits.
+        let cut_off = async move {
+            if on_signal.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(drain).await;
+        };
+        tokio::select! {
+            served = serve => served?,
+            () = cut_off => tracing::warn!(
+                ?drain,
+                "shutting down: requests still open after the drain timeout are cut off"
+            ),
+        }
         tracing::info!("shutting down: finishing queued work");
-        let drain = state.config.drain_timeout;
         // Requests' own work first: a PUT still sends its event to the queue.
         state.detached.close();
         if tokio::time::timeout(drain, state.detached.wait())

@@ -183,20 +183,25 @@ impl Workers {
     /// so that events fired by outputs during the drain still run, then
     /// closes the queue and waits for the notifications in flight.
     pub async fn finish(mut self, timeout: Duration) {
+        // Notifications being waited for; kept out here so that a timeout
+        // can stop them.
+        let mut delivering = JoinSet::new();
         let wait = async {
             while !self.state.queue.idle() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             self.state.queue.close();
             while self.tasks.join_next().await.is_some() {}
-            take(&self.deliveries).join_all().await;
+            delivering = take(&self.deliveries);
+            while delivering.join_next().await.is_some() {}
         };
         if tokio::time::timeout(timeout, wait).await.is_err() {
             self.state.queue.close();
             // Work and notifications still under way stop here, and the
             // notifications go to the dead-letter file, as undelivered ones
-            // do; stopped first, so that none starts or ends meanwhile.
+            // do; stopped first, so that none starts meanwhile.
             self.tasks.shutdown().await;
+            delivering.shutdown().await;
             take(&self.deliveries).shutdown().await;
             let kept = self.state.notifier.abandon_pending().await;
             tracing::warn!(
@@ -257,10 +262,18 @@ async fn run_job(
         if result.status != Status::Skipped
             && let Some(url) = job.rule.notify_url.clone()
         {
+            // Waits while the deliveries under way are at their bound.
+            let permit = state.notifier.reserve().await;
             let state = state.clone();
             if let Ok(mut set) = deliveries.lock() {
                 while set.try_join_next().is_some() {}
-                set.spawn(async move { deliver(&state, &url, &result).await }.in_current_span());
+                set.spawn(
+                    async move {
+                        let _permit = permit;
+                        deliver(&state, &url, &result).await
+                    }
+                    .in_current_span(),
+                );
             }
         }
     }

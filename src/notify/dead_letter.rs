@@ -55,8 +55,30 @@ fn append_line(path: &std::path::Path, line: &[u8]) -> io::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent)?;
     }
-    let mut file = OpenOptions::new().create(true).append(true).open(path)?;
-    file.write_all(line)?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    // A record cut short (a full disk, a crash mid-write) must not swallow
+    // the next one: it starts on a line of its own.
+    let mut last = [0u8; 1];
+    let cut_short = len > 0 && {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut last, len - 1)?;
+        last[0] != b'\n'
+    };
+    let mut record = Vec::with_capacity(line.len() + 1);
+    if cut_short {
+        record.push(b'\n');
+    }
+    record.extend_from_slice(line);
+    if let Err(error) = file.write_all(&record) {
+        // Take back what part of it went in, so the file keeps whole lines.
+        let _ = file.set_len(len);
+        return Err(error);
+    }
     file.sync_data()
 }
 
@@ -94,6 +116,38 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_record_cut_short_does_not_swallow_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dead-letter.jsonl");
+        let letters = DeadLetters::new(path.clone());
+        letters
+            .append("http://a/", 1, "first", &json!({"n": 1}))
+            .await
+            .unwrap();
+        // What a write stopped by a full disk or a crash leaves behind.
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(br#"{"time":"2024-"#).unwrap();
+        letters
+            .append("http://b/", 2, "second", &json!({"n": 2}))
+            .await
+            .unwrap();
+        letters
+            .append("http://c/", 3, "third", &json!({"n": 3}))
+            .await
+            .unwrap();
+
+        let text = fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[1], r#"{"time":"2024-"#);
+        for (line, n) in [(lines[0], 1), (lines[2], 2), (lines[3], 3)] {
+            let record: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(record["payload"]["n"], n);
+        }
+        assert!(text.ends_with('\n'));
+    }
 
     #[test]
     fn rfc3339_formats_utc() {

@@ -12,13 +12,14 @@ mod dead_letter;
 use std::collections::HashMap;
 use std::error::Error as _;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
 use thiserror::Error;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use dead_letter::DeadLetters;
 
@@ -26,6 +27,11 @@ use dead_letter::DeadLetters;
 pub const DEFAULT_ATTEMPTS: u32 = 3;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DELAY: Duration = Duration::from_secs(1);
+/// Deliveries under way at once. Each holds a connection for up to
+/// `attempts x timeout` (17 s by default against a receiver that never
+/// answers), so without a bound a dead receiver at a few hundred events a
+/// second would hold thousands of sockets.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
 
 /// How deliveries are attempted and where failures are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +44,8 @@ pub struct NotifyConfig {
     pub delay: Duration,
     /// JSON-lines file that receives every payload that could not be delivered.
     pub dead_letter: PathBuf,
+    /// Deliveries under way at once; see [`Notifier::reserve`]. 0 counts as 1.
+    pub max_in_flight: usize,
 }
 
 impl NotifyConfig {
@@ -48,6 +56,7 @@ impl NotifyConfig {
             timeout: DEFAULT_TIMEOUT,
             delay: DEFAULT_DELAY,
             dead_letter: dead_letter.into(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -91,6 +100,13 @@ pub struct Notifier {
     /// file ([`Notifier::abandon_pending`]).
     pending: Mutex<HashMap<u64, Pending>>,
     next_delivery: AtomicU64,
+    in_flight: Arc<Semaphore>,
+}
+
+/// Leave to run one delivery; see [`Notifier::reserve`].
+#[derive(Debug)]
+pub struct DeliveryPermit {
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -121,12 +137,25 @@ impl Notifier {
             .build()
             .map_err(NotifyError::Client)?;
         Ok(Notifier {
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             client,
             dead_letters: DeadLetters::new(config.dead_letter.clone()),
             config,
             pending: Mutex::new(HashMap::new()),
             next_delivery: AtomicU64::new(0),
         })
+    }
+
+    /// Waits until fewer than [`NotifyConfig::max_in_flight`] deliveries
+    /// are under way; hold the permit for the whole [`Notifier::deliver`].
+    /// The host's workers take it before they go on to the next job, so a
+    /// slow or dead receiver slows the work down (the queue fills and new
+    /// events are refused with 503) rather than piling up connections.
+    pub async fn reserve(&self) -> DeliveryPermit {
+        // The semaphore is never closed, so this only waits.
+        DeliveryPermit {
+            _permit: self.in_flight.clone().acquire_owned().await.ok(),
+        }
     }
 
     /// The configuration in use.
@@ -159,8 +188,21 @@ impl Notifier {
             );
         }
         let result = self.deliver_tracked(id, url, payload).await;
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.remove(&id);
+        // Whoever takes the delivery out of `pending` keeps its record: a
+        // shutdown that abandoned it has written it already.
+        let claimed = self
+            .pending
+            .lock()
+            .map(|mut pending| pending.remove(&id).is_some())
+            .unwrap_or(true);
+        if let Err(NotifyError::Failed {
+            attempts,
+            last_error,
+            ..
+        }) = &result
+            && claimed
+        {
+            self.give_up(url, *attempts, last_error, payload).await;
         }
         result
     }
@@ -168,7 +210,7 @@ impl Notifier {
     /// Writes every delivery still under way to the dead-letter file, for a
     /// shutdown that has stopped them: each record's error says so. Call it
     /// once the deliveries are aborted; one still running could succeed and
-    /// be kept as well.
+    /// be kept as well, but one that fails after this is not kept twice.
     pub async fn abandon_pending(&self) -> usize {
         let pending: Vec<Pending> = match self.pending.lock() {
             Ok(mut map) => map.drain().map(|(_, p)| p).collect(),
@@ -224,7 +266,6 @@ impl Notifier {
                 }
             }
         }
-        self.give_up(url, made, &last_error, payload).await;
         Err(NotifyError::Failed {
             url: url.to_string(),
             attempts: made,

@@ -84,6 +84,7 @@ fn config(dir: &Path) -> NotifyConfig {
         timeout: Duration::from_millis(200),
         delay: Duration::from_millis(20),
         dead_letter: dir.join("state/dead-letter.jsonl"),
+        max_in_flight: DEFAULT_MAX_IN_FLIGHT,
     }
 }
 
@@ -292,4 +293,41 @@ async fn concurrent_failures_append_whole_lines() {
         .collect();
     seen.sort_unstable();
     assert_eq!(seen, (0..16).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_delivery_abandoned_by_a_shutdown_is_kept_once() {
+    // The shutdown keeps the delivery while it waits between attempts; its
+    // last attempt then fails too, and does not keep it a second time.
+    let dir = tempfile::tempdir().unwrap();
+    let notifier = Arc::new(
+        Notifier::new(NotifyConfig {
+            attempts: 2,
+            delay: Duration::from_millis(400),
+            ..config(dir.path())
+        })
+        .unwrap(),
+    );
+    let url = closed_port_url();
+    let task = {
+        let notifier = Arc::clone(&notifier);
+        let url = url.clone();
+        tokio::spawn(async move { notifier.deliver(&url, &payload()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(notifier.abandon_pending().await, 1);
+    let err = task.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, NotifyError::Failed { attempts: 2, .. }),
+        "{err}"
+    );
+    let letters = dead_letters(notifier.config());
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["attempts"], 1);
+    assert!(
+        letters[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("shutdown")
+    );
 }

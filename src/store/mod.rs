@@ -23,8 +23,7 @@ mod validate;
 pub use error::StoreError;
 pub use local::{LocalStore, MetadataPlace};
 pub use s3::S3Store;
-pub(crate) use validate::validate_local_key;
-pub use validate::{MAX_USER_METADATA_BYTES, validate_bucket, validate_key};
+pub use validate::{MAX_USER_METADATA_BYTES, validate_bucket, validate_key, validate_local_key};
 
 use bytes::Bytes;
 use std::collections::BTreeMap;

@@ -63,7 +63,7 @@ pub fn validate_bucket(bucket: &str) -> Result<(), StoreError> {
 
 /// The local store's rules on top of [`validate_key`]: the key must be a
 /// relative path of plain segments that stays inside its bucket folder.
-pub(crate) fn validate_local_key(key: &str) -> Result<(), StoreError> {
+pub fn validate_local_key(key: &str) -> Result<(), StoreError> {
     validate_key(key)?;
     if key.starts_with('/') {
         return Err(StoreError::invalid_key(

@@ -1,0 +1,133 @@
+//! The `imgfunc process` command line, run as a user runs it: the real
+//! binary, real files, its exit status and messages.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/images")
+        .join(name)
+}
+
+/// Runs `imgfunc ARGS`, feeding `stdin` when given.
+fn imgfunc(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imgfunc"))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run imgfunc");
+    if let Some(bytes) = stdin {
+        // The process may stop reading early (a refused input): a broken
+        // pipe here is its answer, not the test's failure.
+        let _ = child.stdin.take().unwrap().write_all(bytes);
+    }
+    child.wait_with_output().expect("imgfunc output")
+}
+
+/// `imgfunc process -a ACTION INPUT -o OUTPUT --store STORE`.
+fn process_into(store: &Path, action: &str, input: &Path, output: &Path) -> Output {
+    let path = |p: &Path| p.to_str().expect("a UTF-8 path").to_string();
+    let args = [
+        "process",
+        "-a",
+        action,
+        &path(input),
+        "-o",
+        &path(output),
+        "--store",
+        &path(store),
+    ];
+    imgfunc(&args, None)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn saves_stay_inside_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let input = fixture("storm.jpg");
+    for save in [
+        "save:b_..,k_escaped.jpg",
+        "save:b_out,k_../escaped.jpg",
+        "save:b_out,k_/tmp/escaped.jpg",
+    ] {
+        let out = process_into(
+            &store,
+            &format!("resize:w_50|{save}"),
+            &input,
+            &dir.path().join("out.jpg"),
+        );
+        assert!(!out.status.success(), "{save} was accepted");
+        let err = stderr(&out);
+        assert!(err.contains("save:"), "{save}: {err}");
+        assert!(
+            !dir.path().join("escaped.jpg").exists(),
+            "{save} wrote outside the store"
+        );
+        assert!(
+            !dir.path().join("out.jpg").exists(),
+            "{save}: nothing is written"
+        );
+    }
+    assert!(!Path::new("/tmp/escaped.jpg").exists());
+
+    // A plain save lands in DIR/<bucket>/<key>.
+    let action = "resize:w_50|save:b_out,k_small/s.jpg";
+    let out = process_into(&store, action, &input, &dir.path().join("out.jpg"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let saved = image::open(store.join("out/small/s.jpg")).unwrap();
+    assert_eq!(saved.width(), 50);
+}
+
+#[test]
+fn stdin_is_held_to_the_input_limit_like_a_file() {
+    // A thumbnail of a progressive JPEG reads only its DC scans; from
+    // stdin, it still may not be larger than --max-input-bytes.
+    let input = std::fs::read(fixture("wood-progressive-1280.jpg")).unwrap();
+    let limit = (input.len() / 2).to_string();
+    let args = [
+        "process",
+        "-a",
+        "resize:w_100",
+        "-",
+        "--max-input-bytes",
+        &limit,
+    ];
+    let out = imgfunc(&args, Some(&input));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("stdin") && err.contains(&limit), "{err}");
+
+    let path = fixture("wood-progressive-1280.jpg");
+    let file_args = [
+        "process",
+        "-a",
+        "resize:w_100",
+        path.to_str().unwrap(),
+        "--max-input-bytes",
+        &limit,
+    ];
+    let out = imgfunc(&file_args, None);
+    assert!(
+        !out.status.success(),
+        "a file over the limit is refused too"
+    );
+
+    // Within the limit, stdin works and gives the thumbnail.
+    let out = imgfunc(&["process", "-a", "resize:w_100", "-"], Some(&input));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let thumb = image::load_from_memory(&out.stdout).unwrap();
+    assert_eq!(thumb.width(), 100);
+}
