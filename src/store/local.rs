@@ -34,7 +34,9 @@
 //! filesystem allows (else a temporary name, `.imgfunc-tmp-*`, hidden from
 //! listings), are flushed to disk (writes that come together share one
 //! flush: [`super::flush`]) and are then linked or renamed into place, so
-//! readers never see half an object. Within one process, a put and a get of
+//! readers never see half an object; the folder is flushed after that, and
+//! after a delete, so that what a caller is told is done survives a crash.
+//! Within one process, a put and a get of
 //! the same key are also ordered, so bytes and a sidecar are read as one
 //! version. All file I/O runs on tokio's blocking pool.
 //!
@@ -287,12 +289,13 @@ impl ObjectStore for LocalStore {
     fn delete(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let target = self.target(bucket, key);
         let lock = self.lock(bucket, key);
+        let flush = Arc::clone(&self.flush);
         Box::pin(async move {
             let target = target?;
             let guard = lock.write_owned().await;
             blocking(move || {
                 let _guard = guard;
-                delete_object(&target)
+                delete_object(&target, &flush)
             })
             .await
         })
@@ -449,7 +452,7 @@ fn write_object(
     if write_atomic(&target.object, bytes, attribute, flush)? {
         // The new file carries its metadata; an older sidecar would only
         // confuse a later reader of the folder.
-        return remove_file_if_present(&target.sidecar, "remove the old sidecar");
+        return remove_file_if_present(&target.sidecar, "remove the old sidecar").map(drop);
     }
     clear_stale_sidecars(target)?;
     write_atomic(&target.sidecar, &json, None, flush)?;
@@ -581,6 +584,10 @@ fn write_staged(
         flush.flush(&staged.file)?;
         linking = true;
         staged.publish(path)?;
+        linking = false;
+        // The name goes to disk too before the write is reported, so an
+        // object a client was told about survives a crash.
+        flush_folder(dir, flush)?;
         Ok(stored)
     };
     match write() {
@@ -750,28 +757,49 @@ impl Staged {
     }
 }
 
-fn delete_object(target: &Target) -> Result<(), StoreError> {
+fn delete_object(target: &Target, flush: &GroupFlush) -> Result<(), StoreError> {
     if !target.bucket_dir.is_dir() {
         return Err(StoreError::no_such_bucket(&target.bucket));
     }
-    remove_file_if_present(&target.object, "delete")?;
-    remove_file_if_present(&target.sidecar, "delete sidecar")?;
+    let removed = remove_file_if_present(&target.object, "delete")?;
+    let removed_sidecar = remove_file_if_present(&target.sidecar, "delete sidecar")?;
     prune_empty_folders(&target.object, &target.bucket_dir);
     prune_empty_folders(&target.sidecar, &target.meta_bucket_dir);
+    // The removal goes to disk before it is reported (and its event fires),
+    // so a deleted object does not come back after a crash.
+    for (gone, path) in [
+        (removed, &target.object),
+        (removed_sidecar, &target.sidecar),
+    ] {
+        if let Some(folder) = path
+            .ancestors()
+            .skip(1)
+            .find(|d| d.is_dir())
+            .filter(|_| gone)
+        {
+            flush_folder(folder, flush).map_err(|e| StoreError::io("delete", path, e))?;
+        }
+    }
     Ok(())
 }
 
-fn remove_file_if_present(path: &Path, op: &'static str) -> Result<(), StoreError> {
+/// Flushes `folder`'s entries (a new or removed name) with the group flush.
+fn flush_folder(folder: &Path, flush: &GroupFlush) -> io::Result<()> {
+    flush.flush(&std::fs::File::open(folder)?)
+}
+
+/// Removes the file at `path` if there is one; says whether it did.
+fn remove_file_if_present(path: &Path, op: &'static str) -> Result<bool, StoreError> {
     match std::fs::symlink_metadata(path) {
         Ok(stat) if !stat.is_dir() => {}
         // A folder of longer keys, or nothing: no object to delete.
-        Ok(_) => return Ok(()),
-        Err(e) if is_missing_path(&e) => return Ok(()),
+        Ok(_) => return Ok(false),
+        Err(e) if is_missing_path(&e) => return Ok(false),
         Err(e) => return Err(StoreError::io(op, path, e)),
     }
     match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if is_missing_path(&e) => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if is_missing_path(&e) => Ok(false),
         Err(e) => Err(StoreError::io(op, path, e)),
     }
 }
@@ -1299,6 +1327,41 @@ mod tests {
             ["photos/sub/c.jpg"]
         );
         assert!(store.list("b", "nothing").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn names_are_flushed_before_a_write_or_delete_is_reported() {
+        // Each write flushes its file, then the folder that names it; a
+        // delete flushes the folder it removed the name from.
+        let (dir, store) = store();
+        if !takes_attributes(dir.path()) {
+            eprintln!("no user attributes here: sidecar writes add their own flushes; skipped");
+            return;
+        }
+        let put = |key: &'static str| {
+            store.put("b", key, Bytes::from_static(b"x"), opts("text/plain", &[]))
+        };
+        put("a/k").await.unwrap();
+        assert_eq!(store.flush.counts().0, 2, "the file and its folder");
+        put("a/k").await.unwrap();
+        assert_eq!(store.flush.counts().0, 4, "a replacement too");
+        store.delete("b", "a/k").await.unwrap();
+        assert_eq!(
+            store.flush.counts().0,
+            5,
+            "the folder left after the delete"
+        );
+        assert!(store.root().join("b").is_dir());
+        assert!(
+            !store.root().join("b/a").exists(),
+            "the empty folder was pruned"
+        );
+        store.delete("b", "a/k").await.unwrap();
+        assert_eq!(
+            store.flush.counts().0,
+            5,
+            "nothing removed, nothing flushed"
+        );
     }
 
     #[tokio::test]
