@@ -489,11 +489,20 @@ fn check_not_shadowed(target: &Target) -> Result<(), StoreError> {
         }
         prefix.push_str(segment);
         let path = target.bucket_dir.join(&prefix);
-        let Ok(stat) = std::fs::metadata(&path) else {
+        let last = segments.peek().is_none();
+        // A folder is looked at itself, not through a link (see below).
+        let stat = if last {
+            std::fs::metadata(&path)
+        } else {
+            std::fs::symlink_metadata(&path)
+        };
+        let Ok(stat) = stat else {
             // Missing (or unreadable, which the write will report): no clash.
             return Ok(());
         };
-        let last = segments.peek().is_none();
+        if !last && stat.file_type().is_symlink() {
+            return Err(linked_folder(target, &prefix));
+        }
         if last && stat.is_dir() {
             return Err(StoreError::invalid_key(
                 &target.key,
@@ -509,6 +518,42 @@ fn check_not_shadowed(target: &Target) -> Result<(), StoreError> {
                     "the local store keeps keys as files and folders, and {prefix:?} is already an object"
                 ),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Links the operator placed under the root are followed when reading;
+/// writes and deletes do not go through a linked folder, which could lead
+/// anywhere on the machine.
+fn linked_folder(target: &Target, prefix: &str) -> StoreError {
+    StoreError::invalid_key(
+        &target.key,
+        format!(
+            "{prefix:?} is a link to a folder; the local store writes and deletes only in its own folders"
+        ),
+    )
+}
+
+/// The first folder of `target`'s key that is a link, for a delete (a
+/// write finds it in [`check_not_shadowed`]).
+fn check_no_linked_folder(target: &Target) -> Result<(), StoreError> {
+    let mut prefix = String::new();
+    let mut segments = target.key.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        if segments.peek().is_none() {
+            break;
+        }
+        if !prefix.is_empty() {
+            prefix.push('/');
+        }
+        prefix.push_str(segment);
+        match std::fs::symlink_metadata(target.bucket_dir.join(&prefix)) {
+            Ok(stat) if stat.file_type().is_symlink() => {
+                return Err(linked_folder(target, &prefix));
+            }
+            Ok(_) => {}
+            Err(_) => return Ok(()),
         }
     }
     Ok(())
@@ -761,6 +806,7 @@ fn delete_object(target: &Target, flush: &GroupFlush) -> Result<(), StoreError> 
     if !target.bucket_dir.is_dir() {
         return Err(StoreError::no_such_bucket(&target.bucket));
     }
+    check_no_linked_folder(target)?;
     let removed = remove_file_if_present(&target.object, "delete")?;
     let removed_sidecar = remove_file_if_present(&target.sidecar, "delete sidecar")?;
     prune_empty_folders(&target.object, &target.bucket_dir);
@@ -1362,6 +1408,53 @@ mod tests {
             5,
             "nothing removed, nothing flushed"
         );
+    }
+
+    #[tokio::test]
+    async fn writes_and_deletes_do_not_go_through_a_linked_folder() {
+        let (dir, store) = store();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("y.txt"), b"kept").unwrap();
+        std::fs::create_dir_all(store.root().join("b")).unwrap();
+        std::os::unix::fs::symlink(&outside, store.root().join("b/shared")).unwrap();
+
+        // Reading through the operator's link works.
+        assert_eq!(
+            &store.get("b", "shared/y.txt").await.unwrap().bytes[..],
+            b"kept"
+        );
+        let err = store
+            .put(
+                "b",
+                "shared/x.txt",
+                Bytes::from_static(b"x"),
+                opts("text/plain", &[]),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("\"shared\" is a link to a folder"),
+            "{err}"
+        );
+        assert!(!outside.join("x.txt").exists());
+        let err = store.delete("b", "shared/y.txt").await.unwrap_err();
+        assert!(
+            err.to_string().contains("\"shared\" is a link to a folder"),
+            "{err}"
+        );
+        assert!(outside.join("y.txt").exists());
+        // Objects beside the link are written as usual.
+        store
+            .put(
+                "b",
+                "own/x.txt",
+                Bytes::from_static(b"x"),
+                opts("text/plain", &[]),
+            )
+            .await
+            .unwrap();
+        store.delete("b", "own/x.txt").await.unwrap();
     }
 
     #[tokio::test]
