@@ -905,6 +905,13 @@ fn list_objects(
             Ok(reader) => reader,
             // Pruned by a concurrent delete.
             Err(e) if is_missing_path(&e) => continue,
+            // A subfolder the server may not read (a mount point's
+            // `lost+found`) holds no objects it could serve: skipped, as
+            // unreadable files are. The bucket folder itself must be read.
+            Err(e) if dir != bucket_dir && e.kind() == ErrorKind::PermissionDenied => {
+                tracing::warn!(folder = %dir.display(), "listing skips a folder it may not read");
+                continue;
+            }
             Err(e) => return Err(StoreError::io("list", &dir, e)),
         };
         for entry in reader {
@@ -1455,6 +1462,41 @@ mod tests {
             .await
             .unwrap();
         store.delete("b", "own/x.txt").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn listing_skips_a_folder_it_may_not_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, store) = store();
+        let put = |key: &'static str| {
+            store.put("b", key, Bytes::from_static(b"x"), opts("text/plain", &[]))
+        };
+        put("a.txt").await.unwrap();
+        put("c/d.txt").await.unwrap();
+        let closed = store.root().join("b/lost+found");
+        std::fs::create_dir(&closed).unwrap();
+        std::fs::write(closed.join("e.txt"), b"x").unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let open = std::fs::Permissions::from_mode(0o755);
+        std::fs::set_permissions(dir.path(), open.clone()).unwrap();
+        // Listed by a thread whose file access is checked as another user's
+        // (root reads every folder): `setfsuid` is per thread.
+        let bucket_dir = store.root().join("b");
+        let listed = std::thread::spawn(move || {
+            // SAFETY: changes only this thread's filesystem user id.
+            unsafe { libc::setfsuid(65534) };
+            assert!(
+                std::fs::read_dir(&closed).is_err(),
+                "the folder is closed to this thread"
+            );
+            let listed = list_objects("b", &bucket_dir, "");
+            (listed, closed)
+        })
+        .join()
+        .unwrap();
+        std::fs::set_permissions(&listed.1, open).unwrap();
+        let keys: Vec<String> = listed.0.unwrap().into_iter().map(|e| e.key).collect();
+        assert_eq!(keys, ["a.txt", "c/d.txt"]);
     }
 
     #[tokio::test]
