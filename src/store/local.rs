@@ -361,7 +361,14 @@ fn read_object(target: &Target, with_bytes: bool) -> ReadResult {
 /// reading this version of the object even if it is replaced or deleted
 /// meanwhile (writes rename a new file over it).
 fn open_object(target: &Target) -> Result<(std::fs::File, ObjectMeta), StoreError> {
-    let file = match std::fs::File::open(&target.object) {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Without blocking: opening a FIFO someone left in the folder would
+    // otherwise wait for a writer for ever (holding the key's lock).
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&target.object)
+    {
         Ok(file) => file,
         Err(e) if is_missing_path(&e) => return Err(missing(target)),
         Err(e) => return Err(StoreError::io("open", &target.object, e)),
@@ -369,8 +376,9 @@ fn open_object(target: &Target) -> Result<(std::fs::File, ObjectMeta), StoreErro
     let stat = file
         .metadata()
         .map_err(|e| StoreError::io("read metadata of", &target.object, e))?;
-    if stat.is_dir() {
-        // A folder of longer keys, not an object.
+    if !stat.is_file() {
+        // A folder of longer keys, or a FIFO, socket or device: not an
+        // object (listings leave them out too).
         return Err(missing(target));
     }
     let stored = match read_xattr(&file, &target.object)? {
@@ -1497,6 +1505,29 @@ mod tests {
         std::fs::set_permissions(&listed.1, open).unwrap();
         let keys: Vec<String> = listed.0.unwrap().into_iter().map(|e| e.key).collect();
         assert_eq!(keys, ["a.txt", "c/d.txt"]);
+    }
+
+    #[tokio::test]
+    async fn a_fifo_in_a_bucket_folder_is_no_object_and_blocks_nothing() {
+        let (_dir, store) = store();
+        std::fs::create_dir_all(store.root().join("b")).unwrap();
+        let fifo = std::ffi::CString::new(
+            store
+                .root()
+                .join("b/pipe")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let got =
+            tokio::time::timeout(std::time::Duration::from_secs(5), store.get("b", "pipe")).await;
+        let err = got
+            .expect("the read does not wait for a writer")
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+        assert!(store.list("b", "").await.unwrap().is_empty());
     }
 
     #[tokio::test]
