@@ -623,7 +623,6 @@ fn write_staged(
         .parent()
         .ok_or_else(|| StoreError::io("write", path, ErrorKind::InvalidInput.into()))?;
     let mut staged = stage(dir, unnamed)?;
-    let mut linking = false;
     let mut write = || -> io::Result<bool> {
         staged.file.write_all(bytes)?;
         let stored = match attribute {
@@ -635,9 +634,7 @@ fn write_staged(
             None => false,
         };
         flush.flush(&staged.file)?;
-        linking = true;
         staged.publish(path)?;
-        linking = false;
         // The name goes to disk too before the write is reported, so an
         // object a client was told about survives a crash.
         flush_folder(dir, flush)?;
@@ -648,7 +645,7 @@ fn write_staged(
         // Linking through /proc can be refused where unnamed files are
         // allowed (a sandbox, /proc mounted with restrictions): the process
         // goes back to named temporary files, and this write starts over.
-        Err(e) if linking && staged.name.is_none() && link_refused(&e) => {
+        Err(e) if staged.link_failed.get() && staged.name.is_none() && link_refused(&e) => {
             UNNAMED_FILES.store(false, Ordering::Relaxed);
             drop(staged);
             write_staged(path, bytes, attribute, false, flush)
@@ -687,6 +684,10 @@ struct Staged {
     file: std::fs::File,
     /// The hidden temporary name, or `None` for an unnamed file.
     name: Option<PathBuf>,
+    /// Whether linking the unnamed file failed: only then can an error say
+    /// the system refuses such links (a refused rename over an object
+    /// does not).
+    link_failed: std::cell::Cell<bool>,
 }
 
 /// Whether unnamed files can be used: cleared for the process the first
@@ -742,7 +743,13 @@ fn stage(dir: &Path, mut unnamed: bool) -> Result<Staged, StoreError> {
             (opened, Some(tmp))
         };
         match opened {
-            Ok(file) => return Ok(Staged { file, name }),
+            Ok(file) => {
+                return Ok(Staged {
+                    file,
+                    name,
+                    link_failed: std::cell::Cell::new(false),
+                });
+            }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) if e.kind() == ErrorKind::NotFound && attempt <= PRUNE_RACE_RETRIES => {
                 std::fs::create_dir_all(dir)
@@ -805,7 +812,10 @@ impl Staged {
         if rc == 0 {
             Ok(())
         } else {
-            Err(io::Error::last_os_error())
+            let error = io::Error::last_os_error();
+            self.link_failed
+                .set(error.kind() != ErrorKind::AlreadyExists);
+            Err(error)
         }
     }
 }
@@ -1602,6 +1612,37 @@ mod tests {
         for errno in [libc::ENOSPC, libc::EIO, libc::EDQUOT, libc::EROFS] {
             assert!(!link_refused(&io::Error::from_raw_os_error(errno)));
         }
+    }
+
+    #[tokio::test]
+    async fn a_refused_rename_keeps_unnamed_files_on() {
+        // Replacing an immutable object fails at the rename, after the
+        // unnamed file was linked under a temporary name: that says
+        // nothing about linking, which later writes go on using.
+        let (_dir, store) = store();
+        let put = || store.put("b", "k", Bytes::from_static(b"x"), opts("text/plain", &[]));
+        put().await.unwrap();
+        let path = store.root().join("b/k");
+        let immutable = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status();
+        if !immutable.is_ok_and(|s| s.success()) {
+            eprintln!("chattr +i is not available here; skipped");
+            return;
+        }
+        let refused = put().await;
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&path)
+            .status();
+        let err = refused.unwrap_err();
+        assert!(err.to_string().contains("Operation not permitted"), "{err}");
+        assert!(
+            UNNAMED_FILES.load(Ordering::Relaxed),
+            "unnamed files are still in use"
+        );
+        put().await.unwrap();
     }
 
     #[test]
