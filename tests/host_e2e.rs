@@ -314,6 +314,48 @@ async fn deliveries_under_way_are_bounded_and_the_rest_wait_their_turn() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_keeps_notifications_still_waiting_for_their_turn() {
+    // Two deliveries hang at the receiver and three wait for room when the
+    // drain timeout ends: all five payloads are kept.
+    let receiver = Receiver::start(Behaviour::Hang).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.notify.timeout = Duration::from_secs(5);
+    config.notify.max_in_flight = 2;
+    config.drain_timeout = Duration::from_millis(300);
+    let host = TestHost::local(config).await;
+    let rules = json!({"notifications": [{
+        "id": "hook", "event_types": ["create_object"],
+        "cloudfunc": "notifier", "notify_url": receiver.url}]});
+    assert_eq!(host.set_rules("busy", &rules).await.status(), 200);
+    let events: Vec<Value> = (0..5)
+        .map(|i| json!({"event_type": "create_object", "bucket_name": "busy", "object_key": format!("{i}.jpg")}))
+        .collect();
+    assert_eq!(host.post_events(&json!(events)).await.status(), 202);
+    eventually("two requests at the receiver", || {
+        std::future::ready((receiver.hits() == 2).then_some(()))
+    })
+    .await;
+    let path = host.dead_letter_path();
+    host.stop().await;
+
+    let records = dead_letters(&path, 5).await;
+    assert_eq!(records.len(), 5, "{records:?}");
+    let mut keys: Vec<&str> = records
+        .iter()
+        .map(|r| r["payload"]["event"]["key"].as_str().unwrap())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["0.jpg", "1.jpg", "2.jpg", "3.jpg", "4.jpg"]);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["last_error"].as_str().unwrap().contains("shutdown"))
+    );
+    assert_eq!(receiver.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_keeps_notifications_it_cannot_wait_for() {
     // The receiver never answers and each attempt may take 5 s, but the
     // host drains for 300 ms only: the payload under way is kept in the

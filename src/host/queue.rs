@@ -262,6 +262,16 @@ async fn run_job(
         if result.status != Status::Skipped
             && let Some(url) = job.rule.notify_url.clone()
         {
+            let payload = match serde_json::to_value(&result) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    tracing::error!("cannot serialise result: {e}");
+                    return;
+                }
+            };
+            // Registered first, so that a shutdown that stops this worker
+            // while it waits for its turn still keeps the payload.
+            let id = state.notifier.register(&url, &payload);
             // Waits while the deliveries under way are at their bound.
             let permit = state.notifier.reserve().await;
             let state = state.clone();
@@ -270,7 +280,10 @@ async fn run_job(
                 set.spawn(
                     async move {
                         let _permit = permit;
-                        deliver(&state, &url, &result).await
+                        let delivered = state.notifier.deliver_registered(id, &url, &payload);
+                        if let Err(e) = delivered.await {
+                            tracing::warn!("notify failed, kept in the dead-letter file: {e}");
+                        }
                     }
                     .in_current_span(),
                 );
@@ -323,18 +336,5 @@ fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
                 }
             }
         });
-    }
-}
-
-async fn deliver(state: &AppState, url: &str, result: &InvocationResult) {
-    let payload = match serde_json::to_value(result) {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!("cannot serialise result: {e}");
-            return;
-        }
-    };
-    if let Err(e) = state.notifier.deliver(url, &payload).await {
-        tracing::warn!("notify failed, kept in the dead-letter file: {e}");
     }
 }

@@ -167,14 +167,16 @@ impl Notifier {
     /// on failure the payload goes to the dead-letter file and the error
     /// names the URL, the attempts made and the last error.
     pub async fn deliver(&self, url: &str, payload: &Value) -> Result<Delivery, NotifyError> {
-        if let Err(reason) = check_url(url) {
-            let error = NotifyError::InvalidUrl {
-                url: url.to_string(),
-                reason,
-            };
-            self.give_up(url, 0, &error.to_string(), payload).await;
-            return Err(error);
-        }
+        let id = self.register(url, payload);
+        self.deliver_registered(id, url, payload).await
+    }
+
+    /// Notes a delivery that is about to be made, so that a shutdown that
+    /// stops it before or while it runs keeps it in the dead-letter file
+    /// ([`Notifier::abandon_pending`]); make it with
+    /// [`Notifier::deliver_registered`]. Registering before waiting for a
+    /// [`Notifier::reserve`] permit keeps a delivery waiting for its turn.
+    pub fn register(&self, url: &str, payload: &Value) -> u64 {
         let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut pending) = self.pending.lock() {
             let (url, payload) = (url.to_string(), payload.clone());
@@ -187,7 +189,23 @@ impl Notifier {
                 },
             );
         }
-        let result = self.deliver_tracked(id, url, payload).await;
+        id
+    }
+
+    /// [`Notifier::deliver`] for a delivery registered as `id`.
+    pub async fn deliver_registered(
+        &self,
+        id: u64,
+        url: &str,
+        payload: &Value,
+    ) -> Result<Delivery, NotifyError> {
+        let result = match check_url(url) {
+            Ok(()) => self.deliver_tracked(id, url, payload).await,
+            Err(reason) => Err(NotifyError::InvalidUrl {
+                url: url.to_string(),
+                reason,
+            }),
+        };
         // Whoever takes the delivery out of `pending` keeps its record: a
         // shutdown that abandoned it has written it already.
         let claimed = self
@@ -195,14 +213,18 @@ impl Notifier {
             .lock()
             .map(|mut pending| pending.remove(&id).is_some())
             .unwrap_or(true);
-        if let Err(NotifyError::Failed {
-            attempts,
-            last_error,
-            ..
-        }) = &result
-            && claimed
-        {
-            self.give_up(url, *attempts, last_error, payload).await;
+        if claimed {
+            match &result {
+                Err(NotifyError::Failed {
+                    attempts,
+                    last_error,
+                    ..
+                }) => self.give_up(url, *attempts, last_error, payload).await,
+                Err(error @ NotifyError::InvalidUrl { .. }) => {
+                    self.give_up(url, 0, &error.to_string(), payload).await
+                }
+                _ => {}
+            }
         }
         result
     }
