@@ -272,6 +272,37 @@ async fn notify_to_a_hanging_receiver_ends_in_the_dead_letter_file() {
     host.stop().await;
 }
 
+/// A notifier rule on bucket `busy` whose results go to `receiver`, and
+/// five events for it; returns once two requests are at the receiver
+/// (the host's room for deliveries is two).
+async fn five_notifications_two_at_a_time(host: &TestHost, receiver: &Receiver) {
+    let rules = json!({"notifications": [{
+        "id": "hook", "event_types": ["create_object"],
+        "cloudfunc": "notifier", "notify_url": receiver.url}]});
+    assert_eq!(host.set_rules("busy", &rules).await.status(), 200);
+    let events: Vec<Value> = (0..5)
+        .map(|i| json!({"event_type": "create_object", "bucket_name": "busy", "object_key": format!("{i}.jpg")}))
+        .collect();
+    assert_eq!(host.post_events(&json!(events)).await.status(), 202);
+    eventually("two requests at the receiver", || {
+        std::future::ready((receiver.hits() == 2).then_some(()))
+    })
+    .await;
+}
+
+/// The dead-letter records of those five events, one each.
+async fn five_dead_letters(path: &std::path::Path) -> Vec<Value> {
+    let records = dead_letters(path, 5).await;
+    assert_eq!(records.len(), 5, "{records:?}");
+    let mut keys: Vec<&str> = records
+        .iter()
+        .map(|r| r["payload"]["event"]["key"].as_str().unwrap())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["0.jpg", "1.jpg", "2.jpg", "3.jpg", "4.jpg"]);
+    records
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_under_way_are_bounded_and_the_rest_wait_their_turn() {
     // A receiver that never answers holds each delivery for its whole
@@ -285,30 +316,11 @@ async fn deliveries_under_way_are_bounded_and_the_rest_wait_their_turn() {
     config.notify.timeout = Duration::from_millis(700);
     config.notify.max_in_flight = 2;
     let host = TestHost::local(config).await;
-    let rules = json!({"notifications": [{
-        "id": "hook", "event_types": ["create_object"],
-        "cloudfunc": "notifier", "notify_url": receiver.url}]});
-    assert_eq!(host.set_rules("busy", &rules).await.status(), 200);
-    let events: Vec<Value> = (0..5)
-        .map(|i| json!({"event_type": "create_object", "bucket_name": "busy", "object_key": format!("{i}.jpg")}))
-        .collect();
-    assert_eq!(host.post_events(&json!(events)).await.status(), 202);
-
-    eventually("two requests at the receiver", || {
-        std::future::ready((receiver.hits() == 2).then_some(()))
-    })
-    .await;
+    five_notifications_two_at_a_time(&host, &receiver).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.hits(), 2, "no third request while two are open");
 
-    let records = dead_letters(&host.dead_letter_path(), 5).await;
-    assert_eq!(records.len(), 5, "{records:?}");
-    let mut keys: Vec<&str> = records
-        .iter()
-        .map(|r| r["payload"]["event"]["key"].as_str().unwrap())
-        .collect();
-    keys.sort();
-    assert_eq!(keys, ["0.jpg", "1.jpg", "2.jpg", "3.jpg", "4.jpg"]);
+    five_dead_letters(&host.dead_letter_path()).await;
     assert_eq!(receiver.hits(), 5, "one attempt each, two at a time");
     host.stop().await;
 }
@@ -324,29 +336,11 @@ async fn a_shutdown_keeps_notifications_still_waiting_for_their_turn() {
     config.notify.max_in_flight = 2;
     config.drain_timeout = Duration::from_millis(300);
     let host = TestHost::local(config).await;
-    let rules = json!({"notifications": [{
-        "id": "hook", "event_types": ["create_object"],
-        "cloudfunc": "notifier", "notify_url": receiver.url}]});
-    assert_eq!(host.set_rules("busy", &rules).await.status(), 200);
-    let events: Vec<Value> = (0..5)
-        .map(|i| json!({"event_type": "create_object", "bucket_name": "busy", "object_key": format!("{i}.jpg")}))
-        .collect();
-    assert_eq!(host.post_events(&json!(events)).await.status(), 202);
-    eventually("two requests at the receiver", || {
-        std::future::ready((receiver.hits() == 2).then_some(()))
-    })
-    .await;
+    five_notifications_two_at_a_time(&host, &receiver).await;
     let path = host.dead_letter_path();
     host.stop().await;
 
-    let records = dead_letters(&path, 5).await;
-    assert_eq!(records.len(), 5, "{records:?}");
-    let mut keys: Vec<&str> = records
-        .iter()
-        .map(|r| r["payload"]["event"]["key"].as_str().unwrap())
-        .collect();
-    keys.sort();
-    assert_eq!(keys, ["0.jpg", "1.jpg", "2.jpg", "3.jpg", "4.jpg"]);
+    let records = five_dead_letters(&path).await;
     assert!(
         records
             .iter()
