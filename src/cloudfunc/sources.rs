@@ -234,14 +234,11 @@ pub fn allow_list_entry(entry: &str) -> Result<String, String> {
     if let Some(ip) = bare.and_then(|h| h.parse::<std::net::Ipv6Addr>().ok()) {
         return Ok(format!("[{ip}]"));
     }
-    match Url::parse(&format!("http://{host}/")) {
-        Ok(url)
-            if !host.is_empty()
-                && url.port().is_none()
-                && url.host_str() == Some(host.as_str()) =>
-        {
-            Ok(host)
-        }
+    let plain = !host.is_empty() && !host.contains([':', '/', '@', '?', '#', '\\']);
+    // As URLs spell it: an internationalised name in its ASCII form.
+    let parsed = Url::parse(&format!("http://{host}/")).ok();
+    match parsed.as_ref().and_then(Url::host_str) {
+        Some(name) if plain => Ok(name.to_string()),
         _ => Err(format!(
             "watermark host `{}` is not a host name or address (no scheme, port or path)",
             entry.trim()
@@ -427,6 +424,10 @@ mod tests {
         assert_eq!(allow_list_entry("192.0.2.7").unwrap(), "192.0.2.7");
         assert_eq!(allow_list_entry("2001:DB8::1").unwrap(), "[2001:db8::1]");
         assert_eq!(allow_list_entry("[2001:db8::1]").unwrap(), "[2001:db8::1]");
+        assert_eq!(
+            allow_list_entry("Bücher.example").unwrap(),
+            "xn--bcher-kva.example"
+        );
         for bad in [
             "",
             " ",
@@ -445,6 +446,14 @@ mod tests {
         });
         assert!(matches!(
             s.classify("http://[2001:db8::1]/m.png"),
+            Ok(Source::Remote(_))
+        ));
+        let s = WatermarkSources::new(SourceConfig {
+            allow_hosts: vec![allow_list_entry("bücher.example").unwrap()],
+            ..SourceConfig::default()
+        });
+        assert!(matches!(
+            s.classify("https://BÜCHER.example/m.png"),
             Ok(Source::Remote(_))
         ));
     }
