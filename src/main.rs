@@ -209,13 +209,8 @@ fn process(args: ProcessArgs) -> Result<()> {
     let limits = args.limits.limits();
     // `save:` writes DIR/<bucket>/<key>: held to the store's names, checked
     // before any work, so that no save reaches outside DIR.
-    for op in &action.ops {
-        if let imgfunc::action::Op::Save(save) = op {
-            imgfunc::store::validate_bucket(&save.bucket)
-                .and_then(|()| imgfunc::store::validate_local_key(&save.key))
-                .map_err(|e| anyhow::anyhow!("bad --action: save: {e}"))?;
-        }
-    }
+    imgfunc::rules::check_save_targets(&action)
+        .map_err(|e| anyhow::anyhow!("bad --action: save: {e}"))?;
     let input = read_source(&args.input, &action, &limits)?;
     let resolver = LocalResolver { store: args.store };
     let out = imaging::process(&input, &action, &limits, &resolver)?;

@@ -440,22 +440,19 @@ mod tests {
             assert!(err.contains("no scheme, port or path"), "{bad:?}: {err}");
         }
         // An entry matches the URLs it names.
-        let s = WatermarkSources::new(SourceConfig {
-            allow_hosts: vec![allow_list_entry("2001:db8::1").unwrap()],
-            ..SourceConfig::default()
-        });
-        assert!(matches!(
-            s.classify("http://[2001:db8::1]/m.png"),
-            Ok(Source::Remote(_))
-        ));
-        let s = WatermarkSources::new(SourceConfig {
-            allow_hosts: vec![allow_list_entry("bücher.example").unwrap()],
-            ..SourceConfig::default()
-        });
-        assert!(matches!(
-            s.classify("https://BÜCHER.example/m.png"),
-            Ok(Source::Remote(_))
-        ));
+        for (entry, url) in [
+            ("2001:db8::1", "http://[2001:db8::1]/m.png"),
+            ("bücher.example", "https://BÜCHER.example/m.png"),
+        ] {
+            let s = WatermarkSources::new(SourceConfig {
+                allow_hosts: vec![allow_list_entry(entry).unwrap()],
+                ..SourceConfig::default()
+            });
+            assert!(
+                matches!(s.classify(url), Ok(Source::Remote(_))),
+                "{entry} {url}"
+            );
+        }
     }
 
     #[tokio::test]

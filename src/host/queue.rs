@@ -269,18 +269,17 @@ async fn run_job(
                     return;
                 }
             };
-            // Registered first, so that a shutdown that stops this worker
-            // while it waits for its turn still keeps the payload.
-            let id = state.notifier.register(&url, &payload);
-            // Waits while the deliveries under way are at their bound.
-            let permit = state.notifier.reserve().await;
+            // Waits while the deliveries under way are at their bound; a
+            // shutdown that stops this worker meanwhile keeps the payload.
+            let registered = state.notifier.register(&url, &payload).await;
             let state = state.clone();
             if let Ok(mut set) = deliveries.lock() {
                 while set.try_join_next().is_some() {}
                 set.spawn(
                     async move {
-                        let _permit = permit;
-                        let delivered = state.notifier.deliver_registered(id, &url, &payload);
+                        let delivered = state
+                            .notifier
+                            .deliver_registered(registered, &url, &payload);
                         if let Err(e) = delivered.await {
                             tracing::warn!("notify failed, kept in the dead-letter file: {e}");
                         }

@@ -44,7 +44,7 @@ pub struct NotifyConfig {
     pub delay: Duration,
     /// JSON-lines file that receives every payload that could not be delivered.
     pub dead_letter: PathBuf,
-    /// Deliveries under way at once; see [`Notifier::reserve`]. 0 counts as 1.
+    /// Deliveries under way at once; see [`Notifier::register`]. 0 counts as 1.
     pub max_in_flight: usize,
 }
 
@@ -103,10 +103,12 @@ pub struct Notifier {
     in_flight: Arc<Semaphore>,
 }
 
-/// Leave to run one delivery; see [`Notifier::reserve`].
+/// A delivery noted by [`Notifier::register`], holding its room among
+/// those under way until [`Notifier::deliver_registered`] ends.
 #[derive(Debug)]
-pub struct DeliveryPermit {
-    _permit: Option<OwnedSemaphorePermit>,
+pub struct Registered {
+    id: u64,
+    _room: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -146,18 +148,6 @@ impl Notifier {
         })
     }
 
-    /// Waits until fewer than [`NotifyConfig::max_in_flight`] deliveries
-    /// are under way; hold the permit for the whole [`Notifier::deliver`].
-    /// The host's workers take it before they go on to the next job, so a
-    /// slow or dead receiver slows the work down (the queue fills and new
-    /// events are refused with 503) rather than piling up connections.
-    pub async fn reserve(&self) -> DeliveryPermit {
-        // The semaphore is never closed, so this only waits.
-        DeliveryPermit {
-            _permit: self.in_flight.clone().acquire_owned().await.ok(),
-        }
-    }
-
     /// The configuration in use.
     pub fn config(&self) -> &NotifyConfig {
         &self.config
@@ -167,16 +157,19 @@ impl Notifier {
     /// on failure the payload goes to the dead-letter file and the error
     /// names the URL, the attempts made and the last error.
     pub async fn deliver(&self, url: &str, payload: &Value) -> Result<Delivery, NotifyError> {
-        let id = self.register(url, payload);
-        self.deliver_registered(id, url, payload).await
+        let registered = self.register(url, payload).await;
+        self.deliver_registered(registered, url, payload).await
     }
 
-    /// Notes a delivery that is about to be made, so that a shutdown that
-    /// stops it before or while it runs keeps it in the dead-letter file
-    /// ([`Notifier::abandon_pending`]); make it with
-    /// [`Notifier::deliver_registered`]. Registering before waiting for a
-    /// [`Notifier::reserve`] permit keeps a delivery waiting for its turn.
-    pub fn register(&self, url: &str, payload: &Value) -> u64 {
+    /// Notes a delivery, then waits until fewer than
+    /// [`NotifyConfig::max_in_flight`] are under way; make it with
+    /// [`Notifier::deliver_registered`]. A shutdown that stops it while it
+    /// waits or runs keeps it in the dead-letter file
+    /// ([`Notifier::abandon_pending`]). The host's workers wait here before
+    /// they go on to the next job, so a slow or dead receiver slows the work
+    /// down (the queue fills and new events are refused with 503) rather
+    /// than piling up connections.
+    pub async fn register(&self, url: &str, payload: &Value) -> Registered {
         let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut pending) = self.pending.lock() {
             let (url, payload) = (url.to_string(), payload.clone());
@@ -189,16 +182,19 @@ impl Notifier {
                 },
             );
         }
-        id
+        // The semaphore is never closed, so this only waits.
+        let room = self.in_flight.clone().acquire_owned().await.ok();
+        Registered { id, _room: room }
     }
 
-    /// [`Notifier::deliver`] for a delivery registered as `id`.
+    /// [`Notifier::deliver`] for a delivery [`Notifier::register`] noted.
     pub async fn deliver_registered(
         &self,
-        id: u64,
+        registered: Registered,
         url: &str,
         payload: &Value,
     ) -> Result<Delivery, NotifyError> {
+        let id = registered.id;
         let result = match check_url(url) {
             Ok(()) => self.deliver_tracked(id, url, payload).await,
             Err(reason) => Err(NotifyError::InvalidUrl {

@@ -21,4 +21,6 @@ pub use rule::{
     id_in_metadata,
 };
 pub(crate) use validate::kind as json_kind;
-pub use validate::{parse_notifications, parse_rule_file, validate_bucket_name};
+pub use validate::{
+    check_save_targets, parse_notifications, parse_rule_file, validate_bucket_name,
+};

@@ -27,6 +27,20 @@ pub fn parse_rule_file(bytes: &[u8]) -> Result<(String, Vec<Rule>), RuleError> {
     rule_file_from_bytes(bytes).map(|(bucket, _, rules)| (bucket, rules))
 }
 
+/// Checks the `save:` targets of `action` by the local store's rules (a
+/// bucket name, and a key that is a relative path of plain segments), so
+/// that a save behaves the same on either store and never leaves its
+/// bucket's folder.
+pub fn check_save_targets(action: &crate::action::Action) -> Result<(), crate::store::StoreError> {
+    for op in &action.ops {
+        if let crate::action::Op::Save(save) = op {
+            crate::store::validate_bucket(&save.bucket)?;
+            crate::store::validate_local_key(&save.key)?;
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `name` can be a bucket name, which is also a file name in the
 /// state directory: 1 to 255 letters, digits, `.`, `-` or `_`, starting with
 /// a letter or digit. That is looser than S3 (lowercase, 3 to 63) so that
@@ -274,13 +288,8 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
     // `save:` targets are store objects: check them now, not at event time,
     // by the stricter rules of the local store (a relative path of plain
     // segments), so a rule behaves the same on either store.
-    for op in &action.ops {
-        if let crate::action::Op::Save(save) = op {
-            crate::store::validate_bucket(&save.bucket)
-                .and_then(|()| crate::store::validate_local_key(&save.key))
-                .map_err(|e| RuleError::new("cloudfunc_args.action", format!("save: {e}")))?;
-        }
-    }
+    check_save_targets(&action)
+        .map_err(|e| RuleError::new("cloudfunc_args.action", format!("save: {e}")))?;
     // An explicit "" is kept (no prefix, or no separator); only an absent
     // field takes the default.
     let key_prefix = raw

@@ -489,15 +489,8 @@ fn attribute_refused(err: &io::Error) -> bool {
 /// Refuses a key that would need a file where a folder is, or the reverse:
 /// the local store cannot hold both `a` and `a/b`.
 fn check_not_shadowed(target: &Target) -> Result<(), StoreError> {
-    let mut prefix = String::new();
-    let mut segments = target.key.split('/').peekable();
-    while let Some(segment) = segments.next() {
-        if !prefix.is_empty() {
-            prefix.push('/');
-        }
-        prefix.push_str(segment);
-        let path = target.bucket_dir.join(&prefix);
-        let last = segments.peek().is_none();
+    for (prefix, last) in key_paths(&target.key) {
+        let path = target.bucket_dir.join(prefix);
         // A folder is looked at itself, not through a link (see below).
         let stat = if last {
             std::fs::metadata(&path)
@@ -509,7 +502,7 @@ fn check_not_shadowed(target: &Target) -> Result<(), StoreError> {
             return Ok(());
         };
         if !last && stat.file_type().is_symlink() {
-            return Err(linked_folder(target, &prefix));
+            return Err(linked_folder(target, prefix));
         }
         if last && stat.is_dir() {
             return Err(StoreError::invalid_key(
@@ -546,25 +539,24 @@ fn linked_folder(target: &Target, prefix: &str) -> StoreError {
 /// The first folder of `target`'s key that is a link, for a delete (a
 /// write finds it in [`check_not_shadowed`]).
 fn check_no_linked_folder(target: &Target) -> Result<(), StoreError> {
-    let mut prefix = String::new();
-    let mut segments = target.key.split('/').peekable();
-    while let Some(segment) = segments.next() {
-        if segments.peek().is_none() {
-            break;
-        }
-        if !prefix.is_empty() {
-            prefix.push('/');
-        }
-        prefix.push_str(segment);
-        match std::fs::symlink_metadata(target.bucket_dir.join(&prefix)) {
+    for (prefix, _) in key_paths(&target.key).filter(|(_, last)| !last) {
+        match std::fs::symlink_metadata(target.bucket_dir.join(prefix)) {
             Ok(stat) if stat.file_type().is_symlink() => {
-                return Err(linked_folder(target, &prefix));
+                return Err(linked_folder(target, prefix));
             }
             Ok(_) => {}
             Err(_) => return Ok(()),
         }
     }
     Ok(())
+}
+
+/// The folders of `key`, then the key itself (`a`, `a/b`, `a/b/c` for
+/// `a/b/c`), each with whether it is the key.
+fn key_paths(key: &str) -> impl Iterator<Item = (&str, bool)> {
+    key.match_indices('/')
+        .map(|(end, _)| (&key[..end], false))
+        .chain(std::iter::once((key, true)))
 }
 
 /// Removes sidecars left behind by an interrupted delete that would stand in
