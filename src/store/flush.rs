@@ -20,14 +20,22 @@
 //! so an occasional event pays no wait. Under the load benchmark (about
 //! 300 outputs per second) batches hold about five files.
 //!
+//! A writer that names its file once it is on disk passes that step to
+//! [`GroupFlush::flush_then`]: the leader runs every member's step after the
+//! batch's flush, then flushes once more for the new names, and wakes each
+//! member once with its own outcome. (Each writer flushing its folder on
+//! its own cost every write a second wait and wake-up, and the folder's
+//! open, `statx`, `fstatfs` and close.)
+//!
 //! Errors: `syncfs` reports any writeback error on the filesystem since the
 //! leader's file was opened, and every member of the batch gets that
-//! outcome. Each member then waits on its own file's writeback
-//! (`sync_file_range`), which reports an error in its own data since it
-//! opened it, whoever wrote it back. A file on another filesystem than the
-//! open batch's (a bucket folder that is a mount point) is flushed on its
-//! own with `fsync`, and so is a file on a filesystem where `syncfs` does
-//! not make it durable (see [`syncfs_covers`]).
+//! outcome. Each member's file is then checked for a writeback error in its
+//! own data since it was opened (`sync_file_range`), whoever wrote it back,
+//! before its next step runs. A file on another filesystem than the open
+//! batch's (a bucket folder that is a mount point) is flushed on its own
+//! with `fsync`, and so is a file on a filesystem where `syncfs` does not
+//! make it durable (see [`syncfs_covers`]); its next step then runs on the
+//! writer's own thread and the names are left to the caller to flush.
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -54,6 +62,9 @@ struct State {
     open: Arc<Batch>,
     /// Writers in the open batch.
     members: usize,
+    /// The steps the open batch's members take once their files are on
+    /// disk (see [`GroupFlush::flush_then`]).
+    then: Vec<Then>,
     /// The filesystem (device number) of the open batch's files.
     dev: u64,
     /// Whether a leader is collecting or flushing.
@@ -94,6 +105,7 @@ impl GroupFlush {
             state: Mutex::new(State {
                 open: Arc::default(),
                 members: 0,
+                then: Vec::new(),
                 dev: 0,
                 leading: false,
                 last_arrival: None,
@@ -115,8 +127,47 @@ impl GroupFlush {
     }
 
     /// Returns once `file`'s bytes and attributes are on disk (not a name:
-    /// the caller links or renames it afterwards).
+    /// the caller links or renames it afterwards, or lets
+    /// [`GroupFlush::flush_then`] do it).
     pub fn flush(&self, file: &std::fs::File) -> io::Result<()> {
+        self.join(file, None).map(drop)
+    }
+
+    /// Flushes `file` like [`GroupFlush::flush`], then runs `then` (which
+    /// names it) once its bytes are on disk and free of writeback errors,
+    /// and returns `then`'s result once what `then` did is on disk too. The
+    /// flag says whether it is: `false` for a file flushed on its own (see
+    /// the module documentation), where the caller flushes the new name's
+    /// folder itself. `then` is not run when the flush fails.
+    ///
+    /// `then` may run on another writer's thread, while this one waits.
+    pub fn flush_then<T: Send + 'static>(
+        &self,
+        file: &std::fs::File,
+        then: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<(T, bool)> {
+        let fd = file.as_raw_fd();
+        let slot = Arc::new(Mutex::new(None));
+        let filled = Arc::clone(&slot);
+        let step: Then = Box::new(move || {
+            // The writer keeps `fd` open until it has its outcome, which
+            // is set only after every step of its batch has run.
+            let result = writeback_error(fd).map(|()| then());
+            *filled.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+        });
+        match self.join(file, Some(step))? {
+            // Flushed on its own: the step runs here.
+            Some(step) => {
+                step();
+                Ok((take_result(&slot)?, false))
+            }
+            None => Ok((take_result(&slot)?, true)),
+        }
+    }
+
+    /// Flushes `file` with a batch and has its leader run `step`; gives
+    /// `step` back when the file was flushed on its own instead.
+    fn join(&self, file: &std::fs::File, step: Option<Then>) -> io::Result<Option<Then>> {
         let dev = file.metadata()?.dev();
         let covered = syncfs_covers(file)?;
         self.files.fetch_add(1, Ordering::Relaxed);
@@ -124,7 +175,11 @@ impl GroupFlush {
         if !covered || (state.members > 0 && state.dev != dev) {
             drop(state);
             self.flushes.fetch_add(1, Ordering::Relaxed);
-            return file.sync_all();
+            file.sync_all()?;
+            return match step {
+                Some(step) => Ok(Some(step)),
+                None => wait_for_writeback(file).map(|()| None),
+            };
         }
         let now = Instant::now();
         state.gap = state
@@ -133,15 +188,24 @@ impl GroupFlush {
         state.last_arrival = Some(now);
         state.members += 1;
         state.dev = dev;
+        let named = step.is_some();
+        state.then.extend(step);
         let batch = Arc::clone(&state.open);
         if state.members == BATCH {
             self.full.notify_one();
         }
+        // A step checks its file itself, before it runs.
+        let finish = |outcome: Result<(), i32>| -> io::Result<Option<Then>> {
+            outcome.map_err(io::Error::from_raw_os_error)?;
+            if !named {
+                wait_for_writeback(file)?;
+            }
+            Ok(None)
+        };
         loop {
-            if let Some(outcome) = batch.outcome.get() {
+            if let Some(&outcome) = batch.outcome.get() {
                 drop(state);
-                (*outcome).map_err(io::Error::from_raw_os_error)?;
-                return wait_for_writeback(file);
+                return finish(outcome);
             }
             if !state.leading {
                 // No leader: this writer's batch is still the open one
@@ -149,10 +213,10 @@ impl GroupFlush {
                 state.leading = true;
                 state = self.collect(state);
                 let batch = std::mem::take(&mut state.open);
+                let steps = std::mem::take(&mut state.then);
                 state.members = 0;
                 drop(state);
-                self.flushes.fetch_add(1, Ordering::Relaxed);
-                let outcome = syncfs(file);
+                let outcome = self.flush_batch(file, steps);
                 // Set once: only the leader of a closed batch sets it.
                 let _ = batch.outcome.set(outcome);
                 let mut state = self.lock();
@@ -162,14 +226,30 @@ impl GroupFlush {
                 batch.wake.notify_all();
                 state.open.wake.notify_one();
                 drop(state);
-                outcome.map_err(io::Error::from_raw_os_error)?;
-                return wait_for_writeback(file);
+                return finish(outcome);
             }
             state = batch
                 .wake
                 .wait(state)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
+    }
+
+    /// Flushes a closed batch through the leader's `file`, runs its members'
+    /// steps, and flushes again for what they did.
+    fn flush_batch(&self, file: &std::fs::File, steps: Vec<Then>) -> Result<(), i32> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        syncfs(file)?;
+        if steps.is_empty() {
+            return Ok(());
+        }
+        for step in steps {
+            // A step that panics leaves its writer without a result (an
+            // error for it), not the batch without an outcome.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(step));
+        }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        syncfs(file)
     }
 
     /// When the last two writers arrived less than [`WINDOW`] apart, waits
@@ -200,6 +280,21 @@ impl GroupFlush {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// A member's step after its batch's flush (see [`GroupFlush::flush_then`]).
+type Then = Box<dyn FnOnce() + Send>;
+
+/// The result a member's step left in `slot`.
+fn take_result<T>(slot: &Mutex<Option<io::Result<T>>>) -> io::Result<T> {
+    slot.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_else(|| {
+            Err(io::Error::other(
+                "the step after the flush stopped unexpectedly",
+            ))
+        })
 }
 
 /// The filesystem holding `file`.
@@ -262,12 +357,18 @@ fn syncfs(file: &std::fs::File) -> Result<(), i32> {
 /// Waits for `file`'s writeback (already done by the batch's flush) and
 /// reports a writeback error in its data since it was opened.
 fn wait_for_writeback(file: &std::fs::File) -> io::Result<()> {
+    writeback_error(file.as_raw_fd())
+}
+
+/// [`wait_for_writeback`] for an open descriptor.
+fn writeback_error(fd: std::os::unix::io::RawFd) -> io::Result<()> {
     let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
         | libc::SYNC_FILE_RANGE_WRITE
         | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-    // SAFETY: the descriptor is open for the duration of the call; offset
-    // 0 and length 0 mean the whole file.
-    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) };
+    // SAFETY: callers pass a descriptor they keep open for the duration of
+    // the call (a batch member until its outcome is set); offset 0 and
+    // length 0 mean the whole file.
+    let rc = unsafe { libc::sync_file_range(fd, 0, 0, flags) };
     if rc == 0 {
         Ok(())
     } else {
@@ -279,6 +380,7 @@ fn wait_for_writeback(file: &std::fs::File) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::path::Path;
     use std::sync::Barrier;
 
     /// A new file in `dir` holding `bytes`.
@@ -288,31 +390,83 @@ mod tests {
         file
     }
 
-    #[test]
-    fn writers_that_arrive_together_share_flushes() {
+    /// Sixteen writers, each with a new file `staged{i}` of 4 KiB holding
+    /// `i`, call `write` at the same moment; afterwards each file's bytes
+    /// are checked under `f{i}`.
+    fn sixteen_writers_at_once(write: impl Fn(usize, &Path, std::fs::File) + Sync) {
         let dir = tempfile::tempdir().unwrap();
-        let flush = GroupFlush::new();
         let writers = 16;
         let barrier = Barrier::new(writers);
         std::thread::scope(|s| {
             for i in 0..writers {
-                let (dir, flush, barrier) = (dir.path(), &flush, &barrier);
+                let (dir, barrier, write) = (dir.path(), &barrier, &write);
                 s.spawn(move || {
-                    let file = new_file(dir, &format!("f{i}"), &[i as u8; 4096]);
+                    let file = new_file(dir, &format!("staged{i}"), &[i as u8; 4096]);
                     barrier.wait();
-                    flush.flush(&file).unwrap();
+                    write(i, dir, file);
                 });
             }
         });
-        let (files, flushes) = flush.counts();
-        assert_eq!(files, writers as u64);
-        // The first writer flushes at once; the others join while it runs
-        // and share the next flush (or a few, on a slow machine).
-        assert!(flushes < files / 2, "{flushes} flushes for {files} files");
         for i in 0..writers {
             let bytes = std::fs::read(dir.path().join(format!("f{i}"))).unwrap();
             assert_eq!(bytes, vec![i as u8; 4096]);
         }
+    }
+
+    fn rename(dir: &Path, i: usize) -> io::Result<()> {
+        std::fs::rename(dir.join(format!("staged{i}")), dir.join(format!("f{i}")))
+    }
+
+    #[test]
+    fn writers_that_arrive_together_share_flushes() {
+        let flush = GroupFlush::new();
+        sixteen_writers_at_once(|i, dir, file| {
+            flush.flush(&file).unwrap();
+            rename(dir, i).unwrap();
+        });
+        let (files, flushes) = flush.counts();
+        assert_eq!(files, 16);
+        // The first writer flushes at once; the others join while it runs
+        // and share the next flush (or a few, on a slow machine).
+        assert!(flushes < files / 2, "{flushes} flushes for {files} files");
+    }
+
+    #[test]
+    fn each_writer_gets_its_own_steps_result_after_a_flush_for_the_names() {
+        let flush = Arc::new(GroupFlush::new());
+        sixteen_writers_at_once(|i, dir, file| {
+            let (seen, dir) = (Arc::clone(&flush), dir.to_owned());
+            let (value, names_flushed) = flush
+                .flush_then(&file, move || {
+                    // The file is on disk before it is named.
+                    let flushes_before = seen.counts().1;
+                    rename(&dir, i).map(|()| (i, flushes_before))
+                })
+                .unwrap();
+            let (got, flushes_before) = value.unwrap();
+            assert_eq!(got, i, "a writer gets its own step's result");
+            assert!(flushes_before >= 1);
+            assert!(names_flushed);
+            // One more flush followed the step before the writer was told.
+            assert!(flush.counts().1 > flushes_before);
+        });
+        let (files, flushes) = flush.counts();
+        assert_eq!(files, 16);
+        // Two flushes (bytes, names) per batch, and batches are shared.
+        assert!(flushes < files, "{flushes} flushes for {files} files");
+    }
+
+    #[test]
+    fn a_step_that_panics_fails_its_writer_and_not_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let flush = GroupFlush::new();
+        let file = new_file(dir.path(), "a", b"x");
+        let err = flush
+            .flush_then(&file, || -> u8 { panic!("a step gone wrong") })
+            .unwrap_err();
+        assert!(err.to_string().contains("stopped unexpectedly"), "{err}");
+        let file = new_file(dir.path(), "b", b"x");
+        assert_eq!(flush.flush_then(&file, || 7).unwrap(), (7, true));
     }
 
     #[test]

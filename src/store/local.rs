@@ -34,8 +34,9 @@
 //! filesystem allows (else a temporary name, `.imgfunc-tmp-*`, hidden from
 //! listings), are flushed to disk (writes that come together share one
 //! flush: [`super::flush`]) and are then linked or renamed into place, so
-//! readers never see half an object; the folder is flushed after that, and
-//! after a delete, so that what a caller is told is done survives a crash.
+//! readers never see half an object; the new names are flushed after that
+//! (one more flush for the batch), and a folder after a delete, so that
+//! what a caller is told is done survives a crash.
 //! Within one process, a put and a get of
 //! the same key are also ordered, so bytes and a sidecar are read as one
 //! version. All file I/O runs on tokio's blocking pool.
@@ -625,11 +626,16 @@ fn write_staged(
             },
             None => false,
         };
-        flush.flush(&staged.file)?;
-        staged.publish(path)?;
-        // The name goes to disk too before the write is reported, so an
-        // object a client was told about survives a crash.
-        flush_folder(dir, flush)?;
+        // Named once on disk, and the name goes to disk too before the
+        // write is reported, so an object a client was told about survives
+        // a crash.
+        let publication = staged.publication(path);
+        let (published, names_flushed) =
+            flush.flush_then(&staged.file, move || publication.run())?;
+        staged.published(published)?;
+        if !names_flushed {
+            flush_folder(dir, flush)?;
+        }
         Ok(stored)
     };
     match write() {
@@ -755,20 +761,71 @@ fn stage(dir: &Path, mut unnamed: bool) -> Result<Staged, StoreError> {
 
 impl Staged {
     /// Gives the written file the name `path`, replacing any object there.
+    #[cfg(test)]
     fn publish(&self, path: &Path) -> io::Result<()> {
+        self.published(self.publication(path).run())
+    }
+
+    /// What naming the file `path` takes, for whichever thread does it.
+    fn publication(&self, path: &Path) -> Publication {
+        use std::os::unix::io::AsRawFd;
+        Publication {
+            fd: self.file.as_raw_fd(),
+            name: self.name.clone(),
+            path: path.to_owned(),
+        }
+    }
+
+    /// Takes in how naming the file went.
+    fn published(&self, published: Published) -> io::Result<()> {
+        self.link_failed.set(published.link_failed);
+        published.result
+    }
+}
+
+/// Naming a staged file, owned, so that the leader of its flush batch can
+/// do it on the writer's behalf (see [`GroupFlush::flush_then`]).
+struct Publication {
+    /// The staged file's descriptor, which its writer keeps open meanwhile.
+    fd: std::os::unix::io::RawFd,
+    /// The staged file's temporary name, or `None` for an unnamed file.
+    name: Option<PathBuf>,
+    path: PathBuf,
+}
+
+/// How a [`Publication`] went.
+struct Published {
+    result: io::Result<()>,
+    /// Whether linking the unnamed file failed (see [`Staged::link_failed`]).
+    link_failed: bool,
+}
+
+impl Publication {
+    fn run(self) -> Published {
+        let mut link_failed = false;
+        let result = self.publish(&mut link_failed);
+        Published {
+            result,
+            link_failed,
+        }
+    }
+
+    /// Gives the written file the name `path`, replacing any object there.
+    fn publish(&self, link_failed: &mut bool) -> io::Result<()> {
+        let path = &self.path;
         if let Some(tmp) = &self.name {
             return std::fs::rename(tmp, path);
         }
         let dir = path.parent().ok_or(ErrorKind::InvalidInput)?;
         let mut attempt = 0;
         loop {
-            match self.link(path) {
+            match self.link(path, link_failed) {
                 Ok(()) => return Ok(()),
                 // Replacing an object: a temporary name first, then a
                 // rename over it, which is atomic where a link is not.
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                     let tmp = temp_name(dir);
-                    self.link(&tmp)?;
+                    self.link(&tmp, link_failed)?;
                     return std::fs::rename(&tmp, path).inspect_err(|_| {
                         let _ = std::fs::remove_file(&tmp);
                     });
@@ -785,10 +842,9 @@ impl Staged {
     }
 
     /// Links the unnamed file under `to`.
-    fn link(&self, to: &Path) -> io::Result<()> {
+    fn link(&self, to: &Path, link_failed: &mut bool) -> io::Result<()> {
         use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::io::AsRawFd;
-        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))?;
+        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", self.fd))?;
         let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
         // SAFETY: both arguments are NUL-terminated strings that outlive
         // the call; linkat only reads them.
@@ -805,8 +861,7 @@ impl Staged {
             Ok(())
         } else {
             let error = io::Error::last_os_error();
-            self.link_failed
-                .set(error.kind() != ErrorKind::AlreadyExists);
+            *link_failed = error.kind() != ErrorKind::AlreadyExists;
             Err(error)
         }
     }
@@ -1394,8 +1449,10 @@ mod tests {
 
     #[tokio::test]
     async fn names_are_flushed_before_a_write_or_delete_is_reported() {
-        // Each write flushes its file, then the folder that names it; a
-        // delete flushes the folder it removed the name from.
+        // Each write flushes its file, then (once linked) the name; a delete
+        // flushes the folder it removed the name from. Counted in disk
+        // flushes: a file on a filesystem that `syncfs` does not cover has
+        // its own `fsync` and its folder another.
         let (dir, store) = store();
         if !takes_attributes(dir.path()) {
             eprintln!("no user attributes here: sidecar writes add their own flushes; skipped");
@@ -1405,12 +1462,12 @@ mod tests {
             store.put("b", key, Bytes::from_static(b"x"), opts("text/plain", &[]))
         };
         put("a/k").await.unwrap();
-        assert_eq!(store.flush.counts().0, 2, "the file and its folder");
+        assert_eq!(store.flush.counts().1, 2, "the file, then its name");
         put("a/k").await.unwrap();
-        assert_eq!(store.flush.counts().0, 4, "a replacement too");
+        assert_eq!(store.flush.counts().1, 4, "a replacement too");
         store.delete("b", "a/k").await.unwrap();
         assert_eq!(
-            store.flush.counts().0,
+            store.flush.counts().1,
             5,
             "the folder left after the delete"
         );
@@ -1421,7 +1478,7 @@ mod tests {
         );
         store.delete("b", "a/k").await.unwrap();
         assert_eq!(
-            store.flush.counts().0,
+            store.flush.counts().1,
             5,
             "nothing removed, nothing flushed"
         );
