@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// Why a store operation failed. Every message names the bucket, key, path or
@@ -92,11 +92,51 @@ impl StoreError {
             source,
         }
     }
+
+    /// The error with its file named from the local store's `root`
+    /// (`photos/a.jpg`), as clients and results see it: where the store
+    /// lives on the server is not theirs to know.
+    pub(crate) fn under_root(self, root: &Path) -> Self {
+        match self {
+            StoreError::Io { op, path, source } => StoreError::Io {
+                op,
+                path: match path.strip_prefix(root) {
+                    Ok(inside) if inside.as_os_str().is_empty() => {
+                        PathBuf::from("the store's root")
+                    }
+                    Ok(inside) => inside.to_path_buf(),
+                    Err(_) => path,
+                },
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_paths_are_told_from_the_stores_root() {
+        let root = Path::new("/srv/imgfunc/data");
+        let told = |path: &str| {
+            let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+            StoreError::io("write", path, denied)
+                .under_root(root)
+                .to_string()
+        };
+        assert_eq!(
+            told("/srv/imgfunc/data/photos/a.jpg"),
+            "local store: cannot write photos/a.jpg: permission denied"
+        );
+        assert!(told("/srv/imgfunc/data").contains("cannot write the store's root:"));
+        // Nothing under the root: told as it is.
+        assert!(told("/elsewhere/x").contains("/elsewhere/x"));
+        let other = StoreError::not_found("photos", "a.jpg").under_root(root);
+        assert!(matches!(other, StoreError::NotFound { .. }));
+    }
 
     #[test]
     fn messages_name_bucket_and_key() {

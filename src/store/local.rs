@@ -165,7 +165,7 @@ impl LocalStore {
     pub async fn create_bucket(&self, bucket: &str) -> Result<(), StoreError> {
         validate_bucket(bucket)?;
         let dir = self.root.join(bucket);
-        blocking(move || {
+        blocking(self.root.clone(), move || {
             std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create folder", &dir, e))
         })
         .await
@@ -213,7 +213,7 @@ impl LocalStore {
         Box::pin(async move {
             let target = target?;
             let guard = lock.read_owned().await;
-            blocking(move || f(&target, guard)).await
+            blocking(self.root.clone(), move || f(&target, guard)).await
         })
     }
 }
@@ -279,7 +279,7 @@ impl ObjectStore for LocalStore {
             let target = target?;
             let opts = normalize_put_options(opts)?;
             let guard = lock.write_owned().await;
-            blocking(move || {
+            blocking(self.root.clone(), move || {
                 let _guard = guard;
                 write_object(&target, &bytes, opts, place, &flush)
             })
@@ -294,7 +294,7 @@ impl ObjectStore for LocalStore {
         Box::pin(async move {
             let target = target?;
             let guard = lock.write_owned().await;
-            blocking(move || {
+            blocking(self.root.clone(), move || {
                 let _guard = guard;
                 delete_object(&target, &flush)
             })
@@ -313,7 +313,10 @@ impl ObjectStore for LocalStore {
         let bucket_dir = self.root.join(&bucket);
         Box::pin(async move {
             checked?;
-            blocking(move || list_objects(&bucket, &bucket_dir, &prefix)).await
+            blocking(self.root.clone(), move || {
+                list_objects(&bucket, &bucket_dir, &prefix)
+            })
+            .await
         })
     }
 
@@ -323,12 +326,14 @@ impl ObjectStore for LocalStore {
 }
 
 /// Runs blocking file I/O off the async runtime.
-async fn blocking<T, F>(f: F) -> Result<T, StoreError>
+async fn blocking<T, F>(root: PathBuf, f: F) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, StoreError> + Send + 'static,
 {
-    run_blocking("finish file operation for", "the local store", f).await
+    run_blocking("finish file operation for", "the local store", f)
+        .await
+        .map_err(|e| e.under_root(&root))
 }
 
 /// The error for an object that is not there: the bucket's or the key's.
@@ -1663,6 +1668,16 @@ mod tests {
         }
     }
 
+    /// Sets or clears (`+i`, `-i`) the immutable flag of `path`; false
+    /// where `chattr` is missing or the filesystem has no such flag.
+    fn chattr(flag: &str, path: &Path) -> bool {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     #[tokio::test]
     async fn a_refused_rename_keeps_unnamed_files_on() {
         // Replacing an immutable object fails at the rename, after the
@@ -1672,19 +1687,12 @@ mod tests {
         let put = || store.put("b", "k", Bytes::from_static(b"x"), opts("text/plain", &[]));
         put().await.unwrap();
         let path = store.root().join("b/k");
-        let immutable = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(&path)
-            .status();
-        if !immutable.is_ok_and(|s| s.success()) {
+        if !chattr("+i", &path) {
             eprintln!("chattr +i is not available here; skipped");
             return;
         }
         let refused = put().await;
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&path)
-            .status();
+        chattr("-i", &path);
         let err = refused.unwrap_err();
         assert!(err.to_string().contains("Operation not permitted"), "{err}");
         assert!(
@@ -1692,6 +1700,26 @@ mod tests {
             "unnamed files are still in use"
         );
         put().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn errors_name_files_from_the_root_not_where_the_store_lives() {
+        let (dir, store) = store();
+        let put = |key: &'static str| {
+            store.put("b", key, Bytes::from_static(b"x"), PutOptions::default())
+        };
+        put("k").await.unwrap();
+        let bucket = store.root().join("b");
+        if !chattr("+i", &bucket) {
+            eprintln!("chattr +i is not available here; skipped");
+            return;
+        }
+        let refused = put("new").await;
+        chattr("-i", &bucket);
+        let err = refused.unwrap_err().to_string();
+        assert!(err.contains("Operation not permitted"), "{err}");
+        assert!(err.contains("temporary file in b:"), "{err}");
+        assert!(!err.contains(&*dir.path().to_string_lossy()), "{err}");
     }
 
     #[test]
