@@ -862,7 +862,10 @@ impl Publication {
                 libc::AT_SYMLINK_FOLLOW,
             )
         };
+        // Only the last link tells: one that failed before a retry (a
+        // pruned folder made again) says nothing about the write.
         if rc == 0 {
+            *link_failed = false;
             Ok(())
         } else {
             let error = io::Error::last_os_error();
