@@ -44,7 +44,8 @@
 //! Because keys are paths, the local store is stricter than S3: keys with
 //! `.` or `..` segments, empty segments (`a//b`, `a/`), a leading `/`, a
 //! backslash, or a segment starting with `.imgfunc-` are refused, and a key
-//! cannot be both an object and a folder (`a` and `a/b`). Symbolic links the
+//! cannot be both an object and a folder (`a` and `a/b`; an empty folder
+//! makes way for a write of its key). Symbolic links the
 //! operator places under the root are followed when reading; listings do not
 //! descend into linked folders.
 
@@ -510,7 +511,9 @@ fn check_not_shadowed(target: &Target) -> Result<(), StoreError> {
         if !last && stat.file_type().is_symlink() {
             return Err(linked_folder(target, prefix));
         }
-        if last && stat.is_dir() {
+        // An empty folder holds no object (a write that failed after
+        // making it, or one copied in by hand): it makes way for the key.
+        if last && stat.is_dir() && std::fs::remove_dir(&path).is_err() {
             return Err(StoreError::invalid_key(
                 &target.key,
                 format!(
@@ -1804,6 +1807,15 @@ mod tests {
             "{err}"
         );
         assert_eq!(store.get("b", "c").await.unwrap_err().code(), "not_found");
+
+        // An empty folder (left by a write that failed after making it)
+        // holds no object and makes way for one.
+        std::fs::create_dir_all(store.root().join("b/e")).unwrap();
+        store
+            .put("b", "e", Bytes::from_static(b"e"), PutOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(&store.get("b", "e").await.unwrap().bytes[..], b"e");
     }
 
     #[tokio::test]
