@@ -253,9 +253,8 @@ impl ObjectStore for LocalStore {
         self.reading(bucket, key, move |target, guard| {
             let (file, meta) = open_object(target)?;
             drop(guard);
-            let bytes = read(&meta, Body::Read(Box::new(file))).map_err(|e| {
-                StoreError::io("read", format!("{}/{}", target.bucket, target.key), e)
-            })?;
+            let bytes = read(&meta, Body::Read(Box::new(file)))
+                .map_err(|e| StoreError::io("read", &target.object, e))?;
             Ok((meta, bytes))
         })
     }
@@ -512,14 +511,28 @@ fn check_not_shadowed(target: &Target) -> Result<(), StoreError> {
             return Err(linked_folder(target, prefix));
         }
         // An empty folder holds no object (a write that failed after
-        // making it, or one copied in by hand): it makes way for the key.
-        if last && stat.is_dir() && std::fs::remove_dir(&path).is_err() {
-            return Err(StoreError::invalid_key(
-                &target.key,
-                format!(
-                    "the local store keeps keys as files and folders, and objects under \"{prefix}/\" exist"
-                ),
-            ));
+        // making it, or one made by hand): it makes way for the key. A
+        // writer of a longer key that has just made it may then find it
+        // gone and make it again, or fail (500) if this key's file is
+        // there by then: the race of two such keys, which one side loses.
+        if last && stat.is_dir() {
+            match std::fs::remove_dir(&path) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+                    return Err(StoreError::invalid_key(
+                        &target.key,
+                        format!(
+                            "the local store keeps keys as files and folders, and objects under \"{prefix}/\" exist"
+                        ),
+                    ));
+                }
+                // A link to a folder is not removed through.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                    return Err(linked_folder(target, prefix));
+                }
+                // A mount point, a read-only folder: not for this write to change.
+                Err(e) => return Err(StoreError::io("remove the empty folder", &path, e)),
+            }
         }
         if !last && !stat.is_dir() {
             return Err(StoreError::invalid_key(
@@ -1711,20 +1724,15 @@ mod tests {
     #[tokio::test]
     async fn errors_name_files_from_the_root_not_where_the_store_lives() {
         let (dir, store) = store();
-        let put = |key: &'static str| {
-            store.put("b", key, Bytes::from_static(b"x"), PutOptions::default())
-        };
-        put("k").await.unwrap();
-        let bucket = store.root().join("b");
-        if !chattr("+i", &bucket) {
-            eprintln!("chattr +i is not available here; skipped");
-            return;
-        }
-        let refused = put("new").await;
-        chattr("-i", &bucket);
-        let err = refused.unwrap_err().to_string();
-        assert!(err.contains("Operation not permitted"), "{err}");
-        assert!(err.contains("temporary file in b:"), "{err}");
+        // A file where the bucket's folder should be: the write fails.
+        std::fs::create_dir_all(store.root()).unwrap();
+        std::fs::write(store.root().join("b"), b"not a folder").unwrap();
+        let err = store
+            .put("b", "k", Bytes::from_static(b"x"), PutOptions::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot create temporary file in b: "), "{err}");
         assert!(!err.contains(&*dir.path().to_string_lossy()), "{err}");
     }
 
@@ -1816,6 +1824,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&store.get("b", "e").await.unwrap().bytes[..], b"e");
+        // A link to an empty folder is not removed through.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), store.root().join("b/l")).unwrap();
+        let err = store
+            .put("b", "l", Bytes::from_static(b"l"), PutOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_key");
+        assert!(err.to_string().contains("is a link to a folder"), "{err}");
+        assert!(elsewhere.path().is_dir());
     }
 
     #[tokio::test]
