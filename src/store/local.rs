@@ -493,7 +493,8 @@ fn attribute_refused(err: &io::Error) -> bool {
 }
 
 /// Refuses a key that would need a file where a folder is, or the reverse:
-/// the local store cannot hold both `a` and `a/b`.
+/// the local store cannot hold both `a` and `a/b`. An empty folder where
+/// the key's file belongs is removed to make way for it.
 fn check_not_shadowed(target: &Target) -> Result<(), StoreError> {
     for (prefix, last) in key_paths(&target.key) {
         let path = target.bucket_dir.join(prefix);
@@ -781,12 +782,6 @@ fn stage(dir: &Path, mut unnamed: bool) -> Result<Staged, StoreError> {
 }
 
 impl Staged {
-    /// Gives the written file the name `path`, replacing any object there.
-    #[cfg(test)]
-    fn publish(&self, path: &Path) -> io::Result<()> {
-        self.published(self.publication(path).run())
-    }
-
     /// What naming the file `path` takes, for whichever thread does it.
     fn publication(&self, path: &Path) -> Publication {
         use std::os::unix::io::AsRawFd;
@@ -1678,7 +1673,8 @@ mod tests {
         let other = tempfile::tempdir_in("/dev/shm").unwrap();
         let staged = stage(dir.path(), true).unwrap();
         assert!(staged.name.is_none(), "this filesystem has unnamed files");
-        let err = staged.publish(&other.path().join("k")).unwrap_err();
+        let published = staged.publication(&other.path().join("k")).run();
+        let err = staged.published(published).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EXDEV), "{err}");
         assert!(link_refused(&err));
         // What a named write would meet too is not a refusal.
