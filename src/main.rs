@@ -95,6 +95,10 @@ struct ServeArgs {
     /// Let watermark fetches reach loopback, private and link-local addresses.
     #[arg(long, env = "IMGFUNC_WATERMARK_ALLOW_PRIVATE")]
     watermark_allow_private: bool,
+    /// Seconds a fetched watermark image is used before it is fetched
+    /// again; 0 fetches it for every invocation.
+    #[arg(long, env = "IMGFUNC_WATERMARK_CACHE_SECS", default_value_t = 60)]
+    watermark_cache_secs: u64,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -273,6 +277,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .map(|h| imgfunc::cloudfunc::allow_list_entry(h).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<_>>()?;
     config.sources.allow_private = args.watermark_allow_private;
+    config.sources.cache_ttl = std::time::Duration::from_secs(args.watermark_cache_secs);
     config.sources.self_urls = vec![format!("http://{}", args.listen)];
     let store: Arc<dyn ObjectStore> = match &args.s3_endpoint {
         Some(endpoint) => {

@@ -647,3 +647,145 @@ async fn a_stalled_upload_does_not_hold_the_shutdown_past_its_drain_timeout() {
     );
     drop(client);
 }
+
+/// A watermark server on 127.0.0.1 that counts its GETs and answers none
+/// until `open` is called: an 8x8 opaque red PNG.
+struct GatedMark {
+    url: String,
+    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl GatedMark {
+    async fn start() -> GatedMark {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let mut png = Vec::new();
+        image::RgbaImage::from_pixel(8, 8, image::Rgba([255, 0, 0, 255]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let gets = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (g, s) = (gets.clone(), gate.clone());
+        let app = axum::Router::new().route(
+            "/logo.png",
+            axum::routing::get(move || {
+                let (g, s, png) = (g.clone(), s.clone(), png.clone());
+                async move {
+                    g.fetch_add(1, Ordering::SeqCst);
+                    // Waits until the test opens the gate (then never again).
+                    let _ = s.acquire().await.map(|p| p.forget());
+                    s.add_permits(1);
+                    png
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/logo.png", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        GatedMark {
+            url,
+            gets,
+            gate,
+            server,
+        }
+    }
+
+    fn open(&self) {
+        self.gate.add_permits(1);
+    }
+
+    fn gets(&self) -> usize {
+        self.gets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermark_host_that_hangs_does_not_hold_up_other_rules() {
+    use base64::Engine as _;
+    let mark = GatedMark::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.sources.allow_hosts = vec!["127.0.0.1".into()];
+    config.sources.allow_private = true;
+    // Longer than any wait here: the fetch ends when the test opens the gate.
+    config.sources.timeout = Duration::from_secs(120);
+    let host = TestHost::local(config).await;
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&mark.url);
+    let rule = |id: &str, action: String| {
+        json!({"notifications": [{
+            "id": id,
+            "event_types": ["create_object"],
+            "object_filters": ["*"],
+            "cloudfunc": "image",
+            "cloudfunc_args": {"action": action, "save_bucket": "out"},
+        }]})
+    };
+    let marked = rule(
+        "marked",
+        format!("watermark_image:u_{url},p_1|format:t_png"),
+    );
+    assert_eq!(host.set_rules("marked", &marked).await.status(), 200);
+    let plain = rule("plain", "resize:w_40|format:t_png".into());
+    assert_eq!(host.set_rules("plain", &plain).await.status(), 200);
+
+    // More watermark invocations than the host has image slots (4 per
+    // image thread, 2 threads), all waiting for the one hanging fetch.
+    let photo = fixture("images/storm.jpg");
+    for i in 0..12 {
+        let put = host
+            .put_object(
+                "marked",
+                &format!("m{i:02}.jpg"),
+                photo.clone(),
+                "image/jpeg",
+            )
+            .await;
+        assert_eq!(put.status(), 201);
+    }
+    eventually("the watermark fetch to start", || async {
+        (mark.gets() > 0).then_some(())
+    })
+    .await;
+    // Another rule's images go through meanwhile.
+    for i in 0..3 {
+        let put = host
+            .put_object("plain", &format!("p{i}.jpg"), photo.clone(), "image/jpeg")
+            .await;
+        assert_eq!(put.status(), 201);
+    }
+    let keys = eventually("the plain rule's outputs", || async {
+        let keys = host.list_keys("out").await;
+        (keys.len() == 3).then_some(keys)
+    })
+    .await;
+    assert_eq!(keys, ["gen_p0.jpg", "gen_p1.jpg", "gen_p2.jpg"]);
+
+    // Once the host answers, every watermark invocation gets the one
+    // fetch's bytes: the mark is drawn at (0, 0).
+    mark.open();
+    eventually("the watermarked outputs", || async {
+        (host.list_keys("out").await.len() == 15).then_some(())
+    })
+    .await;
+    assert_eq!(mark.gets(), 1, "one fetch served the whole burst");
+    for i in [0, 11] {
+        let got = host
+            .http
+            .get(host.object_url("out", &format!("gen_m{i:02}.jpg")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), 200);
+        let img = image::load_from_memory(&got.bytes().await.unwrap())
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(img.get_pixel(3, 3).0, [255, 0, 0]);
+        assert_ne!(img.get_pixel(100, 100).0, [255, 0, 0]);
+    }
+    host.stop().await;
+    mark.server.abort();
+}

@@ -280,6 +280,16 @@ async fn run_image(
             event: event.event_type.as_str(),
         });
     }
+    // Watermarks first, holding no image slot: an invocation waiting for a
+    // slow or unreachable watermark host keeps only itself waiting, not
+    // the image threads (nor the sources in memory that the slots bound).
+    let (watermarks, slot) = if needs_watermarks(&args.action) {
+        drop(slot);
+        let watermarks = fetch_watermarks(rt, args).await;
+        (watermarks, rt.image_slot().await)
+    } else {
+        (Prefetched::default(), slot)
+    };
     // An object this rule wrote is left unread.
     let action = args.action.clone();
     let limits = rt.limits.clone();
@@ -298,7 +308,6 @@ async fn run_image(
     let Some(input) = input else {
         return Err(ImagingError::input_too_large(meta.size, &limits).into());
     };
-    let watermarks = fetch_watermarks(rt, args).await;
     let output = rt
         .run_cpu(slot, move || {
             imaging::process(&input, &action, &limits, &watermarks)
@@ -435,15 +444,24 @@ fn source_meta(source: &str, max: usize) -> String {
 
 /// Watermark bytes fetched before the CPU work starts, keyed by URL; a
 /// failed fetch is kept as its message so imaging reports it in context.
-struct Prefetched(HashMap<String, Result<Vec<u8>, String>>);
+#[derive(Default)]
+struct Prefetched(HashMap<String, Result<Arc<[u8]>, String>>);
 
 impl WatermarkResolver for Prefetched {
     fn resolve(&self, url: &str) -> Result<Vec<u8>, String> {
-        self.0
-            .get(url)
-            .cloned()
-            .unwrap_or_else(|| Err(format!("{url} was not fetched")))
+        match self.0.get(url) {
+            Some(Ok(bytes)) => Ok(bytes.to_vec()),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(format!("{url} was not fetched")),
+        }
     }
+}
+
+fn needs_watermarks(action: &Action) -> bool {
+    action
+        .ops
+        .iter()
+        .any(|op| matches!(op, Op::WatermarkImage(_)))
 }
 
 async fn fetch_watermarks(rt: &Runtime, args: &ImageArgs) -> Prefetched {

@@ -1,9 +1,11 @@
 //! Where `watermark_image` URLs are read from: objects of the configured
 //! store when the URL names one, otherwise allow-listed http(s) hosts only.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use reqwest::Url;
 
@@ -19,6 +21,9 @@ pub struct SourceConfig {
     /// Largest watermark fetched over http(s), in bytes.
     pub max_bytes: usize,
     pub timeout: Duration,
+    /// How long a fetched watermark is used before it is fetched again
+    /// (zero: every invocation fetches its own).
+    pub cache_ttl: Duration,
     /// The S3 endpoint in use: its own URLs (path style) name store objects.
     pub s3_endpoint: Option<String>,
     /// URL prefixes of this server (e.g. `http://127.0.0.1:8080`): their
@@ -33,6 +38,7 @@ impl Default for SourceConfig {
             allow_private: false,
             max_bytes: 10 * 1024 * 1024,
             timeout: Duration::from_secs(5),
+            cache_ttl: Duration::from_secs(60),
             s3_endpoint: None,
             self_urls: Vec::new(),
         }
@@ -40,8 +46,51 @@ impl Default for SourceConfig {
 }
 
 /// Resolves watermark URLs.
+///
+/// Fetched watermarks are kept for [`SourceConfig::cache_ttl`], and one
+/// fetch of a URL serves every invocation that asks for it meanwhile: a
+/// burst of events with the same logo fetches it once, and an unreachable
+/// host costs one timeout for all of them, not one each. A failure is
+/// kept for [`FAILURE_TTL`] only, so a logo uploaded after a miss is found
+/// at once.
 pub struct WatermarkSources {
     config: SourceConfig,
+    cache: Mutex<HashMap<String, Entry>>,
+}
+
+/// How long a failed fetch is reported again without trying again.
+pub const FAILURE_TTL: Duration = Duration::from_secs(2);
+
+/// Watermarks kept at most, and their bytes at most: rules name a few
+/// logos; an action naming many distinct URLs refetches them.
+const MAX_ENTRIES: usize = 32;
+const MAX_CACHED_BYTES: usize = 64 << 20;
+
+/// A fetch of one URL: under way (the cell is empty), or done, with when
+/// it finished.
+type Fetched = (Instant, Result<Arc<[u8]>, String>);
+
+struct Entry {
+    cell: Arc<tokio::sync::OnceCell<Fetched>>,
+}
+
+impl Entry {
+    /// Whether this entry's outcome may still be used `now` (one under way
+    /// is joined).
+    fn fresh(&self, now: Instant, ttl: Duration) -> bool {
+        match self.cell.get() {
+            None => true,
+            Some((at, Ok(_))) => now.saturating_duration_since(*at) < ttl,
+            Some((at, Err(_))) => now.saturating_duration_since(*at) < FAILURE_TTL.min(ttl),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self.cell.get() {
+            Some((_, Ok(bytes))) => bytes.len(),
+            _ => 0,
+        }
+    }
 }
 
 /// What a URL names.
@@ -53,11 +102,64 @@ pub enum Source {
 
 impl WatermarkSources {
     pub fn new(config: SourceConfig) -> WatermarkSources {
-        WatermarkSources { config }
+        WatermarkSources {
+            config,
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
-    /// Reads the watermark behind `url`; the error says why it cannot be read.
-    pub async fn fetch(&self, store: &dyn ObjectStore, url: &str) -> Result<Vec<u8>, String> {
+    /// Reads the watermark behind `url`, or takes it from the cache; the
+    /// error says why it cannot be read.
+    pub async fn fetch(&self, store: &dyn ObjectStore, url: &str) -> Result<Arc<[u8]>, String> {
+        let ttl = self.config.cache_ttl;
+        if ttl.is_zero() {
+            return self.fetch_now(store, url).await.map(Arc::from);
+        }
+        let cell = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            match cache.get(url) {
+                Some(entry) if entry.fresh(now, ttl) => Arc::clone(&entry.cell),
+                _ => {
+                    cache.retain(|_, e| e.fresh(now, ttl));
+                    // Still full: the oldest done entries go (those under
+                    // way stay, their callers wait on them).
+                    while cache.len() >= MAX_ENTRIES
+                        || cache.values().map(Entry::bytes).sum::<usize>() > MAX_CACHED_BYTES
+                    {
+                        let oldest = cache
+                            .iter()
+                            .filter_map(|(url, e)| e.cell.get().map(|(at, _)| (*at, url.clone())))
+                            .min();
+                        match oldest {
+                            Some((_, url)) => cache.remove(&url),
+                            None => break,
+                        };
+                    }
+                    let cell = Arc::new(tokio::sync::OnceCell::new());
+                    cache.insert(
+                        url.to_string(),
+                        Entry {
+                            cell: Arc::clone(&cell),
+                        },
+                    );
+                    cell
+                }
+            }
+        };
+        // A caller that goes away mid-fetch leaves the cell empty, and the
+        // next one waiting fetches.
+        let (_, fetched) = cell
+            .get_or_init(|| async {
+                let fetched = self.fetch_now(store, url).await.map(Arc::from);
+                (Instant::now(), fetched)
+            })
+            .await;
+        fetched.clone()
+    }
+
+    /// Reads the watermark behind `url`, past the cache.
+    async fn fetch_now(&self, store: &dyn ObjectStore, url: &str) -> Result<Vec<u8>, String> {
         match self.classify(url)? {
             Source::Object { bucket, key } => {
                 // The same cap as a download, checked before reading.
@@ -473,7 +575,7 @@ mod tests {
         });
         let store = crate::store::LocalStore::new(std::env::temp_dir());
         let url = format!("http://[::1]:{}/m.png", addr.port());
-        assert_eq!(s.fetch(&store, &url).await.unwrap(), b"mark");
+        assert_eq!(&*s.fetch(&store, &url).await.unwrap(), b"mark");
         server.abort();
     }
 
@@ -489,5 +591,110 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("private, loopback"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn fetched_watermarks_are_kept_for_their_time_and_failures_briefly() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let gets: Arc<Vec<AtomicUsize>> = Arc::new((0..2).map(|_| AtomicUsize::new(0)).collect());
+        let (g1, g2) = (gets.clone(), gets.clone());
+        let app = axum::Router::new()
+            .route(
+                "/ok/{n}",
+                axum::routing::get(move || async move {
+                    g1[0].fetch_add(1, Ordering::SeqCst);
+                    "mark"
+                }),
+            )
+            .route(
+                "/bad.png",
+                axum::routing::get(move || async move {
+                    g2[1].fetch_add(1, Ordering::SeqCst);
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let store = crate::store::LocalStore::new(std::env::temp_dir());
+        let sources = |ttl| {
+            WatermarkSources::new(SourceConfig {
+                allow_hosts: vec!["127.0.0.1".into()],
+                allow_private: true,
+                cache_ttl: ttl,
+                ..SourceConfig::default()
+            })
+        };
+        let (ok, bad) = (format!("{base}/ok/1"), format!("{base}/bad.png"));
+        let count = |i: usize| gets[i].load(Ordering::SeqCst);
+
+        let kept = sources(Duration::from_secs(60));
+        for _ in 0..3 {
+            assert_eq!(&*kept.fetch(&store, &ok).await.unwrap(), b"mark");
+        }
+        assert_eq!(count(0), 1);
+        for _ in 0..2 {
+            let err = kept.fetch(&store, &bad).await.unwrap_err();
+            assert!(err.contains("status 500"), "{err}");
+        }
+        assert_eq!(count(1), 1, "a failure is kept for {FAILURE_TTL:?}");
+
+        // Past its time an entry is fetched again, a failure too.
+        let short = sources(Duration::from_millis(100));
+        short.fetch(&store, &ok).await.unwrap();
+        short.fetch(&store, &bad).await.unwrap_err();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        short.fetch(&store, &ok).await.unwrap();
+        short.fetch(&store, &bad).await.unwrap_err();
+        assert_eq!((count(0), count(1)), (3, 3));
+
+        // Zero keeps nothing.
+        let none = sources(Duration::ZERO);
+        none.fetch(&store, &ok).await.unwrap();
+        none.fetch(&store, &ok).await.unwrap();
+        assert_eq!(count(0), 5);
+
+        // Many distinct URLs: each is served, and the cache stays bounded.
+        for n in 0..(MAX_ENTRIES + 8) {
+            let url = format!("{base}/ok/{n}");
+            assert_eq!(&*kept.fetch(&store, &url).await.unwrap(), b"mark");
+        }
+        assert!(kept.cache.lock().unwrap().len() <= MAX_ENTRIES);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_fetch_whose_caller_went_away_is_taken_up_by_the_next() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let g = gate.clone();
+        let app = axum::Router::new().route(
+            "/m.png",
+            axum::routing::get(move || {
+                let g = g.clone();
+                async move {
+                    let _ = g.acquire().await.map(|p| p.forget());
+                    "mark"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/m.png", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let s = Arc::new(WatermarkSources::new(SourceConfig {
+            allow_hosts: vec!["127.0.0.1".into()],
+            allow_private: true,
+            ..SourceConfig::default()
+        }));
+        let store = Arc::new(crate::store::LocalStore::new(std::env::temp_dir()));
+        let first = {
+            let (s, store, url) = (s.clone(), store.clone(), url.clone());
+            tokio::spawn(async move { s.fetch(store.as_ref(), &url).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        gate.add_permits(2);
+        assert_eq!(&*s.fetch(store.as_ref(), &url).await.unwrap(), b"mark");
+        server.abort();
     }
 }
