@@ -69,6 +69,10 @@ pub struct Runtime {
     /// ([`IMAGE_SLOTS_PER_WORKER`] per image thread): the sources in memory
     /// at once are bounded, the outputs being written are not counted.
     image_slots: Arc<tokio::sync::Semaphore>,
+    /// Taken instead of an image slot by an invocation that waits for
+    /// watermarks the cache does not have (as many as image slots): the
+    /// watermark bytes in memory stay bounded while image work goes on.
+    fetch_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Leave to read a source and have it processed; see [`Runtime::image_slot`].
@@ -92,6 +96,9 @@ impl Runtime {
             sources,
             cpu: CpuPool::new(workers)?,
             image_slots: Arc::new(tokio::sync::Semaphore::new(
+                workers * IMAGE_SLOTS_PER_WORKER,
+            )),
+            fetch_slots: Arc::new(tokio::sync::Semaphore::new(
                 workers * IMAGE_SLOTS_PER_WORKER,
             )),
         })
@@ -280,15 +287,28 @@ async fn run_image(
             event: event.event_type.as_str(),
         });
     }
-    // Watermarks first, holding no image slot: an invocation waiting for a
-    // slow or unreachable watermark host keeps only itself waiting, not
-    // the image threads (nor the sources in memory that the slots bound).
-    let (watermarks, slot) = if needs_watermarks(&args.action) {
-        drop(slot);
-        let watermarks = fetch_watermarks(rt, args).await;
-        (watermarks, rt.image_slot().await)
-    } else {
-        (Prefetched::default(), slot)
+    // Watermarks the cache does not have are fetched holding a fetch slot
+    // instead of the image slot: an invocation waiting for a slow or
+    // unreachable watermark host keeps only itself (and others that need
+    // a fetch) waiting, not the image threads. The source is checked first,
+    // so that a skipped, missing or oversized one fetches nothing.
+    let (watermarks, slot) = match cached_watermarks(rt, args) {
+        Some(watermarks) => (watermarks, slot),
+        None => {
+            let meta = rt.store.head(&event.bucket, &event.key).await?;
+            if in_chain(chain_of(&meta), &event.bucket, &rule.id) {
+                return Ok(skipped(event, rule));
+            }
+            if meta.size > rt.limits.max_input_bytes as u64 {
+                return Err(ImagingError::input_too_large(meta.size, &rt.limits).into());
+            }
+            drop(slot);
+            let fetch_slot = rt.fetch_slots.clone().acquire_owned().await.ok();
+            let watermarks = fetch_watermarks(rt, args).await;
+            let slot = rt.image_slot().await;
+            drop(fetch_slot);
+            (watermarks, slot)
+        }
     };
     // An object this rule wrote is left unread.
     let action = args.action.clone();
@@ -300,10 +320,7 @@ async fn run_image(
     .await?;
     let chain = chain_of(&meta).to_string();
     if in_chain(&chain, &event.bucket, &rule.id) {
-        return Ok(ImageOutcome::Skipped(format!(
-            "{}/{} was written by rule {}; it does not run on its own output",
-            event.bucket, event.key, rule.id
-        )));
+        return Ok(skipped(event, rule));
     }
     let Some(input) = input else {
         return Err(ImagingError::input_too_large(meta.size, &limits).into());
@@ -457,11 +474,24 @@ impl WatermarkResolver for Prefetched {
     }
 }
 
-fn needs_watermarks(action: &Action) -> bool {
-    action
-        .ops
-        .iter()
-        .any(|op| matches!(op, Op::WatermarkImage(_)))
+/// The outcome for a source that `rule` itself wrote.
+fn skipped(event: &Event, rule: &Rule) -> ImageOutcome {
+    ImageOutcome::Skipped(format!(
+        "{}/{} was written by rule {}; it does not run on its own output",
+        event.bucket, event.key, rule.id
+    ))
+}
+
+/// The action's watermarks when the cache has every one (none needed
+/// counts), or `None` when some must be fetched.
+fn cached_watermarks(rt: &Runtime, args: &ImageArgs) -> Option<Prefetched> {
+    let mut map = HashMap::new();
+    for op in &args.action.ops {
+        if let Op::WatermarkImage(w) = op {
+            map.insert(w.url.clone(), rt.sources.cached(&w.url)?);
+        }
+    }
+    Some(Prefetched(map))
 }
 
 async fn fetch_watermarks(rt: &Runtime, args: &ImageArgs) -> Prefetched {

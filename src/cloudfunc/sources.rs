@@ -52,7 +52,7 @@ impl Default for SourceConfig {
 /// burst of events with the same logo fetches it once, and an unreachable
 /// host costs one timeout for all of them, not one each. A failure is
 /// kept for [`FAILURE_TTL`] only, so a logo uploaded after a miss is found
-/// at once.
+/// within that time.
 pub struct WatermarkSources {
     config: SourceConfig,
     cache: Mutex<HashMap<String, Entry>>,
@@ -66,17 +66,18 @@ pub const FAILURE_TTL: Duration = Duration::from_secs(2);
 const MAX_ENTRIES: usize = 32;
 const MAX_CACHED_BYTES: usize = 64 << 20;
 
-/// A fetch of one URL: under way (the cell is empty), or done, with when
-/// it finished.
+/// A finished fetch of one URL: when it finished, and its outcome.
 type Fetched = (Instant, Result<Arc<[u8]>, String>);
 
 struct Entry {
+    started: Instant,
+    /// Empty while the fetch is under way.
     cell: Arc<tokio::sync::OnceCell<Fetched>>,
 }
 
 impl Entry {
-    /// Whether this entry's outcome may still be used `now` (one under way
-    /// is joined).
+    /// Whether this entry's outcome may still be used `now`. A fetch under
+    /// way is joined: it ends within the fetch timeout.
     fn fresh(&self, now: Instant, ttl: Duration) -> bool {
         match self.cell.get() {
             None => true,
@@ -90,6 +91,25 @@ impl Entry {
             Some((_, Ok(bytes))) => bytes.len(),
             _ => 0,
         }
+    }
+}
+
+/// Drops what is no longer fresh, then the oldest entries (finished or
+/// not: their callers hold their own handle on the fetch) until `room`
+/// more entries fit within the limits.
+fn trim(cache: &mut HashMap<String, Entry>, now: Instant, ttl: Duration, room: usize) {
+    cache.retain(|_, e| e.fresh(now, ttl));
+    while cache.len() + room > MAX_ENTRIES
+        || cache.values().map(Entry::bytes).sum::<usize>() > MAX_CACHED_BYTES
+    {
+        let Some(oldest) = cache
+            .iter()
+            .min_by_key(|(_, e)| e.started)
+            .map(|(url, _)| url.clone())
+        else {
+            break;
+        };
+        cache.remove(&oldest);
     }
 }
 
@@ -108,12 +128,24 @@ impl WatermarkSources {
         }
     }
 
+    /// The watermark behind `url` if the cache has a fresh outcome for it
+    /// (bytes or a recent failure), without waiting for anything.
+    pub fn cached(&self, url: &str) -> Option<Result<Arc<[u8]>, String>> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = cache.get(url)?;
+        let (_, fetched) = entry.cell.get()?;
+        entry
+            .fresh(Instant::now(), self.config.cache_ttl)
+            .then(|| fetched.clone())
+    }
+
     /// Reads the watermark behind `url`, or takes it from the cache; the
-    /// error says why it cannot be read.
+    /// error says why it cannot be read. A read takes at most the fetch
+    /// timeout, from the store too.
     pub async fn fetch(&self, store: &dyn ObjectStore, url: &str) -> Result<Arc<[u8]>, String> {
         let ttl = self.config.cache_ttl;
         if ttl.is_zero() {
-            return self.fetch_now(store, url).await.map(Arc::from);
+            return self.fetch_timed(store, url).await;
         }
         let cell = {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -121,28 +153,13 @@ impl WatermarkSources {
             match cache.get(url) {
                 Some(entry) if entry.fresh(now, ttl) => Arc::clone(&entry.cell),
                 _ => {
-                    cache.retain(|_, e| e.fresh(now, ttl));
-                    // Still full: the oldest done entries go (those under
-                    // way stay, their callers wait on them).
-                    while cache.len() >= MAX_ENTRIES
-                        || cache.values().map(Entry::bytes).sum::<usize>() > MAX_CACHED_BYTES
-                    {
-                        let oldest = cache
-                            .iter()
-                            .filter_map(|(url, e)| e.cell.get().map(|(at, _)| (*at, url.clone())))
-                            .min();
-                        match oldest {
-                            Some((_, url)) => cache.remove(&url),
-                            None => break,
-                        };
-                    }
+                    trim(&mut cache, now, ttl, 1);
                     let cell = Arc::new(tokio::sync::OnceCell::new());
-                    cache.insert(
-                        url.to_string(),
-                        Entry {
-                            cell: Arc::clone(&cell),
-                        },
-                    );
+                    let entry = Entry {
+                        started: now,
+                        cell: Arc::clone(&cell),
+                    };
+                    cache.insert(url.to_string(), entry);
                     cell
                 }
             }
@@ -151,11 +168,23 @@ impl WatermarkSources {
         // next one waiting fetches.
         let (_, fetched) = cell
             .get_or_init(|| async {
-                let fetched = self.fetch_now(store, url).await.map(Arc::from);
+                let fetched = self.fetch_timed(store, url).await;
                 (Instant::now(), fetched)
             })
             .await;
-        fetched.clone()
+        let fetched = fetched.clone();
+        // The new bytes count against the cache's limit.
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        trim(&mut cache, Instant::now(), ttl, 0);
+        fetched
+    }
+
+    async fn fetch_timed(&self, store: &dyn ObjectStore, url: &str) -> Result<Arc<[u8]>, String> {
+        let timeout = self.config.timeout;
+        match tokio::time::timeout(timeout, self.fetch_now(store, url)).await {
+            Ok(fetched) => fetched.map(Arc::from),
+            Err(_) => Err(format!("reading {url} took longer than {timeout:?}")),
+        }
     }
 
     /// Reads the watermark behind `url`, past the cache.
@@ -593,108 +622,230 @@ mod tests {
         assert!(err.contains("private, loopback"), "{err}");
     }
 
-    #[tokio::test]
-    async fn fetched_watermarks_are_kept_for_their_time_and_failures_briefly() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let gets: Arc<Vec<AtomicUsize>> = Arc::new((0..2).map(|_| AtomicUsize::new(0)).collect());
-        let (g1, g2) = (gets.clone(), gets.clone());
-        let app = axum::Router::new()
-            .route(
-                "/ok/{n}",
-                axum::routing::get(move || async move {
-                    g1[0].fetch_add(1, Ordering::SeqCst);
-                    "mark"
-                }),
-            )
-            .route(
-                "/bad.png",
-                axum::routing::get(move || async move {
-                    g2[1].fetch_add(1, Ordering::SeqCst);
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        let store = crate::store::LocalStore::new(std::env::temp_dir());
-        let sources = |ttl| {
-            WatermarkSources::new(SourceConfig {
+    /// A server on 127.0.0.1 for watermark tests: `/ok/{n}` answers
+    /// `mark`, `/bad.png` 500, `/big/{n}` 9 MiB, `/gated/{n}` `mark` once
+    /// `gate` has a permit (then leaves it for the next); `gets` counts
+    /// the GETs of each.
+    struct MarkServer {
+        base: String,
+        gets: Arc<[std::sync::atomic::AtomicUsize; 4]>,
+        gate: Arc<tokio::sync::Semaphore>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl MarkServer {
+        async fn start() -> MarkServer {
+            use axum::routing::get;
+            use std::sync::atomic::Ordering::SeqCst;
+            let gets: Arc<[std::sync::atomic::AtomicUsize; 4]> = Arc::default();
+            let gate = Arc::new(tokio::sync::Semaphore::new(0));
+            let (g, s) = (gets.clone(), gate.clone());
+            let app = axum::Router::new()
+                .route(
+                    "/ok/{n}",
+                    get({
+                        let g = g.clone();
+                        move || async move {
+                            g[0].fetch_add(1, SeqCst);
+                            "mark"
+                        }
+                    }),
+                )
+                .route(
+                    "/bad.png",
+                    get({
+                        let g = g.clone();
+                        move || async move {
+                            g[1].fetch_add(1, SeqCst);
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                        }
+                    }),
+                )
+                .route(
+                    "/big/{n}",
+                    get({
+                        let g = g.clone();
+                        move || async move {
+                            g[2].fetch_add(1, SeqCst);
+                            vec![7u8; 9 << 20]
+                        }
+                    }),
+                )
+                .route(
+                    "/gated/{n}",
+                    get(move || {
+                        let (g, s) = (g.clone(), s.clone());
+                        async move {
+                            g[3].fetch_add(1, SeqCst);
+                            if let Ok(permit) = s.acquire().await {
+                                permit.forget();
+                                s.add_permits(1);
+                            }
+                            "mark"
+                        }
+                    }),
+                );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let server = tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            MarkServer {
+                base,
+                gets,
+                gate,
+                server,
+            }
+        }
+
+        fn count(&self, route: usize) -> usize {
+            self.gets[route].load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        fn sources(&self, ttl: Duration) -> Arc<WatermarkSources> {
+            Arc::new(WatermarkSources::new(SourceConfig {
                 allow_hosts: vec!["127.0.0.1".into()],
                 allow_private: true,
                 cache_ttl: ttl,
                 ..SourceConfig::default()
-            })
-        };
-        let (ok, bad) = (format!("{base}/ok/1"), format!("{base}/bad.png"));
-        let count = |i: usize| gets[i].load(Ordering::SeqCst);
-
-        let kept = sources(Duration::from_secs(60));
-        for _ in 0..3 {
-            assert_eq!(&*kept.fetch(&store, &ok).await.unwrap(), b"mark");
+            }))
         }
-        assert_eq!(count(0), 1);
-        for _ in 0..2 {
-            let err = kept.fetch(&store, &bad).await.unwrap_err();
-            assert!(err.contains("status 500"), "{err}");
-        }
-        assert_eq!(count(1), 1, "a failure is kept for {FAILURE_TTL:?}");
+    }
 
-        // Past its time an entry is fetched again, a failure too.
-        let short = sources(Duration::from_millis(100));
-        short.fetch(&store, &ok).await.unwrap();
-        short.fetch(&store, &bad).await.unwrap_err();
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        short.fetch(&store, &ok).await.unwrap();
-        short.fetch(&store, &bad).await.unwrap_err();
-        assert_eq!((count(0), count(1)), (3, 3));
-
-        // Zero keeps nothing.
-        let none = sources(Duration::ZERO);
-        none.fetch(&store, &ok).await.unwrap();
-        none.fetch(&store, &ok).await.unwrap();
-        assert_eq!(count(0), 5);
-
-        // Many distinct URLs: each is served, and the cache stays bounded.
-        for n in 0..(MAX_ENTRIES + 8) {
-            let url = format!("{base}/ok/{n}");
-            assert_eq!(&*kept.fetch(&store, &url).await.unwrap(), b"mark");
-        }
-        assert!(kept.cache.lock().unwrap().len() <= MAX_ENTRIES);
-        server.abort();
+    fn temp_store() -> Arc<crate::store::LocalStore> {
+        Arc::new(crate::store::LocalStore::new(std::env::temp_dir()))
     }
 
     #[tokio::test]
-    async fn a_fetch_whose_caller_went_away_is_taken_up_by_the_next() {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let g = gate.clone();
-        let app = axum::Router::new().route(
-            "/m.png",
-            axum::routing::get(move || {
-                let g = g.clone();
-                async move {
-                    let _ = g.acquire().await.map(|p| p.forget());
-                    "mark"
-                }
-            }),
+    async fn fetched_watermarks_are_kept_for_their_time_and_failures_briefly() {
+        let marks = MarkServer::start().await;
+        let store = temp_store();
+        let (ok, bad) = (
+            format!("{}/ok/1", marks.base),
+            format!("{}/bad.png", marks.base),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/m.png", listener.local_addr().unwrap());
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        let s = Arc::new(WatermarkSources::new(SourceConfig {
-            allow_hosts: vec!["127.0.0.1".into()],
-            allow_private: true,
-            ..SourceConfig::default()
-        }));
-        let store = Arc::new(crate::store::LocalStore::new(std::env::temp_dir()));
-        let first = {
+
+        let kept = marks.sources(Duration::from_secs(60));
+        assert!(kept.cached(&ok).is_none());
+        for _ in 0..3 {
+            assert_eq!(&*kept.fetch(store.as_ref(), &ok).await.unwrap(), b"mark");
+        }
+        assert_eq!(marks.count(0), 1);
+        assert_eq!(&*kept.cached(&ok).unwrap().unwrap(), b"mark");
+        for _ in 0..2 {
+            let err = kept.fetch(store.as_ref(), &bad).await.unwrap_err();
+            assert!(err.contains("status 500"), "{err}");
+        }
+        assert_eq!(marks.count(1), 1, "a failure is kept for {FAILURE_TTL:?}");
+        assert!(kept.cached(&bad).unwrap().is_err());
+        // A failure is tried again after FAILURE_TTL, not after the TTL.
+        tokio::time::sleep(FAILURE_TTL + Duration::from_millis(200)).await;
+        assert!(kept.cached(&bad).is_none());
+        kept.fetch(store.as_ref(), &bad).await.unwrap_err();
+        kept.fetch(store.as_ref(), &ok).await.unwrap();
+        assert_eq!((marks.count(0), marks.count(1)), (1, 2));
+
+        // Past its time an entry is fetched again.
+        let short = marks.sources(Duration::from_millis(100));
+        short.fetch(store.as_ref(), &ok).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(short.cached(&ok).is_none());
+        short.fetch(store.as_ref(), &ok).await.unwrap();
+        assert_eq!(marks.count(0), 3);
+
+        // Zero keeps nothing.
+        let none = marks.sources(Duration::ZERO);
+        none.fetch(store.as_ref(), &ok).await.unwrap();
+        none.fetch(store.as_ref(), &ok).await.unwrap();
+        assert!(none.cached(&ok).is_none());
+        assert_eq!(marks.count(0), 5);
+        marks.server.abort();
+    }
+
+    #[tokio::test]
+    async fn the_cache_stays_within_its_entries_and_bytes() {
+        let marks = MarkServer::start().await;
+        let store = temp_store();
+        let kept = marks.sources(Duration::from_secs(60));
+        let cached_bytes = |s: &WatermarkSources| {
+            let cache = s.cache.lock().unwrap();
+            (cache.len(), cache.values().map(Entry::bytes).sum::<usize>())
+        };
+        // Finished entries: many distinct URLs, each served.
+        for n in 0..(MAX_ENTRIES + 8) {
+            let url = format!("{}/ok/{n}", marks.base);
+            assert_eq!(&*kept.fetch(store.as_ref(), &url).await.unwrap(), b"mark");
+        }
+        assert!(cached_bytes(&kept).0 <= MAX_ENTRIES);
+        // Bytes: eight 9 MiB watermarks are more than the cache keeps.
+        for n in 0..8 {
+            let url = format!("{}/big/{n}", marks.base);
+            assert_eq!(
+                kept.fetch(store.as_ref(), &url).await.unwrap().len(),
+                9 << 20
+            );
+        }
+        let (_, bytes) = cached_bytes(&kept);
+        assert!(bytes <= MAX_CACHED_BYTES && bytes > 0, "{bytes} bytes kept");
+        // Fetches under way count too.
+        let waiting: Vec<_> = (0..(MAX_ENTRIES + 8))
+            .map(|n| {
+                let (s, store, url) = (
+                    kept.clone(),
+                    store.clone(),
+                    format!("{}/gated/{n}", marks.base),
+                );
+                tokio::spawn(async move { s.fetch(store.as_ref(), &url).await })
+            })
+            .collect();
+        let all_asked = async {
+            while marks.count(3) < MAX_ENTRIES + 8 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), all_asked)
+            .await
+            .unwrap();
+        assert!(cached_bytes(&kept).0 <= MAX_ENTRIES);
+        marks.gate.add_permits(1);
+        for task in waiting {
+            assert_eq!(&*task.await.unwrap().unwrap(), b"mark");
+        }
+        marks.server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_fetch_whose_caller_went_away_is_taken_up_by_one_waiting() {
+        let marks = MarkServer::start().await;
+        let store = temp_store();
+        let s = marks.sources(Duration::from_secs(60));
+        let url = format!("{}/gated/1", marks.base);
+        let fetch = || {
             let (s, store, url) = (s.clone(), store.clone(), url.clone());
             tokio::spawn(async move { s.fetch(store.as_ref(), &url).await })
         };
+        let first = fetch();
+        let asked = async {
+            while marks.count(3) < 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), asked)
+            .await
+            .unwrap();
+        // The second joins the first's fetch, then is left with it.
+        let second = fetch();
         tokio::time::sleep(Duration::from_millis(100)).await;
         first.abort();
         assert!(first.await.unwrap_err().is_cancelled());
-        gate.add_permits(2);
-        assert_eq!(&*s.fetch(store.as_ref(), &url).await.unwrap(), b"mark");
-        server.abort();
+        marks.gate.add_permits(1);
+        let got = tokio::time::timeout(Duration::from_secs(20), second)
+            .await
+            .expect("the waiting caller fetches instead")
+            .unwrap()
+            .unwrap();
+        assert_eq!(&*got, b"mark");
+        assert_eq!(marks.count(3), 2, "the first fetch went with its caller");
+        marks.server.abort();
     }
 }
