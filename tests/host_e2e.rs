@@ -703,6 +703,23 @@ impl GatedMark {
     }
 }
 
+/// Puts `photo` under `{prefix}{i:02}.jpg` for each `i`.
+async fn put_photos(
+    host: &TestHost,
+    bucket: &str,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    photo: &[u8],
+) {
+    for i in range {
+        let key = format!("{prefix}{i:02}.jpg");
+        let put = host
+            .put_object(bucket, &key, photo.to_vec(), "image/jpeg")
+            .await;
+        assert_eq!(put.status(), 201, "PUT {bucket}/{key}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watermark_host_that_hangs_does_not_hold_up_other_rules() {
     use base64::Engine as _;
@@ -735,34 +752,19 @@ async fn a_watermark_host_that_hangs_does_not_hold_up_other_rules() {
     // More watermark invocations than the host has image slots (4 per
     // image thread, 2 threads), all waiting for the one hanging fetch.
     let photo = fixture("images/storm.jpg");
-    for i in 0..12 {
-        let put = host
-            .put_object(
-                "marked",
-                &format!("m{i:02}.jpg"),
-                photo.clone(),
-                "image/jpeg",
-            )
-            .await;
-        assert_eq!(put.status(), 201);
-    }
+    put_photos(&host, "marked", "m", 0..12, &photo).await;
     eventually("the watermark fetch to start", || async {
         (mark.gets() > 0).then_some(())
     })
     .await;
     // Another rule's images go through meanwhile.
-    for i in 0..3 {
-        let put = host
-            .put_object("plain", &format!("p{i}.jpg"), photo.clone(), "image/jpeg")
-            .await;
-        assert_eq!(put.status(), 201);
-    }
+    put_photos(&host, "plain", "p", 0..3, &photo).await;
     let keys = eventually("the plain rule's outputs", || async {
         let keys = host.list_keys("out").await;
         (keys.len() == 3).then_some(keys)
     })
     .await;
-    assert_eq!(keys, ["gen_p0.jpg", "gen_p1.jpg", "gen_p2.jpg"]);
+    assert_eq!(keys, ["gen_p00.jpg", "gen_p01.jpg", "gen_p02.jpg"]);
 
     // Once the host answers, every watermark invocation gets the one
     // fetch's bytes: the mark is drawn at (0, 0).
@@ -773,17 +775,7 @@ async fn a_watermark_host_that_hangs_does_not_hold_up_other_rules() {
     .await;
     assert_eq!(mark.gets(), 1, "one fetch served the whole burst");
     // Later events take the watermark from the cache.
-    for i in 12..15 {
-        let put = host
-            .put_object(
-                "marked",
-                &format!("m{i:02}.jpg"),
-                photo.clone(),
-                "image/jpeg",
-            )
-            .await;
-        assert_eq!(put.status(), 201);
-    }
+    put_photos(&host, "marked", "m", 12..15, &photo).await;
     eventually("the later watermarked outputs", || async {
         (host.list_keys("out").await.len() == 18).then_some(())
     })

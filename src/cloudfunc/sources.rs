@@ -702,6 +702,18 @@ mod tests {
             self.gets[route].load(std::sync::atomic::Ordering::SeqCst)
         }
 
+        /// Waits (up to 20 s) until `route` has had `n` GETs.
+        async fn asked(&self, route: usize, n: usize) {
+            let asked = async {
+                while self.count(route) < n {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), asked)
+                .await
+                .unwrap_or_else(|_| panic!("route {route} was not asked {n} times"));
+        }
+
         fn sources(&self, ttl: Duration) -> Arc<WatermarkSources> {
             Arc::new(WatermarkSources::new(SourceConfig {
                 allow_hosts: vec!["127.0.0.1".into()],
@@ -798,14 +810,7 @@ mod tests {
                 tokio::spawn(async move { s.fetch(store.as_ref(), &url).await })
             })
             .collect();
-        let all_asked = async {
-            while marks.count(3) < MAX_ENTRIES + 8 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(20), all_asked)
-            .await
-            .unwrap();
+        marks.asked(3, MAX_ENTRIES + 8).await;
         assert!(cached_bytes(&kept).0 <= MAX_ENTRIES);
         marks.gate.add_permits(1);
         for task in waiting {
@@ -825,14 +830,7 @@ mod tests {
             tokio::spawn(async move { s.fetch(store.as_ref(), &url).await })
         };
         let first = fetch();
-        let asked = async {
-            while marks.count(3) < 1 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(20), asked)
-            .await
-            .unwrap();
+        marks.asked(3, 1).await;
         // The second joins the first's fetch, then is left with it.
         let second = fetch();
         tokio::time::sleep(Duration::from_millis(100)).await;
