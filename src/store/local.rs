@@ -166,8 +166,14 @@ impl LocalStore {
     pub async fn create_bucket(&self, bucket: &str) -> Result<(), StoreError> {
         validate_bucket(bucket)?;
         let dir = self.root.join(bucket);
+        let flush = Arc::clone(&self.flush);
         blocking(self.root.clone(), move || {
-            std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create folder", &dir, e))
+            let io = |e| StoreError::io("create folder", &dir, e);
+            // The new folder's name is on disk before the bucket is reported.
+            for folder in create_folders(&dir).map_err(io)? {
+                flush_folder(&folder, &flush).map_err(io)?;
+            }
+            Ok(())
         })
         .await
     }
@@ -654,9 +660,14 @@ fn write_staged(
         let publication = staged.publication(path);
         let (published, names_flushed) =
             flush.flush_then(&staged.file, move || publication.run())?;
-        staged.published(published)?;
+        let created_in = staged.published(published)?;
         if !names_flushed {
+            // Flushed file by file: the new name, and the entries of any
+            // folders made for it.
             flush_folder(dir, flush)?;
+            for folder in staged.created_in.iter().chain(&created_in) {
+                flush_folder(folder, flush)?;
+            }
         }
         Ok(stored)
     };
@@ -708,6 +719,9 @@ struct Staged {
     /// the system refuses such links (a refused rename over an object
     /// does not).
     link_failed: std::cell::Cell<bool>,
+    /// Folders whose entries changed because folders were created in them
+    /// for this write (see [`create_folders`]).
+    created_in: Vec<PathBuf>,
 }
 
 /// Whether unnamed files can be used: cleared for the process the first
@@ -735,6 +749,7 @@ fn temp_name(dir: &Path) -> PathBuf {
 fn stage(dir: &Path, mut unnamed: bool) -> Result<Staged, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut attempt = 0;
+    let mut created_in = Vec::new();
     loop {
         let (opened, name) = if unnamed {
             let opened = std::fs::OpenOptions::new()
@@ -768,12 +783,14 @@ fn stage(dir: &Path, mut unnamed: bool) -> Result<Staged, StoreError> {
                     file,
                     name,
                     link_failed: std::cell::Cell::new(false),
+                    created_in,
                 });
             }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) if e.kind() == ErrorKind::NotFound && attempt <= PRUNE_RACE_RETRIES => {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| StoreError::io("create folder", dir, e))?;
+                let made =
+                    create_folders(dir).map_err(|e| StoreError::io("create folder", dir, e))?;
+                created_in.extend(made);
             }
             Err(e) => return Err(StoreError::io("create temporary file in", dir, e)),
         }
@@ -792,10 +809,11 @@ impl Staged {
         }
     }
 
-    /// Takes in how naming the file went.
-    fn published(&self, published: Published) -> io::Result<()> {
+    /// Takes in how naming the file went; gives the folders it created
+    /// folders in.
+    fn published(&self, published: Published) -> io::Result<Vec<PathBuf>> {
         self.link_failed.set(published.link_failed);
-        published.result
+        published.result.map(|()| published.created_in)
     }
 }
 
@@ -814,20 +832,24 @@ struct Published {
     result: io::Result<()>,
     /// Whether linking the unnamed file failed (see [`Staged::link_failed`]).
     link_failed: bool,
+    /// Folders whose entries changed because folders were created in them.
+    created_in: Vec<PathBuf>,
 }
 
 impl Publication {
     fn run(self) -> Published {
         let mut link_failed = false;
-        let result = self.publish(&mut link_failed);
+        let mut created_in = Vec::new();
+        let result = self.publish(&mut link_failed, &mut created_in);
         Published {
             result,
             link_failed,
+            created_in,
         }
     }
 
     /// Gives the written file the name `path`, replacing any object there.
-    fn publish(&self, link_failed: &mut bool) -> io::Result<()> {
+    fn publish(&self, link_failed: &mut bool, created_in: &mut Vec<PathBuf>) -> io::Result<()> {
         let path = &self.path;
         if let Some(tmp) = &self.name {
             return std::fs::rename(tmp, path);
@@ -849,7 +871,7 @@ impl Publication {
                 // A concurrent delete pruned the folder: the unnamed file
                 // can go into a new one.
                 Err(e) if e.kind() == ErrorKind::NotFound && attempt < PRUNE_RACE_RETRIES => {
-                    std::fs::create_dir_all(dir)?;
+                    created_in.extend(create_folders(dir)?);
                 }
                 Err(e) => return Err(e),
             }
@@ -911,6 +933,28 @@ fn delete_object(target: &Target, flush: &GroupFlush) -> Result<(), StoreError> 
         }
     }
     Ok(())
+}
+
+/// Creates `dir` and the missing folders above it, and returns the
+/// folders that got a new entry (the parent of each folder made, or found
+/// made by another writer meanwhile), for writers that flush folders
+/// themselves: a file's folder flushed alone does not keep a new folder's
+/// name through a crash.
+fn create_folders(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|folder| !folder.is_dir() && folder.parent().is_some())
+        .collect();
+    let mut changed = Vec::new();
+    for folder in missing.into_iter().rev() {
+        match std::fs::create_dir(folder) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && folder.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+        changed.extend(folder.parent().map(Path::to_path_buf));
+    }
+    Ok(changed)
 }
 
 /// Flushes `folder`'s entries (a new or removed name) with the group flush.
@@ -1464,6 +1508,40 @@ mod tests {
             ["photos/sub/c.jpg"]
         );
         assert!(store.list("b", "nothing").await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn folders_made_for_a_write_are_flushed_where_files_are_flushed_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let bucket = dir.path().join("b");
+        std::fs::create_dir(&bucket).unwrap();
+        assert_eq!(
+            create_folders(&bucket.join("x/y")).unwrap(),
+            [bucket.clone(), bucket.join("x")],
+            "b got x, and x got y"
+        );
+        assert!(bucket.join("x/y").is_dir());
+        assert!(create_folders(&bucket.join("x/y")).unwrap().is_empty());
+        std::fs::write(bucket.join("f"), b"").unwrap();
+        let err = create_folders(&bucket.join("f/z")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "a file is in the way");
+
+        for unnamed in [true, false] {
+            let flush = GroupFlush::file_by_file();
+            let top = format!("n{unnamed}");
+            let path = bucket.join(&top).join("p/k");
+            write_staged(&path, b"v", None, unnamed, &flush).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"v");
+            // The file, its folder p, then b and b/n.., which got the new
+            // folders n.. and p.
+            assert_eq!(flush.counts().1, 4, "unnamed {unnamed}");
+            write_staged(&bucket.join(&top).join("p/k2"), b"w", None, unnamed, &flush).unwrap();
+            assert_eq!(
+                flush.counts().1,
+                6,
+                "no folder made: the file and its folder"
+            );
+        }
     }
 
     #[tokio::test]
