@@ -469,7 +469,16 @@ fn write_object(
     let json = serde_json::to_vec(&stored)
         .map_err(|e| StoreError::io("encode metadata of", &target.object, io::Error::other(e)))?;
     let attribute = (place == MetadataPlace::Xattr).then_some(&json[..]);
-    if write_atomic(&target.object, bytes, attribute, flush)? {
+    // A write of a longer or shorter key (`a/b` against `a`) may have made
+    // the clash since the check: it is reported as such, not as the I/O
+    // error it caused. Where the other writer has only made an empty
+    // folder so far, the check removes it and this write goes again (and
+    // the other one meets the clash).
+    let write = || write_atomic(&target.object, bytes, attribute, flush);
+    let written = write()
+        .or_else(|_| check_not_shadowed(target).and_then(|()| write()))
+        .or_else(|e| check_not_shadowed(target).and(Err(e)))?;
+    if written {
         // The new file carries its metadata; an older sidecar would only
         // confuse a later reader of the folder.
         return remove_file_if_present(&target.sidecar, "remove the old sidecar").map(drop);
@@ -1508,6 +1517,35 @@ mod tests {
             ["photos/sub/c.jpg"]
         );
         assert!(store.list("b", "nothing").await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_writes_of_a_key_and_a_longer_one_report_the_clash() {
+        // `eN` and `eN/x` cannot both be objects: whichever lands second is
+        // refused as a clash (400), never an I/O error (500), however the
+        // two interleave.
+        let (_dir, store) = store();
+        let store = Arc::new(store);
+        store.create_bucket("b").await.unwrap();
+        let put = |key: String| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .put("b", &key, Bytes::from_static(b"x"), opts("text/plain", &[]))
+                    .await
+            })
+        };
+        for n in 0..100 {
+            let (short, long) = (put(format!("e{n}")), put(format!("e{n}/x")));
+            let results = [short.await.unwrap(), long.await.unwrap()];
+            let refused = results.iter().filter(|r| r.is_err()).count();
+            assert_eq!(refused, 1, "pair {n}: {results:?}");
+            for r in &results {
+                if let Err(e) = r {
+                    assert_eq!(e.code(), "invalid_key", "pair {n}: {e}");
+                }
+            }
+        }
     }
 
     #[test]
