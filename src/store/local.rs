@@ -461,7 +461,7 @@ fn write_object(
     place: MetadataPlace,
     flush: &GroupFlush,
 ) -> Result<(), StoreError> {
-    check_not_shadowed(target)?;
+    check_not_shadowed(target, true)?;
     let stored = StoredMeta {
         content_type: opts.content_type,
         user_metadata: opts.user_metadata,
@@ -474,18 +474,38 @@ fn write_object(
     // error it caused. Where the other writer has only made an empty
     // folder so far, the check removes it and this write goes again (and
     // the other one meets the clash).
-    let write = || write_atomic(&target.object, bytes, attribute, flush);
-    let written = write()
-        .or_else(|_| check_not_shadowed(target).and_then(|()| write()))
-        .or_else(|e| check_not_shadowed(target).and(Err(e)))?;
+    // Folders made by any attempt are flushed with the write that succeeds.
+    let mut made = Vec::new();
+    let write =
+        |made: &mut Vec<PathBuf>| write_atomic(&target.object, bytes, attribute, flush, made);
+    let written = match write(&mut made) {
+        Ok(written) => written,
+        Err(e) if clash_like(&e) => {
+            check_not_shadowed(target, true)?;
+            // Still failing: a folder at the key now is the other writer's
+            // (left in place), a file above it the other object.
+            write(&mut made).or_else(|e| check_not_shadowed(target, false).and(Err(e)))?
+        }
+        Err(e) => return Err(e),
+    };
     if written {
         // The new file carries its metadata; an older sidecar would only
         // confuse a later reader of the folder.
         return remove_file_if_present(&target.sidecar, "remove the old sidecar").map(drop);
     }
     clear_stale_sidecars(target)?;
-    write_atomic(&target.sidecar, &json, None, flush)?;
+    write_atomic(&target.sidecar, &json, None, flush, &mut made)?;
     Ok(())
+}
+
+/// Whether a failed write may have met a write of a longer or shorter key
+/// (a folder where its file goes, a file where its folder goes, or a
+/// folder removed under it).
+fn clash_like(err: &StoreError) -> bool {
+    matches!(err, StoreError::Io { source, .. } if matches!(
+        source.raw_os_error(),
+        Some(libc::EISDIR | libc::ENOTDIR | libc::EEXIST | libc::ENOENT | libc::ENOTEMPTY)
+    ))
 }
 
 /// Whether a refused metadata attribute should go to a sidecar instead:
@@ -509,8 +529,9 @@ fn attribute_refused(err: &io::Error) -> bool {
 
 /// Refuses a key that would need a file where a folder is, or the reverse:
 /// the local store cannot hold both `a` and `a/b`. An empty folder where
-/// the key's file belongs is removed to make way for it.
-fn check_not_shadowed(target: &Target) -> Result<(), StoreError> {
+/// the key's file belongs is removed to make way for it if `make_way`, and
+/// refused like any other otherwise.
+fn check_not_shadowed(target: &Target, make_way: bool) -> Result<(), StoreError> {
     for (prefix, last) in key_paths(&target.key) {
         let path = target.bucket_dir.join(prefix);
         // A folder is looked at itself, not through a link (see below).
@@ -532,7 +553,12 @@ fn check_not_shadowed(target: &Target) -> Result<(), StoreError> {
         // gone and make it again, or fail (500) if this key's file is
         // there by then: the race of two such keys, which one side loses.
         if last && stat.is_dir() {
-            match std::fs::remove_dir(&path) {
+            let removed = if make_way {
+                std::fs::remove_dir(&path)
+            } else {
+                Err(io::Error::from_raw_os_error(libc::ENOTEMPTY))
+            };
+            match removed {
                 Ok(()) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
                     return Err(StoreError::invalid_key(
@@ -631,13 +657,18 @@ fn clear_stale_sidecars(target: &Target) -> Result<(), StoreError> {
 /// per file). Replacing an
 /// existing object, or where unnamed files are not available, the file has
 /// a hidden temporary name and is renamed over `path`.
+///
+/// `made` gathers the folders that got new folders for this write, over
+/// every attempt: where files are flushed one by one, they are flushed
+/// before the write is reported.
 fn write_atomic(
     path: &Path,
     bytes: &[u8],
     attribute: Option<&[u8]>,
     flush: &GroupFlush,
+    made: &mut Vec<PathBuf>,
 ) -> Result<bool, StoreError> {
-    write_staged(path, bytes, attribute, unnamed_files(), flush)
+    write_staged(path, bytes, attribute, unnamed_files(), flush, made)
 }
 
 /// [`write_atomic`] with unnamed files (`unnamed`) or named ones.
@@ -647,12 +678,13 @@ fn write_staged(
     attribute: Option<&[u8]>,
     unnamed: bool,
     flush: &GroupFlush,
+    made: &mut Vec<PathBuf>,
 ) -> Result<bool, StoreError> {
     use xattr::FileExt;
     let dir = path
         .parent()
         .ok_or_else(|| StoreError::io("write", path, ErrorKind::InvalidInput.into()))?;
-    let mut staged = stage(dir, unnamed)?;
+    let mut staged = stage(dir, unnamed, made)?;
     let mut write = || -> io::Result<bool> {
         staged.file.write_all(bytes)?;
         let stored = match attribute {
@@ -669,12 +701,14 @@ fn write_staged(
         let publication = staged.publication(path);
         let (published, names_flushed) =
             flush.flush_then(&staged.file, move || publication.run())?;
-        let created_in = staged.published(published)?;
+        made.extend(staged.published(published)?);
         if !names_flushed {
             // Flushed file by file: the new name, and the entries of any
             // folders made for it.
             flush_folder(dir, flush)?;
-            for folder in staged.created_in.iter().chain(&created_in) {
+            made.sort();
+            made.dedup();
+            for folder in made.iter() {
                 flush_folder(folder, flush)?;
             }
         }
@@ -688,7 +722,7 @@ fn write_staged(
         Err(e) if staged.link_failed.get() && staged.name.is_none() && link_refused(&e) => {
             UNNAMED_FILES.store(false, Ordering::Relaxed);
             drop(staged);
-            write_staged(path, bytes, attribute, false, flush)
+            write_staged(path, bytes, attribute, false, flush, made)
         }
         Err(e) => {
             // Best effort: the write already failed, and the name is hidden
@@ -728,9 +762,6 @@ struct Staged {
     /// the system refuses such links (a refused rename over an object
     /// does not).
     link_failed: std::cell::Cell<bool>,
-    /// Folders whose entries changed because folders were created in them
-    /// for this write (see [`create_folders`]).
-    created_in: Vec<PathBuf>,
 }
 
 /// Whether unnamed files can be used: cleared for the process the first
@@ -755,10 +786,9 @@ fn temp_name(dir: &Path) -> PathBuf {
 /// Creates a new file in `dir`, unnamed if `unnamed` and the filesystem
 /// allows, and `dir` itself when it is missing (a concurrent delete may
 /// prune it between the two steps, so that is retried).
-fn stage(dir: &Path, mut unnamed: bool) -> Result<Staged, StoreError> {
+fn stage(dir: &Path, mut unnamed: bool, made: &mut Vec<PathBuf>) -> Result<Staged, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut attempt = 0;
-    let mut created_in = Vec::new();
     loop {
         let (opened, name) = if unnamed {
             let opened = std::fs::OpenOptions::new()
@@ -792,14 +822,13 @@ fn stage(dir: &Path, mut unnamed: bool) -> Result<Staged, StoreError> {
                     file,
                     name,
                     link_failed: std::cell::Cell::new(false),
-                    created_in,
                 });
             }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) if e.kind() == ErrorKind::NotFound && attempt <= PRUNE_RACE_RETRIES => {
-                let made =
-                    create_folders(dir).map_err(|e| StoreError::io("create folder", dir, e))?;
-                created_in.extend(made);
+                made.extend(
+                    create_folders(dir).map_err(|e| StoreError::io("create folder", dir, e))?,
+                );
             }
             Err(e) => return Err(StoreError::io("create temporary file in", dir, e)),
         }
@@ -950,20 +979,29 @@ fn delete_object(target: &Target, flush: &GroupFlush) -> Result<(), StoreError> 
 /// themselves: a file's folder flushed alone does not keep a new folder's
 /// name through a crash.
 fn create_folders(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let missing: Vec<&Path> = dir
-        .ancestors()
-        .take_while(|folder| !folder.is_dir() && folder.parent().is_some())
-        .collect();
     let mut changed = Vec::new();
-    for folder in missing.into_iter().rev() {
-        match std::fs::create_dir(folder) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists && folder.is_dir() => {}
-            Err(e) => return Err(e),
+    let mut attempt = 0;
+    'start: loop {
+        let missing: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|folder| !folder.is_dir() && folder.parent().is_some())
+            .collect();
+        for folder in missing.into_iter().rev() {
+            match std::fs::create_dir(folder) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists && folder.is_dir() => {}
+                // A delete pruned a folder above it meanwhile: start over.
+                Err(e) if e.kind() == ErrorKind::NotFound && attempt < PRUNE_RACE_RETRIES => {
+                    attempt += 1;
+                    continue 'start;
+                }
+                Err(e) => return Err(e),
+            }
+            let parent = folder.parent().filter(|p| !p.as_os_str().is_empty());
+            changed.push(parent.unwrap_or(Path::new(".")).to_path_buf());
         }
-        changed.extend(folder.parent().map(Path::to_path_buf));
+        return Ok(changed);
     }
-    Ok(changed)
 }
 
 /// Flushes `folder`'s entries (a new or removed name) with the group flush.
@@ -1568,12 +1606,20 @@ mod tests {
             let flush = GroupFlush::file_by_file();
             let top = format!("n{unnamed}");
             let path = bucket.join(&top).join("p/k");
-            write_staged(&path, b"v", None, unnamed, &flush).unwrap();
+            write_staged(&path, b"v", None, unnamed, &flush, &mut Vec::new()).unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), b"v");
             // The file, its folder p, then b and b/n.., which got the new
             // folders n.. and p.
             assert_eq!(flush.counts().1, 4, "unnamed {unnamed}");
-            write_staged(&bucket.join(&top).join("p/k2"), b"w", None, unnamed, &flush).unwrap();
+            write_staged(
+                &bucket.join(&top).join("p/k2"),
+                b"w",
+                None,
+                unnamed,
+                &flush,
+                &mut Vec::new(),
+            )
+            .unwrap();
             assert_eq!(
                 flush.counts().1,
                 6,
@@ -1593,6 +1639,9 @@ mod tests {
             eprintln!("no user attributes here: sidecar writes add their own flushes; skipped");
             return;
         }
+        // Folders a write makes add flushes where files are flushed one by
+        // one (see folders_made_for_a_write_...): here they are there.
+        std::fs::create_dir_all(store.root().join("b/a")).unwrap();
         let put = |key: &'static str| {
             store.put("b", key, Bytes::from_static(b"x"), opts("text/plain", &[]))
         };
@@ -1751,8 +1800,15 @@ mod tests {
             // The folder does not exist yet.
             let path = dir.path().join("b/deep/k.jpg");
             let flush = GroupFlush::new();
-            let stored =
-                write_staged(&path, b"first", Some(b"{\"a\":1}"), unnamed, &flush).unwrap();
+            let stored = write_staged(
+                &path,
+                b"first",
+                Some(b"{\"a\":1}"),
+                unnamed,
+                &flush,
+                &mut Vec::new(),
+            )
+            .unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), b"first", "unnamed {unnamed}");
             if stored {
                 assert_eq!(
@@ -1761,7 +1817,15 @@ mod tests {
                 );
             }
             // Replacing goes through a temporary name and a rename.
-            write_staged(&path, b"second", Some(b"{\"a\":2}"), unnamed, &flush).unwrap();
+            write_staged(
+                &path,
+                b"second",
+                Some(b"{\"a\":2}"),
+                unnamed,
+                &flush,
+                &mut Vec::new(),
+            )
+            .unwrap();
             assert_eq!(
                 std::fs::read(&path).unwrap(),
                 b"second",
@@ -1787,7 +1851,7 @@ mod tests {
         // kind of refusal after which a write starts over with a name.
         let dir = tempfile::tempdir().unwrap();
         let other = tempfile::tempdir_in("/dev/shm").unwrap();
-        let staged = stage(dir.path(), true).unwrap();
+        let staged = stage(dir.path(), true, &mut Vec::new()).unwrap();
         assert!(staged.name.is_none(), "this filesystem has unnamed files");
         let published = staged.publication(&other.path().join("k")).run();
         let err = staged.published(published).unwrap_err();
