@@ -286,14 +286,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
             Arc::new(S3Store::from_env(endpoint, !args.s3_virtual_hosts).await?)
         }
         None => {
-            std::fs::create_dir_all(&args.data)
-                .with_context(|| format!("cannot create {}", args.data.display()))?;
             let place = if args.local_metadata == "sidecar" {
                 MetadataPlace::Sidecar
             } else {
                 MetadataPlace::Xattr
             };
-            Arc::new(LocalStore::with_metadata(args.data.clone(), place))
+            let store = LocalStore::with_metadata(args.data.clone(), place);
+            store
+                .create_root()
+                .await
+                .with_context(|| format!("cannot create {}", args.data.display()))?;
+            Arc::new(store)
         }
     };
     let host = Host::bind(config, store).await?;
@@ -397,8 +400,19 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("imgfunc: {}", chain.join(": "));
+            // Each cause once: errors that name their cause in their own
+            // message are not followed by it again.
+            let mut message = String::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                if message.ends_with(&cause) {
+                    continue;
+                }
+                if !message.is_empty() {
+                    message.push_str(": ");
+                }
+                message.push_str(&cause);
+            }
+            eprintln!("imgfunc: {message}");
             ExitCode::FAILURE
         }
     }

@@ -131,3 +131,28 @@ fn stdin_is_held_to_the_input_limit_like_a_file() {
     let thumb = image::load_from_memory(&out.stdout).unwrap();
     assert_eq!(thumb.width(), 100);
 }
+
+#[test]
+fn serve_says_once_why_it_cannot_make_its_data_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let data = file.join("data");
+    let data = data.to_str().expect("a UTF-8 path");
+    let out = imgfunc(&["serve", "--data", data, "--listen", "127.0.0.1:0"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("cannot create {data}")), "{err}");
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
+
+    // The same for the rules' folder under a data folder that exists.
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join(".imgfunc"), b"").unwrap();
+    let data = data.to_str().expect("a UTF-8 path");
+    let out = imgfunc(&["serve", "--data", data, "--listen", "127.0.0.1:0"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(".imgfunc"), "{err}");
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
+}

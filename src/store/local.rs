@@ -162,10 +162,19 @@ impl LocalStore {
         &self.root
     }
 
+    /// Creates the root folder if missing, its name on disk before this
+    /// returns.
+    pub async fn create_root(&self) -> Result<(), StoreError> {
+        self.create_folder(self.root.clone()).await
+    }
+
     /// Creates the bucket's folder (and the root) if missing.
     pub async fn create_bucket(&self, bucket: &str) -> Result<(), StoreError> {
         validate_bucket(bucket)?;
-        let dir = self.root.join(bucket);
+        self.create_folder(self.root.join(bucket)).await
+    }
+
+    async fn create_folder(&self, dir: PathBuf) -> Result<(), StoreError> {
         let flush = Arc::clone(&self.flush);
         blocking(self.root.clone(), move || {
             let io = |e| StoreError::io("create folder", &dir, e);
@@ -982,10 +991,21 @@ fn create_folders(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut changed = Vec::new();
     let mut attempt = 0;
     'start: loop {
+        // What is not there at all: a file in the way is left to the
+        // creation below it to report (not a directory).
         let missing: Vec<&Path> = dir
             .ancestors()
-            .take_while(|folder| !folder.is_dir() && folder.parent().is_some())
+            .take_while(|folder| {
+                folder.parent().is_some()
+                    && matches!(std::fs::metadata(folder), Err(e) if e.kind() == ErrorKind::NotFound)
+            })
             .collect();
+        if missing.is_empty() && !dir.is_dir() {
+            // Something other than a folder is in the way (a file at or
+            // above it): the system's own error says what.
+            std::fs::create_dir(dir)?;
+            changed.extend(dir.parent().map(Path::to_path_buf));
+        }
         for folder in missing.into_iter().rev() {
             match std::fs::create_dir(folder) {
                 Ok(()) => {}
@@ -1586,6 +1606,20 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_new_root_and_bucket_are_flushed_into_their_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().join("a/root"));
+        store.create_root().await.unwrap();
+        assert!(store.root().is_dir());
+        // The temporary folder got `a`, and `a` got `root`.
+        assert_eq!(store.flush.counts(), (2, 2));
+        store.create_root().await.unwrap();
+        store.create_bucket("b").await.unwrap();
+        assert!(store.root().join("b").is_dir());
+        assert_eq!(store.flush.counts(), (3, 3), "only the root got a folder");
+    }
+
     #[test]
     fn folders_made_for_a_write_are_flushed_where_files_are_flushed_one_by_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -1600,7 +1634,7 @@ mod tests {
         assert!(create_folders(&bucket.join("x/y")).unwrap().is_empty());
         std::fs::write(bucket.join("f"), b"").unwrap();
         let err = create_folders(&bucket.join("f/z")).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "a file is in the way");
+        assert_eq!(err.kind(), ErrorKind::NotADirectory, "a file is in the way");
 
         for unnamed in [true, false] {
             let flush = GroupFlush::file_by_file();
