@@ -296,11 +296,8 @@ async fn run_image(
         Some(watermarks) => (watermarks, slot),
         None => {
             let meta = rt.store.head(&event.bucket, &event.key).await?;
-            if in_chain(chain_of(&meta), &event.bucket, &rule.id) {
-                return Ok(skipped(event, rule));
-            }
-            if meta.size > rt.limits.max_input_bytes as u64 {
-                return Err(ImagingError::input_too_large(meta.size, &rt.limits).into());
+            if let Some(skipped) = screen(&meta, event, rule, &rt.limits)? {
+                return Ok(skipped);
             }
             drop(slot);
             let fetch_slot = rt.fetch_slots.clone().acquire_owned().await.ok();
@@ -318,10 +315,10 @@ async fn run_image(
         in_chain(chain_of(meta), &bucket, &rule_id)
     })
     .await?;
-    let chain = chain_of(&meta).to_string();
-    if in_chain(&chain, &event.bucket, &rule.id) {
-        return Ok(skipped(event, rule));
+    if let Some(skipped) = screen(&meta, event, rule, &limits)? {
+        return Ok(skipped);
     }
+    let chain = chain_of(&meta).to_string();
     let Some(input) = input else {
         return Err(ImagingError::input_too_large(meta.size, &limits).into());
     };
@@ -474,12 +471,25 @@ impl WatermarkResolver for Prefetched {
     }
 }
 
-/// The outcome for a source that `rule` itself wrote.
-fn skipped(event: &Event, rule: &Rule) -> ImageOutcome {
-    ImageOutcome::Skipped(format!(
-        "{}/{} was written by rule {}; it does not run on its own output",
-        event.bucket, event.key, rule.id
-    ))
+/// What becomes of a source from its metadata alone: skipped when `rule`
+/// itself wrote it, an error when it is over the input limit, else `None`
+/// (it is read and processed).
+fn screen(
+    meta: &ObjectMeta,
+    event: &Event,
+    rule: &Rule,
+    limits: &Limits,
+) -> Result<Option<ImageOutcome>, InvokeError> {
+    if in_chain(chain_of(meta), &event.bucket, &rule.id) {
+        return Ok(Some(ImageOutcome::Skipped(format!(
+            "{}/{} was written by rule {}; it does not run on its own output",
+            event.bucket, event.key, rule.id
+        ))));
+    }
+    if meta.size > limits.max_input_bytes as u64 {
+        return Err(ImagingError::input_too_large(meta.size, limits).into());
+    }
+    Ok(None)
 }
 
 /// The action's watermarks when the cache has every one (none needed

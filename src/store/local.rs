@@ -559,23 +559,24 @@ fn check_not_shadowed(target: &Target, make_way: bool) -> Result<(), StoreError>
         // An empty folder holds no object (a write that failed after
         // making it, or one made by hand): it makes way for the key. A
         // writer of a longer key that has just made it may then find it
-        // gone and make it again, or fail (500) if this key's file is
-        // there by then: the race of two such keys, which one side loses.
+        // gone and make it again, or meet this key's file and report the
+        // clash (see `write_object`).
         if last && stat.is_dir() {
-            let removed = if make_way {
-                std::fs::remove_dir(&path)
-            } else {
-                Err(io::Error::from_raw_os_error(libc::ENOTEMPTY))
+            let objects_under = || {
+                StoreError::invalid_key(
+                    &target.key,
+                    format!(
+                        "the local store keeps keys as files and folders, and objects under \"{prefix}/\" exist"
+                    ),
+                )
             };
-            match removed {
+            if !make_way {
+                return Err(objects_under());
+            }
+            match std::fs::remove_dir(&path) {
                 Ok(()) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
-                    return Err(StoreError::invalid_key(
-                        &target.key,
-                        format!(
-                            "the local store keeps keys as files and folders, and objects under \"{prefix}/\" exist"
-                        ),
-                    ));
+                    return Err(objects_under());
                 }
                 // A link to a folder is not removed through.
                 Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
@@ -1579,9 +1580,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn racing_writes_of_a_key_and_a_longer_one_report_the_clash() {
-        // `eN` and `eN/x` cannot both be objects: whichever lands second is
-        // refused as a clash (400), never an I/O error (500), however the
-        // two interleave.
+        // `eN` and `eN/x` cannot both be objects: one is stored and the
+        // other refused as a clash (400), never an I/O error (500), however
+        // the two interleave.
         let (_dir, store) = store();
         let store = Arc::new(store);
         store.create_bucket("b").await.unwrap();
