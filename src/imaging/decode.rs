@@ -293,8 +293,11 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
     // the file without its AC scans.
     if denom == 8
         && header.is_progressive
-        && let Some(eighth) =
-            super::jpeg_dc::decode_eighth(input, super::jpeg_dc::Precision::HALF_LEVEL)
+        && let Some(eighth) = super::jpeg_dc::decode_eighth(
+            input,
+            super::jpeg_dc::Precision::HALF_LEVEL,
+            (width, height),
+        )
         && (eighth.width, eighth.height) == (sw, sh)
     {
         let whole = image::RgbImage::from_raw(eighth.width, eighth.height, eighth.rgb)
@@ -848,6 +851,18 @@ mod tests {
         decode_scaled(jpeg, 8)
     }
 
+    /// Our DC decoder, given the frame size libjpeg-turbo reads (none for a
+    /// file it cannot read).
+    fn dc_eighth(
+        jpeg: &[u8],
+        precision: crate::imaging::jpeg_dc::Precision,
+    ) -> Option<crate::imaging::jpeg_dc::Eighth> {
+        let frame = turbojpeg::read_header(jpeg)
+            .map(|h| (h.width as u32, h.height as u32))
+            .unwrap_or((0, 0));
+        crate::imaging::jpeg_dc::decode_eighth(jpeg, precision, frame)
+    }
+
     /// libjpeg-turbo's RGB decode of `jpeg` at 1/`denom` scale.
     fn decode_scaled(jpeg: &[u8], denom: usize) -> Vec<u8> {
         let mut d = Decompressor::new().unwrap();
@@ -1127,7 +1142,7 @@ mod tests {
     /// difference, PSNR against libjpeg-turbo's decode of the whole file,
     /// which also uses the AC terms of subsampled chroma).
     fn compare_dc_decoder(jpeg: &[u8]) -> (u8, f64) {
-        let ours = crate::imaging::jpeg_dc::decode_eighth(jpeg, EXACT).expect("decodes");
+        let ours = dc_eighth(jpeg, EXACT).expect("decodes");
         let same_data = decode_eighth(&dc_scans_only(jpeg).expect("progressive"));
         let whole = decode_eighth(jpeg);
         assert_eq!(ours.rgb.len(), whole.len());
@@ -1201,9 +1216,8 @@ mod tests {
         // Keep the next marker, which ends the scan's data; drop its segment.
         let mut cut = jpeg[..end + 2].to_vec();
         cut.extend_from_slice(b"not JPEG from here on");
-        let whole = crate::imaging::jpeg_dc::decode_eighth(&jpeg, EXACT).unwrap();
-        let early =
-            crate::imaging::jpeg_dc::decode_eighth(&cut, EXACT).expect("stops at the AC scan");
+        let whole = dc_eighth(&jpeg, EXACT).unwrap();
+        let early = dc_eighth(&cut, EXACT).expect("stops at the AC scan");
         assert_eq!(whole.rgb, early.rgb);
     }
 
@@ -1218,7 +1232,8 @@ mod tests {
 
     #[test]
     fn half_level_precision_skips_a_fine_dc_refinement() {
-        use crate::imaging::jpeg_dc::{Precision, decode_eighth as ours};
+        use crate::imaging::jpeg_dc::Precision;
+        let ours = dc_eighth;
         // Quality 85: DC quantisers of 5, one bit left for the refinement
         // scan, worth 5/16 of a level with its midpoint taken.
         let jpeg = progressive("storm.jpg", raw::TJSAMP_TJSAMP_420 as u32, 0);
@@ -1407,22 +1422,130 @@ mod tests {
         }
     }
 
+    /// libjpeg-turbo steps over a marker without a length between segments
+    /// (here a restart marker after SOI). Our parsers used to read a length
+    /// after it, so they could see segments libjpeg-turbo never read: below,
+    /// a frame of 65535 x 65535 hidden in the bytes that length skips, past
+    /// the file's end, for which the DC decoder allocated 800 MB (the pixel
+    /// limit had passed libjpeg-turbo's frame). Such a file is now left to
+    /// libjpeg-turbo, and our DC decoder refuses a frame whose size is not
+    /// the one libjpeg-turbo read.
+    #[test]
+    fn a_marker_without_a_length_leaves_the_file_to_libjpeg_turbo() {
+        let jpeg = progressive("storm.jpg", raw::TJSAMP_TJSAMP_420 as u32, 0);
+        let mut evil = vec![0xff, 0xd8, 0xff, 0xd0];
+        // An APP1 segment, whose marker read as a length is 0xffe1.
+        evil.extend_from_slice(&[0xff, 0xe1, 0x00, 0x10]);
+        evil.extend_from_slice(&[0; 14]);
+        evil.extend_from_slice(&jpeg[2..]);
+        let hidden_at = 4 + 0xffe1;
+        assert!(evil.len() < hidden_at, "{}", evil.len());
+        evil.resize(hidden_at, 0);
+        // 65535 x 65535, three components sampled 4x4, then a DC table
+        // (one code, "0", for a difference of size 0) and a DC scan.
+        evil.extend_from_slice(&[0xff, 0xc2, 0x00, 0x11, 8, 0xff, 0xff, 0xff, 0xff, 3]);
+        evil.extend_from_slice(&[1, 0x44, 0, 2, 0x44, 0, 3, 0x44, 0]);
+        evil.extend_from_slice(&[0xff, 0xc4, 0x00, 0x14, 0x00, 1]);
+        evil.extend_from_slice(&[0; 15]);
+        evil.push(0);
+        evil.extend_from_slice(&[0xff, 0xda, 0x00, 0x0c, 3, 1, 0, 2, 0, 3, 0, 0, 0, 0]);
+        evil.extend_from_slice(&[0xff, 0xd9]);
+
+        assert!(dc_eighth(&evil, EXACT).is_none());
+        assert!(dc_scans_only(&evil).is_none());
+        // libjpeg-turbo reads the file as it reads the photo.
+        let header = turbojpeg::read_header(&evil).unwrap();
+        assert_eq!((header.width, header.height), (480, 320));
+        assert_eq!(decode_eighth(&evil), decode_eighth(&jpeg));
+        // Through the pipeline: shrunk on load to 60 x 40, libjpeg-turbo's
+        // eighth-scale pixels, read in full (no DC-only cut).
+        let action = "resize:w_60|format:t_png";
+        assert!(read_source(&evil, action, 4096) == evil);
+        let limits = crate::imaging::Limits::default();
+        let parsed = crate::action::Action::parse(action).unwrap();
+        let out = crate::imaging::process(&evil, &parsed, &limits, &crate::imaging::NoWatermarks)
+            .unwrap()
+            .image
+            .unwrap();
+        let png = image::load_from_memory(&out.bytes).unwrap().to_rgb8();
+        assert_eq!(png.dimensions(), (60, 40));
+        assert!(png.into_raw() == decode_eighth(&jpeg), "pixels differ");
+
+        // The same marker (TEM) after the first scan: the DC-only read keeps
+        // it, and the cut decodes as libjpeg-turbo decodes the photo.
+        let end = first_scan_end(&jpeg);
+        let mut tem = jpeg[..end].to_vec();
+        tem.extend_from_slice(&[0xff, 0x01]);
+        tem.extend_from_slice(&jpeg[end..]);
+        let (head, mut rest) = tem.split_at(16);
+        let cut = crate::imaging::jpeg_dc::read_dc_scans(head.to_vec(), &mut rest, EXACT).unwrap();
+        assert!(cut.len() < tem.len() && cut.windows(2).any(|w| w == [0xff, 0x01]));
+        assert!(dc_eighth(&cut, EXACT).is_none());
+        // libjpeg-turbo then judges the cut as it judges the file (it warns
+        // of a marker where data should be, which fails the decode).
+        let run = |input: &[u8]| {
+            crate::imaging::process(input, &parsed, &limits, &crate::imaging::NoWatermarks)
+                .map(|out| out.image.unwrap().bytes)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(run(&cut), run(&tem));
+
+        // The frame libjpeg-turbo read, and no other, is decoded.
+        let frame = (480, 320);
+        let decode = crate::imaging::jpeg_dc::decode_eighth;
+        assert!(decode(&jpeg, EXACT, frame).is_some());
+        assert!(decode(&jpeg, EXACT, (488, 320)).is_none());
+        assert!(decode(&jpeg, EXACT, (480, 321)).is_none());
+    }
+
+    /// The DC-only read is held to the input limit as a whole read is, for
+    /// a stream whose size is not known (an S3 object sent without a
+    /// length is announced as 0 bytes): a source found larger is refused.
+    #[test]
+    fn the_dc_only_read_stops_at_the_input_limit() {
+        let jpeg = progressive_scaled("storm.jpg", 8, raw::TJSAMP_TJSAMP_420 as u32, 5);
+        let end = first_scan_end(&jpeg);
+        assert!(end > (64 << 10) + 4096, "{end}");
+        let action = crate::action::Action::parse("resize:w_200|format:t_jpeg,q_85").unwrap();
+        let read = |max_input_bytes: usize| {
+            let mut body = Trickle {
+                data: &jpeg,
+                step: 4096,
+            };
+            let limits = crate::imaging::Limits {
+                max_input_bytes,
+                ..Default::default()
+            };
+            crate::imaging::read_source(&mut body, 0, &action, &limits)
+        };
+        let error = read(end - 2048).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::FileTooLarge);
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("limit of {} bytes", end - 2048)),
+            "{error}"
+        );
+        // Within the limit: the headers and the first scan, as before.
+        assert_eq!(read(jpeg.len()).unwrap().len(), end + 2);
+    }
+
     #[test]
     fn dc_decoder_declines_what_it_does_not_cover() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images");
         let storm = std::fs::read(format!("{dir}/storm.jpg")).unwrap();
         // Baseline.
-        assert!(crate::imaging::jpeg_dc::decode_eighth(&storm, EXACT).is_none());
+        assert!(dc_eighth(&storm, EXACT).is_none());
         // Cut inside the first DC scan, with and without an end marker.
         let jpeg = progressive("storm.jpg", raw::TJSAMP_TJSAMP_420 as u32, 0);
         let sos = jpeg.windows(2).position(|w| w == [0xff, 0xda]).unwrap();
         let mut cut = jpeg[..sos + 200].to_vec();
         cut.extend_from_slice(&[0xff, 0xd9]);
-        assert!(crate::imaging::jpeg_dc::decode_eighth(&cut, EXACT).is_none());
-        assert!(crate::imaging::jpeg_dc::decode_eighth(&jpeg[..sos + 200], EXACT).is_none());
+        assert!(dc_eighth(&cut, EXACT).is_none());
+        assert!(dc_eighth(&jpeg[..sos + 200], EXACT).is_none());
         // Garbage.
-        assert!(crate::imaging::jpeg_dc::decode_eighth(b"\xff\xd8\xff", EXACT).is_none());
-        assert!(crate::imaging::jpeg_dc::decode_eighth(b"", EXACT).is_none());
+        assert!(dc_eighth(b"\xff\xd8\xff", EXACT).is_none());
+        assert!(dc_eighth(b"", EXACT).is_none());
     }
 
     #[test]

@@ -142,8 +142,10 @@ pub struct Eighth {
 
 /// Decodes a progressive, Huffman-coded, 8-bit JPEG at 1/8 scale from its DC
 /// scans, to `precision`; `None` when the file is anything else or does not
-/// decode cleanly.
-pub fn decode_eighth(jpeg: &[u8], precision: Precision) -> Option<Eighth> {
+/// decode cleanly. `frame` is the width and height libjpeg-turbo read from
+/// the file's header (which the caller checked against the pixel limit): a
+/// frame of another size is declined before anything is allocated for it.
+pub fn decode_eighth(jpeg: &[u8], precision: Precision, frame: (u32, u32)) -> Option<Eighth> {
     let mut state = State::default();
     if jpeg.get(..2)? != [0xff, 0xd8] {
         return None;
@@ -162,8 +164,14 @@ pub fn decode_eighth(jpeg: &[u8], precision: Precision) -> Option<Eighth> {
         let body = &jpeg[start + 4..end];
         i = end;
         match marker {
-            // One frame per file; the caller checked this one's size.
+            // One frame per file, the one whose size the caller checked.
             0xc2 if state.frame.is_none() => {
+                let header = frame_header(body)?;
+                if (header.width as u64, header.height as u64)
+                    != (u64::from(frame.0), u64::from(frame.1))
+                {
+                    return None;
+                }
                 state.frame = Some(Frame::parse(body)?);
                 state.bits.frame(body)?;
             }
@@ -227,6 +235,13 @@ pub fn read_dc_scans(
             }
             if !input.ensure(4)? || input.bytes(1)[0] != 0xff || input.bytes(2)[1] == 0xd9 {
                 break;
+            }
+            // A marker without a length is kept as it is, for the decoder
+            // to judge as libjpeg-turbo would (ours declines the file).
+            if stands_alone(input.bytes(2)[1]) {
+                kept.extend_from_slice(input.bytes(2));
+                input.pos += 2;
+                continue;
             }
             let head = input.bytes(4);
             let (marker, len) = (head[1], u16::from_be_bytes([head[2], head[3]]) as usize);
@@ -343,6 +358,11 @@ impl Window<'_> {
 
 /// The marker segment at `at`, after any fill bytes: (marker, where its
 /// 0xff is, where the segment ends). End of image is two bytes long.
+/// `None` for a marker that stands alone (TEM, a restart marker, a second
+/// SOI): libjpeg-turbo steps over such a marker where this would read a
+/// length after it, and the two would then see different segments (a frame
+/// hidden from libjpeg-turbo's size check, for one), so the file is left to
+/// libjpeg-turbo.
 pub(super) fn segment(jpeg: &[u8], mut at: usize) -> Option<(u8, usize, usize)> {
     while *jpeg.get(at)? == 0xff && *jpeg.get(at + 1)? == 0xff {
         at += 1;
@@ -354,9 +374,17 @@ pub(super) fn segment(jpeg: &[u8], mut at: usize) -> Option<(u8, usize, usize)> 
     if marker == 0xd9 {
         return Some((marker, at, at + 2));
     }
+    if stands_alone(marker) {
+        return None;
+    }
     let len = u16::from_be_bytes([*jpeg.get(at + 2)?, *jpeg.get(at + 3)?]) as usize;
     let end = at + 2 + len;
     (len >= 2 && end <= jpeg.len()).then_some((marker, at, end))
+}
+
+/// Markers without a length: TEM, the restart markers and SOI.
+pub(super) fn stands_alone(marker: u8) -> bool {
+    marker == 0x01 || (0xd0..=0xd8).contains(&marker)
 }
 
 /// Where the entropy-coded data starting at `from` ends: the next marker
@@ -959,7 +987,8 @@ impl<'a> BitReader<'a> {
 
     /// True when bits past the scan's data were consumed.
     pub(super) fn read_past_end(&self) -> bool {
-        self.padding * 8 > self.count
+        // In u64: a long run of padding (a hostile file) would overflow u32.
+        u64::from(self.padding) * 8 > u64::from(self.count)
     }
 
     /// The first byte not yet taken into the bit buffer.

@@ -158,7 +158,8 @@ struct State {
 /// shrinks to 1/8, only its segments and DC scans, which decode the same at
 /// that scale: a few hundred kilobytes of a file of several megabytes are
 /// kept, and reading stops once the DC coefficients are precise enough
-/// (within half a grey level, as the decoder itself stops).
+/// (within half a grey level, as the decoder itself stops), or with an
+/// error once the source is found to be over the input limit.
 pub fn read_source(
     body: &mut dyn std::io::Read,
     size: u64,
@@ -178,7 +179,20 @@ pub fn read_source(
         && !describes_source
         && decode::eighth_scale_suffices(&input, lead)
     {
-        return jpeg_dc::read_dc_scans(input, body, jpeg_dc::Precision::HALF_LEVEL);
+        // Held to the limit too: a stream's announced size (none, for an S3
+        // object sent without a length) is not trusted.
+        let mut rest = (&mut *body).take(max - HEAD);
+        let kept = jpeg_dc::read_dc_scans(input, &mut rest, jpeg_dc::Precision::HALF_LEVEL)?;
+        if rest.limit() == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!(
+                    "the source is over the input limit of {} bytes",
+                    limits.max_input_bytes
+                ),
+            ));
+        }
+        return Ok(kept);
     }
     let have = input.len() as u64;
     input.reserve(size.min(max).saturating_sub(have) as usize);
