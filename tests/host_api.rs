@@ -770,11 +770,54 @@ async fn invoke_answers_with_the_result_synchronously() {
 
 /// The embedded store with its writes to one bucket held at a gate, as a
 /// disk that stalls on writes would hold them; counts the writes waiting.
+/// Reads may be held too, at `reads`.
 struct StalledWrites {
     inner: LocalStore,
     bucket: &'static str,
     gate: tokio::sync::Semaphore,
     waiting: AtomicUsize,
+    reads: Arc<ReadGate>,
+}
+
+/// Holds reads where they run on the blocking pool (which a caller that
+/// goes away cannot stop) until it opens; counts the reads under way and
+/// the most at once.
+#[derive(Default)]
+struct ReadGate {
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    under_way: AtomicUsize,
+    most: AtomicUsize,
+}
+
+impl ReadGate {
+    fn closed() -> Arc<ReadGate> {
+        let gate = ReadGate::default();
+        *gate.closed.lock().unwrap() = true;
+        Arc::new(gate)
+    }
+
+    fn open(&self) {
+        *self.closed.lock().unwrap() = false;
+        self.opened.notify_all();
+    }
+
+    /// `read`, waiting at the gate first.
+    fn hold(self: &Arc<Self>, read: ReadBody) -> ReadBody {
+        let gate = self.clone();
+        Box::new(move |meta, body| {
+            let now = gate.under_way.fetch_add(1, Ordering::SeqCst) + 1;
+            gate.most.fetch_max(now, Ordering::SeqCst);
+            let mut closed = gate.closed.lock().unwrap();
+            while *closed {
+                closed = gate.opened.wait(closed).unwrap();
+            }
+            drop(closed);
+            let read = read(meta, body);
+            gate.under_way.fetch_sub(1, Ordering::SeqCst);
+            read
+        })
+    }
 }
 
 impl ObjectStore for StalledWrites {
@@ -790,7 +833,7 @@ impl ObjectStore for StalledWrites {
         key: &str,
         read: ReadBody,
     ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Bytes>), StoreError>> {
-        self.inner.open_with(bucket, key, read)
+        self.inner.open_with(bucket, key, self.reads.hold(read))
     }
     fn head(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectMeta, StoreError>> {
         self.inner.head(bucket, key)
@@ -839,6 +882,7 @@ async fn stalled_output_writes_do_not_hold_back_image_work() {
         bucket: "thumbs",
         gate: tokio::sync::Semaphore::new(0),
         waiting: AtomicUsize::new(0),
+        reads: Arc::default(),
     });
     std::fs::create_dir(dir.path().join("thumbs")).unwrap();
     let photo = fixture("images/storm.jpg");
@@ -892,6 +936,68 @@ async fn stalled_output_writes_do_not_hold_back_image_work() {
     let first = store.inner.get("thumbs", &written[0].key).await.unwrap();
     let (format, width, _) = decoded(&first.bytes);
     assert_eq!((format.as_str(), width), ("jpeg", 40));
+    host.stop().await;
+}
+
+/// A `?image` request keeps its image slot until its source is read and
+/// its image work done, even if its client hangs up meanwhile: otherwise
+/// clients that give up could start any number of reads, each holding a
+/// source in memory, past the bound the slots set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_requests_whose_clients_hang_up_keep_their_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.workers = 1;
+    let store = Arc::new(StalledWrites {
+        inner: LocalStore::new(dir.path().to_path_buf()),
+        bucket: "none",
+        gate: tokio::sync::Semaphore::new(0),
+        waiting: AtomicUsize::new(0),
+        reads: ReadGate::closed(),
+    });
+    let host = TestHost::start(config, store.clone()).await;
+    let put = host
+        .put_object("photos", "a.jpg", fixture("images/storm.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(put.status(), 201);
+    let url = format!("{}?image&action=info", host.object_url("photos", "a.jpg"));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    // A failed assertion opens the gate, or the test would wait for ever
+    // for the held reads as it ends.
+    struct OpenOnDrop(Arc<ReadGate>);
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+    let _open = OpenOnDrop(store.reads.clone());
+    // One image thread: four slots, one of them held by the idle queue
+    // worker that waits for a job. Two waves of eight clients that give up
+    // after 300 ms, the second once the first has gone.
+    for _ in 0..2 {
+        let requests: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(impatient.get(&url).send()))
+            .collect();
+        for request in requests {
+            assert!(request.await.unwrap().is_err(), "the client gives up");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.reads.under_way.load(Ordering::SeqCst), 3);
+    }
+    assert_eq!(store.reads.most.load(Ordering::SeqCst), 3);
+    // Once the reads go through, the slots come back.
+    store.reads.open();
+    let info = host.http.get(&url).send().await.unwrap();
+    assert_eq!(info.status(), 200);
+    let info: Value = info.json().await.unwrap();
+    assert_eq!(
+        (info["width"].as_u64(), info["height"].as_u64()),
+        (Some(480), Some(320))
+    );
+    assert_eq!(store.reads.most.load(Ordering::SeqCst), 3);
     host.stop().await;
 }
 
@@ -995,6 +1101,7 @@ fn stalled_uploads(dir: &std::path::Path) -> Arc<StalledWrites> {
         bucket: "uploads",
         gate: tokio::sync::Semaphore::new(0),
         waiting: AtomicUsize::new(0),
+        reads: Arc::default(),
     })
 }
 

@@ -350,20 +350,28 @@ async fn process(
         ));
     }
     // Like an invocation: a slot bounds the sources in memory at once, and
-    // an object over the input limit is refused unread.
+    // an object over the input limit is refused unread. The read and the
+    // image work run in a task of their own that holds the slot: a client
+    // that hangs up stops this handler, not a read under way (which cannot
+    // be stopped), so the slot is kept until the work is done.
     let slot = state.runtime.image_slot().await;
-    let (meta, input) =
-        cloudfunc::read_source(&state.runtime, bucket, key, &action, |_| false).await?;
-    let input =
-        input.ok_or_else(|| ImagingError::input_too_large(meta.size, &state.config.limits))?;
-    let limits = state.config.limits.clone();
-    let output = state
-        .runtime
-        .run_cpu(slot, move || {
-            imaging::process(&input, &action, &limits, &NoWatermarks)
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
+    let (state, limits) = (state.clone(), state.config.limits.clone());
+    let (bucket, key) = (bucket.to_owned(), key.to_owned());
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    let work = tokio::spawn(async move {
+        let (meta, input) =
+            cloudfunc::read_source(&state.runtime, &bucket, &key, &action, |_| false).await?;
+        let input = input.ok_or_else(|| ImagingError::input_too_large(meta.size, &limits))?;
+        let output = state
+            .runtime
+            .run_cpu(slot, move || {
+                imaging::process(&input, &action, &limits, &NoWatermarks)
+            })
+            .await
+            .map_err(internal)??;
+        Ok::<_, ApiError>(output)
+    });
+    let output = work.await.map_err(|e| internal(e.to_string()))??;
     match (output.image, output.info) {
         (Some(image), _) => Ok((
             [(header::CONTENT_TYPE, image.format.content_type())],
