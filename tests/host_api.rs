@@ -770,13 +770,15 @@ async fn invoke_answers_with_the_result_synchronously() {
 
 /// The embedded store with its writes to one bucket held at a gate, as a
 /// disk that stalls on writes would hold them; counts the writes waiting.
-/// Reads may be held too, at `reads`.
+/// Reads may be held too, at `reads`, and writes to `panics` panic, as a
+/// store's client with a bug would.
 struct StalledWrites {
     inner: LocalStore,
     bucket: &'static str,
     gate: tokio::sync::Semaphore,
     waiting: AtomicUsize,
     reads: Arc<ReadGate>,
+    panics: &'static str,
 }
 
 /// Holds reads where they run on the blocking pool (which a caller that
@@ -846,6 +848,7 @@ impl ObjectStore for StalledWrites {
         opts: PutOptions,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let held = bucket == self.bucket;
+        assert!(bucket != self.panics, "a write to {bucket}");
         let put = self.inner.put(bucket, key, bytes, opts);
         Box::pin(async move {
             if held {
@@ -883,6 +886,7 @@ async fn stalled_output_writes_do_not_hold_back_image_work() {
         gate: tokio::sync::Semaphore::new(0),
         waiting: AtomicUsize::new(0),
         reads: Arc::default(),
+        panics: "",
     });
     std::fs::create_dir(dir.path().join("thumbs")).unwrap();
     let photo = fixture("images/storm.jpg");
@@ -939,6 +943,72 @@ async fn stalled_output_writes_do_not_hold_back_image_work() {
     host.stop().await;
 }
 
+/// An invocation that panics (here in a store's client) ends alone: the
+/// worker that ran it goes on with the next job, and the job counts as
+/// finished, so the host still drains and stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invocation_that_panics_leaves_its_worker_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.workers = 1;
+    let store = Arc::new(StalledWrites {
+        inner: LocalStore::new(dir.path().to_path_buf()),
+        bucket: "none",
+        gate: tokio::sync::Semaphore::new(0),
+        waiting: AtomicUsize::new(0),
+        reads: Arc::default(),
+        panics: "boom",
+    });
+    for bucket in ["boom", "thumbs"] {
+        std::fs::create_dir(dir.path().join(bucket)).unwrap();
+    }
+    let host = TestHost::start(config, store.clone()).await;
+    let rules = json!({"notifications": [
+        {"id": "boom", "event_types": ["create_object"], "object_filters": ["boom/*"],
+         "cloudfunc": "image",
+         "cloudfunc_args": {"action": "resize:w_40", "save_bucket": "boom"}},
+        {"id": "thumbs", "event_types": ["create_object"], "object_filters": ["ok/*"],
+         "cloudfunc": "image",
+         "cloudfunc_args": {"action": "resize:w_40", "save_bucket": "thumbs"}}]});
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    // More panics than the one image thread has workers (four), then a
+    // photo for the other rule.
+    let photo = fixture("images/storm.jpg");
+    for n in 0..6 {
+        let put = host
+            .put_object(
+                "photos",
+                &format!("boom/{n}.jpg"),
+                photo.clone(),
+                "image/jpeg",
+            )
+            .await;
+        assert_eq!(put.status(), 201);
+    }
+    let put = host
+        .put_object("photos", "ok/a.jpg", photo, "image/jpeg")
+        .await;
+    assert_eq!(put.status(), 201);
+    let written = eventually("the other rule's output", || {
+        let store = store.clone();
+        async move {
+            let keys = store.inner.list("thumbs", "").await.ok()?;
+            (!keys.is_empty()).then_some(keys)
+        }
+    })
+    .await;
+    assert_eq!(written[0].key, "gen_ok/a.jpg");
+    assert_eq!(host.queue_depth().await, 0);
+    // Well inside the drain timeout (15 s): nothing is left counted.
+    let started = std::time::Instant::now();
+    host.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// A `?image` request keeps its image slot until its source is read and
 /// its image work done, even if its client hangs up meanwhile: otherwise
 /// clients that give up could start any number of reads, each holding a
@@ -954,6 +1024,7 @@ async fn image_requests_whose_clients_hang_up_keep_their_slots() {
         gate: tokio::sync::Semaphore::new(0),
         waiting: AtomicUsize::new(0),
         reads: ReadGate::closed(),
+        panics: "",
     });
     let host = TestHost::start(config, store.clone()).await;
     let put = host
@@ -1102,6 +1173,7 @@ fn stalled_uploads(dir: &std::path::Path) -> Arc<StalledWrites> {
         gate: tokio::sync::Semaphore::new(0),
         waiting: AtomicUsize::new(0),
         reads: Arc::default(),
+        panics: "",
     })
 }
 

@@ -1,10 +1,12 @@
 //! The bounded work queue: events wait here as small jobs (never decoded
 //! images), and a fixed number of workers run them.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -167,7 +169,24 @@ impl Workers {
                         (rx.recv().await, slot)
                     };
                     let Some(job) = job else { break };
-                    run_job(&state, &deliveries, job, slot).await;
+                    // A panic (a store's client, say) ends this job, not the
+                    // worker, and the job still counts as finished: otherwise
+                    // every later shutdown would wait out its drain timeout.
+                    let (id, rule) = (job.id.clone(), job.rule.id.clone());
+                    let run = AssertUnwindSafe(run_job(&state, &deliveries, job, slot));
+                    if let Err(panic) = run.catch_unwind().await {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .copied()
+                            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                            .unwrap_or("no message");
+                        tracing::error!(
+                            invocation = %id,
+                            rule = %rule,
+                            panic = message,
+                            "the invocation stopped unexpectedly (a panic); its result is lost"
+                        );
+                    }
                     state.queue.unfinished.fetch_sub(1, Ordering::SeqCst);
                 }
             });
