@@ -3,10 +3,10 @@
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
 
 /// Appends records to the dead-letter file, one at a time.
 #[derive(Debug)]
@@ -14,16 +14,23 @@ pub(super) struct DeadLetters {
     path: PathBuf,
     /// Serializes appends from this process; each record is also written
     /// with a single `write` on an `O_APPEND` file so that other processes
-    /// appending to the same file do not split it either.
-    lock: Mutex<()>,
+    /// appending to the same file do not split it either. Taken on the
+    /// blocking pool, inside the task that writes (see [`DeadLetters::append`]).
+    lock: Arc<Mutex<()>>,
 }
 
 impl DeadLetters {
     pub(super) fn new(path: PathBuf) -> DeadLetters {
         DeadLetters {
             path,
-            lock: Mutex::new(()),
+            lock: Arc::default(),
         }
+    }
+
+    /// The lock appends take, for a test to hold.
+    #[cfg(test)]
+    pub(super) fn lock(&self) -> Arc<Mutex<()>> {
+        self.lock.clone()
     }
 
     /// Appends `{"time", "url", "attempts", "last_error", "payload"}`.
@@ -43,11 +50,17 @@ impl DeadLetters {
         });
         let mut line = serde_json::to_vec(&record)?;
         line.push(b'\n');
-        let path = self.path.clone();
-        let _guard = self.lock.lock().await;
-        tokio::task::spawn_blocking(move || append_line(&path, &line))
-            .await
-            .map_err(io::Error::other)?
+        let (path, lock) = (self.path.clone(), self.lock.clone());
+        // The write starts as this is first polled, in a task that waits
+        // for the lock itself: a caller stopped meanwhile (a shutdown's
+        // abort of a delivery that had just given up) no longer drops the
+        // record, which is no longer among the deliveries under way either.
+        tokio::task::spawn_blocking(move || {
+            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            append_line(&path, &line)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 }
 

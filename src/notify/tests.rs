@@ -331,3 +331,57 @@ async fn a_delivery_abandoned_by_a_shutdown_is_kept_once() {
             .contains("shutdown")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_stopped_while_its_record_waits_is_kept() {
+    // A delivery gives up while another record is being written (the lock
+    // is held here), and a shutdown's abort stops it there. It has left the
+    // deliveries under way, so the shutdown does not keep it: the write
+    // itself must go on.
+    let dir = tempfile::tempdir().unwrap();
+    let notifier = Arc::new(
+        Notifier::new(NotifyConfig {
+            attempts: 1,
+            ..config(dir.path())
+        })
+        .unwrap(),
+    );
+    let lock = notifier.dead_letters.lock();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let _held = lock.lock().unwrap();
+        locked.send(()).unwrap();
+        released.recv().unwrap();
+    });
+    is_locked.recv().unwrap();
+    let task = {
+        let notifier = Arc::clone(&notifier);
+        tokio::spawn(async move { notifier.deliver(&closed_port_url(), &payload()).await })
+    };
+    for _ in 0..500 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if notifier.pending.lock().unwrap().is_empty() {
+            break;
+        }
+    }
+    assert!(notifier.pending.lock().unwrap().is_empty());
+    assert!(!task.is_finished(), "waits for the lock");
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert_eq!(notifier.abandon_pending().await, 0);
+    assert!(dead_letters(notifier.config()).is_empty());
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    let mut letters = Vec::new();
+    for _ in 0..500 {
+        letters = dead_letters(notifier.config());
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["payload"], payload());
+    assert_eq!(letters[0]["attempts"], 1);
+}
