@@ -188,7 +188,7 @@ fn three_records(bucket: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_post_larger_than_the_queue_is_refused_whole_with_503() {
+async fn a_post_larger_than_the_queue_is_refused_whole_with_413() {
     let receiver = Receiver::start(Behaviour::Accept).await;
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::local(one_job_queue(dir.path())).await;
@@ -197,10 +197,17 @@ async fn a_post_larger_than_the_queue_is_refused_whole_with_503() {
         "cloudfunc": "notifier", "notify_url": receiver.url}));
     assert_eq!(host.set_rules("busy", &rules).await.status(), 200);
 
+    // Three invocations never fit a queue of one: no retry would help, so
+    // the answer says so instead of asking for one.
     let response = host.post_events(&three_records("busy")).await;
-    assert_eq!(response.status(), 503);
-    assert_eq!(response.headers()["retry-after"], "1");
-    assert_error(response, 503, "queue_full", &["retry later"]).await;
+    assert!(response.headers().get("retry-after").is_none());
+    assert_error(
+        response,
+        413,
+        "too_many_invocations",
+        &["fires 3 invocations", "holds (1, --queue)", "fewer events"],
+    )
+    .await;
     assert_eq!(host.queue_depth().await, 0, "nothing was queued");
     tokio::time::sleep(QUIET).await;
     assert_eq!(receiver.hits(), 0, "none of the refused events ran");
@@ -214,6 +221,17 @@ async fn a_post_larger_than_the_queue_is_refused_whole_with_503() {
     assert_eq!(bodies[0]["cloudfunc"], "notifier");
     tokio::time::sleep(QUIET).await;
     assert_eq!(receiver.bodies().len(), 1);
+
+    // So is a PUT that two rules would act on, and the object is not kept.
+    let twice = json!({"notifications": [
+        {"id": "one", "event_types": ["create_object"], "cloudfunc": "notifier", "notify_url": receiver.url},
+        {"id": "two", "event_types": ["create_object"], "cloudfunc": "notifier", "notify_url": receiver.url}]});
+    assert_eq!(host.set_rules("twice", &twice).await.status(), 200);
+    let put = host
+        .put_object("twice", "a.jpg", b"bytes".to_vec(), "image/jpeg")
+        .await;
+    assert_error(put, 413, "too_many_invocations", &["fires 2 invocations"]).await;
+    assert!(host.list_keys("twice").await.is_empty());
     host.stop().await;
 }
 

@@ -3,6 +3,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::queue::Refused;
 use crate::action::ActionError;
 use crate::imaging::ImagingError;
 use crate::rules::RuleBookError;
@@ -36,14 +37,27 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    pub fn queue_full(depth: usize) -> ApiError {
-        ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "queue_full",
-                format!("the work queue is full ({depth} waiting); retry later"),
-            )
+    /// 503 with `Retry-After` while the queue is full; 413 for a request
+    /// that fires more invocations than the queue ever holds, which no
+    /// retry would get in.
+    pub fn queue_refused(refused: Refused) -> ApiError {
+        match refused {
+            Refused::Full { depth } => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "queue_full",
+                    format!("the work queue is full ({depth} waiting); retry later"),
+                )
+            },
+            Refused::TooMany { asked, bound } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_invocations",
+                format!(
+                    "the request fires {asked} invocations, more than the work queue holds \
+                     ({bound}, --queue); send fewer events at a time, or raise --queue"
+                ),
+            ),
         }
     }
 }

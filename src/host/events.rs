@@ -46,7 +46,7 @@ pub async fn post_events(
     state
         .queue
         .try_push_all(jobs)
-        .map_err(ApiError::queue_full)?;
+        .map_err(ApiError::queue_refused)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({

@@ -142,7 +142,7 @@ fn reserve_events(state: &AppState, event: Event) -> Result<(Vec<Job>, Reservati
     let reservation = state
         .queue
         .try_reserve(jobs.len())
-        .map_err(ApiError::queue_full)?;
+        .map_err(ApiError::queue_refused)?;
     Ok((jobs, reservation))
 }
 

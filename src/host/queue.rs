@@ -81,8 +81,8 @@ impl Queue {
             .map_or(0, |s| self.bound.saturating_sub(s.capacity()))
     }
 
-    /// Reserves room for `n` jobs, all or none; `Err` carries the queue depth.
-    pub fn try_reserve(&self, n: usize) -> Result<Reservation, usize> {
+    /// Reserves room for `n` jobs, all or none.
+    pub fn try_reserve(&self, n: usize) -> Result<Reservation, Refused> {
         let unfinished = Arc::clone(&self.unfinished);
         if n == 0 {
             return Ok(Reservation {
@@ -90,7 +90,16 @@ impl Queue {
                 unfinished,
             });
         }
-        let sender = self.sender().ok_or(self.bound)?;
+        // More than the queue holds would be refused for ever: retrying
+        // cannot help, so the caller is told so.
+        if n > self.bound {
+            return Err(Refused::TooMany {
+                asked: n,
+                bound: self.bound,
+            });
+        }
+        let full = |depth| Refused::Full { depth };
+        let sender = self.sender().ok_or(full(self.bound))?;
         let mut permits = Vec::with_capacity(n);
         for _ in 0..n {
             // Dropping the permits taken so far gives their room back.
@@ -98,7 +107,7 @@ impl Queue {
                 sender
                     .clone()
                     .try_reserve_owned()
-                    .map_err(|_| self.depth())?,
+                    .map_err(|_| full(self.depth()))?,
             );
         }
         Ok(Reservation {
@@ -107,8 +116,8 @@ impl Queue {
         })
     }
 
-    /// Enqueues all of `jobs` or none of them; `Err` carries the queue depth.
-    pub fn try_push_all(&self, jobs: Vec<Job>) -> Result<(), usize> {
+    /// Enqueues all of `jobs` or none of them.
+    pub fn try_push_all(&self, jobs: Vec<Job>) -> Result<(), Refused> {
         self.try_reserve(jobs.len())?.send(jobs);
         Ok(())
     }
@@ -139,6 +148,15 @@ pub fn jobs_for(state: &AppState, event: Event) -> Vec<Job> {
             enqueued: Instant::now(),
         })
         .collect()
+}
+
+/// Why the queue did not take a request's jobs.
+#[derive(Debug, Clone, Copy)]
+pub enum Refused {
+    /// No room now; `depth` jobs wait.
+    Full { depth: usize },
+    /// More jobs than the queue ever holds.
+    TooMany { asked: usize, bound: usize },
 }
 
 /// The worker tasks and the notifications they started.
