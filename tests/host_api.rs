@@ -429,6 +429,61 @@ async fn silent_endpoint() -> (String, Arc<AtomicUsize>) {
     (format!("http://{addr}"), accepted)
 }
 
+/// Rules are held to the store's bucket names when they are set: on S3,
+/// a `save_bucket` or `save:` target S3 refuses is a 400 naming the field,
+/// not an error at every event. The local store takes those names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_are_held_to_the_stores_bucket_names() {
+    let (endpoint, accepted) = silent_endpoint().await;
+    let store = S3Store::new(s3_client(&endpoint, "ak", "sk"), endpoint.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.embedded = false;
+    let host = TestHost::start(config, Arc::new(store)).await;
+    let rule = |args: Value| {
+        one_rule(json!({
+            "id": "thumbs", "event_types": ["create_object"],
+            "cloudfunc": "image", "cloudfunc_args": args}))
+    };
+    let to_my_thumbs = rule(json!({"action": "resize:w_10", "save_bucket": "my_thumbs"}));
+    let message = assert_error(
+        host.set_rules("photos", &to_my_thumbs).await,
+        400,
+        "invalid_rule",
+        &[
+            "notifications[0].cloudfunc_args.save_bucket",
+            "my_thumbs",
+            "'_'",
+        ],
+    )
+    .await;
+    assert!(
+        message.starts_with("notifications[0].cloudfunc_args.save_bucket"),
+        "{message}"
+    );
+    let save_to_ab = rule(json!({"action": "resize:w_10|save:b_ab,k_x.jpg"}));
+    assert_error(
+        host.set_rules("photos", &save_to_ab).await,
+        400,
+        "invalid_rule",
+        &[
+            "notifications[0].cloudfunc_args.action",
+            "save:",
+            "at least 3 characters",
+        ],
+    )
+    .await;
+    let fine = rule(json!({"action": "resize:w_10", "save_bucket": "my-thumbs"}));
+    assert_eq!(host.set_rules("photos", &fine).await.status(), 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "no request reached S3");
+    host.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    assert_eq!(host.set_rules("photos", &to_my_thumbs).await.status(), 200);
+    host.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_worker_and_a_full_queue_answer_503() {
     let (endpoint, accepted) = silent_endpoint().await;

@@ -126,9 +126,10 @@ pub struct Host {
 impl Host {
     /// Loads rules, binds the listener and starts the workers.
     pub async fn bind(config: HostConfig, store: Arc<dyn ObjectStore>) -> anyhow::Result<Host> {
-        let rules = RuleBook::open(
+        let rules = RuleBook::open_for(
             &config.data_dir.join(".imgfunc").join("rules"),
             config.functions_dir.as_deref(),
+            store.bucket_check(),
         )?;
         let notifier = Notifier::new(config.notify.clone())?;
         let runtime = Runtime::new(

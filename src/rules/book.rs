@@ -44,6 +44,8 @@ pub enum RuleBookError {
 #[derive(Debug, Default)]
 pub struct RuleBook {
     state_dir: Option<PathBuf>,
+    /// The store's check of bucket names (see [`RuleBook::open_for`]).
+    bucket_check: Option<crate::store::BucketCheck>,
     buckets: RwLock<HashMap<String, BucketRules>>,
     /// Orders writes to the state directory with the updates they belong to.
     saving: Mutex<()>,
@@ -67,6 +69,19 @@ impl RuleBook {
     /// rules, which replace file-loaded ones bucket by bucket. Any invalid
     /// file is an error: rules are never dropped silently.
     pub fn open(state_dir: &Path, functions_dir: Option<&Path>) -> Result<RuleBook, RuleBookError> {
+        RuleBook::open_for(state_dir, functions_dir, crate::store::validate_bucket)
+    }
+
+    /// [`RuleBook::open`] for a store whose bucket names `bucket_check`
+    /// accepts ([`crate::store::ObjectStore::bucket_check`]): rules set or
+    /// loaded from `functions/` are refused when their bucket, `save_bucket`
+    /// or a `save:` target is a name the store refuses, instead of failing
+    /// at every event. (Rules saved earlier are loaded as they are.)
+    pub fn open_for(
+        state_dir: &Path,
+        functions_dir: Option<&Path>,
+        bucket_check: crate::store::BucketCheck,
+    ) -> Result<RuleBook, RuleBookError> {
         fs::create_dir_all(state_dir).map_err(|source| RuleBookError::Io {
             op: "create",
             path: state_dir.to_path_buf(),
@@ -74,6 +89,7 @@ impl RuleBook {
         })?;
         let book = RuleBook {
             state_dir: Some(state_dir.to_path_buf()),
+            bucket_check: Some(bucket_check),
             ..RuleBook::default()
         };
         if let Some(dir) = functions_dir {
@@ -92,8 +108,12 @@ impl RuleBook {
         let mut loaded: HashMap<String, FileRules> = HashMap::new();
         for path in json_files(dir)? {
             let bytes = read(&path)?;
-            let (bucket, items, rules) =
-                rule_file_from_bytes(&bytes).map_err(|source| RuleBookError::InvalidFile {
+            let (bucket, items, rules) = rule_file_from_bytes(&bytes)
+                .and_then(|(bucket, items, rules)| {
+                    self.check_buckets(&bucket, &rules)?;
+                    Ok((bucket, items, rules))
+                })
+                .map_err(|source| RuleBookError::InvalidFile {
                     path: path.clone(),
                     source,
                 })?;
@@ -138,10 +158,42 @@ impl RuleBook {
     pub fn set(&self, bucket: &str, body: &[u8]) -> Result<(), RuleBookError> {
         validate_bucket_name(bucket)?;
         let (raw, rules) = notifications_from_body(body, bucket)?;
+        self.check_buckets(bucket, &rules)?;
         let rules = rules.into_iter().map(Arc::new).collect();
         self.save_then(bucket, &raw, |buckets| {
             replace(buckets, bucket.to_string(), rules, raw.clone());
         })
+    }
+
+    /// Holds `bucket` and where its `rules` save to to the store's bucket
+    /// names; the error names the field.
+    fn check_buckets(&self, bucket: &str, rules: &[Rule]) -> Result<(), RuleError> {
+        let check = self.bucket_check.unwrap_or(crate::store::validate_bucket);
+        check(bucket).map_err(|e| RuleError::new("bucket", e.to_string()))?;
+        for (i, rule) in rules.iter().enumerate() {
+            let Some(args) = rule.image_args() else {
+                continue;
+            };
+            if let Some(save_bucket) = &args.save_bucket {
+                check(save_bucket).map_err(|e| {
+                    RuleError::new(
+                        format!("notifications[{i}].cloudfunc_args.save_bucket"),
+                        e.to_string(),
+                    )
+                })?;
+            }
+            for op in &args.action.ops {
+                if let crate::action::Op::Save(save) = op {
+                    check(&save.bucket).map_err(|e| {
+                        RuleError::new(
+                            format!("notifications[{i}].cloudfunc_args.action"),
+                            format!("save: {e}"),
+                        )
+                    })?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The notification body of `bucket` as set (or as loaded from files),
@@ -474,6 +526,17 @@ mod tests {
             text.contains("b.json: notifications[0].cloudfunc: unknown cloudfunc `tupu-porn`"),
             "{text}"
         );
+
+        // A bucket the store would refuse: every event on it would fail.
+        fs::write(dir.path().join("b.json"), file("Photos", "b", "*.png")).unwrap();
+        let err = book.load_dir(dir.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("b.json: bucket: invalid bucket name \"Photos\"")
+                && text.contains("'P' is not allowed"),
+            "{text}"
+        );
+        assert!(book.buckets().is_empty(), "nothing loaded");
 
         let err = book.load_dir(&dir.path().join("missing")).unwrap_err();
         assert!(matches!(err, RuleBookError::Io { op: "list", .. }), "{err}");

@@ -213,4 +213,15 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Where this store keeps its objects, for logs and `--help`-style
     /// output: `local:/var/lib/imgfunc` or `s3:http://127.0.0.1:9000`.
     fn describe(&self) -> String;
+
+    /// The check of a bucket name this store takes: [`validate_bucket`],
+    /// and S3's own rules on S3. Rules are held to it when they are set, so
+    /// that a save to a bucket the store refuses is not found wrong at each
+    /// event.
+    fn bucket_check(&self) -> BucketCheck {
+        validate_bucket
+    }
 }
+
+/// See [`ObjectStore::bucket_check`].
+pub type BucketCheck = fn(&str) -> Result<(), StoreError>;

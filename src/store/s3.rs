@@ -401,6 +401,10 @@ impl ObjectStore for S3Store {
     fn describe(&self) -> String {
         format!("s3:{}", self.endpoint)
     }
+
+    fn bucket_check(&self) -> super::BucketCheck {
+        check_bucket
+    }
 }
 
 /// A blocking reader over a response body, for use off the runtime's
