@@ -182,32 +182,14 @@ impl Host {
         );
         let drain = state.config.drain_timeout;
         let flag = state.clone();
-        let (signalled, on_signal) = tokio::sync::oneshot::channel();
         let shutdown = async move {
             shutdown.await;
             flag.ready.store(false, Ordering::SeqCst);
-            let _ = signalled.send(());
         };
-        let serve = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .into_future();
         // Open requests get the drain timeout to finish: a client that stops
         // reading a download or sending an upload does not hold the
-        // shutdown for ever. Those still open when it ends are cut off as
-        // the process exits.
-        let cut_off = async move {
-            if on_signal.await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(drain).await;
-        };
-        tokio::select! {
-            served = serve => served?,
-            () = cut_off => tracing::warn!(
-                ?drain,
-                "shutting down: requests still open after the drain timeout are cut off"
-            ),
-        }
+        // shutdown for ever. Connections still open when it ends are cut off.
+        serve(self.listener, app, shutdown, drain).await;
         tracing::info!("shutting down: finishing queued work");
         // Requests' own work first: a PUT still sends its event to the queue.
         state.detached.close();
@@ -224,6 +206,74 @@ impl Host {
         self.workers.finish(drain).await;
         Ok(())
     }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes; then stops
+/// accepting, lets each open connection finish the request it is on (idle
+/// ones close at once) for up to `drain`, and cuts off those still open.
+/// (axum's own loop stops waiting for them, but they would go on until the
+/// process exits, through the rest of the shutdown.)
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        while connections.try_join_next().is_some() {}
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        connections.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain,
+            open = connections.len(),
+            "shutting down: connections still open after the drain timeout are cut off"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// As axum's loop does: a connection reset before it was accepted is
+/// skipped; anything else (out of file descriptors) is logged, and the
+/// loop waits a second for some to be freed.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!("accept error: {e}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// Largest JSON body (events, a direct invocation, a bucket's rules): they
