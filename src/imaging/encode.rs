@@ -120,11 +120,22 @@ fn encode_still(
                 .map_err(|e| encode_error(format, e))?;
             Ok(out)
         }
-        ImageFormat::Tiff | ImageFormat::Gif | ImageFormat::Bmp => {
+        // Quantised as animations are (NeuQuant at speed 10): `image`'s
+        // default for a still GIF, speed 1, trains on every pixel, which
+        // takes minutes of a thread for an image at the pixel limit.
+        ImageFormat::Gif => {
+            let mut out = Vec::new();
+            {
+                let mut enc = GifEncoder::new_with_speed(&mut out, 10);
+                enc.encode_frame(image::Frame::new(img.to_rgba8()))
+                    .map_err(|e| encode_error(format, e))?;
+            }
+            Ok(out)
+        }
+        ImageFormat::Tiff | ImageFormat::Bmp => {
             let mut out = Cursor::new(Vec::new());
             let target = match format {
                 ImageFormat::Tiff => image::ImageFormat::Tiff,
-                ImageFormat::Gif => image::ImageFormat::Gif,
                 _ => image::ImageFormat::Bmp,
             };
             let flat;

@@ -927,3 +927,28 @@ fn a_gif_frame_the_size_of_its_screen_plus_the_slack_decodes() {
         [255, 255, 255, 255]
     );
 }
+
+#[test]
+fn a_still_gif_is_quantised_at_the_speed_animations_use() {
+    // More than 256 colours, so the quantiser runs; at `image`'s default
+    // for a still (speed 1) it trains on every pixel, minutes of a thread
+    // for an output at the pixel limit.
+    let img = RgbImage::from_fn(300, 200, |x, y| {
+        Rgb([x as u8, y as u8, (x * y % 251) as u8])
+    });
+    let still = Pixels::Still(DynamicImage::ImageRgb8(img.clone()));
+    let out = encode::encode(&still, ImageFormat::Gif, None).unwrap();
+    let at_speed = |speed| {
+        let mut gif = Vec::new();
+        image::codecs::gif::GifEncoder::new_with_speed(&mut gif, speed)
+            .encode_frame(image::Frame::new(
+                DynamicImage::ImageRgb8(img.clone()).to_rgba8(),
+            ))
+            .unwrap();
+        gif
+    };
+    assert!(out.bytes == at_speed(10), "quantised at speed 10");
+    assert!(out.bytes != at_speed(1), "the speed shows in the output");
+    let back = image::load_from_memory(&out.bytes).unwrap();
+    assert_eq!(back.dimensions(), (300, 200));
+}
