@@ -186,7 +186,7 @@ fn read_source(path: &PathBuf, action: &Action, limits: &imaging::Limits) -> Res
         let mut input = Vec::new();
         std::io::stdin()
             .lock()
-            .take(limit as u64 + 1)
+            .take((limit as u64).saturating_add(1))
             .read_to_end(&mut input)
             .context("reading stdin")?;
         if input.len() > limit {

@@ -25,6 +25,11 @@ pub(super) const MAX_OPERATIONS: usize = 32;
 /// to 10 MiB each) are all fetched before the image work starts.
 pub(super) const MAX_WATERMARK_IMAGES: usize = 4;
 
+/// The most `save` operations in one action: each keeps its encoded image
+/// (up to the pixel limit's size, 300 MB as an uncompressed TIFF) until the
+/// invocation has done its image work and writes them all.
+pub(super) const MAX_SAVES: usize = 4;
+
 pub(super) fn parse(input: &str) -> Result<Action, ActionError> {
     let input = input.trim();
     if input.is_empty() {
@@ -54,6 +59,14 @@ pub(super) fn parse(input: &str) -> Result<Action, ActionError> {
             count: images,
         });
     }
+    let saves = ops.iter().filter(|op| matches!(op, Op::Save(_))).count();
+    if saves > MAX_SAVES {
+        return Err(ActionError::TooMany {
+            what: " save operations",
+            max: MAX_SAVES,
+            count: saves,
+        });
+    }
     Ok(Action { ops })
 }
 
@@ -73,9 +86,20 @@ fn parse_op(position: usize, part: &str) -> Result<Op, ActionError> {
         "format" => parse_format(params),
         "save" => parse_save(params),
         _ => Err(ActionError::UnknownOperation {
-            op: name.to_string(),
+            op: shown(name),
             allowed: OPERATIONS,
         }),
+    }
+}
+
+/// Text from the action as an error shows it: its first 64 characters, so
+/// that a value of megabytes (a rule body may be 2 MiB) does not travel in
+/// every error message and result.
+fn shown(text: &str) -> String {
+    const SHOWN: usize = 64;
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+        None => text.to_string(),
     }
 }
 
@@ -99,19 +123,19 @@ impl<'a> Params<'a> {
                     .split_once('_')
                     .ok_or_else(|| ActionError::MalformedParam {
                         op,
-                        param: param.to_string(),
+                        param: shown(param),
                     })?;
             if !keys.contains(&key) {
                 return Err(ActionError::UnknownKey {
                     op,
-                    key: key.to_string(),
+                    key: shown(key),
                     allowed,
                 });
             }
             if pairs.iter().any(|(k, _)| *k == key) {
                 return Err(ActionError::DuplicateKey {
                     op,
-                    key: key.to_string(),
+                    key: shown(key),
                 });
             }
             pairs.push((key, value));
@@ -127,7 +151,7 @@ impl<'a> Params<'a> {
         ActionError::InvalidValue {
             op: self.op,
             key,
-            value: value.to_string(),
+            value: shown(value),
             allowed: allowed.into(),
         }
     }

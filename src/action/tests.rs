@@ -56,6 +56,21 @@ fn the_number_of_operations_is_bounded() {
         err(&five),
         "too many operations: at most 4 watermark_image operations per action, got 5"
     );
+
+    let save = |n: usize| format!("save:b_out,k_{n}.jpg");
+    let four = (0..parse::MAX_SAVES)
+        .map(save)
+        .collect::<Vec<_>>()
+        .join("|");
+    assert!(Action::parse(&format!("resize:w_10|{four}")).is_ok());
+    let five = (0..=parse::MAX_SAVES)
+        .map(save)
+        .collect::<Vec<_>>()
+        .join("|");
+    assert_eq!(
+        err(&five),
+        "too many operations: at most 4 save operations per action, got 5"
+    );
 }
 
 #[test]
@@ -251,4 +266,31 @@ proptest! {
             prop_assert_eq!(Action::parse(&a.to_string()).unwrap(), a);
         }
     }
+}
+
+#[test]
+fn errors_show_at_most_64_characters_of_what_was_given() {
+    let long = "9".repeat(2 << 20);
+    let message = Action::parse(&format!("crop:w_{long}"))
+        .unwrap_err()
+        .to_string();
+    assert!(message.len() < 300, "{} bytes", message.len());
+    assert!(
+        message.contains(&format!("{}… (2097152 bytes)", "9".repeat(64))),
+        "{message}"
+    );
+    let message = Action::parse(&format!("{long}:w_1"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.len() < 300 && message.starts_with("unknown operation"),
+        "{message}"
+    );
+    let message = Action::parse(&format!("crop:{long}"))
+        .unwrap_err()
+        .to_string();
+    assert!(message.len() < 300, "{message}");
+    // Short values are shown whole.
+    let message = Action::parse("rotate:a_45").unwrap_err().to_string();
+    assert!(message.ends_with("got 45"), "{message}");
 }

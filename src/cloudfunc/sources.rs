@@ -201,7 +201,9 @@ impl WatermarkSources {
                         Body::Bytes(bytes) => bytes,
                         Body::Read(reader) => {
                             let mut bytes = Vec::new();
-                            reader.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+                            reader
+                                .take((limit as u64).saturating_add(1))
+                                .read_to_end(&mut bytes)?;
                             bytes.into()
                         }
                     }))

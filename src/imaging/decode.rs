@@ -1528,6 +1528,8 @@ mod tests {
         );
         // Within the limit: the headers and the first scan, as before.
         assert_eq!(read(jpeg.len()).unwrap().len(), end + 2);
+        // A limit meant as none at all does not overflow.
+        assert_eq!(read(usize::MAX).unwrap().len(), end + 2);
     }
 
     #[test]

@@ -168,7 +168,7 @@ pub fn read_source(
 ) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     const HEAD: u64 = 64 << 10;
-    let max = limits.max_input_bytes as u64 + 1;
+    let max = (limits.max_input_bytes as u64).saturating_add(1);
     let mut input = Vec::with_capacity(HEAD as usize);
     (&mut *body).take(HEAD.min(max)).read_to_end(&mut input)?;
     let action = geometry::resize_before_rotate(action);
