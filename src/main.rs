@@ -152,17 +152,20 @@ struct LocalResolver {
 
 impl WatermarkResolver for LocalResolver {
     fn resolve(&self, url: &str) -> std::result::Result<Vec<u8>, String> {
-        let path = if let Some(rest) = url.strip_prefix("s3://") {
+        let path = if url.starts_with("s3://") {
             let store = self
                 .store
                 .as_ref()
                 .ok_or("s3:// URLs need --store DIR".to_string())?;
-            let (bucket, key) = rest
-                .split_once('/')
-                .ok_or(format!("{url} has no key after the bucket"))?;
-            if key.split('/').any(|seg| seg == ".." || seg.is_empty()) || bucket.contains("..") {
-                return Err(format!("{url} names a path outside the store"));
-            }
+            // Named as `serve` names it (the key percent-decoded), and held
+            // to the local store's rules, so that it stays inside DIR.
+            let sources = imgfunc::cloudfunc::WatermarkSources::new(Default::default());
+            let imgfunc::cloudfunc::Source::Object { bucket, key } = sources.classify(url)? else {
+                return Err(format!("{url} does not name s3://<bucket>/<key>"));
+            };
+            imgfunc::store::validate_bucket(&bucket)
+                .and_then(|()| imgfunc::store::validate_local_key(&key))
+                .map_err(|e| format!("{url}: {e}"))?;
             store.join(bucket).join(key)
         } else if let Some(rest) = url.strip_prefix("file://") {
             PathBuf::from(rest)
@@ -215,6 +218,13 @@ fn process(args: ProcessArgs) -> Result<()> {
     // before any work, so that no save reaches outside DIR.
     imgfunc::rules::check_save_targets(&action)
         .map_err(|e| anyhow::anyhow!("bad --action: save: {e}"))?;
+    let saves = action
+        .ops
+        .iter()
+        .any(|op| matches!(op, imgfunc::action::Op::Save(_)));
+    if saves && args.store.is_none() {
+        bail!("bad --action: save needs --store DIR to write to");
+    }
     let input = read_source(&args.input, &action, &limits)?;
     let resolver = LocalResolver { store: args.store };
     let out = imaging::process(&input, &action, &limits, &resolver)?;
@@ -227,8 +237,7 @@ fn process(args: ProcessArgs) -> Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::write(&path, &save.image.bytes)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_whole(&path, &save.image.bytes)?;
     }
     let bytes = match (&out.image, &out.info) {
         (Some(img), _) => img.bytes.clone(),
@@ -242,8 +251,31 @@ fn process(args: ProcessArgs) -> Result<()> {
     if args.output.as_os_str() == "-" {
         std::io::stdout().write_all(&bytes)?;
     } else {
-        std::fs::write(&args.output, &bytes)
-            .with_context(|| format!("cannot write {}", args.output.display()))?;
+        write_whole(&args.output, &bytes)?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a hidden file beside `path` and renames it over
+/// `path`, so that a failed write (a full disk) leaves no partial file
+/// under the name, and an older file there stays whole. Anything but a
+/// file at `path` (`/dev/null`, a pipe) is written to in place.
+fn write_whole(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return std::fs::write(path, bytes)
+            .with_context(|| format!("cannot write {}", path.display()));
+    }
+    let name = path
+        .file_name()
+        .with_context(|| format!("cannot write {}: not a file name", path.display()))?;
+    let mut hidden = std::ffi::OsString::from(".");
+    hidden.push(name);
+    hidden.push(format!(".imgfunc-tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(hidden);
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
     }
     Ok(())
 }

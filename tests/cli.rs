@@ -89,6 +89,80 @@ fn saves_stay_inside_the_store() {
     assert!(out.status.success(), "{}", stderr(&out));
     let saved = image::open(store.join("out/small/s.jpg")).unwrap();
     assert_eq!(saved.width(), 50);
+    // Written whole under their names, with no temporary files left.
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["out.jpg", "store"]);
+    assert_eq!(image::open(dir.path().join("out.jpg")).unwrap().width(), 50);
+
+    // Without --store, a save is refused before any work, and nothing is
+    // written.
+    let output = dir.path().join("none.jpg");
+    let out = imgfunc(
+        &[
+            "process",
+            "-a",
+            action,
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("save needs --store DIR"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!output.exists());
+}
+
+#[test]
+fn watermark_urls_name_store_objects_as_serve_does() {
+    // `s3://marks/logo%20x.png` is the object `logo x.png`, as `serve`
+    // reads it; a key the store refuses is refused here too.
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(store.join("marks")).unwrap();
+    let mut png = Vec::new();
+    image::RgbaImage::from_pixel(8, 8, image::Rgba([255, 0, 0, 255]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    std::fs::write(store.join("marks/logo x.png"), &png).unwrap();
+    let mark = |url: &str| {
+        use base64::Engine;
+        let u = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(url);
+        format!("resize:w_50|watermark_image:u_{u},p_1|format:t_png")
+    };
+    let output = dir.path().join("out.png");
+    let out = process_into(
+        &store,
+        &mark("s3://marks/logo%20x.png"),
+        &fixture("storm.jpg"),
+        &output,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let marked = image::open(&output).unwrap().to_rgb8();
+    assert_eq!(marked.width(), 50);
+    // Drawn whole at the top-left corner.
+    assert_eq!(marked.get_pixel(3, 3).0, [255, 0, 0]);
+
+    let out = process_into(
+        &store,
+        &mark("s3://marks/a%2F..%2F..%2Fescape.png"),
+        &fixture("storm.jpg"),
+        &output,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("s3://marks/a%2F..%2F..%2Fescape.png"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
