@@ -854,6 +854,21 @@ struct StalledWrites {
     panics: &'static str,
 }
 
+impl StalledWrites {
+    /// The local store at `dir`, its writes to `bucket` held, reads free
+    /// and nothing panicking.
+    fn over(dir: &std::path::Path, bucket: &'static str) -> StalledWrites {
+        StalledWrites {
+            inner: LocalStore::new(dir.to_path_buf()),
+            bucket,
+            gate: tokio::sync::Semaphore::new(0),
+            waiting: AtomicUsize::new(0),
+            reads: Arc::default(),
+            panics: "",
+        }
+    }
+}
+
 /// Holds reads where they run on the blocking pool (which a caller that
 /// goes away cannot stop) until it opens; counts the reads under way and
 /// the most at once.
@@ -953,14 +968,7 @@ async fn stalled_output_writes_do_not_hold_back_image_work() {
     let mut config = test_config(dir.path());
     config.embedded = false;
     config.workers = 1;
-    let store = Arc::new(StalledWrites {
-        inner: LocalStore::new(dir.path().to_path_buf()),
-        bucket: "thumbs",
-        gate: tokio::sync::Semaphore::new(0),
-        waiting: AtomicUsize::new(0),
-        reads: Arc::default(),
-        panics: "",
-    });
+    let store = Arc::new(StalledWrites::over(dir.path(), "thumbs"));
     std::fs::create_dir(dir.path().join("thumbs")).unwrap();
     let photo = fixture("images/storm.jpg");
     const PHOTOS: usize = 12;
@@ -1025,12 +1033,8 @@ async fn an_invocation_that_panics_leaves_its_worker_running() {
     let mut config = test_config(dir.path());
     config.workers = 1;
     let store = Arc::new(StalledWrites {
-        inner: LocalStore::new(dir.path().to_path_buf()),
-        bucket: "none",
-        gate: tokio::sync::Semaphore::new(0),
-        waiting: AtomicUsize::new(0),
-        reads: Arc::default(),
         panics: "boom",
+        ..StalledWrites::over(dir.path(), "none")
     });
     for bucket in ["boom", "thumbs"] {
         std::fs::create_dir(dir.path().join(bucket)).unwrap();
@@ -1092,12 +1096,8 @@ async fn image_requests_whose_clients_hang_up_keep_their_slots() {
     let mut config = test_config(dir.path());
     config.workers = 1;
     let store = Arc::new(StalledWrites {
-        inner: LocalStore::new(dir.path().to_path_buf()),
-        bucket: "none",
-        gate: tokio::sync::Semaphore::new(0),
-        waiting: AtomicUsize::new(0),
         reads: ReadGate::closed(),
-        panics: "",
+        ..StalledWrites::over(dir.path(), "none")
     });
     let host = TestHost::start(config, store.clone()).await;
     let put = host
@@ -1240,14 +1240,7 @@ async fn paths_no_route_takes_answer_in_json() {
 
 /// A local store whose writes to `uploads` wait at a gate.
 fn stalled_uploads(dir: &std::path::Path) -> Arc<StalledWrites> {
-    Arc::new(StalledWrites {
-        inner: LocalStore::new(dir.to_path_buf()),
-        bucket: "uploads",
-        gate: tokio::sync::Semaphore::new(0),
-        waiting: AtomicUsize::new(0),
-        reads: Arc::default(),
-        panics: "",
-    })
+    Arc::new(StalledWrites::over(dir, "uploads"))
 }
 
 /// PUTs `uploads/a.jpg` and gives up after 300 ms, while the write waits
