@@ -258,24 +258,27 @@ fn process(args: ProcessArgs) -> Result<()> {
 
 /// Writes `bytes` to a hidden file beside `path` and renames it over
 /// `path`, so that a failed write (a full disk) leaves no partial file
-/// under the name, and an older file there stays whole. Anything but a
-/// file at `path` (`/dev/null`, a pipe) is written to in place.
+/// under the name, and an older file there stays whole (its permissions
+/// carry over). Anything but a plain file at `path` (a link, `/dev/null`,
+/// a pipe) is written through in place.
 fn write_whole(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-        return std::fs::write(path, bytes)
-            .with_context(|| format!("cannot write {}", path.display()));
+    let context = || format!("cannot write {}", path.display());
+    let old = std::fs::symlink_metadata(path).ok();
+    if old.as_ref().is_some_and(|m| !m.is_file()) {
+        return std::fs::write(path, bytes).with_context(context);
     }
-    let name = path
-        .file_name()
-        .with_context(|| format!("cannot write {}: not a file name", path.display()))?;
-    let mut hidden = std::ffi::OsString::from(".");
-    hidden.push(name);
-    hidden.push(format!(".imgfunc-tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(hidden);
-    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".imgfunc-tmp-{}-{n}", std::process::id()));
+    let written = std::fs::write(&tmp, bytes)
+        .and_then(|()| match &old {
+            Some(old) => std::fs::set_permissions(&tmp, old.permissions()),
+            None => Ok(()),
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+        return Err(e).with_context(context);
     }
     Ok(())
 }

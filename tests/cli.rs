@@ -97,6 +97,16 @@ fn saves_stay_inside_the_store() {
     names.sort();
     assert_eq!(names, ["out.jpg", "store"]);
     assert_eq!(image::open(dir.path().join("out.jpg")).unwrap().width(), 50);
+    // An output that is a link is written through, not replaced.
+    std::os::unix::fs::symlink("out.jpg", dir.path().join("link.jpg")).unwrap();
+    let action = "resize:w_30";
+    let out = process_into(&store, action, &input, &dir.path().join("link.jpg"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let link = std::fs::symlink_metadata(dir.path().join("link.jpg")).unwrap();
+    assert!(link.file_type().is_symlink());
+    assert_eq!(image::open(dir.path().join("out.jpg")).unwrap().width(), 30);
+    std::fs::remove_file(dir.path().join("link.jpg")).unwrap();
+    let action = "resize:w_50|save:b_out,k_small/s.jpg";
 
     // Without --store, a save is refused before any work, and nothing is
     // written.

@@ -374,7 +374,15 @@ pub async fn read_source(
                     Ok(Some(match body {
                         Body::Bytes(bytes) => bytes,
                         Body::Read(mut reader) => {
-                            imaging::read_source(&mut reader, meta.size, &action, &limits)?.into()
+                            match imaging::read_source(&mut reader, meta.size, &action, &limits) {
+                                Ok(read) => read.into(),
+                                // More than announced, past the limit: left
+                                // unread, as an object over it is.
+                                Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                                    return Ok(None);
+                                }
+                                Err(e) => return Err(e),
+                            }
                         }
                     }))
                 }))

@@ -229,8 +229,12 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    accept_failed(e).await;
-                    continue;
+                    // The pause after a failed accept does not hold up a
+                    // shutdown.
+                    tokio::select! {
+                        () = accept_failed(e) => continue,
+                        () = &mut shutdown => break,
+                    }
                 }
             },
             () = &mut shutdown => break,
@@ -252,6 +256,7 @@ async fn serve(
         .await
         .is_err()
     {
+        while connections.try_join_next().is_some() {}
         tracing::warn!(
             ?drain,
             open = connections.len(),

@@ -3,8 +3,10 @@ use thiserror::Error;
 /// Why an image could not be processed. Each variant names what was wrong.
 #[derive(Debug, Error)]
 pub enum ImagingError {
-    #[error("input is {size} bytes, over the limit of {limit} bytes")]
-    InputTooLarge { size: usize, limit: usize },
+    /// `size` is `None` when the input announced a size within the limit
+    /// (or none) and reading it found more.
+    #[error("input is {}, over the limit of {limit} bytes", shown_size(*size))]
+    InputTooLarge { size: Option<usize>, limit: usize },
     #[error(
         "image is {width}x{height} ({pixels} pixels), over the limit of {limit} pixels; refused before decoding"
     )]
@@ -47,12 +49,23 @@ pub enum ImagingError {
     Operation { op: &'static str, message: String },
 }
 
+/// An input's size as an error gives it.
+fn shown_size(size: Option<usize>) -> String {
+    size.map_or_else(
+        || "longer than the size it announced".to_string(),
+        |size| format!("{size} bytes"),
+    )
+}
+
 impl ImagingError {
-    /// An input of `size` bytes refused for being over `limits`' input limit.
+    /// An input of `size` bytes refused for being over `limits`' input
+    /// limit; a `size` within the limit is the size it announced, before
+    /// reading it found more.
     pub fn input_too_large(size: u64, limits: &super::Limits) -> ImagingError {
+        let limit = limits.max_input_bytes;
         ImagingError::InputTooLarge {
-            size: usize::try_from(size).unwrap_or(usize::MAX),
-            limit: limits.max_input_bytes,
+            size: (size > limit as u64).then(|| usize::try_from(size).unwrap_or(usize::MAX)),
+            limit,
         }
     }
 

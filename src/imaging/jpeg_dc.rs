@@ -358,10 +358,10 @@ impl Window<'_> {
 
 /// The marker segment at `at`, after any fill bytes: (marker, where its
 /// 0xff is, where the segment ends). End of image is two bytes long.
-/// `None` for a marker that stands alone (TEM, a restart marker, a second
-/// SOI): libjpeg-turbo steps over such a marker where this would read a
-/// length after it, and the two would then see different segments (a frame
-/// hidden from libjpeg-turbo's size check, for one), so the file is left to
+/// `None` for a marker that stands alone (TEM or a restart marker, which
+/// libjpeg-turbo steps over, or a second SOI, which it refuses): reading a
+/// length after one, the two would see different segments (a frame hidden
+/// from libjpeg-turbo's size check, for one), so the file is left to
 /// libjpeg-turbo.
 pub(super) fn segment(jpeg: &[u8], mut at: usize) -> Option<(u8, usize, usize)> {
     while *jpeg.get(at)? == 0xff && *jpeg.get(at + 1)? == 0xff {

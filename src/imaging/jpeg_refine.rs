@@ -54,10 +54,9 @@ pub fn without_spare_refinements(jpeg: &[u8], denom: u32) -> Option<Vec<u8>> {
     let mut scans = 0;
     let mut i = 2;
     loop {
+        // A marker without a length ends the walk (`segment` declines it):
+        // the file is left whole.
         let (marker, start, segment_end) = segment(jpeg, i)?;
-        if parameterless(marker) {
-            return None;
-        }
         if marker == 0xdb && scans > 0 {
             // New quantisers after the first scan: the bound no longer
             // describes the file.
@@ -96,13 +95,6 @@ pub fn without_spare_refinements(jpeg: &[u8], denom: u32) -> Option<Vec<u8>> {
     })
 }
 
-/// Markers that stand alone, without a length: restart markers, TEM and SOI.
-/// Between segments libjpeg-turbo skips them, where [`segment`] would read
-/// a length, so a file that has them there is left whole.
-fn parameterless(marker: u8) -> bool {
-    matches!(marker, 0x01 | 0xd0..=0xd8)
-}
-
 /// For each component (by id), the coarsest precision `Al` its AC
 /// coefficients may stop at, from the quantisers and the frame defined
 /// before the first scan; `None` unless the file is progressive (Huffman)
@@ -113,9 +105,6 @@ fn coarsest_precisions(jpeg: &[u8], denom: u32) -> Option<Vec<(u8, u8)>> {
     let mut i = 2;
     loop {
         let (marker, start, end) = segment(jpeg, i)?;
-        if parameterless(marker) {
-            return None;
-        }
         let body = jpeg.get(start + 4..end)?;
         match marker {
             0xdb => define_quantisers(body, &mut tables)?,

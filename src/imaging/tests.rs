@@ -952,3 +952,25 @@ fn a_still_gif_is_quantised_at_the_speed_animations_use() {
     let back = image::load_from_memory(&out.bytes).unwrap();
     assert_eq!(back.dimensions(), (300, 200));
 }
+
+#[test]
+fn an_input_found_over_the_limit_while_read_has_no_made_up_size() {
+    let limits = Limits {
+        max_input_bytes: 1000,
+        ..Default::default()
+    };
+    assert_eq!(
+        ImagingError::input_too_large(5000, &limits).to_string(),
+        "input is 5000 bytes, over the limit of 1000 bytes"
+    );
+    // Announced within the limit (or not at all: S3 without a length), and
+    // found longer while read.
+    assert_eq!(
+        ImagingError::input_too_large(0, &limits).to_string(),
+        "input is longer than the size it announced, over the limit of 1000 bytes"
+    );
+    assert_eq!(
+        ImagingError::input_too_large(0, &limits).code(),
+        "input_too_large"
+    );
+}

@@ -165,11 +165,15 @@ impl RuleBook {
         })
     }
 
-    /// Holds `bucket` and where its `rules` save to to the store's bucket
-    /// names; the error names the field.
+    /// Holds the buckets the `image` rules among `rules` read and write
+    /// (`bucket` itself, `save_bucket`, `save:` targets) to the store's
+    /// bucket names; the error names the field. Notifier rules do not touch
+    /// the store, so they take any bucket name an event may carry.
     fn check_buckets(&self, bucket: &str, rules: &[Rule]) -> Result<(), RuleError> {
         let check = self.bucket_check.unwrap_or(crate::store::validate_bucket);
-        check(bucket).map_err(|e| RuleError::new("bucket", e.to_string()))?;
+        if rules.iter().any(|rule| rule.image_args().is_some()) {
+            check(bucket).map_err(|e| RuleError::new("bucket", e.to_string()))?;
+        }
         for (i, rule) in rules.iter().enumerate() {
             let Some(args) = rule.image_args() else {
                 continue;
@@ -527,8 +531,12 @@ mod tests {
             "{text}"
         );
 
-        // A bucket the store would refuse: every event on it would fail.
-        fs::write(dir.path().join("b.json"), file("Photos", "b", "*.png")).unwrap();
+        // An image rule on a bucket the store would refuse: every event on
+        // it would fail.
+        let image_rule = json!({"bucket": "Photos", "notifications": [{
+            "id": "b", "event_types": "create_object", "cloudfunc": "image",
+            "cloudfunc_args": {"action": "resize:w_10"}}]});
+        fs::write(dir.path().join("b.json"), image_rule.to_string()).unwrap();
         let err = book.load_dir(dir.path()).unwrap_err();
         let text = err.to_string();
         assert!(
@@ -537,6 +545,11 @@ mod tests {
             "{text}"
         );
         assert!(book.buckets().is_empty(), "nothing loaded");
+        // A notifier rule reads nothing from the store: any bucket name an
+        // event may carry will do.
+        fs::write(dir.path().join("b.json"), file("Photos", "b", "*.png")).unwrap();
+        assert_eq!(book.load_dir(dir.path()).unwrap(), 2);
+        assert_eq!(book.buckets(), ["Photos", "photos"]);
 
         let err = book.load_dir(&dir.path().join("missing")).unwrap_err();
         assert!(matches!(err, RuleBookError::Io { op: "list", .. }), "{err}");
