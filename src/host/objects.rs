@@ -353,25 +353,27 @@ async fn process(
     // an object over the input limit is refused unread. The read and the
     // image work run in a task of their own that holds the slot: a client
     // that hangs up stops this handler, not a read under way (which cannot
-    // be stopped), so the slot is kept until the work is done.
+    // be stopped), so the slot is kept until the work is done. Shutdown
+    // waits for it as for other work requests hand off.
     let slot = state.runtime.image_slot().await;
-    let (state, limits) = (state.clone(), state.config.limits.clone());
+    let limits = state.config.limits.clone();
     let (bucket, key) = (bucket.to_owned(), key.to_owned());
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
-    let work = tokio::spawn(async move {
+    let task = state.clone();
+    let output = detach(state, async move {
         let (meta, input) =
-            cloudfunc::read_source(&state.runtime, &bucket, &key, &action, |_| false).await?;
+            cloudfunc::read_source(&task.runtime, &bucket, &key, &action, |_| false).await?;
         let input = input.ok_or_else(|| ImagingError::input_too_large(meta.size, &limits))?;
-        let output = state
+        let output = task
             .runtime
             .run_cpu(slot, move || {
                 imaging::process(&input, &action, &limits, &NoWatermarks)
             })
             .await
             .map_err(internal)??;
-        Ok::<_, ApiError>(output)
-    });
-    let output = work.await.map_err(|e| internal(e.to_string()))??;
+        Ok(output)
+    })
+    .await?;
     match (output.image, output.info) {
         (Some(image), _) => Ok((
             [(header::CONTENT_TYPE, image.format.content_type())],
