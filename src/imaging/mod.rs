@@ -263,10 +263,21 @@ pub fn process(
                     Ok(())
                 })?;
             }
-            Op::Watermark(w) => state.pixels.for_each_frame(|img| {
-                watermark::draw_text(img, w);
-                Ok(())
-            })?,
+            Op::Watermark(w) => {
+                // Laid out and rendered once for all the frames of an
+                // animation, which share one size.
+                let mut stamp: Option<((u32, u32), Option<watermark::TextStamp>)> = None;
+                state.pixels.for_each_frame(|img| {
+                    let size = (img.width(), img.height());
+                    if stamp.as_ref().is_none_or(|(made_for, _)| *made_for != size) {
+                        stamp = Some((size, watermark::TextStamp::new(w, size.0, size.1)));
+                    }
+                    if let Some((_, Some(stamp))) = &stamp {
+                        stamp.draw(img);
+                    }
+                    Ok(())
+                })?
+            }
             Op::Resize(r) if index == lead_index && decoded.lead_frame.is_some() => {
                 geometry::resize_pixels(&mut state.pixels, r, decoded.lead_frame.as_ref(), limits)?
             }

@@ -974,3 +974,43 @@ fn an_input_found_over_the_limit_while_read_has_no_made_up_size() {
         "input_too_large"
     );
 }
+
+#[test]
+fn a_text_watermark_marks_each_frame_of_an_animation_as_it_marks_a_still() {
+    // The text is laid out once for all frames: each comes out as drawing
+    // it on that frame alone does.
+    let gif = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/images/ladybird-animated.gif"
+    ))
+    .unwrap();
+    let action = Action::parse("watermark:t_aW1nZnVuYw,c_I2ZmMDAwMA,p_1,d_72").unwrap();
+    let Some(crate::action::Op::Watermark(wm)) = action.ops.first() else {
+        panic!("a text watermark");
+    };
+    let limits = Limits::default();
+    let out = process(&gif, &action, &limits, &NoWatermarks)
+        .unwrap()
+        .image
+        .unwrap();
+
+    let decoded = decode::decode(&gif, &limits, Lead::Nothing).unwrap();
+    let Pixels::Animated(frames) = decoded.pixels else {
+        panic!("an animation");
+    };
+    assert!(frames.len() > 1);
+    let marked: Vec<image::Frame> = frames
+        .into_iter()
+        .map(|frame| {
+            let delay = frame.delay();
+            let mut img = DynamicImage::ImageRgba8(frame.into_buffer());
+            watermark::draw_text(&mut img, wm);
+            image::Frame::from_parts(img.into_rgba8(), 0, 0, delay)
+        })
+        .collect();
+    let expected = encode::encode(&Pixels::Animated(marked), ImageFormat::Gif, None).unwrap();
+    assert!(
+        out.bytes == expected.bytes,
+        "frames differ from marking each alone"
+    );
+}

@@ -35,48 +35,91 @@ const GAP_Y_EM: f32 = 3.0;
 /// smaller than one copy carries (part of) the mark. Characters the font lacks
 /// are skipped.
 pub fn draw_text(img: &mut DynamicImage, wm: &TextWatermark) {
-    let Some(font) = FONT.as_ref() else {
-        return;
-    };
-    let (width, height) = (img.width(), img.height());
-    if width == 0 || height == 0 {
-        return;
+    if let Some(stamp) = TextStamp::new(wm, img.width(), img.height()) {
+        stamp.draw(img);
     }
-    let em = wm.em_px();
-    let Some(mask) = TextMask::render(font, &wm.text, em, width, height) else {
-        return;
-    };
-    let opacity = wm.opacity.get().clamp(0.0, 1.0);
-    let color = [wm.color.r, wm.color.g, wm.color.b].map(f32::from);
+}
 
-    let step_x = ((mask.full_width as f32 + GAP_X_EM * em).ceil() as i64).max(1);
-    let step_y = ((mask.full_height as f32 + GAP_Y_EM * em).ceil() as i64).max(1);
-    // A text wider than the image gets one copy per row at x = 0, which lets
-    // the mask be clipped to the image width.
-    let shift = if mask.full_width <= width {
-        step_x / 2
-    } else {
-        0
-    };
-    let (w, h) = (i64::from(width), i64::from(height));
+/// [`draw_text`] in two steps: the text laid out and rendered once for an
+/// image size, then drawn on any number of images of that size (the frames
+/// of an animation).
+pub struct TextStamp {
+    mask: TextMask,
+    color: [f32; 3],
+    opacity: f32,
+    step_x: i64,
+    step_y: i64,
+    shift: i64,
+    width: u32,
+    height: u32,
+}
 
-    with_rgb_or_rgba(img, |buf, channels| {
-        let mut top = 0;
-        let mut row = 0;
-        while top < h {
-            let mut left = if row % 2 == 1 && shift > 0 {
-                shift - step_x
-            } else {
-                0
-            };
-            while left < w {
-                mask.stamp(buf, width, height, channels, left, top, color, opacity);
-                left += step_x;
-            }
-            top += step_y;
-            row += 1;
+impl TextStamp {
+    /// `None` when nothing would be drawn (no font, an empty image, a text
+    /// of spaces or of characters the font lacks).
+    pub fn new(wm: &TextWatermark, width: u32, height: u32) -> Option<TextStamp> {
+        let font = FONT.as_ref()?;
+        if width == 0 || height == 0 {
+            return None;
         }
-    });
+        let em = wm.em_px();
+        let mask = TextMask::render(font, &wm.text, em, width, height)?;
+        let step_x = ((mask.full_width as f32 + GAP_X_EM * em).ceil() as i64).max(1);
+        let step_y = ((mask.full_height as f32 + GAP_Y_EM * em).ceil() as i64).max(1);
+        // A text wider than the image gets one copy per row at x = 0, which
+        // lets the mask be clipped to the image width.
+        let shift = if mask.full_width <= width {
+            step_x / 2
+        } else {
+            0
+        };
+        Some(TextStamp {
+            mask,
+            color: [wm.color.r, wm.color.g, wm.color.b].map(f32::from),
+            opacity: wm.opacity.get().clamp(0.0, 1.0),
+            step_x,
+            step_y,
+            shift,
+            width,
+            height,
+        })
+    }
+
+    /// Tiles the text over `img`; an image of another size than the stamp
+    /// was made for is left as it is.
+    pub fn draw(&self, img: &mut DynamicImage) {
+        let (width, height) = (self.width, self.height);
+        if (img.width(), img.height()) != (width, height) {
+            return;
+        }
+        let (w, h) = (i64::from(width), i64::from(height));
+        with_rgb_or_rgba(img, |buf, channels| {
+            let mut top = 0;
+            let mut row = 0;
+            while top < h {
+                let mut left = if row % 2 == 1 && self.shift > 0 {
+                    self.shift - self.step_x
+                } else {
+                    0
+                };
+                while left < w {
+                    self.mask.stamp(
+                        buf,
+                        width,
+                        height,
+                        channels,
+                        left,
+                        top,
+                        self.color,
+                        self.opacity,
+                    );
+                    left += self.step_x;
+                }
+                top += self.step_y;
+                row += 1;
+            }
+        });
+    }
 }
 
 /// Composites `overlay` onto `img` with its top-left corner at (`left`, `top`),
