@@ -360,12 +360,15 @@ impl WatermarkSources {
 /// why it cannot be one: a host name or address, without scheme or port.
 pub fn allow_list_entry(entry: &str) -> Result<String, String> {
     let host = entry.trim().to_ascii_lowercase();
-    if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
-        return Ok(format!("[{ip}]"));
-    }
     let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
-    if let Some(ip) = bare.and_then(|h| h.parse::<std::net::Ipv6Addr>().ok()) {
-        return Ok(format!("[{ip}]"));
+    if let Ok(ip) = bare.unwrap_or(&host).parse::<std::net::Ipv6Addr>() {
+        // Spelled as URLs spell it, which is not always Rust's spelling
+        // (`::ffff:1.2.3.4` is `[::ffff:102:304]` in a URL).
+        let url = Url::parse(&format!("http://[{ip}]/")).ok();
+        return Ok(url
+            .as_ref()
+            .and_then(Url::host_str)
+            .map_or_else(|| format!("[{ip}]"), str::to_string));
     }
     let plain = !host.is_empty() && !host.contains([':', '/', '@', '?', '#', '\\']);
     // As URLs spell it: an internationalised name in its ASCII form.
@@ -557,6 +560,12 @@ mod tests {
         assert_eq!(allow_list_entry("192.0.2.7").unwrap(), "192.0.2.7");
         assert_eq!(allow_list_entry("2001:DB8::1").unwrap(), "[2001:db8::1]");
         assert_eq!(allow_list_entry("[2001:db8::1]").unwrap(), "[2001:db8::1]");
+        // As a URL names it, or it would never match.
+        let url = Url::parse("http://[::FFFF:192.0.2.7]/logo.png").unwrap();
+        assert_eq!(url.host_str(), Some("[::ffff:c000:207]"));
+        for entry in ["::ffff:192.0.2.7", "[::ffff:192.0.2.7]"] {
+            assert_eq!(allow_list_entry(entry).unwrap(), "[::ffff:c000:207]");
+        }
         assert_eq!(
             allow_list_entry("Bücher.example").unwrap(),
             "xn--bcher-kva.example"
