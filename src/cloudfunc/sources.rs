@@ -401,6 +401,7 @@ fn is_public(ip: IpAddr) -> bool {
                 || a == 0 // "this network", 0.0.0.0/8
                 || a == 100 && (b & 0xc0) == 64 // shared (CGNAT), 100.64/10
                 || a == 198 && (b & 0xfe) == 18 // benchmarking, 198.18/15
+                || a == 192 && b == 0 && v4.octets()[2] == 0 // protocol assignments, 192.0.0/24
                 || a >= 240) // reserved and broadcast, 240/4
         }
         IpAddr::V6(v6) => {
@@ -421,11 +422,17 @@ fn is_public(ip: IpAddr) -> bool {
             if s[..3] == [0x64, 0xff9b, 1] {
                 return false;
             }
+            // IPv4-compatible (::a.b.c.d, deprecated): the IPv4 address in
+            // its last bits, as some stacks still route it.
+            if s[..6] == [0; 6] && !(v6.is_loopback() || v6.is_unspecified()) {
+                return is_public(IpAddr::V4([o[12], o[13], o[14], o[15]].into()));
+            }
             let seg = v6.segments()[0];
             !(v6.is_loopback()
                 || v6.is_unspecified()
-                || (seg & 0xfe00) == 0xfc00
-                || (seg & 0xffc0) == 0xfe80)
+                || (seg & 0xfe00) == 0xfc00 // unique local, fc00::/7
+                || (seg & 0xffc0) == 0xfe80 // link-local, fe80::/10
+                || (seg & 0xffc0) == 0xfec0) // site-local (deprecated), fec0::/10
         }
     }
 }
@@ -513,6 +520,10 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "2002:a00:1::1",
             "64:ff9b:1::808:808",
+            "::7f00:1",
+            "::a00:1",
+            "fec0::1",
+            "192.0.0.8",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
@@ -522,6 +533,8 @@ mod tests {
             "198.20.0.1",
             "64:ff9b::808:808",
             "2002:808:808::1",
+            "::808:808",
+            "192.0.1.1",
         ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
