@@ -159,10 +159,7 @@ impl WatermarkResolver for LocalResolver {
                 .ok_or("s3:// URLs need --store DIR".to_string())?;
             // Named as `serve` names it (the key percent-decoded), and held
             // to the local store's rules, so that it stays inside DIR.
-            let sources = imgfunc::cloudfunc::WatermarkSources::new(Default::default());
-            let imgfunc::cloudfunc::Source::Object { bucket, key } = sources.classify(url)? else {
-                return Err(format!("{url} does not name s3://<bucket>/<key>"));
-            };
+            let (bucket, key) = imgfunc::cloudfunc::s3_url_object(url)?;
             imgfunc::store::validate_bucket(&bucket)
                 .and_then(|()| imgfunc::store::validate_local_key(&key))
                 .map_err(|e| format!("{url}: {e}"))?;

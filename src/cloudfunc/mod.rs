@@ -6,7 +6,7 @@ mod pool;
 mod sources;
 
 pub use pool::CpuPool;
-pub use sources::{Source, SourceConfig, WatermarkSources, allow_list_entry};
+pub use sources::{SourceConfig, WatermarkSources, allow_list_entry, s3_url_object};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

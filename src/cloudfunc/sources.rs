@@ -240,11 +240,7 @@ impl WatermarkSources {
         };
         match url.scheme() {
             "s3" => {
-                let bucket = url.host_str().unwrap_or_default().to_string();
-                let key = percent_decode(url.path().trim_start_matches('/'));
-                if bucket.is_empty() || key.is_empty() {
-                    return Err(format!("{raw} does not name s3://<bucket>/<key>"));
-                }
+                let (bucket, key) = s3_object(&url, raw)?;
                 return Ok(Source::Object { bucket, key });
             }
             "http" | "https" => {}
@@ -353,6 +349,24 @@ impl WatermarkSources {
         }
         Ok(body)
     }
+}
+
+/// The object an `s3://<bucket>/<key>` URL names (the key percent-decoded),
+/// as `serve` reads it; `imgfunc process` reads the same object from its
+/// store folder.
+pub fn s3_url_object(raw: &str) -> Result<(String, String), String> {
+    let url = Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
+    s3_object(&url, raw)
+}
+
+/// [`s3_url_object`] for a parsed URL, `raw` as the caller gave it.
+fn s3_object(url: &Url, raw: &str) -> Result<(String, String), String> {
+    let bucket = url.host_str().unwrap_or_default().to_string();
+    let key = percent_decode(url.path().trim_start_matches('/'));
+    if url.scheme() != "s3" || bucket.is_empty() || key.is_empty() {
+        return Err(format!("{raw} does not name s3://<bucket>/<key>"));
+    }
+    Ok((bucket, key))
 }
 
 /// An entry of the watermark allow-list as [`SourceConfig::allow_hosts`]

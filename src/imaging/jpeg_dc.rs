@@ -166,13 +166,7 @@ pub fn decode_eighth(jpeg: &[u8], precision: Precision, frame: (u32, u32)) -> Op
         match marker {
             // One frame per file, the one whose size the caller checked.
             0xc2 if state.frame.is_none() => {
-                let header = frame_header(body)?;
-                if (header.width as u64, header.height as u64)
-                    != (u64::from(frame.0), u64::from(frame.1))
-                {
-                    return None;
-                }
-                state.frame = Some(Frame::parse(body)?);
+                state.frame = Some(Frame::parse(body, frame)?);
                 state.bits.frame(body)?;
             }
             0xc2 => return None,
@@ -497,14 +491,17 @@ pub(super) fn frame_header(body: &[u8]) -> Option<FrameHeader> {
 }
 
 impl Frame {
-    fn parse(body: &[u8]) -> Option<Frame> {
+    /// The frame in `body`, if it is `expected` pixels wide and high (the
+    /// size the caller checked), before anything is allocated for it.
+    fn parse(body: &[u8], expected: (u32, u32)) -> Option<Frame> {
         let FrameHeader {
             width,
             height,
             components,
         } = frame_header(body)?;
         let count = components.len();
-        if width == 0 || height == 0 || !(count == 1 || count == 3) {
+        let size = (u32::try_from(width).ok()?, u32::try_from(height).ok()?);
+        if size != expected || width == 0 || height == 0 || !(count == 1 || count == 3) {
             return None;
         }
         let parts: Vec<(u8, usize, usize)> = components

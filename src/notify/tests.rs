@@ -88,6 +88,15 @@ fn config(dir: &Path) -> NotifyConfig {
     }
 }
 
+/// A notifier that tries each delivery once.
+fn one_attempt(dir: &Path) -> Arc<Notifier> {
+    let config = NotifyConfig {
+        attempts: 1,
+        ..config(dir)
+    };
+    Arc::new(Notifier::new(config).unwrap())
+}
+
 fn dead_letters(config: &NotifyConfig) -> Vec<Value> {
     match std::fs::read_to_string(&config.dead_letter) {
         Ok(text) => text
@@ -262,13 +271,7 @@ async fn non_http_urls_are_refused_without_a_request() {
 #[tokio::test]
 async fn concurrent_failures_append_whole_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let notifier = Arc::new(
-        Notifier::new(NotifyConfig {
-            attempts: 1,
-            ..config(dir.path())
-        })
-        .unwrap(),
-    );
+    let notifier = one_attempt(dir.path());
     let url = closed_port_url();
     let big = "x".repeat(256 * 1024);
     let tasks: Vec<_> = (0..16)
@@ -339,13 +342,7 @@ async fn a_delivery_stopped_while_its_record_waits_is_kept() {
     // deliveries under way, so the shutdown does not keep it: the write
     // itself must go on.
     let dir = tempfile::tempdir().unwrap();
-    let notifier = Arc::new(
-        Notifier::new(NotifyConfig {
-            attempts: 1,
-            ..config(dir.path())
-        })
-        .unwrap(),
-    );
+    let notifier = one_attempt(dir.path());
     let lock = notifier.dead_letters.lock();
     let (release, released) = std::sync::mpsc::channel::<()>();
     let (locked, is_locked) = std::sync::mpsc::channel::<()>();
