@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! <root>/<bucket>/<key>                 the object's bytes, as is
-//!     xattr user.imgfunc                its metadata: {"type": ..., "meta": {...}}
-//! <root>/.imgfunc-meta/<bucket>/<key>   or a sidecar file holding the same JSON
+//!     xattr user.imgfunc                its metadata, compactly encoded ([`attribute`])
+//! <root>/.imgfunc-meta/<bucket>/<key>   or a sidecar file: {"type": ..., "meta": {...}}
 //! ```
 //!
 //! Metadata (content type and user metadata) lives in an extended attribute
@@ -49,6 +49,7 @@
 //! operator places under the root are followed when reading; listings do not
 //! descend into linked folders.
 
+use super::attribute;
 use super::flush::GroupFlush;
 use super::validate::{normalize_put_options, validate_local_key};
 use super::{
@@ -69,8 +70,8 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 const META_DIR: &str = ".imgfunc-meta";
 
 /// The extended attribute that holds an object's metadata. The name is short
-/// because ext4 keeps a small attribute (about 60 bytes of value) inside
-/// the inode; longer metadata takes an attribute block.
+/// because ext4 keeps a small attribute (64 bytes of value with this name)
+/// inside the inode; longer metadata takes an attribute block.
 const META_XATTR: &str = "user.imgfunc";
 
 /// Temporary files start with this; it falls under the reserved prefix, so
@@ -422,7 +423,21 @@ fn open_object(target: &Target) -> Result<(std::fs::File, ObjectMeta), StoreErro
 fn read_xattr(file: &std::fs::File, path: &Path) -> Result<Option<StoredMeta>, StoreError> {
     use xattr::FileExt;
     match file.get_xattr(META_XATTR) {
-        Ok(Some(json)) => parse_meta(&json, "parse the metadata attribute of", path).map(Some),
+        // Attributes written as JSON by earlier versions start with `{`.
+        Ok(Some(json)) if json.first() == Some(&b'{') => {
+            parse_meta(&json, "parse the metadata attribute of", path).map(Some)
+        }
+        Ok(Some(bytes)) => match attribute::decode(&bytes) {
+            Ok((content_type, user_metadata)) => Ok(Some(StoredMeta {
+                content_type,
+                user_metadata,
+            })),
+            Err(e) => Err(StoreError::io(
+                "parse the metadata attribute of",
+                path,
+                io::Error::new(ErrorKind::InvalidData, e),
+            )),
+        },
         Ok(None) => Ok(None),
         // Where writes fall back to sidecars, reads do too.
         Err(e) if attribute_refused(&e) => Ok(None),
@@ -475,9 +490,8 @@ fn write_object(
         content_type: opts.content_type,
         user_metadata: opts.user_metadata,
     };
-    let json = serde_json::to_vec(&stored)
-        .map_err(|e| StoreError::io("encode metadata of", &target.object, io::Error::other(e)))?;
-    let attribute = (place == MetadataPlace::Xattr).then_some(&json[..]);
+    let attribute = (place == MetadataPlace::Xattr)
+        .then(|| attribute::encode(&stored.content_type, &stored.user_metadata));
     // A write of a longer or shorter key (`a/b` against `a`) may have made
     // the clash since the check: it is reported as such, not as the I/O
     // error it caused. Where the other writer has only made an empty
@@ -485,8 +499,9 @@ fn write_object(
     // the other one meets the clash).
     // Folders made by any attempt are flushed with the write that succeeds.
     let mut made = Vec::new();
-    let write =
-        |made: &mut Vec<PathBuf>| write_atomic(&target.object, bytes, attribute, flush, made);
+    let write = |made: &mut Vec<PathBuf>| {
+        write_atomic(&target.object, bytes, attribute.as_deref(), flush, made)
+    };
     let written = match write(&mut made) {
         Ok(written) => written,
         Err(e) if clash_like(&e) => {
@@ -503,6 +518,8 @@ fn write_object(
         return remove_file_if_present(&target.sidecar, "remove the old sidecar").map(drop);
     }
     clear_stale_sidecars(target)?;
+    let json = serde_json::to_vec(&stored)
+        .map_err(|e| StoreError::io("encode metadata of", &target.object, io::Error::other(e)))?;
     write_atomic(&target.sidecar, &json, None, flush, &mut made)?;
     Ok(())
 }
@@ -1234,13 +1251,10 @@ mod tests {
             } else {
                 // One file: the metadata travels in its attribute.
                 assert_eq!(files, ["root/photos/a.jpg"]);
-                let json = xattr::get(store.root().join("photos/a.jpg"), META_XATTR)
+                let value = xattr::get(store.root().join("photos/a.jpg"), META_XATTR)
                     .unwrap()
                     .unwrap();
-                assert_eq!(
-                    String::from_utf8(json).unwrap(),
-                    r#"{"type":"image/jpeg","meta":{"rule":"thumbs","x":"1"}}"#
-                );
+                assert_eq!(value, b"\x01\x01\x00\x04rule\x06thumbs\x00\x01x\x011");
             }
         }
     }
@@ -1374,11 +1388,79 @@ mod tests {
             assert!(store.root().join(".imgfunc-meta/b/k").is_file());
             return;
         }
-        xattr::set(store.root().join("b/k"), META_XATTR, b"{not json").unwrap();
-        let err = store.get("b", "k").await.unwrap_err();
-        assert_eq!(err.code(), "io");
-        assert!(err.to_string().contains("metadata attribute"), "{err}");
-        assert!(err.to_string().contains("b/k"), "{err}");
+        for (damaged, says) in [
+            (&b"{not json"[..], "key must be a string"),
+            (
+                b"\x01\x01\x00\x09cut",
+                "metadata key: 9 bytes announced, 3 left",
+            ),
+            (b"\x02", "unknown encoding (first byte 0x02)"),
+        ] {
+            xattr::set(store.root().join("b/k"), META_XATTR, damaged).unwrap();
+            let err = store.get("b", "k").await.unwrap_err();
+            assert_eq!(err.code(), "io");
+            assert!(err.to_string().contains("metadata attribute"), "{err}");
+            assert!(err.to_string().contains("b/k"), "{err}");
+            assert!(err.to_string().contains(says), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn attributes_written_as_json_are_still_read() {
+        let (dir, store) = store();
+        store
+            .put("b", "k", Bytes::from_static(b"x"), PutOptions::default())
+            .await
+            .unwrap();
+        if !takes_attributes(dir.path()) {
+            return;
+        }
+        let json = br#"{"type":"image/png","meta":{"imgfunc-chain":"b:r","a":"1"}}"#;
+        xattr::set(store.root().join("b/k"), META_XATTR, json).unwrap();
+        let meta = store.head("b", "k").await.unwrap();
+        assert_eq!(meta.content_type, "image/png");
+        assert_eq!(
+            meta.user_metadata,
+            BTreeMap::from([
+                ("imgfunc-chain".to_string(), "b:r".to_string()),
+                ("a".to_string(), "1".to_string()),
+            ])
+        );
+    }
+
+    /// On ext4, metadata over 64 bytes takes a 4 KiB block of its own; an
+    /// output's (its chain and source) stays in the inode, so the object
+    /// takes no more disk than its bytes do.
+    #[tokio::test]
+    async fn an_output_s_metadata_takes_no_block_of_its_own() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, store) = store();
+        let bytes = Bytes::from(vec![7u8; 10_000]);
+        let meta = [
+            ("imgfunc-chain", "photos:p1"),
+            ("imgfunc-source", "photos/2026/11/IMG_20261127_0001.jpg"),
+        ];
+        store
+            .put("b", "with.jpg", bytes.clone(), opts("image/jpeg", &meta))
+            .await
+            .unwrap();
+        store
+            .put("b", "without.jpg", bytes, opts("image/jpeg", &[]))
+            .await
+            .unwrap();
+        if !takes_attributes(dir.path()) {
+            return;
+        }
+        let blocks = |key: &str| {
+            std::fs::metadata(store.root().join("b").join(key))
+                .unwrap()
+                .blocks()
+        };
+        assert_eq!(blocks("with.jpg"), blocks("without.jpg"));
+        assert_eq!(
+            store.head("b", "with.jpg").await.unwrap().user_metadata["imgfunc-source"],
+            "photos/2026/11/IMG_20261127_0001.jpg"
+        );
     }
 
     #[tokio::test]

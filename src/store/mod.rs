@@ -14,6 +14,7 @@
 //! - user metadata names are case-insensitive and come back lowercase, as
 //!   S3 returns them.
 
+mod attribute;
 mod error;
 mod flush;
 mod local;
