@@ -1377,8 +1377,10 @@ mod tests {
         )));
     }
 
-    #[tokio::test]
-    async fn corrupt_attribute_is_an_io_error_naming_the_object() {
+    /// A store holding object `b/k` with its metadata in the attribute;
+    /// `None` where the filesystem refuses attributes (the metadata then
+    /// went to a sidecar).
+    async fn one_object_with_an_attribute() -> Option<(tempfile::TempDir, LocalStore)> {
         let (dir, store) = store();
         store
             .put("b", "k", Bytes::from_static(b"x"), PutOptions::default())
@@ -1386,8 +1388,16 @@ mod tests {
             .unwrap();
         if !takes_attributes(dir.path()) {
             assert!(store.root().join(".imgfunc-meta/b/k").is_file());
-            return;
+            return None;
         }
+        Some((dir, store))
+    }
+
+    #[tokio::test]
+    async fn corrupt_attribute_is_an_io_error_naming_the_object() {
+        let Some((_dir, store)) = one_object_with_an_attribute().await else {
+            return;
+        };
         for (damaged, says) in [
             (&b"{not json"[..], "key must be a string"),
             (
@@ -1407,14 +1417,9 @@ mod tests {
 
     #[tokio::test]
     async fn attributes_written_as_json_are_still_read() {
-        let (dir, store) = store();
-        store
-            .put("b", "k", Bytes::from_static(b"x"), PutOptions::default())
-            .await
-            .unwrap();
-        if !takes_attributes(dir.path()) {
+        let Some((_dir, store)) = one_object_with_an_attribute().await else {
             return;
-        }
+        };
         let json = br#"{"type":"image/png","meta":{"imgfunc-chain":"b:r","a":"1"}}"#;
         xattr::set(store.root().join("b/k"), META_XATTR, json).unwrap();
         let meta = store.head("b", "k").await.unwrap();
