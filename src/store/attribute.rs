@@ -7,8 +7,8 @@
 //! "imgfunc-source":"photos/Wood.jpg"}}`, is 93 bytes: every thumbnail
 //! then cost a second disk block (a 10 KB thumbnail took 16 KiB on disk
 //! instead of 12), allocated, written and flushed with it, and read again
-//! by every `head`. The same metadata in this encoding is 30 bytes, and a
-//! source key of up to about 40 bytes keeps it in the inode.
+//! by every `head`. The same metadata in this encoding is 30 bytes; with
+//! that chain it stays in the inode for source names of up to 49 bytes.
 //!
 //! Layout: the tag byte [`TAG`], then the content type, then each user
 //! metadata entry as a key and a value:
@@ -21,8 +21,10 @@
 //! ```
 //!
 //! Attributes written as JSON (by earlier versions, always starting with
-//! `{`) are still read. The tables only ever grow at their end: an index,
-//! once written, keeps its meaning.
+//! `{`) are still read. The tables are fixed for this tag: an index, once
+//! written, keeps its meaning, and a reader of this tag knows every index.
+//! Other names are written as text; adding to a table takes a new tag,
+//! which readers of this one refuse rather than misread.
 
 use std::collections::BTreeMap;
 

@@ -1435,7 +1435,8 @@ mod tests {
 
     /// On ext4, metadata over 64 bytes takes a 4 KiB block of its own; an
     /// output's (its chain and source) stays in the inode, so the object
-    /// takes no more disk than its bytes do.
+    /// takes no more disk than its bytes do. (Elsewhere attributes do not
+    /// show in the block count, and this holds trivially.)
     #[tokio::test]
     async fn an_output_s_metadata_takes_no_block_of_its_own() {
         use std::os::unix::fs::MetadataExt;
@@ -1454,6 +1455,16 @@ mod tests {
             .await
             .unwrap();
         if !takes_attributes(dir.path()) {
+            return;
+        }
+        // Other attributes (a security label, an inherited ACL) share the
+        // inode's room, and may leave too little for ours.
+        let others = xattr::list(store.root().join("b/without.jpg"))
+            .unwrap()
+            .filter(|name| name != META_XATTR)
+            .count();
+        if others > 0 {
+            eprintln!("the store's files carry other attributes; skipped");
             return;
         }
         let blocks = |key: &str| {
