@@ -14,8 +14,8 @@ use common::host::{
 };
 use common::s3::s3_client;
 use imgfunc::store::{
-    BoxFuture, ListEntry, LocalStore, Object, ObjectMeta, ObjectReader, ObjectStore, PutOptions,
-    ReadBody, S3Store, StoreError,
+    BoxFuture, Kept, ListEntry, LocalStore, Object, ObjectMeta, ObjectReader, ObjectStore,
+    PutOptions, ReadBody, S3Store, StoreError,
 };
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -922,7 +922,7 @@ impl ObjectStore for StalledWrites {
         bucket: &str,
         key: &str,
         read: ReadBody,
-    ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Bytes>), StoreError>> {
+    ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Kept>), StoreError>> {
         self.inner.open_with(bucket, key, self.reads.hold(read))
     }
     fn head(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectMeta, StoreError>> {

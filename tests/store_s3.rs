@@ -7,7 +7,8 @@ mod common;
 use bytes::Bytes;
 use common::s3::{S3Server, s3_client, start_s3};
 use imgfunc::store::{
-    Body, DEFAULT_CONTENT_TYPE, ListEntry, LocalStore, ObjectStore, PutOptions, S3Store, StoreError,
+    Body, DEFAULT_CONTENT_TYPE, Kept, ListEntry, LocalStore, ObjectStore, PutOptions, S3Store,
+    StoreError,
 };
 use std::collections::BTreeMap;
 
@@ -29,9 +30,9 @@ fn put_options(content_type: &str, meta: &[(&str, &str)]) -> PutOptions {
 /// Up to `limit` bytes of an opened body, read on the blocking pool.
 async fn read_body(body: Body, limit: usize) -> Vec<u8> {
     use std::io::Read;
-    match body {
-        Body::Bytes(bytes) => bytes[..limit.min(bytes.len())].to_vec(),
-        Body::Read(reader) => tokio::task::spawn_blocking(move || {
+    match body.into_reader() {
+        Err(bytes) => bytes[..limit.min(bytes.len())].to_vec(),
+        Ok(reader) => tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             reader.take(limit as u64).read_to_end(&mut out).unwrap();
             out
@@ -45,13 +46,21 @@ async fn read_body(body: Body, limit: usize) -> Vec<u8> {
 /// which run where blocking is allowed.
 fn read_blocking(body: Body, limit: usize) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    match body {
-        Body::Bytes(bytes) => Ok(bytes[..limit.min(bytes.len())].to_vec()),
-        Body::Read(reader) => {
+    match body.into_reader() {
+        Err(bytes) => Ok(bytes[..limit.min(bytes.len())].to_vec()),
+        Ok(reader) => {
             let mut out = Vec::new();
             reader.take(limit as u64).read_to_end(&mut out)?;
             Ok(out)
         }
+    }
+}
+
+/// The bytes an `open_with` reader of these tests kept.
+fn kept_bytes(kept: Option<Kept>) -> Bytes {
+    match kept {
+        Some(Kept::Bytes(bytes)) => bytes,
+        _ => panic!("the readers here keep bytes"),
     }
 }
 
@@ -112,30 +121,31 @@ async fn conformance(store: &dyn ObjectStore, bucket: &str, missing_bucket: &str
             "photos/a.jpg",
             Box::new(|meta, body| {
                 assert_eq!(meta.content_type, "image/jpeg");
-                Ok(Some(Bytes::from(read_blocking(body, usize::MAX)?)))
+                Ok(Some(Kept::Bytes(read_blocking(body, usize::MAX)?.into())))
             }),
         )
         .await
         .unwrap();
     assert_eq!(meta.user_metadata, expected);
-    assert_eq!(bytes.unwrap(), body);
+    assert_eq!(kept_bytes(bytes), body);
     for _ in 0..3 {
         let (meta, bytes) = store
             .open_with(
                 bucket,
                 "big.bin",
-                Box::new(|_, body| Ok(Some(Bytes::from(read_blocking(body, 100)?)))),
+                Box::new(|_, body| Ok(Some(Kept::Bytes(read_blocking(body, 100)?.into())))),
             )
             .await
             .unwrap();
         assert_eq!(meta.size, big.len() as u64);
-        assert_eq!(bytes.unwrap(), big[..100]);
+        assert_eq!(kept_bytes(bytes), big[..100]);
     }
     let (meta, bytes) = store
         .open_with(bucket, "big.bin", Box::new(|_, _| Ok(None)))
         .await
         .unwrap();
-    assert_eq!((meta.size, bytes), (big.len() as u64, None));
+    assert_eq!(meta.size, big.len() as u64);
+    assert!(bytes.is_none());
     let err = store
         .open_with(
             bucket,

@@ -21,7 +21,7 @@ use crate::events::Event;
 use crate::imaging::{self, Encoded, ImagingError, Limits, WatermarkResolver};
 use crate::rules::{CloudFunc, ImageArgs, Rule};
 use crate::store::{
-    Body, MAX_USER_METADATA_BYTES, ObjectMeta, ObjectStore, PutOptions, StoreError,
+    self, Body, Kept, MAX_USER_METADATA_BYTES, ObjectMeta, ObjectStore, PutOptions, StoreError,
 };
 
 /// User metadata naming the rules that produced an object, as
@@ -322,9 +322,12 @@ async fn run_image(
     let Some(input) = input else {
         return Err(ImagingError::input_too_large(meta.size, &limits).into());
     };
+    let (size, name) = (meta.size, format!("{}/{}", event.bucket, event.key));
     let output = rt
-        .run_cpu(slot, move || {
-            imaging::process(&input, &action, &limits, &watermarks)
+        .run_cpu(slot, move || -> Result<_, InvokeError> {
+            let input = read_kept(input, size, &action, &limits, &name)?
+                .ok_or_else(|| ImagingError::input_too_large(size, &limits))?;
+            Ok(imaging::process(&input, &action, &limits, &watermarks)?)
         })
         .await
         .map_err(InvokeError::Internal)??;
@@ -347,18 +350,21 @@ async fn run_image(
     Ok(ImageOutcome::Done { info: output.info })
 }
 
-/// Reads the source `bucket/key` for `action`, in one step off the async
-/// runtime and off the image threads, so that they never wait for a disk or
-/// the network: only its DC scans when that is all a thumbnail uses. The
-/// bytes are `None` when `skip` says so from the object's metadata, or when
-/// the object is over the input size limit (left unread either way).
+/// Opens the source `bucket/key` for `action` off the async runtime, and
+/// reads it there too unless its bytes are all in memory: only its DC scans
+/// when that is all a thumbnail uses. So the image threads never wait for a
+/// disk or the network, and a source in memory is copied by the image
+/// thread that decodes it, just before it does ([`read_kept`]), which
+/// finds the bytes in its own cache and spares a hand-off between threads.
+/// `None` when `skip` says so from the object's metadata, or when the
+/// object is over the input size limit (left unread either way).
 pub async fn read_source(
     rt: &Runtime,
     bucket: &str,
     key: &str,
     action: &Action,
     skip: impl Fn(&ObjectMeta) -> bool + Send + 'static,
-) -> Result<(ObjectMeta, Option<Bytes>), StoreError> {
+) -> Result<(ObjectMeta, Option<Kept>), StoreError> {
     let (action, limits) = (action.clone(), rt.limits.clone());
     rt.store
         .open_with(
@@ -368,32 +374,65 @@ pub async fn read_source(
                 if skip(meta) || meta.size > limits.max_input_bytes as u64 {
                     return Ok(None);
                 }
-                // The reader parses untrusted bytes: a panic there fails this
-                // read, not the worker that runs it.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Ok(Some(match body {
-                        Body::Bytes(bytes) => bytes,
-                        Body::Read(mut reader) => {
-                            match imaging::read_source(&mut reader, meta.size, &action, &limits) {
-                                Ok(read) => read.into(),
-                                // More than announced, past the limit: left
-                                // unread, as an object over it is.
-                                Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
-                                    return Ok(None);
-                                }
-                                Err(e) => return Err(e),
-                            }
-                        }
-                    }))
-                }))
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::other(
-                        "reading the source stopped unexpectedly (a panic in the reader)",
-                    ))
-                })
+                let mut reader = match body {
+                    Body::Bytes(bytes) => return Ok(Some(Kept::Bytes(bytes))),
+                    Body::File(file) if store::resident(&file, meta.size) => {
+                        return Ok(Some(Kept::File(file)));
+                    }
+                    body => match body.into_reader() {
+                        Ok(reader) => reader,
+                        Err(bytes) => return Ok(Some(Kept::Bytes(bytes))),
+                    },
+                };
+                Ok(read_input(&mut reader, meta.size, &action, &limits)?.map(Kept::Bytes))
             }),
         )
         .await
+}
+
+/// The source's bytes from what [`read_source`] kept, reading the file it
+/// kept (whose bytes are in memory) where this is called; `None` when the
+/// source turns out to be over the input limit. `name` names the object in
+/// errors.
+pub fn read_kept(
+    kept: Kept,
+    size: u64,
+    action: &Action,
+    limits: &Limits,
+    name: &str,
+) -> Result<Option<Bytes>, StoreError> {
+    match kept {
+        Kept::Bytes(bytes) => Ok(Some(bytes)),
+        Kept::File(mut file) => {
+            read_input(&mut file, size, action, limits).map_err(|e| StoreError::io("read", name, e))
+        }
+    }
+}
+
+/// Reads what `action` needs of a source of `size` bytes from `reader`;
+/// `None` when it holds more than announced, past the input limit.
+fn read_input(
+    reader: &mut dyn std::io::Read,
+    size: u64,
+    action: &Action,
+    limits: &Limits,
+) -> std::io::Result<Option<Bytes>> {
+    // The reader parses untrusted bytes: a panic there fails this read,
+    // not the worker that runs it.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        match imaging::read_source(reader, size, action, limits) {
+            Ok(read) => Ok(Some(read.into())),
+            // More than announced, past the limit: left unread, as an
+            // object over it is.
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => Ok(None),
+            Err(e) => Err(e),
+        }
+    }))
+    .unwrap_or_else(|_| {
+        Err(std::io::Error::other(
+            "reading the source stopped unexpectedly (a panic in the reader)",
+        ))
+    })
 }
 
 async fn write(
@@ -576,6 +615,88 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert_eq!(free(), IMAGE_SLOTS_PER_WORKER);
+    }
+
+    /// Drops `path`'s bytes from the page cache (flushed first: only clean
+    /// pages can go), as if it had not been read for a long while.
+    fn evict(path: &std::path::Path) {
+        use std::os::unix::io::AsRawFd;
+        let file = std::fs::File::open(path).unwrap();
+        file.sync_all().unwrap();
+        // SAFETY: the descriptor is open; offset 0 and length 0 cover the file.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+    }
+
+    #[tokio::test]
+    async fn a_source_in_memory_is_left_for_the_image_thread_to_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::LocalStore::new(dir.path().to_path_buf()));
+        let rt = Runtime::new(
+            store.clone(),
+            Limits::default(),
+            WatermarkSources::new(SourceConfig::default()),
+            1,
+        )
+        .unwrap();
+        let limits = Limits::default();
+        // A baseline photo is read whole; of a progressive one a thumbnail
+        // reads only the DC scans.
+        for name in ["wood.jpg", "wood-progressive-1280.jpg"] {
+            let photo = std::fs::read(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("fixtures/images")
+                    .join(name),
+            )
+            .unwrap();
+            let size = photo.len() as u64;
+            store
+                .put("b", name, Bytes::from(photo.clone()), PutOptions::default())
+                .await
+                .unwrap();
+            let action = Action::parse("resize:w_50").unwrap();
+            let wanted = read_input(&mut photo.as_slice(), size, &action, &limits)
+                .unwrap()
+                .unwrap();
+            let read = |kept: Kept| {
+                read_kept(kept, size, &action, &limits, name)
+                    .unwrap()
+                    .unwrap()
+            };
+            let path = dir.path().join("b").join(name);
+
+            // Just written, so in memory: the file itself is kept.
+            let (meta, kept) = read_source(&rt, "b", name, &action, |_| false)
+                .await
+                .unwrap();
+            assert_eq!(meta.size, size);
+            let kept = kept.unwrap();
+            if !store::resident(&std::fs::File::open(&path).unwrap(), size) {
+                eprintln!(
+                    "the page cache cannot be asked here (cachestat); sources are read at once"
+                );
+                assert!(matches!(kept, Kept::Bytes(_)));
+                return;
+            }
+            assert!(matches!(kept, Kept::File(_)), "{name}");
+            assert_eq!(read(kept), wanted, "{name}");
+
+            // Out of memory: read at once, off the image threads.
+            evict(&path);
+            assert!(!store::resident(&std::fs::File::open(&path).unwrap(), size));
+            let (_, kept) = read_source(&rt, "b", name, &action, |_| false)
+                .await
+                .unwrap();
+            let kept = kept.unwrap();
+            assert!(matches!(kept, Kept::Bytes(_)), "{name}");
+            assert_eq!(read(kept), wanted, "{name}");
+
+            // Skipped: nothing is kept.
+            let (_, kept) = read_source(&rt, "b", name, &action, |_| true)
+                .await
+                .unwrap();
+            assert!(kept.is_none());
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Url;
 
-use crate::store::{Body, ObjectStore, ReadBody};
+use crate::store::{Kept, ObjectStore, ReadBody};
 
 /// How watermark URLs may be fetched.
 #[derive(Debug, Clone)]
@@ -197,23 +197,23 @@ impl WatermarkSources {
                     if meta.size > limit as u64 {
                         return Ok(None);
                     }
-                    Ok(Some(match body {
-                        Body::Bytes(bytes) => bytes,
-                        Body::Read(reader) => {
+                    Ok(Some(Kept::Bytes(match body.into_reader() {
+                        Err(bytes) => bytes,
+                        Ok(reader) => {
                             let mut bytes = Vec::new();
                             reader
                                 .take((limit as u64).saturating_add(1))
                                 .read_to_end(&mut bytes)?;
                             bytes.into()
                         }
-                    }))
+                    })))
                 });
                 let (meta, bytes) = store
                     .open_with(&bucket, &key, read)
                     .await
                     .map_err(|e| e.to_string())?;
                 match bytes {
-                    Some(bytes) if bytes.len() <= limit => Ok(bytes.to_vec()),
+                    Some(Kept::Bytes(bytes)) if bytes.len() <= limit => Ok(bytes.to_vec()),
                     _ => Err(format!(
                         "{bucket}/{key} is {} bytes, over the {limit}-byte watermark cap",
                         meta.size

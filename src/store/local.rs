@@ -53,8 +53,8 @@ use super::attribute;
 use super::flush::GroupFlush;
 use super::validate::{normalize_put_options, validate_local_key};
 use super::{
-    Body, BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectReader,
-    ObjectStore, PutOptions, ReadBody, StoreError, run_blocking, validate_bucket,
+    Body, BoxFuture, DEFAULT_CONTENT_TYPE, Kept, LIST_LIMIT, ListEntry, Object, ObjectMeta,
+    ObjectReader, ObjectStore, PutOptions, ReadBody, StoreError, run_blocking, validate_bucket,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -255,7 +255,7 @@ impl ObjectStore for LocalStore {
             let (file, meta) = open.await?;
             Ok(ObjectReader {
                 meta,
-                body: Body::Read(Box::new(file)),
+                body: Body::File(file),
             })
         })
     }
@@ -265,11 +265,11 @@ impl ObjectStore for LocalStore {
         bucket: &str,
         key: &str,
         read: ReadBody,
-    ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Bytes>), StoreError>> {
+    ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Kept>), StoreError>> {
         self.reading(bucket, key, move |target, guard| {
             let (file, meta) = open_object(target)?;
             drop(guard);
-            let bytes = read(&meta, Body::Read(Box::new(file)))
+            let bytes = read(&meta, Body::File(file))
                 .map_err(|e| StoreError::io("read", &target.object, e))?;
             Ok((meta, bytes))
         })
@@ -457,6 +457,63 @@ fn read_sidecar(path: &Path) -> Result<Option<StoredMeta>, StoreError> {
 fn parse_meta(json: &[u8], op: &'static str, path: &Path) -> Result<StoredMeta, StoreError> {
     serde_json::from_slice(json)
         .map_err(|e| StoreError::io(op, path, io::Error::new(ErrorKind::InvalidData, e)))
+}
+
+/// Whether all `size` bytes of `file` are in the page cache, so that
+/// reading them copies memory and never waits for a disk. Asked with
+/// `cachestat` (Linux 6.5 and later); `false` where the call is missing or
+/// refused, and pages may still be evicted between the answer and a read
+/// (rarely: they were just in use).
+pub fn resident(file: &std::fs::File, size: u64) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::io::AsRawFd;
+        /// `struct cachestat_range` and `struct cachestat` of the kernel's
+        /// ABI; the call has number 451 on every architecture.
+        #[repr(C)]
+        struct Range {
+            off: u64,
+            len: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct Stat {
+            nr_cache: u64,
+            nr_dirty: u64,
+            nr_writeback: u64,
+            nr_evicted: u64,
+            nr_recently_evicted: u64,
+        }
+        const SYS_CACHESTAT: libc::c_long = 451;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let Ok(page) = u64::try_from(page) else {
+            return false;
+        };
+        if page == 0 {
+            return false;
+        }
+        // Length 0: to the end of the file.
+        let range = Range { off: 0, len: 0 };
+        let mut stat = Stat::default();
+        // SAFETY: the descriptor is open, and both pointers are valid for
+        // the call's duration, to structures of the layout it expects.
+        let rc = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                file.as_raw_fd(),
+                &range as *const Range,
+                &mut stat as *mut Stat,
+                0u32,
+            )
+        };
+        rc == 0 && stat.nr_cache >= size.div_ceil(page)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, size);
+        false
+    }
 }
 
 fn guess_content_type(key: &str) -> &'static str {
@@ -2220,17 +2277,20 @@ mod tests {
                         ))
                         .map_err(|_| io::Error::other("the put waited for the reader"))?
                         .map_err(io::Error::other)?;
-                    let Body::Read(mut reader) = body else {
-                        return Err(io::Error::other("the local store streams"));
+                    let Body::File(mut file) = body else {
+                        return Err(io::Error::other("the local store hands over its file"));
                     };
                     let mut bytes = Vec::new();
-                    reader.read_to_end(&mut bytes)?;
-                    Ok(Some(Bytes::from(bytes)))
+                    file.read_to_end(&mut bytes)?;
+                    Ok(Some(Kept::Bytes(Bytes::from(bytes))))
                 }),
             )
             .await
             .unwrap();
-        assert_eq!(read.unwrap(), first);
+        let Some(Kept::Bytes(read)) = read else {
+            panic!("the bytes read were kept");
+        };
+        assert_eq!(read, first);
         assert_eq!(store.get("b", "k").await.unwrap().bytes, second);
     }
 

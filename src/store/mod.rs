@@ -22,7 +22,7 @@ mod s3;
 mod validate;
 
 pub use error::StoreError;
-pub use local::{LocalStore, MetadataPlace};
+pub use local::{LocalStore, MetadataPlace, resident};
 pub use s3::S3Store;
 pub use validate::{MAX_USER_METADATA_BYTES, validate_bucket, validate_key, validate_local_key};
 
@@ -77,6 +77,31 @@ pub enum Body {
     /// blocking pool or a thread of its own, never on a runtime worker (the
     /// S3 store's reader waits on the runtime for each chunk).
     Read(Box<dyn std::io::Read + Send>),
+    /// An open file of the local store: reads may wait for a disk, unless
+    /// [`resident`] says its bytes are all in memory.
+    File(std::fs::File),
+}
+
+impl Body {
+    /// The body as a blocking reader (see [`Body::Read`]); `None` for bytes
+    /// already in memory.
+    pub fn into_reader(self) -> Result<Box<dyn std::io::Read + Send>, Bytes> {
+        match self {
+            Body::Bytes(bytes) => Err(bytes),
+            Body::Read(reader) => Ok(reader),
+            Body::File(file) => Ok(Box::new(file)),
+        }
+    }
+}
+
+/// What an [`ObjectStore::open_with`] reader keeps of an object.
+pub enum Kept {
+    /// The bytes it read.
+    Bytes(Bytes),
+    /// The local store's open file, for the caller to read where it
+    /// chooses: kept only when [`resident`] found every byte in memory, so
+    /// that a read does not wait for a disk.
+    File(std::fs::File),
 }
 
 /// Runs blocking I/O on tokio's blocking pool. A panic there goes on in the
@@ -99,9 +124,9 @@ where
 }
 
 /// What [`ObjectStore::open_with`] does with an opened object: given its
-/// metadata and body, the bytes to keep, or `None` to leave the body unread.
+/// metadata and body, what to keep, or `None` to leave the body unread.
 pub type ReadBody =
-    Box<dyn FnOnce(&ObjectMeta, Body) -> std::io::Result<Option<Bytes>> + Send + 'static>;
+    Box<dyn FnOnce(&ObjectMeta, Body) -> std::io::Result<Option<Kept>> + Send + 'static>;
 
 /// One object in a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,12 +198,12 @@ pub trait ObjectStore: Send + Sync + 'static {
         bucket: &str,
         key: &str,
         read: ReadBody,
-    ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Bytes>), StoreError>> {
+    ) -> BoxFuture<'_, Result<(ObjectMeta, Option<Kept>), StoreError>> {
         let open = self.open(bucket, key);
         let name = format!("{bucket}/{key}");
         Box::pin(async move {
             let ObjectReader { meta, body } = open.await?;
-            let streamed = matches!(body, Body::Read(_));
+            let streamed = !matches!(body, Body::Bytes(_));
             let task_name = name.clone();
             let run = move || {
                 let bytes = read(&meta, body).map_err(|e| StoreError::io("read", name, e))?;
