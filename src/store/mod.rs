@@ -83,8 +83,8 @@ pub enum Body {
 }
 
 impl Body {
-    /// The body as a blocking reader (see [`Body::Read`]); `None` for bytes
-    /// already in memory.
+    /// The body as a blocking reader (see [`Body::Read`]), or the bytes
+    /// when they are already in memory.
     pub fn into_reader(self) -> Result<Box<dyn std::io::Read + Send>, Bytes> {
         match self {
             Body::Bytes(bytes) => Err(bytes),
