@@ -70,6 +70,12 @@ struct ServeArgs {
     #[arg(long, env = "IMGFUNC_LOCAL_METADATA", default_value = "xattr",
           value_parser = ["xattr", "sidecar"])]
     local_metadata: String,
+    /// Never ask the kernel (`cachestat`) whether a local source is in
+    /// memory, and read every source on the blocking pool instead of the
+    /// image thread: for sandboxes whose system call filter kills a
+    /// process for a call it does not list.
+    #[arg(long, env = "IMGFUNC_NO_PAGE_CACHE_CHECK")]
+    no_page_cache_check: bool,
     /// Rule files (`*.json`) loaded at start.
     #[arg(long, env = "IMGFUNC_FUNCTIONS", default_value = "./functions")]
     functions: PathBuf,
@@ -293,6 +299,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|_| "info,tower_http=warn".into()),
         )
         .init();
+    if args.no_page_cache_check {
+        imgfunc::store::set_page_cache_check(false);
+    }
     let mut config = HostConfig::new(args.data.clone());
     config.listen = args.listen;
     config.functions_dir = args.functions.is_dir().then_some(args.functions.clone());

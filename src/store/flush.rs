@@ -321,7 +321,7 @@ fn take_result<T>(slot: &Mutex<Option<io::Result<T>>>) -> io::Result<T> {
 }
 
 /// The filesystem holding `file`.
-fn filesystem(file: &std::fs::File) -> io::Result<libc::statfs> {
+pub(super) fn filesystem(file: &std::fs::File) -> io::Result<libc::statfs> {
     // SAFETY: `statfs` is plain data, for which all zeroes is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: the descriptor is open and `stat` is a valid, writable statfs.

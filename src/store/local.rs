@@ -459,17 +459,77 @@ fn parse_meta(json: &[u8], op: &'static str, path: &Path) -> Result<StoredMeta, 
         .map_err(|e| StoreError::io(op, path, io::Error::new(ErrorKind::InvalidData, e)))
 }
 
-/// Whether all `size` bytes of `file` are in the page cache, so that
-/// reading them copies memory and never waits for a disk. Asked with
+/// Whether the first `size` bytes of `file` are all in the page cache of
+/// a local disk filesystem (ext2/3/4, XFS, Btrfs) or tmpfs, so that reading
+/// them copies memory and does not wait for a disk or a server: network
+/// and FUSE filesystems may revalidate cached pages with their server, and
+/// overlayfs and ZFS keep no pages of their own to count. Asked with
 /// `cachestat` (Linux 6.5 and later); `false` where the call is missing or
-/// refused, and pages may still be evicted between the answer and a read
-/// (rarely: they were just in use).
+/// refused (and from then on, without asking), or switched off with
+/// [`set_page_cache_check`]. Pages may still be evicted between the answer
+/// and a read (rarely: they were just in use).
 pub fn resident(file: &std::fs::File, size: u64) -> bool {
-    #[cfg(target_os = "linux")]
+    if !PAGE_CACHE_CHECK.load(Ordering::Relaxed) {
+        return false;
+    }
+    match super::flush::filesystem(file) {
+        Ok(fs)
+            if matches!(
+                fs.f_type,
+                libc::EXT4_SUPER_MAGIC
+                    | libc::XFS_SUPER_MAGIC
+                    | libc::BTRFS_SUPER_MAGIC
+                    | libc::TMPFS_MAGIC
+            ) => {}
+        _ => return false,
+    }
+    match cached_pages(file, size) {
+        Ok(cached) => cached >= size.div_ceil(page_size()),
+        Err(e) => {
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP | libc::EINVAL)
+            ) {
+                PAGE_CACHE_CHECK.store(false, Ordering::Relaxed);
+            }
+            false
+        }
+    }
+}
+
+/// Whether [`resident`] asks the kernel: cleared for the process when the
+/// call is missing or refused, or by [`set_page_cache_check`].
+static PAGE_CACHE_CHECK: AtomicBool = AtomicBool::new(true);
+
+/// Switches [`resident`]'s question to the kernel on or off for the
+/// process (off: every source is read on the blocking pool), for sandboxes
+/// whose system call filter kills a process for a call it does not know.
+pub fn set_page_cache_check(on: bool) {
+    PAGE_CACHE_CHECK.store(on, Ordering::Relaxed);
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .unwrap_or(4096)
+        .max(1)
+}
+
+/// Pages of the first `size` bytes of `file` in the page cache
+/// (`cachestat`). The call's number, 451, is shared by the architectures
+/// listed; elsewhere it is not made.
+fn cached_pages(file: &std::fs::File, size: u64) -> io::Result<u64> {
+    #[cfg(all(
+        target_os = "linux",
+        any(
+            all(target_arch = "x86_64", target_pointer_width = "64"),
+            target_arch = "aarch64",
+            target_arch = "riscv64"
+        )
+    ))]
     {
         use std::os::unix::io::AsRawFd;
-        /// `struct cachestat_range` and `struct cachestat` of the kernel's
-        /// ABI; the call has number 451 on every architecture.
+        /// The kernel's `struct cachestat_range` and `struct cachestat`.
         #[repr(C)]
         struct Range {
             off: u64,
@@ -485,16 +545,10 @@ pub fn resident(file: &std::fs::File, size: u64) -> bool {
             nr_recently_evicted: u64,
         }
         const SYS_CACHESTAT: libc::c_long = 451;
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let Ok(page) = u64::try_from(page) else {
-            return false;
-        };
-        if page == 0 {
-            return false;
+        if size == 0 {
+            return Ok(0);
         }
-        // Length 0: to the end of the file.
-        let range = Range { off: 0, len: 0 };
+        let range = Range { off: 0, len: size };
         let mut stat = Stat::default();
         // SAFETY: the descriptor is open, and both pointers are valid for
         // the call's duration, to structures of the layout it expects.
@@ -507,12 +561,23 @@ pub fn resident(file: &std::fs::File, size: u64) -> bool {
                 0u32,
             )
         };
-        rc == 0 && stat.nr_cache >= size.div_ceil(page)
+        if rc == 0 {
+            Ok(stat.nr_cache)
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(all(
+        target_os = "linux",
+        any(
+            all(target_arch = "x86_64", target_pointer_width = "64"),
+            target_arch = "aarch64",
+            target_arch = "riscv64"
+        )
+    )))]
     {
         let _ = (file, size);
-        false
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
     }
 }
 
@@ -1432,6 +1497,54 @@ mod tests {
         assert!(!attribute_refused(&io::Error::from_raw_os_error(
             libc::EBADF
         )));
+    }
+
+    #[test]
+    fn the_page_cache_says_whether_a_file_is_in_memory() {
+        use std::os::unix::io::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 100_000]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        if let Err(e) = cached_pages(&file, 100_000) {
+            assert!(
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP)
+                ),
+                "{e}"
+            );
+            eprintln!("cachestat is not available here ({e}); skipped");
+            assert!(!resident(&file, 100_000));
+            return;
+        }
+        let fs = super::super::flush::filesystem(&file).unwrap().f_type;
+        let asked = matches!(
+            fs,
+            libc::EXT4_SUPER_MAGIC
+                | libc::XFS_SUPER_MAGIC
+                | libc::BTRFS_SUPER_MAGIC
+                | libc::TMPFS_MAGIC
+        );
+        // Just written, so in memory (where the filesystem is asked at all).
+        assert_eq!(resident(&file, 100_000), asked);
+        if !asked {
+            return;
+        }
+        assert!(resident(&file, 0));
+        // Pages past the end of the file are not in memory.
+        assert!(!resident(&file, 200_000));
+        if fs == libc::TMPFS_MAGIC {
+            // tmpfs pages are the file: they cannot be dropped.
+            return;
+        }
+        file.sync_all().unwrap();
+        // SAFETY: the descriptor is open; offset 0 and length 0 cover the file.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        assert!(!resident(&file, 100_000));
+        assert_eq!(std::fs::read(&path).unwrap().len(), 100_000);
+        assert!(resident(&file, 100_000));
     }
 
     /// A store holding object `b/k` with its metadata in the attribute;

@@ -22,7 +22,7 @@ mod s3;
 mod validate;
 
 pub use error::StoreError;
-pub use local::{LocalStore, MetadataPlace, resident};
+pub use local::{LocalStore, MetadataPlace, resident, set_page_cache_check};
 pub use s3::S3Store;
 pub use validate::{MAX_USER_METADATA_BYTES, validate_bucket, validate_key, validate_local_key};
 
@@ -99,8 +99,8 @@ pub enum Kept {
     /// The bytes it read.
     Bytes(Bytes),
     /// The local store's open file, for the caller to read where it
-    /// chooses: kept only when [`resident`] found every byte in memory, so
-    /// that a read does not wait for a disk.
+    /// chooses (`cloudfunc::read_source` keeps one only when [`resident`]
+    /// found every byte in memory, for an image thread to read).
     File(std::fs::File),
 }
 
@@ -187,9 +187,10 @@ pub trait ObjectStore: Send + Sync + 'static {
     }
 
     /// Opens an object and hands its metadata and body to `read`, which
-    /// returns the bytes it wants (all, part, or `None` to leave them
-    /// unread). `read` runs on tokio's blocking pool when the body is
-    /// [`Body::Read`], and in place when it is already in memory. The local
+    /// returns what it keeps (the bytes it wants, all or part, or the open
+    /// file; `None` to leave them unread). `read` runs on tokio's blocking
+    /// pool when the body is [`Body::Read`] or [`Body::File`], and in place
+    /// when it is already in memory. The local
     /// store opens and reads in one blocking task, one hand-off between
     /// threads instead of two. An error from `read` comes back as an I/O
     /// error naming the object.
