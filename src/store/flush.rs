@@ -336,6 +336,13 @@ pub(super) fn filesystem(file: &std::fs::File) -> io::Result<libc::statfs> {
 /// FUSE has no such hook (its servers are asked to sync per file), and
 /// network filesystems vary, so files elsewhere get their own `fsync`.
 fn syncfs_durable(fs: &libc::statfs) -> bool {
+    local_disk_or_tmpfs(fs)
+}
+
+/// Whether `fs` is ext2/3/4, XFS, Btrfs or tmpfs: a filesystem whose pages
+/// and flushes are the kernel's own, with no server or daemon behind them
+/// (and no layer over another filesystem).
+pub(super) fn local_disk_or_tmpfs(fs: &libc::statfs) -> bool {
     matches!(
         fs.f_type,
         libc::EXT4_SUPER_MAGIC

@@ -473,14 +473,7 @@ pub fn resident(file: &std::fs::File, size: u64) -> bool {
         return false;
     }
     match super::flush::filesystem(file) {
-        Ok(fs)
-            if matches!(
-                fs.f_type,
-                libc::EXT4_SUPER_MAGIC
-                    | libc::XFS_SUPER_MAGIC
-                    | libc::BTRFS_SUPER_MAGIC
-                    | libc::TMPFS_MAGIC
-            ) => {}
+        Ok(fs) if super::flush::local_disk_or_tmpfs(&fs) => {}
         _ => return false,
     }
     match cached_pages(file, size) {
@@ -1518,14 +1511,9 @@ mod tests {
             assert!(!resident(&file, 100_000));
             return;
         }
-        let fs = super::super::flush::filesystem(&file).unwrap().f_type;
-        let asked = matches!(
-            fs,
-            libc::EXT4_SUPER_MAGIC
-                | libc::XFS_SUPER_MAGIC
-                | libc::BTRFS_SUPER_MAGIC
-                | libc::TMPFS_MAGIC
-        );
+        let fs = super::super::flush::filesystem(&file).unwrap();
+        let asked = super::super::flush::local_disk_or_tmpfs(&fs);
+        let fs = fs.f_type;
         // Just written, so in memory (where the filesystem is asked at all).
         assert_eq!(resident(&file, 100_000), asked);
         if !asked {
