@@ -22,7 +22,8 @@ the same between the 10th and 90th percentile outputs, without the start-up
 and the last flush), p50/p99
 latency from POST to output written, the server's CPU time and page faults
 per event (by thread kind) beside bench's time per image, the disks' write
-requests per event while it ran, context switches per event by thread kind
+requests per event while it ran, the generator's own CPU time meanwhile (it
+shares the cores), context switches per event by thread kind
 (`waits`: the thread slept; `preempted`: another thread took its core), and
 the server's peak RSS; then the median ratio over the runs. Data directories are removed
 only after the last run: ext4 without a journal makes new files skip inodes
@@ -36,7 +37,7 @@ builds are compared, need no wait; remove them afterwards).
 With --notify the rule also has a notify_url and a local receiver checks
 that every invocation reported `ok`.
 """
-import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
+import argparse, json, os, resource, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -171,6 +172,7 @@ def run_once(data):
     cpu_at_start = proc_stat(server.pid)[0]
     ticks_at_start = machine_ticks()
     writes_at_start = disk_writes()
+    own_at_start = resource.getrusage(resource.RUSAGE_SELF)
     start = time.time()
     for b in range(0, len(keys), 50):
         batch = keys[b:b + 50]
@@ -187,6 +189,8 @@ def run_once(data):
     if args.notify:
         while len(notified) < len(keys) and time.monotonic() < deadline:
             time.sleep(0.1)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    own_ms = 1000 * (own.ru_utime + own.ru_stime - own_at_start.ru_utime - own_at_start.ru_stime)
     ticks = [b - a for a, b in zip(ticks_at_start, machine_ticks())]
     writes = disk_writes() - writes_at_start
     written = {e.name: e.stat().st_ctime_ns / 1e9 for e in outputs()}
@@ -233,6 +237,7 @@ def run_once(data):
           f"{100 * busy / (elapsed * cores):.0f} % of the cores over the run; the machine meanwhile "
           f"(to up to 0.1 s after the last output): {100 * ticks[1] / max(ticks[2], 1):.0f} % stolen by the hypervisor, "
           f"{100 * ticks[0] / max(ticks[2], 1):.0f} % idle or waiting for the disk; {writes / n:.1f} disk writes per event")
+    print(f"load generator's own CPU meanwhile: {own_ms:.0f} ms ({100 * own_ms / 1000 / (elapsed * cores):.1f} % of the cores over the run)")
     print("context switches per event: " + ", ".join(f"{name} {kind} {count / n:.1f}" for (name, kind), count in sorted(switches.items())))
     print(f"peak RSS of imgfunc serve: {peak_kib / 1024:.1f} MiB")
     ok = len(written) == n
