@@ -623,17 +623,6 @@ mod tests {
         assert_eq!(free(), IMAGE_SLOTS_PER_WORKER);
     }
 
-    /// Drops `path`'s bytes from the page cache (flushed first: only clean
-    /// pages can go), as if it had not been read for a long while.
-    fn evict(path: &std::path::Path) {
-        use std::os::unix::io::AsRawFd;
-        let file = std::fs::File::open(path).unwrap();
-        file.sync_all().unwrap();
-        // SAFETY: the descriptor is open; offset 0 and length 0 cover the file.
-        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(rc, 0);
-    }
-
     #[tokio::test]
     async fn a_source_in_memory_is_left_for_the_image_thread_to_read() {
         let dir = tempfile::tempdir().unwrap();
@@ -709,7 +698,7 @@ mod tests {
                 .unwrap();
 
             // Out of memory: read at once, off the image threads.
-            evict(&path);
+            store::evict(&path);
             if store::resident(&std::fs::File::open(&path).unwrap(), size) {
                 eprintln!("pages cannot be dropped here (tmpfs); the rest is skipped");
                 return;

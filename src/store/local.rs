@@ -490,6 +490,19 @@ pub fn resident(file: &std::fs::File, size: u64) -> bool {
     }
 }
 
+/// Drops `path`'s bytes from the page cache (flushed first: only clean
+/// pages can go), as if it had not been read for a long while; for tests
+/// of [`resident`] and of its callers.
+#[cfg(test)]
+pub(crate) fn evict(path: &Path) {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    file.sync_all().unwrap();
+    // SAFETY: the descriptor is open; offset 0 and length 0 cover the file.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+}
+
 /// Whether [`resident`] asks the kernel: cleared for the process when the
 /// call is missing or refused, or by [`set_page_cache_check`].
 static PAGE_CACHE_CHECK: AtomicBool = AtomicBool::new(true);
@@ -1494,7 +1507,6 @@ mod tests {
 
     #[test]
     fn the_page_cache_says_whether_a_file_is_in_memory() {
-        use std::os::unix::io::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, vec![7u8; 100_000]).unwrap();
@@ -1526,10 +1538,7 @@ mod tests {
             // tmpfs pages are the file: they cannot be dropped.
             return;
         }
-        file.sync_all().unwrap();
-        // SAFETY: the descriptor is open; offset 0 and length 0 cover the file.
-        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(rc, 0);
+        evict(&path);
         assert!(!resident(&file, 100_000));
         assert_eq!(std::fs::read(&path).unwrap().len(), 100_000);
         assert!(resident(&file, 100_000));

@@ -22,6 +22,8 @@ mod s3;
 mod validate;
 
 pub use error::StoreError;
+#[cfg(test)]
+pub(crate) use local::evict;
 pub use local::{LocalStore, MetadataPlace, resident, set_page_cache_check};
 pub use s3::S3Store;
 pub use validate::{MAX_USER_METADATA_BYTES, validate_bucket, validate_key, validate_local_key};
