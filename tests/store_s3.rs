@@ -26,15 +26,17 @@ fn put_options(content_type: &str, meta: &[(&str, &str)]) -> PutOptions {
     }
 }
 
-/// The behaviour every store must share. `bucket` exists and is empty;
 /// Up to `limit` bytes of an opened body, read on the blocking pool.
 async fn read_body(body: Body, limit: usize) -> Vec<u8> {
     use std::io::Read;
-    match body.into_reader() {
-        Err(bytes) => bytes[..limit.min(bytes.len())].to_vec(),
-        Ok(reader) => tokio::task::spawn_blocking(move || {
+    match body {
+        Body::Bytes(bytes) => bytes[..limit.min(bytes.len())].to_vec(),
+        body => tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            reader.take(limit as u64).read_to_end(&mut out).unwrap();
+            body.into_reader()
+                .take(limit as u64)
+                .read_to_end(&mut out)
+                .unwrap();
             out
         })
         .await
@@ -46,11 +48,13 @@ async fn read_body(body: Body, limit: usize) -> Vec<u8> {
 /// which run where blocking is allowed.
 fn read_blocking(body: Body, limit: usize) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    match body.into_reader() {
-        Err(bytes) => Ok(bytes[..limit.min(bytes.len())].to_vec()),
-        Ok(reader) => {
+    match body {
+        Body::Bytes(bytes) => Ok(bytes[..limit.min(bytes.len())].to_vec()),
+        body => {
             let mut out = Vec::new();
-            reader.take(limit as u64).read_to_end(&mut out)?;
+            body.into_reader()
+                .take(limit as u64)
+                .read_to_end(&mut out)?;
             Ok(out)
         }
     }
@@ -64,6 +68,7 @@ fn kept_bytes(kept: Option<Kept>) -> Bytes {
     }
 }
 
+/// The behaviour every store must share. `bucket` exists and is empty;
 /// `missing_bucket` does not exist.
 async fn conformance(store: &dyn ObjectStore, bucket: &str, missing_bucket: &str) {
     let body = Bytes::from((0..=255u8).cycle().take(10_000).collect::<Vec<u8>>());

@@ -319,14 +319,10 @@ async fn run_image(
         return Ok(skipped);
     }
     let chain = chain_of(&meta).to_string();
-    let Some(input) = input else {
-        return Err(ImagingError::input_too_large(meta.size, &limits).into());
-    };
     let (size, name) = (meta.size, format!("{}/{}", event.bucket, event.key));
     let output = rt
         .run_cpu(slot, move || -> Result<_, InvokeError> {
-            let input = read_kept(input, size, &action, &limits, &name)?
-                .ok_or_else(|| ImagingError::input_too_large(size, &limits))?;
+            let input = read_kept(input, size, &action, &limits, &name)?;
             Ok(imaging::process(&input, &action, &limits, &watermarks)?)
         })
         .await
@@ -385,10 +381,7 @@ pub async fn read_source(
                         file.read_at(&mut [0u8; 1], 0)?;
                         return Ok(Some(Kept::File(file)));
                     }
-                    body => match body.into_reader() {
-                        Ok(reader) => reader,
-                        Err(bytes) => return Ok(Some(Kept::Bytes(bytes))),
-                    },
+                    body => body.into_reader(),
                 };
                 Ok(read_input(&mut reader, meta.size, &action, &limits)?.map(Kept::Bytes))
             }),
@@ -397,22 +390,24 @@ pub async fn read_source(
 }
 
 /// The source's bytes from what [`read_source`] kept, reading the file it
-/// kept (whose bytes are in memory) where this is called; `None` when the
-/// source turns out to be over the input limit. `name` names the object in
+/// kept (whose bytes are in memory) where this is called. A source left
+/// unread (`None`) or longer than announced is over the input limit, an
+/// [`ImagingError::InputTooLarge`] of `size`. `name` names the object in
 /// errors.
 pub fn read_kept(
-    kept: Kept,
+    kept: Option<Kept>,
     size: u64,
     action: &Action,
     limits: &Limits,
     name: &str,
-) -> Result<Option<Bytes>, StoreError> {
-    match kept {
-        Kept::Bytes(bytes) => Ok(Some(bytes)),
-        Kept::File(mut file) => {
-            read_input(&mut file, size, action, limits).map_err(|e| StoreError::io("read", name, e))
-        }
-    }
+) -> Result<Bytes, InvokeError> {
+    let read = match kept {
+        Some(Kept::Bytes(bytes)) => Some(bytes),
+        Some(Kept::File(mut file)) => read_input(&mut file, size, action, limits)
+            .map_err(|e| StoreError::io("read", name, e))?,
+        None => None,
+    };
+    read.ok_or_else(|| ImagingError::input_too_large(size, limits).into())
 }
 
 /// Reads what `action` needs of a source of `size` bytes from `reader`;
@@ -653,11 +648,7 @@ mod tests {
             let wanted = read_input(&mut photo.as_slice(), size, &action, &limits)
                 .unwrap()
                 .unwrap();
-            let read = |kept: Kept| {
-                read_kept(kept, size, &action, &limits, name)
-                    .unwrap()
-                    .unwrap()
-            };
+            let read = |kept: Kept| read_kept(Some(kept), size, &action, &limits, name).unwrap();
             let path = dir.path().join("b").join(name);
 
             // Just written, so in memory: the file itself is kept (where

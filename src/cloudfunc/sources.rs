@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Url;
 
-use crate::store::{Kept, ObjectStore, ReadBody};
+use crate::store::{Body, Kept, ObjectStore, ReadBody};
 
 /// How watermark URLs may be fetched.
 #[derive(Debug, Clone)]
@@ -197,11 +197,11 @@ impl WatermarkSources {
                     if meta.size > limit as u64 {
                         return Ok(None);
                     }
-                    Ok(Some(Kept::Bytes(match body.into_reader() {
-                        Err(bytes) => bytes,
-                        Ok(reader) => {
+                    Ok(Some(Kept::Bytes(match body {
+                        Body::Bytes(bytes) => bytes,
+                        body => {
                             let mut bytes = Vec::new();
-                            reader
+                            body.into_reader()
                                 .take((limit as u64).saturating_add(1))
                                 .read_to_end(&mut bytes)?;
                             bytes.into()

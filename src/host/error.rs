@@ -5,6 +5,7 @@ use serde_json::json;
 
 use super::queue::Refused;
 use crate::action::ActionError;
+use crate::cloudfunc::InvokeError;
 use crate::imaging::ImagingError;
 use crate::rules::RuleBookError;
 use crate::store::StoreError;
@@ -89,6 +90,19 @@ impl From<ImagingError> for ApiError {
             StatusCode::UNPROCESSABLE_ENTITY
         };
         ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
+impl From<InvokeError> for ApiError {
+    fn from(e: InvokeError) -> ApiError {
+        match e {
+            InvokeError::Store(e) => e.into(),
+            InvokeError::Imaging(e) => e.into(),
+            e @ InvokeError::NoObject { .. } => ApiError::bad_request(e.code(), e.to_string()),
+            e @ InvokeError::Internal(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.code(), e.to_string())
+            }
+        }
     }
 }
 

@@ -16,9 +16,9 @@ use super::{ApiError, AppState, JsonBody, ObjectBody, detach, finish};
 use crate::action::Action;
 use crate::cloudfunc;
 use crate::events::Event;
-use crate::imaging::{self, ImagingError, NoWatermarks};
+use crate::imaging::{self, NoWatermarks};
 use crate::rules::EventType;
-use crate::store::{PutOptions, StoreError, validate_bucket, validate_key};
+use crate::store::{self, PutOptions, StoreError, validate_bucket, validate_key};
 
 /// The query string's keys and values; a bare key such as `image` maps to "".
 fn query(raw: &Option<String>) -> HashMap<String, String> {
@@ -260,9 +260,9 @@ pub async fn get_object(
         return Ok(response);
     }
     let object = state.store.open(&bucket, &key).await?;
-    let body = match object.body.into_reader() {
-        Err(bytes) => Body::from(bytes),
-        Ok(read) => stream_body(read),
+    let body = match object.body {
+        store::Body::Bytes(bytes) => Body::from(bytes),
+        body => stream_body(body.into_reader()),
     };
     let mut response = Response::new(body);
     set_object_headers(
@@ -363,13 +363,11 @@ async fn process(
     let output = detach(state, async move {
         let (meta, input) =
             cloudfunc::read_source(&task.runtime, &bucket, &key, &action, |_| false).await?;
-        let input = input.ok_or_else(|| ImagingError::input_too_large(meta.size, &limits))?;
         let (size, name) = (meta.size, format!("{bucket}/{key}"));
         let output = task
             .runtime
             .run_cpu(slot, move || -> Result<_, ApiError> {
-                let input = cloudfunc::read_kept(input, size, &action, &limits, &name)?
-                    .ok_or_else(|| ImagingError::input_too_large(size, &limits))?;
+                let input = cloudfunc::read_kept(input, size, &action, &limits, &name)?;
                 Ok(imaging::process(&input, &action, &limits, &NoWatermarks)?)
             })
             .await

@@ -521,69 +521,61 @@ fn page_size() -> u64 {
         .max(1)
 }
 
+/// `cachestat`'s number, 451, on the architectures that share it; the
+/// call is not made elsewhere. (The store is for Linux: it also relies on
+/// `O_TMPFILE` and `/proc`.)
+const SYS_CACHESTAT: Option<libc::c_long> = if cfg!(any(
+    all(target_arch = "x86_64", target_pointer_width = "64"),
+    target_arch = "aarch64",
+    target_arch = "riscv64"
+)) {
+    Some(451)
+} else {
+    None
+};
+
 /// Pages of the first `size` bytes of `file` in the page cache
-/// (`cachestat`). The call's number, 451, is shared by the architectures
-/// listed; elsewhere it is not made.
+/// (`cachestat`).
 fn cached_pages(file: &std::fs::File, size: u64) -> io::Result<u64> {
-    #[cfg(all(
-        target_os = "linux",
-        any(
-            all(target_arch = "x86_64", target_pointer_width = "64"),
-            target_arch = "aarch64",
-            target_arch = "riscv64"
-        )
-    ))]
-    {
-        use std::os::unix::io::AsRawFd;
-        /// The kernel's `struct cachestat_range` and `struct cachestat`.
-        #[repr(C)]
-        struct Range {
-            off: u64,
-            len: u64,
-        }
-        #[repr(C)]
-        #[derive(Default)]
-        struct Stat {
-            nr_cache: u64,
-            nr_dirty: u64,
-            nr_writeback: u64,
-            nr_evicted: u64,
-            nr_recently_evicted: u64,
-        }
-        const SYS_CACHESTAT: libc::c_long = 451;
-        if size == 0 {
-            return Ok(0);
-        }
-        let range = Range { off: 0, len: size };
-        let mut stat = Stat::default();
-        // SAFETY: the descriptor is open, and both pointers are valid for
-        // the call's duration, to structures of the layout it expects.
-        let rc = unsafe {
-            libc::syscall(
-                SYS_CACHESTAT,
-                file.as_raw_fd(),
-                &range as *const Range,
-                &mut stat as *mut Stat,
-                0u32,
-            )
-        };
-        if rc == 0 {
-            Ok(stat.nr_cache)
-        } else {
-            Err(io::Error::last_os_error())
-        }
+    use std::os::unix::io::AsRawFd;
+    /// The kernel's `struct cachestat_range` and `struct cachestat`.
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
     }
-    #[cfg(not(all(
-        target_os = "linux",
-        any(
-            all(target_arch = "x86_64", target_pointer_width = "64"),
-            target_arch = "aarch64",
-            target_arch = "riscv64"
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let Some(call) = SYS_CACHESTAT else {
+        return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+    };
+    if size == 0 {
+        return Ok(0);
+    }
+    let range = Range { off: 0, len: size };
+    let mut stat = Stat::default();
+    // SAFETY: the descriptor is open, and both pointers are valid for the
+    // call's duration, to structures of the layout it expects.
+    let rc = unsafe {
+        libc::syscall(
+            call,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
         )
-    )))]
-    {
-        let _ = (file, size);
-        Err(io::Error::from_raw_os_error(libc::ENOSYS))
+    };
+    if rc == 0 {
+        Ok(stat.nr_cache)
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -85,13 +85,14 @@ pub enum Body {
 }
 
 impl Body {
-    /// The body as a blocking reader (see [`Body::Read`]), or the bytes
-    /// when they are already in memory.
-    pub fn into_reader(self) -> Result<Box<dyn std::io::Read + Send>, Bytes> {
+    /// The body as a blocking reader (see [`Body::Read`]). Bytes already in
+    /// memory are read in place; a caller that wants them as they are
+    /// matches [`Body::Bytes`] first.
+    pub fn into_reader(self) -> Box<dyn std::io::Read + Send> {
         match self {
-            Body::Bytes(bytes) => Err(bytes),
-            Body::Read(reader) => Ok(reader),
-            Body::File(file) => Ok(Box::new(file)),
+            Body::Bytes(bytes) => Box::new(bytes::Buf::reader(bytes)),
+            Body::Read(reader) => reader,
+            Body::File(file) => Box::new(file),
         }
     }
 }
