@@ -373,8 +373,9 @@ pub async fn read_source(
                 let mut reader = match body {
                     Body::Bytes(bytes) => return Ok(Some(Kept::Bytes(bytes))),
                     Body::File(file) if store::resident(&file, meta.size) => {
-                        // The first read since the file was written
-                        // updates its access time (relatime), which can
+                        // The store opens its own files without access
+                        // times; another user's file gets one on its first
+                        // read since it was written (relatime), which can
                         // wait for the filesystem's journal: that read is
                         // made here, and the image thread's make no update.
                         use std::os::unix::fs::FileExt;

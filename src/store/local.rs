@@ -386,11 +386,21 @@ fn open_object(target: &Target) -> Result<(std::fs::File, ObjectMeta), StoreErro
     use std::os::unix::fs::OpenOptionsExt;
     // Without blocking: opening a FIFO someone left in the folder would
     // otherwise wait for a writer for ever (holding the key's lock).
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&target.object)
-    {
+    // Without updating the access time, which objects do not have: the
+    // first read of a new file would otherwise dirty its inode, to be
+    // written back with the next flush. The kernel allows that flag only
+    // to the file's owner, so another's file is opened without it.
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(&target.object)
+    };
+    let opened = match open(libc::O_NONBLOCK | libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(libc::O_NONBLOCK),
+        opened => opened,
+    };
+    let file = match opened {
         Ok(file) => file,
         Err(e) if is_missing_path(&e) => return Err(missing(target)),
         Err(e) => return Err(StoreError::io("open", &target.object, e)),
@@ -1438,6 +1448,54 @@ mod tests {
         assert!(object.meta.user_metadata.is_empty());
         let sidecar = store.root().join(".imgfunc-meta/b/k.bin");
         assert_eq!(sidecar.exists(), !takes_attributes(store.root()));
+    }
+
+    #[tokio::test]
+    async fn reads_leave_the_access_time_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let (_dir, store) = store();
+        let body = Bytes::from(vec![7u8; 100_000]);
+        store
+            .put("b", "k.bin", body.clone(), opts("text/plain", &[]))
+            .await
+            .unwrap();
+        let path = store.root().join("b/k.bin");
+        // An access time a day before the last change, which a read would
+        // update under both `relatime` and `strictatime`.
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let old = mtime - std::time::Duration::from_secs(86_400);
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_times(std::fs::FileTimes::new().set_accessed(old))
+            .unwrap();
+        drop(file);
+        let atime = || {
+            let meta = std::fs::metadata(&path).unwrap();
+            (meta.atime(), meta.atime_nsec())
+        };
+        let before = atime();
+
+        assert_eq!(store.get("b", "k.bin").await.unwrap().bytes, body);
+        let opened = store.open("b", "k.bin").await.unwrap();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            opened.body.into_reader().read_to_end(&mut out).unwrap();
+            out
+        })
+        .await
+        .unwrap();
+        assert_eq!(read, body);
+        assert_eq!(
+            atime(),
+            before,
+            "a read through the store set the access time"
+        );
+
+        // The control: a plain read does set it, unless the filesystem is
+        // mounted without access times.
+        std::fs::read(&path).unwrap();
+        if atime() == before {
+            eprintln!("this filesystem keeps no access times; nothing was tested");
+        }
     }
 
     #[tokio::test]
