@@ -20,7 +20,7 @@ OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT
 BIN="$ROOT/target/release/imgfunc"
 
 # One file at a time: ours, then the peers, then ours again, on an
-# otherwise idle machine. This machine's speed drifts by up to 30 % within
+# otherwise idle machine. This machine's speed drifts by up to 40 % within
 # minutes, so our figure is the mean of the medians before and after the
 # peers (as the load script does with bench), and the peers are run on one
 # file at a time (about 25 s for the largest) to keep the two close to

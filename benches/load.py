@@ -53,7 +53,7 @@ ap.add_argument('--no-wait', action='store_true', help='start even if a cleanup 
 ap.add_argument('--keep', action='store_true', help='leave the data directories in place (no cleanup, so the next invocation need not wait)')
 ap.add_argument('photos', nargs='*')
 args = ap.parse_args()
-corpus = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'corpus')
+corpus = os.path.join(os.environ.get('IMGFUNC_SHARED') or os.path.join(os.path.dirname(__file__), '..', '..', 'shared'), 'corpus')
 photos = args.photos or [os.path.join(corpus, f) for f in ('Elephants_3840x2160.jpg', 'Wood.jpg', 'Storm.jpg', 'LadyBird.jpg')]
 cores = os.cpu_count() or 1
 tck = os.sysconf('SC_CLK_TCK')

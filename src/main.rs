@@ -86,7 +86,8 @@ struct ServeArgs {
     /// Virtual-hosted-style S3 addressing instead of path style.
     #[arg(long, env = "IMGFUNC_S3_VIRTUAL_HOSTS")]
     s3_virtual_hosts: bool,
-    /// Invocations run at once (default: the number of cores).
+    /// Image threads: images processed at once (default: the number of
+    /// cores).
     #[arg(long, env = "IMGFUNC_WORKERS")]
     workers: Option<usize>,
     /// Invocations that may wait before events are answered 503.
