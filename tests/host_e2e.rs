@@ -141,9 +141,11 @@ async fn minio_event_on_s3_writes_the_output_and_notifies() {
     assert_eq!(payload["rule_id"], "thumbs");
     assert_eq!(payload["cloudfunc"], "image");
     assert_eq!(payload["status"], "ok");
+    // The record's size and ETag, as the S3 server gave them.
     assert_eq!(
         payload["event"],
-        json!({"bucket": "photos", "key": "a b.jpg", "type": "create_object"})
+        json!({"bucket": "photos", "key": "a b.jpg", "type": "create_object",
+               "size": original.len(), "etag": etag})
     );
     assert_eq!(
         payload["outputs"],
@@ -258,9 +260,12 @@ async fn notify_to_a_hanging_receiver_ends_in_the_dead_letter_file() {
     let payload = &record["payload"];
     assert_eq!(payload["rule_id"], "thumbs");
     assert_eq!(payload["status"], "ok");
+    // The upload's own event carries its size (the embedded store has no
+    // ETag to give).
     assert_eq!(
         payload["event"],
-        json!({"bucket": "photos", "key": "in/a.jpg", "type": "create_object"})
+        json!({"bucket": "photos", "key": "in/a.jpg", "type": "create_object",
+               "size": fixture("images/storm.jpg").len()})
     );
     assert_eq!(payload["outputs"][0]["key"], "gen_in/a.jpg");
     assert_eq!(payload["outputs"][0]["content_type"], "image/png");

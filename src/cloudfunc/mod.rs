@@ -151,12 +151,18 @@ pub struct InvocationResult {
     pub queue_ms: f64,
 }
 
+/// The event a result answers: its object, its type, and the object's size
+/// and ETag when the event carried them (a delete carries neither).
 #[derive(Debug, Clone, Serialize)]
 pub struct EventSummary {
     pub bucket: String,
     pub key: String,
     #[serde(rename = "type")]
     pub event_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -229,6 +235,8 @@ pub async fn invoke(
             bucket: event.bucket.clone(),
             key: event.key.clone(),
             event_type: event.event_type.as_str(),
+            size: event.size,
+            etag: event.etag.clone(),
         },
         status: Status::Ok,
         outputs: Vec::new(),
