@@ -409,6 +409,20 @@ async fn output_events_wait_for_room_in_a_full_queue() {
         .collect();
     expected.sort();
     assert_eq!(reported, expected);
+    // An output's event carries its size, as an upload's does.
+    for body in receiver.bodies() {
+        let key = body["event"]["key"].as_str().unwrap();
+        let stored = host
+            .http
+            .get(host.object_url("out", key))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(body["event"]["size"], json!(stored.len()), "{body}");
+    }
     host.stop().await;
 }
 

@@ -327,6 +327,9 @@ async fn run_image(
         return Ok(skipped);
     }
     let chain = chain_of(&meta).to_string();
+    let Some(input) = input else {
+        return Err(unread_source(meta.size, &limits));
+    };
     let (size, name) = (meta.size, format!("{}/{}", event.bucket, event.key));
     let output = rt
         .run_cpu(slot, move || -> Result<_, InvokeError> {
@@ -384,8 +387,9 @@ pub async fn read_source(
                         // The store opens its own files without access
                         // times; another user's file gets one on its first
                         // read since it was written (relatime), which can
-                        // wait for the filesystem's journal: that read is
-                        // made here, and the image thread's make no update.
+                        // wait for the filesystem's journal. So the first
+                        // read is made here, and the image thread's make
+                        // no update (a byte more for the store's files).
                         use std::os::unix::fs::FileExt;
                         file.read_at(&mut [0u8; 1], 0)?;
                         return Ok(Some(Kept::File(file)));
@@ -399,24 +403,29 @@ pub async fn read_source(
 }
 
 /// The source's bytes from what [`read_source`] kept, reading the file it
-/// kept (whose bytes are in memory) where this is called. A source left
-/// unread (`None`) or longer than announced is over the input limit, an
-/// [`ImagingError::InputTooLarge`] of `size`. `name` names the object in
-/// errors.
+/// kept (whose bytes are in memory) where this is called. A file that
+/// turns out longer than announced, past the input limit, is an
+/// [`ImagingError::InputTooLarge`]. `name` names the object in errors.
 pub fn read_kept(
-    kept: Option<Kept>,
+    kept: Kept,
     size: u64,
     action: &Action,
     limits: &Limits,
     name: &str,
 ) -> Result<Bytes, InvokeError> {
-    let read = match kept {
-        Some(Kept::Bytes(bytes)) => Some(bytes),
-        Some(Kept::File(mut file)) => read_input(&mut file, size, action, limits)
-            .map_err(|e| StoreError::io("read", name, e))?,
-        None => None,
-    };
-    read.ok_or_else(|| ImagingError::input_too_large(size, limits).into())
+    match kept {
+        Kept::Bytes(bytes) => Ok(bytes),
+        Kept::File(mut file) => read_input(&mut file, size, action, limits)
+            .map_err(|e| StoreError::io("read", name, e))?
+            .ok_or_else(|| ImagingError::input_too_large(size, limits).into()),
+    }
+}
+
+/// The error for a source [`read_source`] left unread, or found longer
+/// than announced while reading it: over the input limit. Returned before
+/// the image threads are asked, so that it does not wait for them.
+pub fn unread_source(size: u64, limits: &Limits) -> InvokeError {
+    ImagingError::input_too_large(size, limits).into()
 }
 
 /// Reads what `action` needs of a source of `size` bytes from `reader`;
@@ -657,7 +666,7 @@ mod tests {
             let wanted = read_input(&mut photo.as_slice(), size, &action, &limits)
                 .unwrap()
                 .unwrap();
-            let read = |kept: Kept| read_kept(Some(kept), size, &action, &limits, name).unwrap();
+            let read = |kept: Kept| read_kept(kept, size, &action, &limits, name).unwrap();
             let path = dir.path().join("b").join(name);
 
             // Just written, so in memory: the file itself is kept (where

@@ -363,6 +363,7 @@ async fn process(
     let output = detach(state, async move {
         let (meta, input) =
             cloudfunc::read_source(&task.runtime, &bucket, &key, &action, |_| false).await?;
+        let input = input.ok_or_else(|| cloudfunc::unread_source(meta.size, &limits))?;
         let (size, name) = (meta.size, format!("{bucket}/{key}"));
         let output = task
             .runtime

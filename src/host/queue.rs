@@ -337,7 +337,8 @@ async fn run_job(
 /// make room), and a shutdown drains it like queued work.
 fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
     for out in &result.outputs {
-        let event = Event::internal(EventType::CreateObject, &out.bucket, &out.key);
+        let mut event = Event::internal(EventType::CreateObject, &out.bucket, &out.key);
+        event.size = Some(out.bytes);
         let mut jobs = jobs_for(state, event);
         jobs.retain(|j| !cloudfunc::in_chain(&out.chain, &out.bucket, &j.rule.id));
         if jobs.is_empty() {

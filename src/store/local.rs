@@ -379,28 +379,33 @@ fn read_object(target: &Target, with_bytes: bool) -> ReadResult {
     Ok((bytes, meta))
 }
 
-/// Opens an object's file and reads its metadata. The open file keeps
-/// reading this version of the object even if it is replaced or deleted
-/// meanwhile (writes rename a new file over it).
-fn open_object(target: &Target) -> Result<(std::fs::File, ObjectMeta), StoreError> {
+/// Opens `path` for reading with `flags`, and without updating its access
+/// time, which objects do not have: the first read of a new file would
+/// otherwise dirty its inode, to be written back with the next flush. The
+/// kernel allows that only to the file's owner, and some FUSE daemons
+/// refuse it outright, so where the open fails for another reason than a
+/// missing path it is made again without.
+fn open_for_reading(path: &Path, flags: libc::c_int) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    // Without blocking: opening a FIFO someone left in the folder would
-    // otherwise wait for a writer for ever (holding the key's lock).
-    // Without updating the access time, which objects do not have: the
-    // first read of a new file would otherwise dirty its inode, to be
-    // written back with the next flush. The kernel allows that flag only
-    // to the file's owner, so another's file is opened without it.
     let open = |flags| {
         std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(flags)
-            .open(&target.object)
+            .open(path)
     };
-    let opened = match open(libc::O_NONBLOCK | libc::O_NOATIME) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(libc::O_NONBLOCK),
+    match open(flags | libc::O_NOATIME) {
+        Err(e) if !is_missing_path(&e) => open(flags),
         opened => opened,
-    };
-    let file = match opened {
+    }
+}
+
+/// Opens an object's file and reads its metadata. The open file keeps
+/// reading this version of the object even if it is replaced or deleted
+/// meanwhile (writes rename a new file over it).
+fn open_object(target: &Target) -> Result<(std::fs::File, ObjectMeta), StoreError> {
+    // Without blocking: opening a FIFO someone left in the folder would
+    // otherwise wait for a writer for ever (holding the key's lock).
+    let file = match open_for_reading(&target.object, libc::O_NONBLOCK) {
         Ok(file) => file,
         Err(e) if is_missing_path(&e) => return Err(missing(target)),
         Err(e) => return Err(StoreError::io("open", &target.object, e)),
@@ -456,11 +461,12 @@ fn read_xattr(file: &std::fs::File, path: &Path) -> Result<Option<StoredMeta>, S
 }
 
 fn read_sidecar(path: &Path) -> Result<Option<StoredMeta>, StoreError> {
-    let text = match std::fs::read(path) {
-        Ok(text) => text,
+    let mut text = Vec::new();
+    match open_for_reading(path, 0).and_then(|mut file| file.read_to_end(&mut text)) {
+        Ok(_) => {}
         Err(e) if is_missing_path(&e) || e.kind() == ErrorKind::IsADirectory => return Ok(None),
         Err(e) => return Err(StoreError::io("read sidecar", path, e)),
-    };
+    }
     parse_meta(&text, "parse sidecar", path).map(Some)
 }
 
@@ -534,10 +540,13 @@ fn page_size() -> u64 {
 /// `cachestat`'s number, 451, on the architectures that share it; the
 /// call is not made elsewhere. (The store is for Linux: it also relies on
 /// `O_TMPFILE` and `/proc`.)
-const SYS_CACHESTAT: Option<libc::c_long> = if cfg!(any(
-    all(target_arch = "x86_64", target_pointer_width = "64"),
-    target_arch = "aarch64",
-    target_arch = "riscv64"
+const SYS_CACHESTAT: Option<libc::c_long> = if cfg!(all(
+    target_os = "linux",
+    any(
+        all(target_arch = "x86_64", target_pointer_width = "64"),
+        target_arch = "aarch64",
+        target_arch = "riscv64"
+    )
 )) {
     Some(451)
 } else {
@@ -1453,48 +1462,73 @@ mod tests {
     #[tokio::test]
     async fn reads_leave_the_access_time_alone() {
         use std::os::unix::fs::MetadataExt;
-        let (_dir, store) = store();
-        let body = Bytes::from(vec![7u8; 100_000]);
-        store
-            .put("b", "k.bin", body.clone(), opts("text/plain", &[]))
+        for (_dir, store) in [store(), sidecar_store()] {
+            let body = Bytes::from(vec![7u8; 100_000]);
+            store
+                .put(
+                    "b",
+                    "k.bin",
+                    body.clone(),
+                    opts("text/plain", &[("a", "1")]),
+                )
+                .await
+                .unwrap();
+            // The object's file, and its sidecar where the metadata is one.
+            let files: Vec<PathBuf> = [
+                store.root().join("b/k.bin"),
+                store.root().join(".imgfunc-meta/b/k.bin"),
+            ]
+            .into_iter()
+            .filter(|path| path.exists())
+            .collect();
+            // Access times a day before the last change, which a read would
+            // update under both `relatime` and `strictatime`.
+            for path in &files {
+                let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+                let old = mtime - std::time::Duration::from_secs(86_400);
+                let file = std::fs::File::options().write(true).open(path).unwrap();
+                file.set_times(std::fs::FileTimes::new().set_accessed(old))
+                    .unwrap();
+            }
+            let atimes = || {
+                files
+                    .iter()
+                    .map(|path| {
+                        let meta = std::fs::metadata(path).unwrap();
+                        (meta.atime(), meta.atime_nsec())
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let before = atimes();
+
+            let object = store.get("b", "k.bin").await.unwrap();
+            assert_eq!(
+                (object.bytes, object.meta.user_metadata["a"].as_str()),
+                (body.clone(), "1")
+            );
+            let opened = store.open("b", "k.bin").await.unwrap();
+            let read = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                opened.body.into_reader().read_to_end(&mut out).unwrap();
+                out
+            })
             .await
             .unwrap();
-        let path = store.root().join("b/k.bin");
-        // An access time a day before the last change, which a read would
-        // update under both `relatime` and `strictatime`.
-        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
-        let old = mtime - std::time::Duration::from_secs(86_400);
-        let file = std::fs::File::options().write(true).open(&path).unwrap();
-        file.set_times(std::fs::FileTimes::new().set_accessed(old))
-            .unwrap();
-        drop(file);
-        let atime = || {
-            let meta = std::fs::metadata(&path).unwrap();
-            (meta.atime(), meta.atime_nsec())
-        };
-        let before = atime();
+            assert_eq!(read, body);
+            assert_eq!(
+                atimes(),
+                before,
+                "a read through the store set an access time: {files:?}"
+            );
 
-        assert_eq!(store.get("b", "k.bin").await.unwrap().bytes, body);
-        let opened = store.open("b", "k.bin").await.unwrap();
-        let read = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            opened.body.into_reader().read_to_end(&mut out).unwrap();
-            out
-        })
-        .await
-        .unwrap();
-        assert_eq!(read, body);
-        assert_eq!(
-            atime(),
-            before,
-            "a read through the store set the access time"
-        );
-
-        // The control: a plain read does set it, unless the filesystem is
-        // mounted without access times.
-        std::fs::read(&path).unwrap();
-        if atime() == before {
-            eprintln!("this filesystem keeps no access times; nothing was tested");
+            // The control: plain reads do set them, unless the filesystem
+            // is mounted without access times.
+            for path in &files {
+                std::fs::read(path).unwrap();
+            }
+            if atimes() == before {
+                eprintln!("this filesystem keeps no access times; nothing was tested");
+            }
         }
     }
 
