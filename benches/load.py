@@ -2,14 +2,15 @@
 """Load test of `imgfunc serve`: N create_object events for real photos on the
 embedded store with rule P1, measured from the outside.
 
-    benches/load.py [--runs 5] [--events 500] [--notify] [--bin target/release/imgfunc] [PHOTO...]
+    benches/load.py [--runs 5] [--events 500] [--notify] [--distinct] [--bin target/release/imgfunc] [PHOTO...]
 
 Each run measures the single-image P1 rate with `imgfunc bench` just before
 and just after the load (the throughput target is 0.9 x cores x that rate;
 the mean of the two is used, since the machine's speed drifts), starts the
 server on a fresh data directory, places the photos in bucket `photos`
 (written straight to the store folder, so no events fire, and flushed to
-disk, as objects stored through a PUT are), POSTs the events
+disk, as objects stored through a PUT are; each key a hard link to one
+copy per photo, or with --distinct a copy of its own), POSTs the events
 in batches of 50 as fast as the server takes them, and waits for the
 outputs: an output counts as written when it is renamed under its final name
 (writes are atomic renames), which the file's ctime records. The generator
@@ -51,6 +52,7 @@ ap.add_argument('--bin', default=os.path.join(os.path.dirname(__file__), '..', '
 ap.add_argument('--workers', type=int, default=0)
 ap.add_argument('--no-wait', action='store_true', help='start even if a cleanup was less than five minutes ago')
 ap.add_argument('--keep', action='store_true', help='leave the data directories in place (no cleanup, so the next invocation need not wait)')
+ap.add_argument('--distinct', action='store_true', help='place a copy of a photo under every key, as separate uploads would, instead of hard links to one file per photo')
 ap.add_argument('photos', nargs='*')
 args = ap.parse_args()
 corpus = os.path.join(os.environ.get('IMGFUNC_SHARED') or os.path.join(os.path.dirname(__file__), '..', '..', 'shared'), 'corpus')
@@ -139,7 +141,7 @@ def run_once(data):
         src = photos[i % len(photos)]
         key = f'load/{i:04d}-{os.path.basename(src)}'
         dst = os.path.join(store, 'photos', key)
-        if i < len(photos):
+        if i < len(photos) or args.distinct:
             shutil.copyfile(src, dst)
         else:
             os.link(os.path.join(store, 'photos', keys[i % len(photos)]), dst)
