@@ -328,7 +328,7 @@ async fn run_image(
     }
     let chain = chain_of(&meta).to_string();
     let Some(input) = input else {
-        return Err(unread_source(meta.size, &limits));
+        return Err(ImagingError::input_too_large(meta.size, &limits).into());
     };
     let (size, name) = (meta.size, format!("{}/{}", event.bucket, event.key));
     let output = rt
@@ -419,13 +419,6 @@ pub fn read_kept(
             .map_err(|e| StoreError::io("read", name, e))?
             .ok_or_else(|| ImagingError::input_too_large(size, limits).into()),
     }
-}
-
-/// The error for a source [`read_source`] left unread, or found longer
-/// than announced while reading it: over the input limit. Returned before
-/// the image threads are asked, so that it does not wait for them.
-pub fn unread_source(size: u64, limits: &Limits) -> InvokeError {
-    ImagingError::input_too_large(size, limits).into()
 }
 
 /// Reads what `action` needs of a source of `size` bytes from `reader`;

@@ -16,7 +16,7 @@ use super::{ApiError, AppState, JsonBody, ObjectBody, detach, finish};
 use crate::action::Action;
 use crate::cloudfunc;
 use crate::events::Event;
-use crate::imaging::{self, NoWatermarks};
+use crate::imaging::{self, ImagingError, NoWatermarks};
 use crate::rules::EventType;
 use crate::store::{self, PutOptions, StoreError, validate_bucket, validate_key};
 
@@ -363,7 +363,9 @@ async fn process(
     let output = detach(state, async move {
         let (meta, input) =
             cloudfunc::read_source(&task.runtime, &bucket, &key, &action, |_| false).await?;
-        let input = input.ok_or_else(|| cloudfunc::unread_source(meta.size, &limits))?;
+        // Left unread: over the input limit, refused before the image
+        // threads are asked.
+        let input = input.ok_or_else(|| ImagingError::input_too_large(meta.size, &limits))?;
         let (size, name) = (meta.size, format!("{bucket}/{key}"));
         let output = task
             .runtime
