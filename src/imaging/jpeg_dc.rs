@@ -901,8 +901,39 @@ impl<'a> BitReader<'a> {
         }
     }
 
+    /// Makes sure of 32 bits in the buffer (the most any read takes),
+    /// topping it up to more than 56 when it has fewer: refills then come
+    /// every few codes, several bytes at a time.
     #[inline]
     fn fill(&mut self) {
+        if self.count < 32 {
+            self.refill();
+        }
+    }
+
+    /// Tops the buffer up to more than 56 bits.
+    fn refill(&mut self) {
+        // Whole bytes at once while none of them is 0xff (stuffing or a
+        // marker, which the loop below handles byte by byte).
+        if self.padding == 0
+            && let Some(chunk) = self.data.get(self.pos..self.pos + 8)
+            && let Ok(chunk) = <[u8; 8]>::try_from(chunk)
+        {
+            let word = u64::from_be_bytes(chunk);
+            let bytes = (64 - self.count) / 8;
+            let mask = !u64::MAX.checked_shr(8 * bytes).unwrap_or(0);
+            // A set high bit for each 0xff byte (and, harmlessly, maybe
+            // for bytes before one).
+            let inverted = !word;
+            let ff =
+                inverted.wrapping_sub(0x0101_0101_0101_0101) & !inverted & 0x8080_8080_8080_8080;
+            if ff & mask == 0 {
+                self.acc |= (word & mask) >> self.count;
+                self.count += 8 * bytes;
+                self.pos += bytes as usize;
+                return;
+            }
+        }
         while self.count <= 56 {
             let byte = if self.padding > 0 {
                 self.padding += 1;
