@@ -761,28 +761,48 @@ impl State {
             // coefficient units, 2^low_bit - 1. With every bit this is
             // libjpeg's (dc * quant + 4) >> 3.
             let missing = (1i32 << low_bit) - 1;
+            let sample = |dc: i32| {
+                let twice = dc.wrapping_mul(2).wrapping_add(missing);
+                let value = (twice.wrapping_mul(quant).wrapping_add(8) >> 4) + 128;
+                value.clamp(0, 255) as u8
+            };
             let (dx, dy) = (frame.h_max / c.h, frame.v_max / c.v);
-            let mut plane = Vec::with_capacity(width * height);
+            let mut plane = Vec::with_capacity(width * height + dx);
             for y in 0..height {
-                let blocks = c.dc.get((y / dy) * c.stride..)?;
-                plane.extend((0..width).map(|x| {
-                    let twice = blocks[x / dx].wrapping_mul(2).wrapping_add(missing);
-                    let value = (twice.wrapping_mul(quant).wrapping_add(8) >> 4) + 128;
-                    value.clamp(0, 255) as u8
-                }));
+                let start = plane.len();
+                if y % dy != 0 {
+                    // The same blocks as the row above.
+                    plane.extend_from_within(start - width..start);
+                    continue;
+                }
+                let row = c.dc.get((y / dy) * c.stride..)?;
+                let blocks = row.get(..width.div_ceil(dx))?;
+                if dx == 1 {
+                    plane.extend(blocks.iter().map(|&dc| sample(dc)));
+                } else {
+                    for &dc in blocks {
+                        let value = sample(dc);
+                        plane.extend(std::iter::repeat_n(value, dx));
+                    }
+                    plane.truncate(start + width);
+                }
             }
             planes.push(plane);
         }
-        let rgb = match planes.as_slice() {
-            [luma] => luma.iter().flat_map(|&l| [l, l, l]).collect(),
-            [y, cb, cr] => y
-                .iter()
-                .zip(cb)
-                .zip(cr)
-                .flat_map(|((&y, &cb), &cr)| ycc_to_rgb(y, cb, cr))
-                .collect(),
+        let mut rgb = vec![0u8; width * height * 3];
+        match planes.as_slice() {
+            [luma] => {
+                for (pixel, &l) in rgb.chunks_exact_mut(3).zip(luma) {
+                    pixel.copy_from_slice(&[l, l, l]);
+                }
+            }
+            [y, cb, cr] => {
+                for (((pixel, &y), &cb), &cr) in rgb.chunks_exact_mut(3).zip(y).zip(cb).zip(cr) {
+                    pixel.copy_from_slice(&ycc_to_rgb(y, cb, cr));
+                }
+            }
             _ => return None,
-        };
+        }
         Some(Eighth {
             width: width as u32,
             height: height as u32,
