@@ -288,11 +288,11 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
         _ => None,
     };
     // At 1/8 each block becomes one pixel from its DC coefficient alone, so a
-    // progressive file's AC scans (most of its bytes) need not be decoded:
-    // our own DC decoder reads them, or failing that libjpeg-turbo is given
-    // the file without its AC scans.
+    // progressive file's AC scans (most of its bytes) need not be decoded,
+    // and a baseline file's AC codes need only be skipped: our own DC
+    // decoder does either (or failing that, libjpeg-turbo is given the file,
+    // if progressive, without its AC scans).
     if denom == 8
-        && header.is_progressive
         && let Some(eighth) = super::jpeg_dc::decode_eighth(
             input,
             super::jpeg_dc::Precision::HALF_LEVEL,
@@ -930,6 +930,24 @@ mod tests {
         subsamp: u32,
         restart: i32,
     ) -> Vec<u8> {
+        encode_jpeg(name, scale, quality, subsamp, restart, true)
+    }
+
+    /// As [`progressive_scaled`], but a baseline (sequential) JPEG.
+    fn baseline(name: &str, scale: u32, subsamp: u32, restart: i32) -> Vec<u8> {
+        encode_jpeg(name, scale, 85, subsamp, restart, false)
+    }
+
+    /// A corpus photo enlarged `scale` times and encoded by libjpeg-turbo,
+    /// progressive or baseline.
+    fn encode_jpeg(
+        name: &str,
+        scale: u32,
+        quality: i32,
+        subsamp: u32,
+        restart: i32,
+        progressive: bool,
+    ) -> Vec<u8> {
         let path = format!("{}/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"));
         let img = image::open(path).unwrap().to_rgb8();
         let (w, h) = img.dimensions();
@@ -956,7 +974,7 @@ mod tests {
             for (param, value) in [
                 (raw::TJPARAM_TJPARAM_QUALITY, quality),
                 (raw::TJPARAM_TJPARAM_SUBSAMP, subsamp as i32),
-                (raw::TJPARAM_TJPARAM_PROGRESSIVE, 1),
+                (raw::TJPARAM_TJPARAM_PROGRESSIVE, i32::from(progressive)),
                 (raw::TJPARAM_TJPARAM_RESTARTBLOCKS, restart),
             ] {
                 assert_eq!(raw::tj3Set(handle, param as i32, value), 0);
@@ -1194,6 +1212,94 @@ mod tests {
     }
 
     #[test]
+    fn dc_decoder_reads_baseline_files_as_libjpeg_turbo_does() {
+        // A sequential file's scans carry every coefficient: ours reads DC
+        // and skips AC, and gives libjpeg-turbo's eighth-scale pixels
+        // exactly. 4:2:0 chroma, which libjpeg-turbo decodes with a 2x2
+        // IDCT at this scale, is declined.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images");
+        let mut cases = Vec::new();
+        for name in ["storm.jpg", "storm-gray.jpg", "orientation-1.jpg"] {
+            let jpeg = std::fs::read(format!("{dir}/{name}")).unwrap();
+            assert!(!turbojpeg::read_header(&jpeg).unwrap().is_progressive);
+            cases.push((format!("{name} as stored"), jpeg));
+        }
+        for (subsamp, name) in [
+            (raw::TJSAMP_TJSAMP_444, "4:4:4"),
+            (raw::TJSAMP_TJSAMP_422, "4:2:2"),
+            (raw::TJSAMP_TJSAMP_440, "4:4:0"),
+            (raw::TJSAMP_TJSAMP_411, "4:1:1"),
+            (raw::TJSAMP_TJSAMP_GRAY, "grey"),
+            (raw::TJSAMP_TJSAMP_420, "4:2:0"),
+        ] {
+            for restart in [0, 7] {
+                cases.push((
+                    format!("storm.jpg {name}, restart {restart}"),
+                    baseline("storm.jpg", 1, subsamp as u32, restart),
+                ));
+            }
+        }
+        let mut decoded = 0;
+        for (name, jpeg) in &cases {
+            let h = turbojpeg::read_header(jpeg).unwrap();
+            let Some(ours) = dc_eighth(jpeg, EXACT) else {
+                assert_eq!(h.subsamp, turbojpeg::Subsamp::Sub2x2, "{name}: declined");
+                continue;
+            };
+            assert_ne!(
+                h.subsamp,
+                turbojpeg::Subsamp::Sub2x2,
+                "{name}: not declined"
+            );
+            let theirs = decode_eighth(jpeg);
+            assert_eq!(ours.rgb.len(), theirs.len(), "{name}");
+            let max = ours
+                .rgb
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max();
+            assert_eq!(max, Some(0), "{name}: differs from libjpeg-turbo");
+            decoded += 1;
+        }
+        // All but the four 4:2:0 files (storm.jpg and orientation-1.jpg as
+        // stored, and the two encoded).
+        assert_eq!(decoded, cases.len() - 4);
+    }
+
+    #[test]
+    fn damaged_baseline_thumbnails_decode_or_fail_cleanly() {
+        // Our decoder reads baseline thumbnails too: cut short, a byte
+        // flipped or a marker dropped in anywhere, the file gives a 40-wide
+        // image or an error that names the input, never a panic.
+        let action = crate::action::Action::parse("resize:w_40|format:t_jpeg,q_85").unwrap();
+        let limits = crate::imaging::Limits::default();
+        for restart in [0, 5] {
+            let jpeg = baseline("storm.jpg", 2, raw::TJSAMP_TJSAMP_422 as u32, restart);
+            assert!(dc_eighth(&jpeg, EXACT).is_some());
+            let (mut images, mut errors) = (0, 0);
+            for at in (2..jpeg.len()).step_by(jpeg.len() / 101) {
+                let mut flipped = jpeg.clone();
+                flipped[at] ^= 0x5a;
+                let mut marked = jpeg.clone();
+                marked.splice(at..at, [0xff, [0xda, 0xc4, 0xd9, 0xd0][at % 4]]);
+                for bad in [&jpeg[..at], &flipped[..], &marked[..]] {
+                    if thumbnail_or_clean_error(bad, &action, &limits, at) {
+                        images += 1;
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            // Both outcomes occur: the sweep reaches past the headers.
+            assert!(
+                images > 10 && errors > 10,
+                "{images} images, {errors} errors"
+            );
+        }
+    }
+
+    #[test]
     fn dc_decoder_stops_reading_once_dc_is_complete() {
         let jpeg = progressive("storm.jpg", raw::TJSAMP_TJSAMP_420 as u32, 0);
         // The end of the scan that brings DC to full precision (Ss 0, Al 0).
@@ -1344,6 +1450,31 @@ mod tests {
         assert!(out.bytes == whole.bytes, "outputs differ");
     }
 
+    /// Processes a damaged file (damaged at `at`) with a 40-wide thumbnail
+    /// action: true for a 40-wide image, false for an error that names the
+    /// input; anything else fails the test.
+    fn thumbnail_or_clean_error(
+        input: &[u8],
+        action: &crate::action::Action,
+        limits: &crate::imaging::Limits,
+        at: usize,
+    ) -> bool {
+        match crate::imaging::process(input, action, limits, &crate::imaging::NoWatermarks) {
+            Ok(out) => {
+                assert_eq!(out.image.map(|i| i.width), Some(40), "damage at {at}");
+                true
+            }
+            Err(e) => {
+                let code = e.code();
+                assert!(
+                    ["decode_failed", "not_an_image", "too_many_pixels"].contains(&code),
+                    "damage at {at}: {code} {e}"
+                );
+                false
+            }
+        }
+    }
+
     #[test]
     fn damaged_progressive_thumbnails_decode_or_fail_cleanly() {
         // The thumbnail path reads and decodes a progressive file with our own
@@ -1375,25 +1506,10 @@ mod tests {
                         errors += 1;
                         continue;
                     };
-                    match crate::imaging::process(
-                        &input,
-                        &parsed,
-                        &limits,
-                        &crate::imaging::NoWatermarks,
-                    ) {
-                        Ok(out) => {
-                            assert_eq!(out.image.map(|i| i.width), Some(40), "damage at {at}");
-                            images += 1;
-                        }
-                        Err(e) => {
-                            let code = e.code();
-                            assert!(
-                                ["decode_failed", "not_an_image", "too_many_pixels"]
-                                    .contains(&code),
-                                "damage at {at}: {code} {e}"
-                            );
-                            errors += 1;
-                        }
+                    if thumbnail_or_clean_error(&input, &parsed, &limits, at) {
+                        images += 1;
+                    } else {
+                        errors += 1;
                     }
                 }
             }
@@ -1535,9 +1651,9 @@ mod tests {
     #[test]
     fn dc_decoder_declines_what_it_does_not_cover() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images");
-        let storm = std::fs::read(format!("{dir}/storm.jpg")).unwrap();
-        // Baseline.
-        assert!(dc_eighth(&storm, EXACT).is_none());
+        // Four components.
+        let cmyk = std::fs::read(format!("{dir}/storm-cmyk.jpg")).unwrap();
+        assert!(dc_eighth(&cmyk, EXACT).is_none());
         // Cut inside the first DC scan, with and without an end marker.
         let jpeg = progressive("storm.jpg", raw::TJSAMP_TJSAMP_420 as u32, 0);
         let sos = jpeg.windows(2).position(|w| w == [0xff, 0xda]).unwrap();

@@ -1,4 +1,4 @@
-//! Eighth-scale decoding of progressive JPEGs from their DC scans alone.
+//! Eighth-scale decoding of JPEGs from their DC coefficients alone.
 //!
 //! At 1/8 scale every 8x8 block becomes one pixel whose value depends only on
 //! the block's DC coefficient. A progressive file sends all DC coefficients
@@ -10,6 +10,14 @@
 //! integer per block, skips the AC scans by looking for their end marker,
 //! stops reading once every component's DC coefficients are precise enough
 //! (see [`Precision`]), and converts colour on the small image.
+//!
+//! A baseline (sequential) file interleaves every coefficient of a block, so
+//! all of it is read; this decoder keeps the DC and skips the AC codes with
+//! one table lookup per coefficient for most of them ([`AcSkip`]), where
+//! libjpeg-turbo takes two steps per coefficient, then zeroes, dequantises
+//! and transforms every block. Its 4:2:0 files are left to libjpeg-turbo:
+//! there it decodes chroma with a 2x2 IDCT whose AC terms the DC alone
+//! lacks.
 //!
 //! Waiting for every bit, the output is libjpeg-turbo's at scale 1/8 for
 //! the same DC data: the same dequantisation and rounding, the same YCbCr
@@ -140,8 +148,10 @@ pub struct Eighth {
     pub rgb: Vec<u8>,
 }
 
-/// Decodes a progressive, Huffman-coded, 8-bit JPEG at 1/8 scale from its DC
-/// scans, to `precision`; `None` when the file is anything else or does not
+/// Decodes a Huffman-coded, 8-bit JPEG (progressive, or sequential without
+/// 4:2:0 chroma) at 1/8 scale from its DC coefficients, to `precision`
+/// (sequential files have every bit); `None` when the file is anything
+/// else or does not
 /// decode cleanly. `frame` is the width and height libjpeg-turbo read from
 /// the file's header (which the caller checked against the pixel limit): a
 /// frame of another size is declined before anything is allocated for it.
@@ -164,13 +174,18 @@ pub fn decode_eighth(jpeg: &[u8], precision: Precision, frame: (u32, u32)) -> Op
         let body = &jpeg[start + 4..end];
         i = end;
         match marker {
-            // One frame per file, the one whose size the caller checked.
-            0xc2 if state.frame.is_none() => {
-                state.frame = Some(Frame::parse(body, frame)?);
+            // One frame per file, the one whose size the caller checked:
+            // baseline, extended sequential or progressive, Huffman-coded.
+            0xc0..=0xc2 if state.frame.is_none() => {
+                let parsed = Frame::parse(body, frame)?;
+                state.sequential = marker != 0xc2;
+                if state.sequential && parsed.chroma_from_a_scaled_idct() {
+                    return None;
+                }
+                state.frame = Some(parsed);
                 state.bits.frame(body)?;
             }
-            0xc2 => return None,
-            0xc0 | 0xc1 | 0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return None,
+            0xc0..=0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return None,
             0xc4 => state.define_huffman(body)?,
             0xdb => state.bits.define_quant(body)?,
             0xdd => state.restart_interval = u16::from_be_bytes([*body.first()?, *body.get(1)?]),
@@ -178,9 +193,13 @@ pub fn decode_eighth(jpeg: &[u8], precision: Precision, frame: (u32, u32)) -> Op
             0xee if body.get(..5) == Some(b"Adobe") && body.get(11) == Some(&0) => return None,
             0xda => {
                 let header = scan_header(body)?;
-                let scan = Scan::parse(&header, state.frame.as_ref()?)?;
+                let scan = Scan::parse(&header, body, state.frame.as_ref()?, state.sequential)?;
                 i = if scan.spectral_start == 0 {
-                    let end = state.decode_dc_scan(&scan, jpeg, i)?;
+                    let end = if scan.sequential {
+                        state.decode_dc_scan::<true>(&scan, jpeg, i)?
+                    } else {
+                        state.decode_dc_scan::<false>(&scan, jpeg, i)?
+                    };
                     state.bits.scan(&header)?;
                     end
                 } else {
@@ -491,6 +510,18 @@ pub(super) fn frame_header(body: &[u8]) -> Option<FrameHeader> {
 }
 
 impl Frame {
+    /// Whether libjpeg-turbo decodes a chroma component at 1/8 scale with a
+    /// 2x2 or larger IDCT rather than from its DC alone: when it is
+    /// subsampled by two or more both ways (4:2:0), so that a block covers
+    /// at least 2x2 pixels of the scaled image (`jdmaster.c`). Those blocks
+    /// keep an in-block gradient that the DC alone would lose (up to 4 dB
+    /// further from the full decode).
+    fn chroma_from_a_scaled_idct(&self) -> bool {
+        self.components
+            .iter()
+            .any(|c| self.h_max.is_multiple_of(2 * c.h) && self.v_max.is_multiple_of(2 * c.v))
+    }
+
     /// The frame in `body`, if it is `expected` pixels wide and high (the
     /// size the caller checked), before anything is allocated for it.
     fn parse(body: &[u8], expected: (u32, u32)) -> Option<Frame> {
@@ -555,8 +586,11 @@ struct Plane {
 }
 
 struct Scan {
-    /// (index into the frame's components, DC table)
-    components: Vec<(usize, usize)>,
+    /// (index into the frame's components, DC table, AC table)
+    components: Vec<(usize, usize, usize)>,
+    /// A sequential scan: every coefficient of its blocks, the AC ones to
+    /// be skipped.
+    sequential: bool,
     spectral_start: u8,
     high_bit: u8,
     low_bit: u8,
@@ -589,25 +623,33 @@ pub(super) fn scan_header(body: &[u8]) -> Option<ScanHeader> {
 }
 
 impl Scan {
-    fn parse(header: &ScanHeader, frame: &Frame) -> Option<Scan> {
+    /// The scan whose header is `header` (parsed from `body`) in `frame`;
+    /// `sequential` for a baseline or extended sequential frame.
+    fn parse(header: &ScanHeader, body: &[u8], frame: &Frame, sequential: bool) -> Option<Scan> {
         let count = header.components.len();
         if count == 0 || count > frame.components.len() {
             return None;
         }
         let mut components = Vec::with_capacity(count);
-        for &(id, table) in &header.components {
+        for (c, &(id, table)) in header.components.iter().enumerate() {
             let index = frame.components.iter().position(|k| k.id == id)?;
-            if table > 3 {
+            let ac = (*body.get(2 + 2 * c)? & 15) as usize;
+            if table > 3 || ac > 3 {
                 return None;
             }
-            components.push((index, table as usize));
+            components.push((index, table as usize, ac));
         }
-        // DC scans hold the DC band alone.
-        if header.spectral_start == 0 && header.spectral_end != 0 {
+        // A sequential scan holds every band at full precision; a
+        // progressive DC scan the DC band alone.
+        let last_band = if sequential { 63 } else { 0 };
+        if header.spectral_start == 0 && header.spectral_end != last_band
+            || sequential && (header.spectral_start != 0 || header.approx != 0)
+        {
             return None;
         }
         Some(Scan {
             components,
+            sequential,
             spectral_start: header.spectral_start,
             high_bit: header.approx >> 4,
             low_bit: header.approx & 15,
@@ -618,7 +660,11 @@ impl Scan {
 #[derive(Default)]
 struct State {
     frame: Option<Frame>,
+    /// Whether the frame is sequential (baseline or extended) rather than
+    /// progressive.
+    sequential: bool,
     dc_tables: [Option<Huffman>; 4],
+    ac_tables: [Option<AcSkip>; 4],
     bits: DcBits,
     restart_interval: u16,
 }
@@ -636,6 +682,8 @@ impl State {
             }
             if class == 0 {
                 self.dc_tables[id] = Some(Huffman::new(&counts, values)?);
+            } else {
+                self.ac_tables[id] = Some(AcSkip::new(&counts, values)?);
             }
             body = &body[17 + total..];
         }
@@ -644,14 +692,25 @@ impl State {
 
     /// Decodes one DC scan whose entropy-coded data starts at `from`; returns
     /// where its data ends.
-    fn decode_dc_scan(&mut self, scan: &Scan, jpeg: &[u8], from: usize) -> Option<usize> {
+    /// `SEQUENTIAL` (the scan's) skips each block's AC coefficients after
+    /// its DC; a separate copy, so that the progressive one stays as lean.
+    fn decode_dc_scan<const SEQUENTIAL: bool>(
+        &mut self,
+        scan: &Scan,
+        jpeg: &[u8],
+        from: usize,
+    ) -> Option<usize> {
         let frame = self.frame.as_mut()?;
         let refine = scan.high_bit != 0;
         if scan.low_bit > 13 || (refine && scan.high_bit != scan.low_bit + 1) {
             return None;
         }
         let mut tables = Vec::with_capacity(scan.components.len());
-        for &(index, table) in &scan.components {
+        let mut skips = Vec::new();
+        for &(index, table, ac) in &scan.components {
+            if scan.sequential {
+                skips.push(self.ac_tables[ac].as_ref()?);
+            }
             if !refine {
                 tables.push(self.dc_tables[table].as_ref()?);
             } else if self.bits.of(index).is_none() {
@@ -672,7 +731,7 @@ impl State {
         };
         let mut planes: Vec<Plane> = Vec::with_capacity(scan.components.len());
         let mut layout = Vec::new();
-        for (slot, &(index, _)) in scan.components.iter().enumerate() {
+        for (slot, &(index, _, _)) in scan.components.iter().enumerate() {
             let (h, v) = if interleaved {
                 (frame.components[index].h, frame.components[index].v)
             } else {
@@ -733,6 +792,13 @@ impl State {
                     };
                     predictors[slot] = predictors[slot].wrapping_add(diff);
                     *value = predictors[slot].wrapping_shl(low_bit);
+                    if SEQUENTIAL
+                        && let Some(skip) = skips.get(slot)
+                        && skip.skip(&mut bits).is_none()
+                    {
+                        ok = false;
+                        break 'rows;
+                    }
                 }
             }
         }
@@ -895,6 +961,98 @@ impl Huffman {
             }
         }
         None
+    }
+}
+
+/// Skips the AC coefficients of a sequential scan's blocks with one lookup
+/// per coefficient for most of them: the table maps the next [`AC_BITS`]
+/// bits to the code's length plus its value's, and to how far the
+/// coefficient index moves. libjpeg-turbo, which has no use for the values
+/// at 1/8 scale either, looks up the code and then drops the value's bits
+/// in a second step.
+pub(super) struct AcSkip {
+    /// Bits 0-7: the code's length plus its value's; 8-15: coefficients
+    /// passed (0 for end of block). 0 where the code is longer than
+    /// [`AC_BITS`].
+    fast: Box<[u32; 1 << AC_BITS]>,
+    /// For codes longer than [`AC_BITS`].
+    huffman: Huffman,
+}
+
+const AC_BITS: u32 = 11;
+
+/// How far an AC code's (run, size) moves the coefficient index, as
+/// libjpeg reads it: a size of 0 ends the block, except a run of 15
+/// (sixteen zeros); 0 for the end.
+fn ac_passed(run: u32, size: u32) -> u32 {
+    match (run, size) {
+        (15, 0) => 16,
+        (_, 0) => 0,
+        _ => run + 1,
+    }
+}
+
+impl AcSkip {
+    fn new(counts: &[u8; 16], values: &[u8]) -> Option<AcSkip> {
+        let mut fast = Box::new([0u32; 1 << AC_BITS]);
+        let mut code = 0usize;
+        let mut k = 0usize;
+        for len in 1..=AC_BITS {
+            for _ in 0..counts[len as usize - 1] {
+                if code >= 1 << len {
+                    return None;
+                }
+                let symbol = u32::from(*values.get(k)?);
+                let (run, size) = (symbol >> 4, symbol & 15);
+                let shift = AC_BITS - len;
+                let start = code << shift;
+                fast[start..start + (1 << shift)].fill((len + size) | ac_passed(run, size) << 8);
+                code += 1;
+                k += 1;
+            }
+            code <<= 1;
+        }
+        Some(AcSkip {
+            fast,
+            huffman: Huffman::new(counts, values)?,
+        })
+    }
+
+    /// Skips one block's AC coefficients; `None` for a code not in the
+    /// table.
+    #[inline]
+    fn skip(&self, bits: &mut BitReader<'_>) -> Option<()> {
+        let mut k = 1;
+        // The buffer is kept in locals, written back around the calls.
+        let (mut acc, mut count) = (bits.acc, bits.count);
+        while k < 64 {
+            // A code of the table and its value take at most 26 bits.
+            if count < 32 {
+                (bits.acc, bits.count) = (acc, count);
+                bits.refill();
+                (acc, count) = (bits.acc, bits.count);
+            }
+            let entry = self.fast[(acc >> (64 - AC_BITS)) as usize];
+            let passed = if entry != 0 {
+                let length = entry & 0xff;
+                acc <<= length;
+                count -= length;
+                entry >> 8
+            } else {
+                (bits.acc, bits.count) = (acc, count);
+                let symbol = self.huffman.decode(bits)?;
+                let (run, size) = (symbol >> 4, symbol & 15);
+                bits.take(size);
+                (acc, count) = (bits.acc, bits.count);
+                ac_passed(run, size)
+            };
+            if passed == 0 {
+                break;
+            }
+            k += passed;
+        }
+        (bits.acc, bits.count) = (acc, count);
+        Some(())
     }
 }
 
