@@ -634,7 +634,9 @@ impl Scan {
         for (c, &(id, table)) in header.components.iter().enumerate() {
             let index = frame.components.iter().position(|k| k.id == id)?;
             let ac = (*body.get(2 + 2 * c)? & 15) as usize;
-            if table > 3 || ac > 3 {
+            // A progressive DC scan's AC table is not used (nor checked,
+            // as libjpeg-turbo does not).
+            if table > 3 || (sequential && ac > 3) {
                 return None;
             }
             components.push((index, table as usize, ac));
@@ -657,6 +659,15 @@ impl Scan {
     }
 }
 
+/// An AC table as defined, and the skip table built from it once a
+/// sequential scan uses it: a progressive file's AC tables, or a file of
+/// many definitions, cost no table builds.
+struct AcTable {
+    counts: [u8; 16],
+    values: Vec<u8>,
+    skip: Option<AcSkip>,
+}
+
 #[derive(Default)]
 struct State {
     frame: Option<Frame>,
@@ -664,7 +675,7 @@ struct State {
     /// progressive.
     sequential: bool,
     dc_tables: [Option<Huffman>; 4],
-    ac_tables: [Option<AcSkip>; 4],
+    ac_tables: [Option<AcTable>; 4],
     bits: DcBits,
     restart_interval: u16,
 }
@@ -683,7 +694,11 @@ impl State {
             if class == 0 {
                 self.dc_tables[id] = Some(Huffman::new(&counts, values)?);
             } else {
-                self.ac_tables[id] = Some(AcSkip::new(&counts, values)?);
+                self.ac_tables[id] = Some(AcTable {
+                    counts,
+                    values: values.to_vec(),
+                    skip: None,
+                });
             }
             body = &body[17 + total..];
         }
@@ -705,11 +720,19 @@ impl State {
         if scan.low_bit > 13 || (refine && scan.high_bit != scan.low_bit + 1) {
             return None;
         }
+        if SEQUENTIAL {
+            for &(_, _, ac) in &scan.components {
+                let table = self.ac_tables[ac].as_mut()?;
+                if table.skip.is_none() {
+                    table.skip = Some(AcSkip::new(&table.counts, &table.values)?);
+                }
+            }
+        }
         let mut tables = Vec::with_capacity(scan.components.len());
         let mut skips = Vec::new();
         for &(index, table, ac) in &scan.components {
-            if scan.sequential {
-                skips.push(self.ac_tables[ac].as_ref()?);
+            if SEQUENTIAL {
+                skips.push(self.ac_tables[ac].as_ref()?.skip.as_ref()?);
             }
             if !refine {
                 tables.push(self.dc_tables[table].as_ref()?);
@@ -761,6 +784,14 @@ impl State {
         let mut mcu = 0usize;
         let mut ok = true;
         'rows: for my in 0..mcus_high {
+            // Past the scan's data the reader supplies zeros: a file cut
+            // short (or a frame far larger than its data) is given up on
+            // here, a row at most later, not after decoding zeros for
+            // every block left.
+            if bits.read_past_end() {
+                ok = false;
+                break;
+            }
             for mx in 0..mcus_wide {
                 if interval > 0 && mcu > 0 && mcu.is_multiple_of(interval) {
                     if bits.restart().is_none() {
