@@ -111,7 +111,7 @@ impl DcBits {
     /// component no scan has covered, or uses an undefined table.
     pub(super) fn scan(&mut self, header: &ScanHeader) -> Option<()> {
         let low_bit = header.approx & 15;
-        for &(id, _) in &header.components {
+        for &(id, _, _) in &header.components {
             let component = self.components.iter_mut().find(|c| c.id == id)?;
             match &mut component.sent {
                 Some((_, low)) => *low = low_bit,
@@ -193,9 +193,11 @@ pub fn decode_eighth(jpeg: &[u8], precision: Precision, frame: (u32, u32)) -> Op
             0xee if body.get(..5) == Some(b"Adobe") && body.get(11) == Some(&0) => return None,
             0xda => {
                 let header = scan_header(body)?;
-                let scan = Scan::parse(&header, body, state.frame.as_ref()?, state.sequential)?;
+                let scan = Scan::parse(&header, state.frame.as_ref()?, state.sequential)?;
                 i = if scan.spectral_start == 0 {
-                    let end = if scan.sequential {
+                    // A sequential scan holds every coefficient of its
+                    // blocks; the AC ones are skipped.
+                    let end = if state.sequential {
                         state.decode_dc_scan::<true>(&scan, jpeg, i)?
                     } else {
                         state.decode_dc_scan::<false>(&scan, jpeg, i)?
@@ -588,9 +590,6 @@ struct Plane {
 struct Scan {
     /// (index into the frame's components, DC table, AC table)
     components: Vec<(usize, usize, usize)>,
-    /// A sequential scan: every coefficient of its blocks, the AC ones to
-    /// be skipped.
-    sequential: bool,
     spectral_start: u8,
     high_bit: u8,
     low_bit: u8,
@@ -599,8 +598,8 @@ struct Scan {
 /// The fields of a start-of-scan segment's body, before they are checked
 /// against a frame.
 pub(super) struct ScanHeader {
-    /// (component id, DC table)
-    pub components: Vec<(u8, u8)>,
+    /// (component id, DC table, AC table)
+    pub components: Vec<(u8, u8, u8)>,
     pub spectral_start: u8,
     pub spectral_end: u8,
     /// Successive approximation: high bit in the upper four bits, low bit
@@ -611,7 +610,10 @@ pub(super) struct ScanHeader {
 pub(super) fn scan_header(body: &[u8]) -> Option<ScanHeader> {
     let count = *body.first()? as usize;
     let components = (0..count)
-        .map(|c| Some((*body.get(1 + 2 * c)?, *body.get(2 + 2 * c)? >> 4)))
+        .map(|c| {
+            let tables = *body.get(2 + 2 * c)?;
+            Some((*body.get(1 + 2 * c)?, tables >> 4, tables & 15))
+        })
         .collect::<Option<Vec<_>>>()?;
     let at = 1 + 2 * count;
     Some(ScanHeader {
@@ -623,23 +625,22 @@ pub(super) fn scan_header(body: &[u8]) -> Option<ScanHeader> {
 }
 
 impl Scan {
-    /// The scan whose header is `header` (parsed from `body`) in `frame`;
-    /// `sequential` for a baseline or extended sequential frame.
-    fn parse(header: &ScanHeader, body: &[u8], frame: &Frame, sequential: bool) -> Option<Scan> {
+    /// The scan whose header is `header` in `frame`; `sequential` for a
+    /// baseline or extended sequential frame.
+    fn parse(header: &ScanHeader, frame: &Frame, sequential: bool) -> Option<Scan> {
         let count = header.components.len();
         if count == 0 || count > frame.components.len() {
             return None;
         }
         let mut components = Vec::with_capacity(count);
-        for (c, &(id, table)) in header.components.iter().enumerate() {
+        for &(id, table, ac) in &header.components {
             let index = frame.components.iter().position(|k| k.id == id)?;
-            let ac = (*body.get(2 + 2 * c)? & 15) as usize;
             // A progressive DC scan's AC table is not used (nor checked,
             // as libjpeg-turbo does not).
             if table > 3 || (sequential && ac > 3) {
                 return None;
             }
-            components.push((index, table as usize, ac));
+            components.push((index, table as usize, ac as usize));
         }
         // A sequential scan holds every band at full precision; a
         // progressive DC scan the DC band alone.
@@ -651,7 +652,6 @@ impl Scan {
         }
         Some(Scan {
             components,
-            sequential,
             spectral_start: header.spectral_start,
             high_bit: header.approx >> 4,
             low_bit: header.approx & 15,
@@ -939,33 +939,47 @@ pub(super) struct Huffman {
 
 const FAST_BITS: u32 = 9;
 
+/// Each code of a canonical Huffman table, in order, as (length, code,
+/// symbol), up to codes of `max_len` bits; `None` for a table whose counts
+/// overflow their lengths or outrun its values.
+fn canonical_codes(
+    counts: &[u8; 16],
+    values: &[u8],
+    max_len: u32,
+) -> Option<Vec<(u32, usize, u8)>> {
+    let mut codes = Vec::with_capacity(values.len());
+    let mut code = 0usize;
+    for len in 1..=max_len {
+        for _ in 0..counts[len as usize - 1] {
+            if code >= 1 << len {
+                return None;
+            }
+            codes.push((len, code, *values.get(codes.len())?));
+            code += 1;
+        }
+        code <<= 1;
+    }
+    Some(codes)
+}
+
 impl Huffman {
     pub(super) fn new(counts: &[u8; 16], values: &[u8]) -> Option<Huffman> {
         let mut fast = vec![0u16; 1 << FAST_BITS];
         let mut max_code = [-1i32; 17];
         let mut offset = [0i32; 17];
-        let mut code = 0i32;
-        let mut k = 0usize;
-        for len in 1..=16u32 {
-            let n = counts[len as usize - 1] as usize;
-            offset[len as usize] = k as i32 - code;
-            for _ in 0..n {
-                if code >= 1 << len {
-                    return None;
-                }
-                if len <= FAST_BITS {
-                    let shift = FAST_BITS - len;
-                    let start = (code as usize) << shift;
-                    let entry = ((len as u16) << 8) | values[k] as u16;
-                    fast[start..start + (1 << shift)].fill(entry);
-                }
-                code += 1;
-                k += 1;
+        for (k, (len, code, symbol)) in canonical_codes(counts, values, 16)?.into_iter().enumerate()
+        {
+            let at = len as usize;
+            if max_code[at] < 0 {
+                offset[at] = k as i32 - code as i32;
             }
-            if n > 0 {
-                max_code[len as usize] = code - 1;
+            max_code[at] = code as i32;
+            if len <= FAST_BITS {
+                let shift = FAST_BITS - len;
+                let start = code << shift;
+                let entry = ((len as u16) << 8) | u16::from(symbol);
+                fast[start..start + (1 << shift)].fill(entry);
             }
-            code <<= 1;
         }
         Some(Huffman {
             fast,
@@ -1026,22 +1040,11 @@ fn ac_passed(run: u32, size: u32) -> u32 {
 impl AcSkip {
     fn new(counts: &[u8; 16], values: &[u8]) -> Option<AcSkip> {
         let mut fast = Box::new([0u32; 1 << AC_BITS]);
-        let mut code = 0usize;
-        let mut k = 0usize;
-        for len in 1..=AC_BITS {
-            for _ in 0..counts[len as usize - 1] {
-                if code >= 1 << len {
-                    return None;
-                }
-                let symbol = u32::from(*values.get(k)?);
-                let (run, size) = (symbol >> 4, symbol & 15);
-                let shift = AC_BITS - len;
-                let start = code << shift;
-                fast[start..start + (1 << shift)].fill((len + size) | ac_passed(run, size) << 8);
-                code += 1;
-                k += 1;
-            }
-            code <<= 1;
+        for (len, code, symbol) in canonical_codes(counts, values, AC_BITS)? {
+            let (run, size) = (u32::from(symbol >> 4), u32::from(symbol & 15));
+            let shift = AC_BITS - len;
+            let start = code << shift;
+            fast[start..start + (1 << shift)].fill((len + size) | ac_passed(run, size) << 8);
         }
         Some(AcSkip {
             fast,

@@ -76,12 +76,9 @@ pub fn decode(jpeg: &[u8], max_blocks: usize) -> Option<Coefficients> {
                 let frame = frame.as_mut()?;
                 let header = scan_header(body)?;
                 let mut slots = Vec::with_capacity(header.components.len());
-                for &(id, _) in &header.components {
+                for &(id, _, _) in &header.components {
                     slots.push(frame.components.iter().position(|c| c.id == id)?);
                 }
-                let tables: Vec<u8> = (0..header.components.len())
-                    .map(|c| body.get(2 + 2 * c).copied())
-                    .collect::<Option<_>>()?;
                 let (ss, se) = (header.spectral_start as usize, header.spectral_end as usize);
                 let (ah, al) = ((header.approx >> 4) as u32, (header.approx & 15) as u32);
                 scans += 1;
@@ -101,16 +98,17 @@ pub fn decode(jpeg: &[u8], max_blocks: usize) -> Option<Coefficients> {
                     if se != 0 {
                         return None;
                     }
-                    let huffs: Vec<Option<&Huffman>> = tables
+                    let huffs: Vec<Option<&Huffman>> = header
+                        .components
                         .iter()
-                        .map(|t| dc.get((t >> 4) as usize).and_then(Option::as_ref))
+                        .map(|&(_, t, _)| dc.get(t as usize).and_then(Option::as_ref))
                         .collect();
                     dc_scan(jpeg, end, frame, &slots, &huffs, ah, al, interval)?
                 } else {
                     if slots.len() != 1 {
                         return None;
                     }
-                    let huff = ac.get((tables[0] & 15) as usize)?.as_ref()?;
+                    let huff = ac.get(header.components[0].2 as usize)?.as_ref()?;
                     let component = frame.components.get_mut(slots[0])?;
                     ac_scan(
                         jpeg,
