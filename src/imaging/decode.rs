@@ -1277,19 +1277,13 @@ mod tests {
             let jpeg = baseline("storm.jpg", 2, raw::TJSAMP_TJSAMP_422 as u32, restart);
             assert!(dc_eighth(&jpeg, EXACT).is_some());
             let (mut images, mut errors) = (0, 0);
-            for at in (2..jpeg.len()).step_by(jpeg.len() / 101) {
-                let mut flipped = jpeg.clone();
-                flipped[at] ^= 0x5a;
-                let mut marked = jpeg.clone();
-                marked.splice(at..at, [0xff, [0xda, 0xc4, 0xd9, 0xd0][at % 4]]);
-                for bad in [&jpeg[..at], &flipped[..], &marked[..]] {
-                    if thumbnail_or_clean_error(bad, &action, &limits, at) {
-                        images += 1;
-                    } else {
-                        errors += 1;
-                    }
+            for_each_damaged(&jpeg, |at, bad| {
+                if thumbnail_or_clean_error(bad, &action, &limits, at) {
+                    images += 1;
+                } else {
+                    errors += 1;
                 }
-            }
+            });
             // Both outcomes occur: the sweep reaches past the headers.
             assert!(
                 images > 10 && errors > 10,
@@ -1452,6 +1446,21 @@ mod tests {
     /// Processes a damaged file (damaged at `at`) with a 40-wide thumbnail
     /// action: true for a 40-wide image, false for an error that names the
     /// input; anything else fails the test.
+    /// Calls `check` with damaged copies of `jpeg` at about a hundred
+    /// places `at`: cut short there, with that byte flipped, and with a
+    /// marker dropped in there.
+    fn for_each_damaged(jpeg: &[u8], mut check: impl FnMut(usize, &[u8])) {
+        for at in (2..jpeg.len()).step_by(jpeg.len() / 101) {
+            let mut flipped = jpeg.to_vec();
+            flipped[at] ^= 0x5a;
+            let mut marked = jpeg.to_vec();
+            marked.splice(at..at, [0xff, [0xda, 0xc4, 0xd9, 0xd0][at % 4]]);
+            for bad in [&jpeg[..at], &flipped[..], &marked[..]] {
+                check(at, bad);
+            }
+        }
+    }
+
     fn thumbnail_or_clean_error(
         input: &[u8],
         action: &crate::action::Action,
@@ -1488,30 +1497,23 @@ mod tests {
             let cut = read_source(&jpeg, action, 4096).len();
             assert!(cut < jpeg.len() / 2, "{cut} of {}", jpeg.len());
             let (mut images, mut errors) = (0, 0);
-            let step = jpeg.len() / 101;
-            for at in (2..jpeg.len()).step_by(step) {
-                let mut flipped = jpeg.clone();
-                flipped[at] ^= 0x5a;
-                let mut marked = jpeg.clone();
-                marked.splice(at..at, [0xff, [0xda, 0xc4, 0xd9, 0xd0][at % 4]]);
-                for bad in [&jpeg[..at], &flipped[..], &marked[..]] {
-                    let mut body = Trickle {
-                        data: bad,
-                        step: 4096,
-                    };
-                    let Ok(input) =
-                        crate::imaging::read_source(&mut body, bad.len() as u64, &parsed, &limits)
-                    else {
-                        errors += 1;
-                        continue;
-                    };
-                    if thumbnail_or_clean_error(&input, &parsed, &limits, at) {
-                        images += 1;
-                    } else {
-                        errors += 1;
-                    }
+            for_each_damaged(&jpeg, |at, bad| {
+                let mut body = Trickle {
+                    data: bad,
+                    step: 4096,
+                };
+                let Ok(input) =
+                    crate::imaging::read_source(&mut body, bad.len() as u64, &parsed, &limits)
+                else {
+                    errors += 1;
+                    return;
+                };
+                if thumbnail_or_clean_error(&input, &parsed, &limits, at) {
+                    images += 1;
+                } else {
+                    errors += 1;
                 }
-            }
+            });
             // Both outcomes occur: the sweep reaches past the headers.
             assert!(
                 images > 100 && errors > 10,
