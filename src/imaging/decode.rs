@@ -1443,9 +1443,6 @@ mod tests {
         assert!(out.bytes == whole.bytes, "outputs differ");
     }
 
-    /// Processes a damaged file (damaged at `at`) with a 40-wide thumbnail
-    /// action: true for a 40-wide image, false for an error that names the
-    /// input; anything else fails the test.
     /// Calls `check` with damaged copies of `jpeg` at about a hundred
     /// places `at`: cut short there, with that byte flipped, and with a
     /// marker dropped in there.
@@ -1461,6 +1458,9 @@ mod tests {
         }
     }
 
+    /// Processes a damaged file (damaged at `at`) with a 40-wide thumbnail
+    /// action: true for a 40-wide image, false for an error that names the
+    /// input; anything else fails the test.
     fn thumbnail_or_clean_error(
         input: &[u8],
         action: &crate::action::Action,
