@@ -191,11 +191,17 @@ pub fn decode(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, 
         return Err(ImagingError::input_too_large(input.len() as u64, limits));
     }
     let format = sniff(input)?;
-    match format {
-        ImageFormat::Jpeg => decode_jpeg(input, limits, lead),
-        ImageFormat::Gif => decode_gif(input, limits, usize::MAX),
-        _ => decode_generic(input, format, limits),
+    let mut decoded = match format {
+        ImageFormat::Jpeg => decode_jpeg(input, limits, lead)?,
+        ImageFormat::Gif => return decode_gif(input, limits, usize::MAX),
+        _ => return decode_generic(input, format, limits),
+    };
+    if let (Some(profile), Pixels::Still(img)) =
+        (super::colour::jpeg_profile(input), &mut decoded.pixels)
+    {
+        super::colour::to_srgb(img, &profile);
     }
+    Ok(decoded)
 }
 
 fn exif_orientation(input: &[u8]) -> u8 {
@@ -547,9 +553,16 @@ fn decode_generic(
     format: ImageFormat,
     limits: &Limits,
 ) -> Result<Decoded, ImagingError> {
+    // A PNG's profile is read here, with a cap, and kept from the decoder.
+    let (png_profile, without_profile) = match format {
+        ImageFormat::Png => super::colour::png_profile(input),
+        _ => (None, None),
+    };
+    let input = without_profile.as_deref().unwrap_or(input);
     let mut r = reader(input, format)?;
     r.limits(decoder_limits(limits));
     let mut decoder = r.into_decoder().map_err(|e| decode_error(format, e))?;
+    let profile = png_profile.or_else(|| decoder.icc_profile().ok().flatten());
     let (width, height) = decoder.dimensions();
     check_pixels(format, width, height, limits)?;
     let orientation = decoder
@@ -569,8 +582,12 @@ fn decode_generic(
         "srgb"
     };
     let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    let mut img = normalize(img);
+    if let Some(profile) = profile {
+        super::colour::to_srgb(&mut img, &profile);
+    }
     Ok(Decoded {
-        pixels: Pixels::Still(orient(normalize(img), orientation)),
+        pixels: Pixels::Still(orient(img, orientation)),
         format,
         meta: SourceMeta {
             format,
@@ -1673,5 +1690,98 @@ mod tests {
         assert!(dc_scans_only(&std::fs::read(path).unwrap()).is_none());
         assert!(dc_scans_only(b"\xff\xd8\xff").is_none());
         assert!(dc_scans_only(b"").is_none());
+    }
+
+    /// `jpeg` with an APP2 segment holding a Display P3 profile after SOI.
+    fn with_p3_profile(jpeg: &[u8]) -> Vec<u8> {
+        let profile = moxcms::ColorProfile::new_display_p3().encode().unwrap();
+        let mut segment = vec![0xff, 0xe2];
+        segment.extend_from_slice(&((2 + 14 + profile.len()) as u16).to_be_bytes());
+        segment.extend_from_slice(b"ICC_PROFILE\0\x01\x01");
+        segment.extend_from_slice(&profile);
+        [&jpeg[..2], &segment, &jpeg[2..]].concat()
+    }
+
+    fn still(decoded: Decoded) -> DynamicImage {
+        match decoded.pixels {
+            Pixels::Still(img) => img,
+            Pixels::Animated(_) => panic!("not a still image"),
+        }
+    }
+
+    #[test]
+    fn a_p3_profile_is_applied_on_every_decoding_path() {
+        let p3 = moxcms::ColorProfile::new_display_p3().encode().unwrap();
+        let thumb = crate::action::Action::parse("resize:w_50|format:t_png").unwrap();
+        let (_, lead) = crate::imaging::geometry::lead(&thumb);
+        let limits = Limits::default();
+        let cases = [
+            // Our DC decoder; libjpeg-turbo at 1/8 (baseline 4:2:0); at
+            // full scale; the DC scans a thumbnail reads of a progressive file.
+            (
+                "dc",
+                baseline("storm.jpg", 1, raw::TJSAMP_TJSAMP_444 as u32, 0),
+                lead,
+            ),
+            (
+                "turbo 1/8",
+                baseline("storm.jpg", 1, raw::TJSAMP_TJSAMP_420 as u32, 0),
+                lead,
+            ),
+            (
+                "full",
+                baseline("storm.jpg", 1, raw::TJSAMP_TJSAMP_420 as u32, 0),
+                Lead::Nothing,
+            ),
+            (
+                "progressive",
+                progressive("storm.jpg", raw::TJSAMP_TJSAMP_420 as u32, 0),
+                lead,
+            ),
+        ];
+        for (name, jpeg, lead) in cases {
+            let tagged = with_p3_profile(&jpeg);
+            let (plain, tagged) = if name == "progressive" {
+                let action = "resize:w_50|format:t_png";
+                (
+                    read_source(&jpeg, action, 1 << 20),
+                    read_source(&tagged, action, 1 << 20),
+                )
+            } else {
+                (jpeg, tagged)
+            };
+            let mut expected = still(decode(&plain, &limits, lead).unwrap());
+            let untouched = expected.clone();
+            super::super::colour::to_srgb(&mut expected, &p3);
+            assert!(expected != untouched, "{name}: P3 moved no colour");
+            assert!(
+                still(decode(&tagged, &limits, lead).unwrap()) == expected,
+                "{name}"
+            );
+        }
+        // A PNG's profile, from its iCCP chunk.
+        let img = image::open(format!(
+            "{}/fixtures/images/storm.jpg",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+        .to_rgb8();
+        let mut expected = DynamicImage::ImageRgb8(img.clone());
+        super::super::colour::to_srgb(&mut expected, &p3);
+        let mut png = Vec::new();
+        let mut encoder = image::codecs::png::PngEncoder::new(&mut png);
+        image::ImageEncoder::set_icc_profile(&mut encoder, p3.clone()).unwrap();
+        image::ImageEncoder::write_image(
+            encoder,
+            &img,
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgb8,
+        )
+        .unwrap();
+        assert!(
+            still(decode(&png, &limits, Lead::Nothing).unwrap()) == expected,
+            "png"
+        );
     }
 }

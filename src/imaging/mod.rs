@@ -3,6 +3,7 @@
 //! the one thing it needs from outside, a watermark image's bytes, comes
 //! through [`WatermarkResolver`].
 
+mod colour;
 mod decode;
 mod encode;
 mod error;
