@@ -48,7 +48,7 @@ impl Default for Limits {
             max_pixels: 100_000_000,
             max_output_side: 16384,
             max_frames: 300,
-            max_animation_pixels: 500_000_000,
+            max_animation_pixels: 100_000_000,
         }
     }
 }

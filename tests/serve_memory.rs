@@ -1,0 +1,184 @@
+//! `imgfunc serve` run as the real binary, its memory read from the kernel:
+//! an animation that takes hundreds of megabytes to composite is handed
+//! back once it is done, and one past the frame-pixel cap is refused.
+
+#![cfg(target_os = "linux")]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running `imgfunc serve`, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(dir: &std::path::Path) -> Server {
+        let functions = dir.join("functions");
+        std::fs::create_dir_all(&functions).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_imgfunc"));
+        command
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "1",
+                "--data",
+            ])
+            .arg(dir.join("data"))
+            .arg("--functions")
+            .arg(&functions)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("IMGFUNC_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command.spawn().expect("start imgfunc serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (found, addr) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("imgfunc serve: {line}");
+                if let Some(rest) = line.split("addr=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = found.send(addr);
+                }
+            }
+        });
+        let addr = addr
+            .recv_timeout(Duration::from_secs(60))
+            .expect("imgfunc serve logs the address it listens on");
+        Server {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// The server's resident and peak resident memory, in bytes.
+    fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kb| kb * 1024)
+                .unwrap()
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+/// An animated GIF of `frames` one-pixel frames on a `side` x `side`
+/// screen: a few bytes a frame, each composited onto a whole screen.
+fn gif_of_dots(side: u16, frames: usize) -> Vec<u8> {
+    let mut gif = b"GIF89a".to_vec();
+    gif.extend(side.to_le_bytes());
+    gif.extend(side.to_le_bytes());
+    // A global colour table of two entries: black and white.
+    gif.extend([0x80, 0, 0, 0, 0, 0, 255, 255, 255]);
+    for i in 0..frames {
+        // A graphic control extension: 1/100 s, then the image descriptor.
+        gif.extend([0x21, 0xf9, 4, 0, 1, 0, 0, 0, 0x2c]);
+        gif.extend((i as u16 % side).to_le_bytes());
+        gif.extend([0, 0, 1, 0, 1, 0, 0]);
+        // LZW with 2-bit codes: clear (4), the pixel (1), end (5).
+        gif.extend([2, 2, 0x4c, 0x01, 0]);
+    }
+    gif.push(0x3b);
+    gif
+}
+
+#[tokio::test]
+async fn an_animation_that_took_hundreds_of_megabytes_gives_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let client = reqwest::Client::new();
+    // 300 x 570 x 570 = 97,470,000 frame pixels, under the cap of 100
+    // million: 390 MB of RGBA frames from 6 KB.
+    let gif = gif_of_dots(570, 300);
+    assert!(gif.len() < 8 << 10);
+    let put = client
+        .put(format!("{}/photos/dots.gif", server.base))
+        .header("content-type", "image/gif")
+        .body(gif)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let (before, _) = server.memory();
+    let thumb = client
+        .get(format!(
+            "{}/photos/dots.gif?image&action=resize:w_10",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(thumb.status(), 200);
+    let frames = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(
+        thumb.bytes().await.unwrap().to_vec(),
+    ))
+    .unwrap();
+    let frames = image::AnimationDecoder::into_frames(frames)
+        .collect_frames()
+        .unwrap();
+    assert_eq!(frames.len(), 300);
+    assert_eq!(frames[0].buffer().dimensions(), (10, 10));
+    // The answer is sent once the image thread is done; its trim follows.
+    let mut memory = server.memory();
+    for _ in 0..50 {
+        if memory.0 < 100 << 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        memory = server.memory();
+    }
+    let (after, peak) = memory;
+    assert!(
+        peak > 300 << 20,
+        "the frames took {peak} bytes at most: the test made too little"
+    );
+    assert!(
+        after < 100 << 20,
+        "{after} bytes resident after the animation (peak {peak}, {before} before)"
+    );
+
+    // 300 x 580 x 580 = 100,920,000 frame pixels: refused.
+    let put = client
+        .put(format!("{}/photos/more.gif", server.base))
+        .header("content-type", "image/gif")
+        .body(gif_of_dots(580, 300))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let refused = client
+        .get(format!(
+            "{}/photos/more.gif?image&action=resize:w_10",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(refused.status().is_client_error(), "{}", refused.status());
+    let body = refused.text().await.unwrap();
+    assert!(
+        body.contains("animation_too_large") && body.contains("100000000"),
+        "{body}"
+    );
+}
