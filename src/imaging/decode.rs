@@ -246,8 +246,7 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
         frames: 1,
     };
     if space == "cmyk" {
-        // libjpeg-turbo cannot convert CMYK to RGB; the pure-Rust decoder can.
-        let img = decode_with_image_crate(input, format, limits)?;
+        let img = decode_cmyk(&mut d, input, (width, height))?;
         return Ok(Decoded {
             pixels: Pixels::Still(orient(img, orientation)),
             format,
@@ -389,6 +388,42 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
     })
 }
 
+/// A CMYK or YCCK JPEG in RGB. libjpeg-turbo gives the CMYK values as
+/// stored (converting YCCK to CMYK), which Adobe's files, nearly all CMYK
+/// JPEGs, keep inverted: each of C, M and Y is then scaled by K (`x * k /
+/// 255`), the conversion the image crate's decoder makes. That decoder also
+/// filled a file cut short with grey and called it decoded; libjpeg-turbo
+/// refuses it, as it does every other damaged JPEG.
+fn decode_cmyk(
+    d: &mut Decompressor,
+    input: &[u8],
+    (width, height): (u32, u32),
+) -> Result<DynamicImage, ImagingError> {
+    let format = ImageFormat::Jpeg;
+    let (w, h) = (width as usize, height as usize);
+    let mut cmyk = turbojpeg::Image {
+        pixels: vec![0u8; w * h * 4],
+        width: w,
+        pitch: w * 4,
+        height: h,
+        format: turbojpeg::PixelFormat::CMYK,
+    };
+    d.decompress(input, cmyk.as_deref_mut())
+        .map_err(|e| decode_error(format, e))?;
+    let scale = |x: u8, k: u8| {
+        let t = u32::from(x) * u32::from(k) + 128;
+        ((t + (t >> 8)) >> 8) as u8
+    };
+    let rgb = cmyk
+        .pixels
+        .chunks_exact(4)
+        .flat_map(|p| [scale(p[0], p[3]), scale(p[1], p[3]), scale(p[2], p[3])])
+        .collect();
+    image::RgbImage::from_raw(width, height, rgb)
+        .map(DynamicImage::ImageRgb8)
+        .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"))
+}
+
 /// The pipeline's first geometric operation, which the JPEG decoder can
 /// fold into decoding: a resize lets it shrink on load, a crop (or a cover
 /// resize) lets it decode only the region.
@@ -526,17 +561,6 @@ fn plan_jpeg(lead: Lead<'_>, full: (u32, u32)) -> JpegPlan {
             crop_applied: false,
         },
     }
-}
-
-fn decode_with_image_crate(
-    input: &[u8],
-    format: ImageFormat,
-    limits: &Limits,
-) -> Result<DynamicImage, ImagingError> {
-    let mut r = reader(input, format)?;
-    r.limits(decoder_limits(limits));
-    let img = r.decode().map_err(|e| decode_error(format, e))?;
-    Ok(normalize(img))
 }
 
 /// Brings every decoded layout to 8-bit RGB or RGBA.

@@ -227,6 +227,27 @@ fn grayscale_cmyk_and_16_bit_decode_to_the_same_picture() {
 }
 
 #[test]
+fn a_cmyk_jpeg_cut_short_or_damaged_is_refused_not_filled_with_grey() {
+    let cmyk = fixture("storm-cmyk.jpg");
+    for keep in [cmyk.len() / 20, cmyk.len() / 2, cmyk.len() - 100] {
+        let err = run(&cmyk[..keep], "format:t_png")
+            .err()
+            .unwrap_or_else(|| panic!("{keep} of {} bytes decoded", cmyk.len()));
+        assert_eq!(err.code(), "decode_failed", "{keep}: {err}");
+    }
+    // A corrupt Huffman code halfway through the scan.
+    let mut flipped = cmyk.clone();
+    let mid = flipped.len() / 2;
+    for b in &mut flipped[mid..mid + 64] {
+        *b = 0xff - (*b & 0x0f);
+    }
+    assert_eq!(
+        run(&flipped, "format:t_png").err().map(|e| e.code()),
+        Some("decode_failed")
+    );
+}
+
+#[test]
 fn every_format_round_trips() {
     let (_, original) = run_image(&fixture("storm.jpg"), "format:t_png");
     let input = fixture("storm.jpg");
