@@ -260,19 +260,30 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
     let factor = ScalingFactor::new(1, denom as usize);
     let scaled = header.scaled(factor);
     let (sw, sh) = (scaled.width as u32, scaled.height as u32);
-    // The exact region wanted, in scaled pixels, and the decoded one, whose
-    // left edge is moved back to an iMCU boundary.
+    // The exact region wanted, in scaled pixels.
     let want = plan.region.unwrap_or(Region {
         x: 0,
         y: 0,
         width: sw,
         height: sh,
     });
+    // libjpeg-turbo upsamples chroma at a region's edges as at the image's,
+    // repeating the edge sample where the full decode blends in the next
+    // one (45 levels off at a colour edge). So the decoded region reaches
+    // one iMCU further on every side the image continues, and the wanted
+    // pixels, cut from it, are the full decode's. Its left edge sits on an
+    // iMCU boundary, as TurboJPEG asks.
     let mcu = super::jpeg::scaled_mcu_width(header.subsamp, denom);
-    let decoded_region = Region {
-        x: want.x - want.x % mcu,
-        width: want.width + want.x % mcu,
-        ..want
+    let mcu_rows = (header.subsamp.mcu_height() as u32 / denom).max(1);
+    let decoded_region = {
+        let x = (want.x - want.x % mcu).saturating_sub(mcu);
+        let y = want.y.saturating_sub(mcu_rows);
+        Region {
+            x,
+            y,
+            width: (want.x + want.width).saturating_add(mcu).min(sw) - x,
+            height: (want.y + want.height).saturating_add(mcu_rows).min(sh) - y,
+        }
     };
     // A region is planned only for unrotated files.
     let lead_frame = match (lead, plan.region) {
@@ -375,9 +386,9 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
     };
     let mut buffer = image::RgbImage::from_raw(decoded_region.width, decoded_region.height, pixels)
         .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"))?;
-    if decoded_region.width != want.width {
-        buffer =
-            image::imageops::crop_imm(&buffer, want.x % mcu, 0, want.width, want.height).to_image();
+    if decoded_region != want {
+        let (x, y) = (want.x - decoded_region.x, want.y - decoded_region.y);
+        buffer = image::imageops::crop_imm(&buffer, x, y, want.width, want.height).to_image();
     }
     Ok(Decoded {
         pixels: Pixels::Still(orient(DynamicImage::ImageRgb8(buffer), orientation)),
@@ -1807,5 +1818,46 @@ mod tests {
             still(decode(&png, &limits, Lead::Nothing).unwrap()) == expected,
             "png"
         );
+    }
+
+    #[test]
+    fn a_region_decodes_to_the_pixels_of_the_whole_decode() {
+        // libjpeg-turbo upsamples chroma at a region's edges as at the
+        // image's: a crop of a 4:2:0 or 4:2:2 file must still get the full
+        // decode's pixels, at every edge the image continues past.
+        let limits = Limits::default();
+        for subsamp in [raw::TJSAMP_TJSAMP_420, raw::TJSAMP_TJSAMP_422] {
+            let jpeg = baseline("storm.jpg", 2, subsamp as u32, 0);
+            let whole = still(decode(&jpeg, &limits, Lead::Nothing).unwrap()).to_rgb8();
+            for (x, y, w, h) in [
+                (300, 200, 40, 40),
+                (16, 16, 64, 48),
+                (0, 0, 100, 80),
+                (333, 17, 77, 91),
+                (880, 560, 80, 80),
+            ] {
+                let action =
+                    crate::action::Action::parse(&format!("crop:l_{x},t_{y},w_{w},h_{h}")).unwrap();
+                let (_, lead) = crate::imaging::geometry::lead(&action);
+                let decoded = decode(&jpeg, &limits, lead).unwrap();
+                assert!(decoded.lead_applied);
+                let region = still(decoded).to_rgb8();
+                let expected = image::imageops::crop_imm(&whole, x, y, w, h).to_image();
+                let worst = region
+                    .pixels()
+                    .zip(expected.pixels())
+                    .enumerate()
+                    .map(|(i, (a, b))| {
+                        let d = (0..3).map(|c| a[c].abs_diff(b[c])).max().unwrap_or(0);
+                        (d, i as u32 % w, i as u32 / w)
+                    })
+                    .max()
+                    .unwrap();
+                assert_eq!(
+                    worst.0, 0,
+                    "subsamp {subsamp}, crop {x},{y} {w}x{h}: {worst:?} (level, x, y)"
+                );
+            }
+        }
     }
 }
