@@ -180,7 +180,23 @@ impl WatermarkResolver for LocalResolver {
         } else {
             PathBuf::from(url)
         };
-        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+        // Held to serve's watermark cap, read with a bound: a path may name
+        // something endless (a device, a pipe).
+        let limit = imgfunc::cloudfunc::SourceConfig::default().max_bytes;
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|file| {
+                file.take((limit as u64).saturating_add(1))
+                    .read_to_end(&mut bytes)
+            })
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if bytes.len() > limit {
+            return Err(format!(
+                "{}: larger than the {limit}-byte watermark cap",
+                path.display()
+            ));
+        }
+        Ok(bytes)
     }
 }
 

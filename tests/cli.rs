@@ -176,6 +176,29 @@ fn watermark_urls_name_store_objects_as_serve_does() {
 }
 
 #[test]
+fn a_watermark_path_is_read_to_the_watermark_cap_only() {
+    // A path that never ends (a device) stops at serve's 10 MiB cap, at
+    // once, instead of filling memory.
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let u = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("/dev/zero");
+    let output = dir.path().join("out.png");
+    let out = process_into(
+        dir.path(),
+        &format!("resize:w_50|watermark_image:u_{u}|format:t_png"),
+        &fixture("storm.jpg"),
+        &output,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("/dev/zero: larger than the 10485760-byte watermark cap"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!output.exists());
+}
+
+#[test]
 fn stdin_is_held_to_the_input_limit_like_a_file() {
     // A thumbnail of a progressive JPEG reads only its DC scans; from
     // stdin, it still may not be larger than --max-input-bytes.
