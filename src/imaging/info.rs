@@ -40,6 +40,7 @@ pub(super) fn describe(
             ("gpslongitude", exif::Tag::GPSLongitude),
             ("gpslongituderef", exif::Tag::GPSLongitudeRef),
             ("gpsaltitude", exif::Tag::GPSAltitude),
+            ("gpsaltituderef", exif::Tag::GPSAltitudeRef),
         ];
         for (name, tag) in fields {
             let field = exif.get_field(tag, exif::In::PRIMARY).or_else(|| {

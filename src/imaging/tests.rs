@@ -534,6 +534,40 @@ fn info_describes_the_processed_image_and_source_exif() {
 }
 
 #[test]
+fn info_gives_the_gps_altitude_with_its_reference() {
+    // An APP1 segment with GPSAltitude 123.4 and GPSAltitudeRef 1.
+    use exif::{Field, In, Rational, Tag, Value};
+    let altitude = Field {
+        tag: Tag::GPSAltitude,
+        ifd_num: In::PRIMARY,
+        value: Value::Rational(vec![Rational {
+            num: 1234,
+            denom: 10,
+        }]),
+    };
+    let below = Field {
+        tag: Tag::GPSAltitudeRef,
+        ifd_num: In::PRIMARY,
+        value: Value::Byte(vec![1]),
+    };
+    let mut writer = exif::experimental::Writer::new();
+    writer.push_field(&altitude);
+    writer.push_field(&below);
+    let mut tiff = std::io::Cursor::new(Vec::new());
+    writer.write(&mut tiff, false).unwrap();
+    let tiff = tiff.into_inner();
+    let jpeg = fixture("storm.jpg");
+    let mut app1 = vec![0xff, 0xe1];
+    app1.extend_from_slice(&((2 + 6 + tiff.len()) as u16).to_be_bytes());
+    app1.extend_from_slice(b"Exif\0\0");
+    app1.extend_from_slice(&tiff);
+    let tagged = [&jpeg[..2], &app1, &jpeg[2..]].concat();
+    let info = run(&tagged, "info").unwrap().info.unwrap();
+    assert_eq!(info["gpsaltitude"], "123.4", "{info}");
+    assert_eq!(info["gpsaltituderef"], "below sea level", "{info}");
+}
+
+#[test]
 fn save_yields_an_extra_output() {
     let out = run(
         &fixture("storm.jpg"),
