@@ -14,3 +14,14 @@ pub mod imaging;
 pub mod notify;
 pub mod rules;
 pub mod store;
+
+/// Text from a request as an error shows it: its first 64 characters, so
+/// that a value of megabytes (a rule body may be 2 MiB) does not travel in
+/// every error message and result.
+pub(crate) fn shown(text: &str) -> String {
+    const SHOWN: usize = 64;
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+        None => text.to_string(),
+    }
+}

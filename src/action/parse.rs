@@ -1,3 +1,4 @@
+use crate::shown;
 use base64::Engine as _;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
@@ -89,17 +90,6 @@ fn parse_op(position: usize, part: &str) -> Result<Op, ActionError> {
             op: shown(name),
             allowed: OPERATIONS,
         }),
-    }
-}
-
-/// Text from the action as an error shows it: its first 64 characters, so
-/// that a value of megabytes (a rule body may be 2 MiB) does not travel in
-/// every error message and result.
-fn shown(text: &str) -> String {
-    const SHOWN: usize = 64;
-    match text.char_indices().nth(SHOWN) {
-        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
-        None => text.to_string(),
     }
 }
 

@@ -101,7 +101,7 @@ pub(crate) fn check_key(key: &str, field: String) -> Result<(), EventError> {
     if key.len() > MAX_KEY_BYTES {
         return Err(EventError::InvalidKey {
             field,
-            key: key.chars().take(64).chain("...".chars()).collect(),
+            key: crate::shown(key),
             reason: "longer than 1024 bytes",
         });
     }

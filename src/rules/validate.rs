@@ -57,8 +57,9 @@ pub fn validate_bucket_name(name: &str) -> Result<(), RuleError> {
         Err(RuleError::new(
             "bucket",
             format!(
-                "invalid bucket name `{name}`: use 1 to 255 letters, digits, `.`, `-` or `_`, \
-                 starting with a letter or digit"
+                "invalid bucket name `{}`: use 1 to 255 letters, digits, `.`, `-` or `_`, \
+                 starting with a letter or digit",
+                crate::shown(name)
             ),
         ))
     }
@@ -300,9 +301,11 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
         .unwrap_or_else(|| DEFAULT_KEY_SEPRATE.to_string());
     let save_bucket = match raw.save_bucket {
         Some(b) if !b.is_empty() => {
-            validate_bucket_name(&b).map_err(|e| e.renamed("cloudfunc_args.save_bucket"))?;
+            // The store's rules first: they are the stricter, and their
+            // message says what a bucket written to may be.
             crate::store::validate_bucket(&b)
                 .map_err(|e| RuleError::new("cloudfunc_args.save_bucket", e.to_string()))?;
+            validate_bucket_name(&b).map_err(|e| e.renamed("cloudfunc_args.save_bucket"))?;
             Some(b)
         }
         _ => None,

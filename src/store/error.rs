@@ -80,7 +80,7 @@ impl StoreError {
 
     pub(crate) fn invalid_key(key: &str, reason: impl Into<String>) -> Self {
         StoreError::InvalidKey {
-            key: key.to_owned(),
+            key: crate::shown(key),
             reason: reason.into(),
         }
     }

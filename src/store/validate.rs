@@ -36,7 +36,7 @@ pub fn validate_key(key: &str) -> Result<(), StoreError> {
 /// `-`, not starting with `.` or `-`, which keeps it a safe folder name.
 pub fn validate_bucket(bucket: &str) -> Result<(), StoreError> {
     let invalid = |reason: String| StoreError::InvalidBucket {
-        bucket: bucket.to_owned(),
+        bucket: crate::shown(bucket),
         reason,
     };
     if let Some(c) = bucket
@@ -234,6 +234,22 @@ mod tests {
             err.to_string(),
             r#"invalid bucket name "a/b": '/' is not allowed; use a-z, 0-9, '.', '_' and '-'"#
         );
+    }
+
+    #[test]
+    fn a_name_of_a_megabyte_is_shown_by_its_start_and_length() {
+        let long = "a".repeat(1 << 20);
+        for err in [
+            validate_key(&long).unwrap_err(),
+            validate_bucket(&long).unwrap_err(),
+        ] {
+            let msg = err.to_string();
+            assert!(msg.len() < 300, "{} bytes: {}", msg.len(), &msg[..300]);
+            assert!(
+                msg.contains(&format!("{}… (1048576 bytes)", "a".repeat(64))),
+                "{msg}"
+            );
+        }
     }
 
     #[test]
