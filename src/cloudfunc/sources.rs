@@ -384,7 +384,8 @@ pub fn allow_list_entry(entry: &str) -> Result<String, String> {
             .and_then(Url::host_str)
             .map_or_else(|| format!("[{ip}]"), str::to_string));
     }
-    let plain = !host.is_empty() && !host.contains([':', '/', '@', '?', '#', '\\']);
+    // A wildcard would be taken as a name that matches nothing.
+    let plain = !host.is_empty() && !host.contains([':', '/', '@', '?', '#', '\\', '*']);
     // As URLs spell it: an internationalised name in its ASCII form.
     let parsed = Url::parse(&format!("http://{host}/")).ok();
     match parsed.as_ref().and_then(Url::host_str) {
@@ -412,6 +413,7 @@ fn is_public(ip: IpAddr) -> bool {
                 || v4.is_link_local()
                 || v4.is_broadcast()
                 || v4.is_documentation()
+                || v4.is_multicast() // 224/4: not one host's address
                 || a == 0 // "this network", 0.0.0.0/8
                 || a == 100 && (b & 0xc0) == 64 // shared (CGNAT), 100.64/10
                 || a == 198 && (b & 0xfe) == 18 // benchmarking, 198.18/15
@@ -444,6 +446,7 @@ fn is_public(ip: IpAddr) -> bool {
             let seg = v6.segments()[0];
             !(v6.is_loopback()
                 || v6.is_unspecified()
+                || v6.is_multicast() // ff00::/8
                 || (seg & 0xfe00) == 0xfc00 // unique local, fc00::/7
                 || (seg & 0xffc0) == 0xfe80 // link-local, fe80::/10
                 || (seg & 0xffc0) == 0xfec0) // site-local (deprecated), fec0::/10
@@ -538,6 +541,10 @@ mod tests {
             "::a00:1",
             "fec0::1",
             "192.0.0.8",
+            "224.0.0.1",
+            "239.255.255.250",
+            "ff02::1",
+            "ff0e::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
@@ -604,6 +611,8 @@ mod tests {
             "https://cdn.example.com",
             "a/b",
             "a b",
+            "*.example.com",
+            "*",
         ] {
             let err = allow_list_entry(bad).unwrap_err();
             assert!(err.contains("no scheme, port or path"), "{bad:?}: {err}");
