@@ -228,7 +228,14 @@ fn orient(img: DynamicImage, orientation: u8) -> DynamicImage {
 fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, ImagingError> {
     let format = ImageFormat::Jpeg;
     let mut d = Decompressor::new().map_err(|e| decode_error(format, e))?;
-    let header = d.read_header(input).map_err(|e| decode_error(format, e))?;
+    let header = d.read_header(input).map_err(|e| match e {
+        // TurboJPEG reads a file that ends before its frame header as
+        // one of width -1.
+        turbojpeg::Error::IntegerOverflow(_) => {
+            decode_error(format, "the file ends before its frame header (cut short?)")
+        }
+        e => decode_error(format, e),
+    })?;
     let (width, height) = (header.width as u32, header.height as u32);
     check_pixels(format, width, height, limits)?;
     let orientation = exif_orientation(input);

@@ -248,6 +248,18 @@ fn a_cmyk_jpeg_cut_short_or_damaged_is_refused_not_filled_with_grey() {
 }
 
 #[test]
+fn a_jpeg_cut_before_its_frame_header_says_so() {
+    // Cut inside its EXIF segment (bytes 2-180), before SOF (at 318).
+    let jpeg = fixture("orientation-6.jpg");
+    let err = run(&jpeg[..100], "info").err().unwrap();
+    assert_eq!(err.code(), "decode_failed");
+    assert!(
+        err.to_string().contains("ends before its frame header"),
+        "{err}"
+    );
+}
+
+#[test]
 fn every_format_round_trips() {
     let (_, original) = run_image(&fixture("storm.jpg"), "format:t_png");
     let input = fixture("storm.jpg");
