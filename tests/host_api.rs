@@ -852,6 +852,26 @@ async fn invoke_answers_with_the_result_synchronously() {
         &["event"],
     )
     .await;
+    // An image rule on a bucket the store refuses, as setting it would be;
+    // a notifier rule takes any bucket an event names.
+    let image_rule = json!({"event": {"event_type": "create_object",
+        "bucket_name": "BAD", "object_key": "a.jpg"}, "rule": {"id": "x",
+        "event_types": "create_object", "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_10"}}});
+    assert_error(
+        invoke(image_rule).await.unwrap(),
+        400,
+        "invalid_rule",
+        &["rule.bucket", "BAD"],
+    )
+    .await;
+    let notified = invoke(json!({"event": {"event_type": "create_object",
+        "bucket_name": "BAD", "object_key": "a.jpg"}, "rule": {"id": "x",
+        "event_types": "create_object", "cloudfunc": "notifier",
+        "notify_url": "http://127.0.0.1:9/hook"}}))
+    .await
+    .unwrap();
+    assert_eq!(notified.status(), 200, "{:?}", notified.text().await);
     host.stop().await;
 }
 

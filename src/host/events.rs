@@ -79,6 +79,14 @@ pub async fn invoke(
         .get("rule")
         .ok_or_else(|| ApiError::bad_request("invalid_request", "missing field `rule`"))?;
     let rule = Rule::from_json(rule_json, &event.bucket)
+        .and_then(|rule| {
+            // As a rule set on the event's bucket would be: an image rule
+            // only on a bucket the store takes.
+            state
+                .rules
+                .check_buckets(&event.bucket, std::slice::from_ref(&rule))?;
+            Ok(rule)
+        })
         .map_err(|e| ApiError::bad_request("invalid_rule", e.under("rule").to_string()))?;
     let slot = state.runtime.image_slot().await;
     // Once it has its slot the invocation runs to the end even if the client

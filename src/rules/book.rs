@@ -169,7 +169,7 @@ impl RuleBook {
     /// (`bucket` itself, `save_bucket`, `save:` targets) to the store's
     /// bucket names; the error names the field. Notifier rules do not touch
     /// the store, so they take any bucket name an event may carry.
-    fn check_buckets(&self, bucket: &str, rules: &[Rule]) -> Result<(), RuleError> {
+    pub fn check_buckets(&self, bucket: &str, rules: &[Rule]) -> Result<(), RuleError> {
         let check = self.bucket_check.unwrap_or(crate::store::validate_bucket);
         if rules.iter().any(|rule| rule.image_args().is_some()) {
             check(bucket).map_err(|e| RuleError::new("bucket", e.to_string()))?;
