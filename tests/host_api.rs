@@ -1272,6 +1272,51 @@ async fn paths_no_route_takes_answer_in_json() {
     host.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifier_rules_on_any_bucket_an_event_may_name_are_read_and_removed() {
+    // `My_Bucket` is no bucket of the store, but an event (and a rule file)
+    // may name it: its notifier rules are set, read and removed by that
+    // name; an image rule there is refused, as the store cannot hold it.
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let notifier = json!({"notifications": [{"id": "n", "event_types": "create_object",
+        "cloudfunc": "notifier", "notify_url": "http://127.0.0.1:9/hook"}]});
+    assert_eq!(host.set_rules("My_Bucket", &notifier).await.status(), 200);
+    assert_eq!(
+        host.get_rules("My_Bucket").await["notifications"][0]["id"],
+        "n"
+    );
+    let deleted = host
+        .http
+        .delete(host.url("/My_Bucket?notification"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(
+        host.get_rules("My_Bucket").await,
+        json!({"notifications": []})
+    );
+    let image = json!({"notifications": [{"id": "i", "event_types": "create_object",
+        "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_10"}}]});
+    assert_error(
+        host.set_rules("My_Bucket", &image).await,
+        400,
+        "invalid_rule",
+        &["bucket", "My_Bucket"],
+    )
+    .await;
+    // Objects stay under the store's names.
+    assert_error(
+        host.http.get(host.url("/My_Bucket")).send().await.unwrap(),
+        400,
+        "invalid_bucket",
+        &[],
+    )
+    .await;
+    host.stop().await;
+}
+
 /// A local store whose writes to `uploads` wait at a gate.
 fn stalled_uploads(dir: &std::path::Path) -> Arc<StalledWrites> {
     Arc::new(StalledWrites::over(dir, "uploads"))

@@ -41,6 +41,15 @@ fn check_bucket(bucket: &str) -> Result<(), ApiError> {
     validate_bucket(bucket).map_err(ApiError::from)
 }
 
+/// The bucket of a `?notification` request, held to the rule book's names:
+/// a notifier rule takes any bucket an event may name (a rule file's
+/// included), so its rules are read and removed under that name too. An
+/// image rule is still held to the store's names when it is set.
+fn check_rules_bucket(bucket: &str) -> Result<(), ApiError> {
+    crate::rules::validate_bucket_name(bucket)
+        .map_err(|e| ApiError::bad_request("invalid_bucket", e.to_string()))
+}
+
 /// `GET /{bucket}?notification` gives the rules; `GET /{bucket}` lists keys
 /// (`?prefix=`).
 pub async fn get_bucket(
@@ -48,15 +57,16 @@ pub async fn get_bucket(
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    check_bucket(&bucket)?;
     let q = query(&raw);
     if q.contains_key("notification") {
+        check_rules_bucket(&bucket)?;
         let body = state
             .rules
             .get_raw(&bucket)
             .unwrap_or_else(|| json!({"notifications": []}));
         return Ok(Json(body));
     }
+    check_bucket(&bucket)?;
     let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
     let entries = match state.store.list(&bucket, prefix).await {
         Ok(e) => e,
@@ -89,13 +99,15 @@ pub async fn put_bucket(
     RawQuery(raw): RawQuery,
     JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
-    check_bucket(&bucket)?;
     if query(&raw).contains_key("notification") {
+        check_rules_bucket(&bucket)?;
         let book = Arc::clone(&state);
         let name = bucket.clone();
         rules_io(move || book.rules.set(&name, &body)).await?;
         tracing::info!(%bucket, "notification rules set");
+        return Ok(StatusCode::OK);
     }
+    check_bucket(&bucket)?;
     Ok(StatusCode::OK)
 }
 
@@ -117,12 +129,13 @@ pub async fn delete_bucket(
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<StatusCode, ApiError> {
-    check_bucket(&bucket)?;
     if query(&raw).contains_key("notification") {
+        check_rules_bucket(&bucket)?;
         let book = Arc::clone(&state);
         rules_io(move || book.rules.delete(&bucket)).await?;
         return Ok(StatusCode::NO_CONTENT);
     }
+    check_bucket(&bucket)?;
     Err(ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "not_supported",
