@@ -52,40 +52,31 @@ pub fn jpeg_profile(jpeg: &[u8]) -> Option<Vec<u8>> {
     (profile.len() <= MAX_PROFILE_BYTES).then_some(profile)
 }
 
-/// A PNG's `iCCP` profile, inflated to at most [`MAX_PROFILE_BYTES`], and
-/// the file without that chunk when it has one: the image decoder would
-/// inflate a profile up to its whole memory limit (a 1 MB file can hold one
-/// that inflates to gigabytes), so it is given the file without it.
-pub fn png_profile(png: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+/// A PNG's `iCCP` profile, inflated to at most [`MAX_PROFILE_BYTES`]
+/// (`None` past it): a 1 MB file can hold one that inflates to gigabytes,
+/// which a decoder would inflate up to its whole memory limit, so the PNG
+/// decoder is told to skip the chunk and it is read here.
+pub fn png_profile(png: &[u8]) -> Option<Vec<u8>> {
     let mut at = 8;
     while let Some(header) = png.get(at..at + 8) {
         let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let kind = &header[4..8];
-        let Some(end) = at.checked_add(12).and_then(|e| e.checked_add(len)) else {
-            break;
-        };
-        if end > png.len() || kind == b"IDAT" || kind == b"IEND" {
-            break;
-        }
-        if kind == b"iCCP" {
-            let data = &png[at + 8..at + 8 + len];
-            let profile = data
-                .iter()
-                .position(|&b| b == 0)
+        let data = png.get(at + 8..at.checked_add(8)?.checked_add(len)?)?;
+        match kind {
+            b"IDAT" | b"IEND" => return None,
+            b"iCCP" => {
                 // The name, its end, then the compression method: 0, zlib.
-                .and_then(|name_end| match data.get(name_end + 1..)? {
-                    [0, zlib @ ..] => Some(zlib),
-                    _ => None,
-                })
-                .and_then(|zlib| fdeflate::decompress_to_vec_bounded(zlib, MAX_PROFILE_BYTES).ok());
-            let mut without = Vec::with_capacity(png.len() - (end - at));
-            without.extend_from_slice(&png[..at]);
-            without.extend_from_slice(&png[end..]);
-            return (profile, Some(without));
+                let name_end = data.iter().position(|&b| b == 0)?;
+                let [0, zlib @ ..] = data.get(name_end + 1..)? else {
+                    return None;
+                };
+                return fdeflate::decompress_to_vec_bounded(zlib, MAX_PROFILE_BYTES).ok();
+            }
+            // Length, type, data and CRC.
+            _ => at += 12 + len,
         }
-        at = end;
     }
-    (None, None)
+    None
 }
 
 /// Converts a still image's pixels (8-bit RGB or RGBA, as decoding leaves
@@ -271,7 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn a_png_profile_is_read_and_taken_out_of_the_file() {
+    fn a_png_profile_is_read_from_its_iccp_chunk() {
         let img = RgbImage::from_pixel(8, 8, image::Rgb([0, 128, 0]));
         let mut png = Vec::new();
         let mut encoder = image::codecs::png::PngEncoder::new(&mut png);
@@ -279,36 +270,50 @@ mod tests {
         encoder
             .write_image(&img, 8, 8, image::ExtendedColorType::Rgb8)
             .unwrap();
-        let (profile, without) = png_profile(&png);
-        assert_eq!(profile.unwrap(), p3());
-        let without = without.unwrap();
-        assert_eq!(png_profile(&without), (None, None));
-        assert_eq!(image::load_from_memory(&without).unwrap().to_rgb8(), img);
+        assert_eq!(png_profile(&png).unwrap(), p3());
+        let mut plain = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut plain)
+            .write_image(&img, 8, 8, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        assert_eq!(png_profile(&plain), None);
     }
 
     #[test]
     fn a_png_profile_that_inflates_past_the_cap_is_dropped_unread() {
-        // 64 MB of zeros: a 64 KB chunk.
-        let zeros = vec![0u8; 64 << 20];
-        let zlib = fdeflate::compress_to_vec(&zeros);
-        let mut data = b"bomb\0\0".to_vec();
-        data.extend_from_slice(&zlib);
+        // A chunk with its length and CRC.
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+            chunk.extend_from_slice(kind);
+            chunk.extend_from_slice(data);
+            let crc = crc32fast::hash(&chunk[4..]);
+            chunk.extend_from_slice(&crc.to_be_bytes());
+            chunk
+        };
+        let iccp = |profile: &[u8]| {
+            let mut data = b"icc\0\0".to_vec();
+            data.extend_from_slice(&fdeflate::compress_to_vec(profile));
+            chunk(b"iCCP", &data)
+        };
         let img = RgbImage::from_pixel(2, 2, image::Rgb([1, 2, 3]));
         let mut png = Vec::new();
         image::codecs::png::PngEncoder::new(&mut png)
             .write_image(&img, 2, 2, image::ExtendedColorType::Rgb8)
             .unwrap();
-        // After the signature and IHDR (8 + 25 bytes).
-        let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
-        chunk.extend_from_slice(b"iCCP");
-        chunk.extend_from_slice(&data);
-        chunk.extend_from_slice(&[0; 4]);
-        let mut bomb = png[..33].to_vec();
-        bomb.extend_from_slice(&chunk);
-        bomb.extend_from_slice(&png[33..]);
-        assert!(bomb.len() < png.len() + (1 << 20));
-        let (profile, without) = png_profile(&bomb);
-        assert_eq!(profile, None);
-        assert_eq!(without.unwrap(), png);
+        // 64 MB of zeros in a 64 KB chunk, after the signature and IHDR
+        // (8 + 25 bytes); alone, or after a first profile, which a decoder
+        // that drops only the first would let through.
+        let bomb = iccp(&vec![0u8; 64 << 20]);
+        let with = |chunks: &[u8]| [&png[..33], chunks, &png[33..]].concat();
+        let alone = with(&bomb);
+        assert!(alone.len() < png.len() + (1 << 20));
+        assert_eq!(png_profile(&alone), None);
+        let second = with(&[iccp(&p3()), bomb].concat());
+        assert_eq!(png_profile(&second), Some(p3()));
+        // The decoder skips both; the image decodes as without them.
+        let limits = crate::imaging::Limits::default();
+        for file in [alone, second] {
+            let decoded = crate::imaging::decode(&file, &limits, crate::imaging::Lead::Nothing);
+            assert_eq!(decoded.unwrap().pixels.into_first_frame().to_rgb8(), img);
+        }
     }
 }

@@ -194,6 +194,7 @@ pub fn decode(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, 
     let mut decoded = match format {
         ImageFormat::Jpeg => decode_jpeg(input, limits, lead)?,
         ImageFormat::Gif => return decode_gif(input, limits, usize::MAX),
+        ImageFormat::Png => return decode_png(input, limits),
         _ => return decode_generic(input, format, limits),
     };
     if let (Some(profile), Pixels::Still(img)) =
@@ -595,16 +596,10 @@ fn decode_generic(
     format: ImageFormat,
     limits: &Limits,
 ) -> Result<Decoded, ImagingError> {
-    // A PNG's profile is read here, with a cap, and kept from the decoder.
-    let (png_profile, without_profile) = match format {
-        ImageFormat::Png => super::colour::png_profile(input),
-        _ => (None, None),
-    };
-    let input = without_profile.as_deref().unwrap_or(input);
     let mut r = reader(input, format)?;
     r.limits(decoder_limits(limits));
     let mut decoder = r.into_decoder().map_err(|e| decode_error(format, e))?;
-    let profile = png_profile.or_else(|| decoder.icc_profile().ok().flatten());
+    let profile = decoder.icc_profile().ok().flatten();
     let (width, height) = decoder.dimensions();
     check_pixels(format, width, height, limits)?;
     let orientation = decoder
@@ -637,6 +632,81 @@ fn decode_generic(
             height,
             orientation,
             space,
+            frames: 1,
+        },
+        lead_applied: false,
+        lead_frame: None,
+    })
+}
+
+/// A PNG through the `png` crate, which gives 8-bit samples as it decodes
+/// (the image crate gives a 16-bit file's samples whole, 8 bytes a pixel
+/// for RGBA, and its conversion to 8-bit then needs 4 more: 1.2 GB for a
+/// file of 100 million pixels). Its profile is read with a cap here (see
+/// [`super::colour::png_profile`]) and skipped by the decoder, as are its
+/// text chunks.
+fn decode_png(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
+    let format = ImageFormat::Png;
+    let error = |e: png::DecodingError| decode_error(format, e);
+    let mut decoder = png::Decoder::new(Cursor::new(input));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    decoder.set_ignore_iccp_chunk(true);
+    decoder.set_ignore_text_chunk(true);
+    decoder.set_limits(png::Limits {
+        bytes: decoder_limits(limits).max_alloc.unwrap_or(u64::MAX) as usize,
+    });
+    let mut reader = decoder.read_info().map_err(error)?;
+    let (width, height) = (reader.info().width, reader.info().height);
+    check_pixels(format, width, height, limits)?;
+    let grey = matches!(
+        reader.info().color_type,
+        png::ColorType::Grayscale | png::ColorType::GrayscaleAlpha
+    );
+    let orientation = reader
+        .info()
+        .exif_metadata
+        .as_ref()
+        .and_then(|exif| exif::Reader::new().read_raw(exif.to_vec()).ok())
+        .and_then(|e| {
+            e.get_field(exif::Tag::Orientation, exif::In::PRIMARY)
+                .and_then(|f| f.value.get_uint(0))
+        })
+        .filter(|o| (1..=8).contains(o))
+        .map_or(1, |o| o as u8);
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| decode_error(format, "the image is too large to address"))?;
+    let mut buf = vec![0u8; size];
+    let frame = reader.next_frame(&mut buf).map_err(error)?;
+    buf.truncate(frame.buffer_size());
+    let (w, h) = (frame.width, frame.height);
+    let wrong_size = || decode_error(format, "decoded buffer has the wrong size");
+    let img = match frame.color_type {
+        png::ColorType::Rgb => image::RgbImage::from_raw(w, h, buf).map(DynamicImage::ImageRgb8),
+        png::ColorType::Rgba => image::RgbaImage::from_raw(w, h, buf).map(DynamicImage::ImageRgba8),
+        png::ColorType::Grayscale => {
+            image::GrayImage::from_raw(w, h, buf).map(DynamicImage::ImageLuma8)
+        }
+        png::ColorType::GrayscaleAlpha => {
+            image::GrayAlphaImage::from_raw(w, h, buf).map(DynamicImage::ImageLumaA8)
+        }
+        // Palettes are expanded to RGB(A) above.
+        png::ColorType::Indexed => None,
+    }
+    .ok_or_else(wrong_size)?;
+    let mut img = normalize(img);
+    if let Some(profile) = super::colour::png_profile(input) {
+        super::colour::to_srgb(&mut img, &profile);
+    }
+    Ok(Decoded {
+        pixels: Pixels::Still(orient(img, orientation)),
+        format,
+        meta: SourceMeta {
+            format,
+            width,
+            height,
+            orientation,
+            space: if grey { "b-w" } else { "srgb" },
             frames: 1,
         },
         lead_applied: false,
