@@ -74,30 +74,39 @@ impl CpuPool {
     }
 }
 
-/// Minor page faults one task may cause before the freed memory goes back
-/// to the kernel: 256 MiB of fresh 4 KiB pages. The heap keeps what images
-/// free (see `tune_allocator` in main.rs), so that the next image reuses
-/// warm pages; a photo's tens of megabytes stay, but an image that took
-/// far more (an animation's hundreds of megabytes of frames) would
-/// otherwise leave the server that much larger for good.
-const TRIM_AFTER_FAULTS: i64 = 65_536;
+/// Minor page faults in one task past which the pool asks the allocator
+/// how much free memory it keeps: a photo in the steady state costs a few,
+/// and a huge page counts once for 2 MiB, so the first gate is low and
+/// the second, rarely reached, is what decides.
+const CHECK_AFTER_FAULTS: i64 = 512;
 
-/// After a task, hands free heap memory back to the kernel if the task
-/// made the thread fault in more than [`TRIM_AFTER_FAULTS`] pages since
-/// `faults` was counted (one `getrusage` call per task).
+/// Free heap memory past which it goes back to the kernel after a task. The
+/// heap keeps what images free (see `tune_allocator` in main.rs), so that
+/// the next image reuses warm pages; a photo's tens of megabytes stay, but
+/// an image that took far more (an animation's hundreds of megabytes of
+/// frames) would otherwise leave the server that much larger for good.
+const TRIM_OVER_FREE_BYTES: usize = 256 << 20;
+
+/// After a task: when it faulted in more than [`CHECK_AFTER_FAULTS`] pages
+/// since `faults` was counted (one `getrusage` call per task) and the heap
+/// now keeps more than [`TRIM_OVER_FREE_BYTES`] free, hands that memory
+/// back to the kernel.
 fn trim_after_growth(faults: &mut i64) {
     let now = thread_faults();
-    if now - *faults > TRIM_AFTER_FAULTS {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only walks and releases the allocator's own
-        // free memory; it is safe to call from any thread at any time.
-        unsafe {
+    let grew = now - *faults > CHECK_AFTER_FAULTS;
+    *faults = now;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallinfo2 only reads the allocator's statistics, and
+    // malloc_trim only releases its own free memory; both may be called
+    // from any thread at any time.
+    unsafe {
+        if grew && libc::mallinfo2().fordblks > TRIM_OVER_FREE_BYTES {
             libc::malloc_trim(0);
+            *faults = thread_faults();
         }
-        *faults = thread_faults();
-    } else {
-        *faults = now;
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = grew;
 }
 
 /// Minor page faults of the calling thread so far (0 where not counted).
