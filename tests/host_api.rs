@@ -865,6 +865,16 @@ async fn invoke_answers_with_the_result_synchronously() {
         &["rule.bucket", "BAD"],
     )
     .await;
+    let saving_elsewhere = json!({"event": event, "rule": {"id": "x",
+        "event_types": "create_object", "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_10", "save_bucket": "_thumbs"}}});
+    assert_error(
+        invoke(saving_elsewhere).await.unwrap(),
+        400,
+        "invalid_rule",
+        &["rule.cloudfunc_args.save_bucket"],
+    )
+    .await;
     let notified = invoke(json!({"event": {"event_type": "create_object",
         "bucket_name": "BAD", "object_key": "a.jpg"}, "rule": {"id": "x",
         "event_types": "create_object", "cloudfunc": "notifier",
@@ -1306,6 +1316,8 @@ async fn notifier_rules_on_any_bucket_an_event_may_name_are_read_and_removed() {
         &["bucket", "My_Bucket"],
     )
     .await;
+    // A store's name the rule book does not take still answers the empty list.
+    assert_eq!(host.get_rules("_x").await, json!({"notifications": []}));
     // Objects stay under the store's names.
     assert_error(
         host.http.get(host.url("/My_Bucket")).send().await.unwrap(),

@@ -84,7 +84,15 @@ pub async fn invoke(
             // only on a bucket the store takes.
             state
                 .rules
-                .check_buckets(&event.bucket, std::slice::from_ref(&rule))?;
+                .check_buckets(&event.bucket, std::slice::from_ref(&rule))
+                .map_err(|e| {
+                    // Named within the one rule given, not a rule set.
+                    let field = e.field.strip_prefix("notifications[0].").map(str::to_owned);
+                    match field {
+                        Some(field) => e.renamed(field),
+                        None => e,
+                    }
+                })?;
             Ok(rule)
         })
         .map_err(|e| ApiError::bad_request("invalid_rule", e.under("rule").to_string()))?;

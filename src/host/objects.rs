@@ -46,6 +46,11 @@ fn check_bucket(bucket: &str) -> Result<(), ApiError> {
 /// included), so its rules are read and removed under that name too. An
 /// image rule is still held to the store's names when it is set.
 fn check_rules_bucket(bucket: &str) -> Result<(), ApiError> {
+    // The store's names are taken too (`_x`: no rule can be set there, but
+    // asking for its rules gets the empty list, as for any bucket).
+    if validate_bucket(bucket).is_ok() {
+        return Ok(());
+    }
     crate::rules::validate_bucket_name(bucket)
         .map_err(|e| ApiError::bad_request("invalid_bucket", e.to_string()))
 }

@@ -410,7 +410,8 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
 /// A CMYK or YCCK JPEG in RGB. libjpeg-turbo gives the CMYK values as
 /// stored (converting YCCK to CMYK), which Adobe's files, nearly all CMYK
 /// JPEGs, keep inverted: each of C, M and Y is then scaled by K (`x * k /
-/// 255`), the conversion the image crate's decoder makes. That decoder also
+/// 255`), the conversion the image crate's decoder makes, in place: 4
+/// bytes a pixel at most. That decoder also
 /// filled a file cut short with grey and called it decoded; libjpeg-turbo
 /// refuses it, as it does every other damaged JPEG.
 fn decode_cmyk(
@@ -433,11 +434,14 @@ fn decode_cmyk(
         let t = u32::from(x) * u32::from(k) + 128;
         ((t + (t >> 8)) >> 8) as u8
     };
-    let rgb = cmyk
-        .pixels
-        .chunks_exact(4)
-        .flat_map(|p| [scale(p[0], p[3]), scale(p[1], p[3]), scale(p[2], p[3])])
-        .collect();
+    // In place, pixel i's RGB over bytes 3i..3i+3, which its own CMYK (at
+    // 4i) and the pixels before it have already given up.
+    let mut rgb = cmyk.pixels;
+    for i in 0..w * h {
+        let [c, m, y, k] = [rgb[4 * i], rgb[4 * i + 1], rgb[4 * i + 2], rgb[4 * i + 3]];
+        rgb[3 * i..3 * i + 3].copy_from_slice(&[scale(c, k), scale(m, k), scale(y, k)]);
+    }
+    rgb.truncate(w * h * 3);
     image::RgbImage::from_raw(width, height, rgb)
         .map(DynamicImage::ImageRgb8)
         .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"))
