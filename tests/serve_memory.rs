@@ -4,7 +4,8 @@
 
 #![cfg(target_os = "linux")]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -48,24 +49,8 @@ impl Server {
             }
         }
         let mut child = command.spawn().expect("start imgfunc serve");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (found, addr) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("imgfunc serve: {line}");
-                if let Some(rest) = line.split("addr=").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                    let _ = found.send(addr);
-                }
-            }
-        });
-        let addr = addr
-            .recv_timeout(Duration::from_secs(60))
-            .expect("imgfunc serve logs the address it listens on");
-        Server {
-            child,
-            base: format!("http://{addr}"),
-        }
+        let base = common::served_base(&mut child);
+        Server { child, base }
     }
 
     /// The server's resident and peak resident memory, in bytes.

@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -145,27 +144,8 @@ fn serve_filtered(data: &Path, functions: &Path, extra: &[&str]) -> Option<Serve
         Err(e) => panic!("cannot start imgfunc serve under the filter: {e}"),
     };
     drop(filter);
-    // The address is in the "serving" line. The whole log is read, so that
-    // the server never blocks on a full pipe, and passed on to the test's
-    // output, shown when it fails.
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (found, addr) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("imgfunc serve: {line}");
-            if let Some(rest) = line.split("addr=").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                let _ = found.send(addr);
-            }
-        }
-    });
-    let addr = addr
-        .recv_timeout(Duration::from_secs(60))
-        .expect("imgfunc serve logs the address it listens on");
-    Some(Server {
-        child,
-        base: format!("http://{addr}"),
-    })
+    let base = common::served_base(&mut child);
+    Some(Server { child, base })
 }
 
 /// Whether this kernel has seccomp (a `Seccomp:` line in the process

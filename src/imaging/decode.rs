@@ -623,24 +623,31 @@ fn decode_generic(
         "srgb"
     };
     let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    let meta = SourceMeta {
+        format,
+        width,
+        height,
+        orientation,
+        space,
+        frames: 1,
+    };
+    Ok(still_decoded(img, profile, meta))
+}
+
+/// A still image decoded whole: in 8-bit RGB(A), in sRGB where `profile`
+/// says it is not (see [`super::colour`]), and oriented.
+fn still_decoded(img: DynamicImage, profile: Option<Vec<u8>>, meta: SourceMeta) -> Decoded {
     let mut img = normalize(img);
     if let Some(profile) = profile {
         super::colour::to_srgb(&mut img, &profile);
     }
-    Ok(Decoded {
-        pixels: Pixels::Still(orient(img, orientation)),
-        format,
-        meta: SourceMeta {
-            format,
-            width,
-            height,
-            orientation,
-            space,
-            frames: 1,
-        },
+    Decoded {
+        pixels: Pixels::Still(orient(img, meta.orientation)),
+        format: meta.format,
+        meta,
         lead_applied: false,
         lead_frame: None,
-    })
+    }
 }
 
 /// A PNG through the `png` crate, which gives 8-bit samples as it decodes
@@ -666,17 +673,6 @@ fn decode_png(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
         reader.info().color_type,
         png::ColorType::Grayscale | png::ColorType::GrayscaleAlpha
     );
-    let orientation = reader
-        .info()
-        .exif_metadata
-        .as_ref()
-        .and_then(|exif| exif::Reader::new().read_raw(exif.to_vec()).ok())
-        .and_then(|e| {
-            e.get_field(exif::Tag::Orientation, exif::In::PRIMARY)
-                .and_then(|f| f.value.get_uint(0))
-        })
-        .filter(|o| (1..=8).contains(o))
-        .map_or(1, |o| o as u8);
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| decode_error(format, "the image is too large to address"))?;
@@ -698,24 +694,15 @@ fn decode_png(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
         png::ColorType::Indexed => None,
     }
     .ok_or_else(wrong_size)?;
-    let mut img = normalize(img);
-    if let Some(profile) = super::colour::png_profile(input) {
-        super::colour::to_srgb(&mut img, &profile);
-    }
-    Ok(Decoded {
-        pixels: Pixels::Still(orient(img, orientation)),
+    let meta = SourceMeta {
         format,
-        meta: SourceMeta {
-            format,
-            width,
-            height,
-            orientation,
-            space: if grey { "b-w" } else { "srgb" },
-            frames: 1,
-        },
-        lead_applied: false,
-        lead_frame: None,
-    })
+        width,
+        height,
+        orientation: exif_orientation(input),
+        space: if grey { "b-w" } else { "srgb" },
+        frames: 1,
+    };
+    Ok(still_decoded(img, super::colour::png_profile(input), meta))
 }
 
 fn orientation_number(o: Orientation) -> u8 {

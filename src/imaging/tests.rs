@@ -580,6 +580,38 @@ fn info_gives_the_gps_altitude_with_its_reference() {
 }
 
 #[test]
+fn a_png_is_turned_by_the_orientation_in_its_exif_chunk() {
+    use exif::{Field, In, Tag, Value};
+    let turned = Field {
+        tag: Tag::Orientation,
+        ifd_num: In::PRIMARY,
+        value: Value::Short(vec![6]),
+    };
+    let mut writer = exif::experimental::Writer::new();
+    writer.push_field(&turned);
+    let mut tiff = std::io::Cursor::new(Vec::new());
+    writer.write(&mut tiff, false).unwrap();
+    let tiff = tiff.into_inner();
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(40, 30, image::Rgb([9, 9, 9]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    // An eXIf chunk after the signature and IHDR (8 + 25 bytes).
+    let mut chunk = (tiff.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(b"eXIf");
+    chunk.extend_from_slice(&tiff);
+    let crc = crc32fast::hash(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    let png = [&png[..33], &chunk, &png[33..]].concat();
+    let info = run(&png, "info").unwrap().info.unwrap();
+    assert_eq!(info["orientation"], 6, "{info}");
+    assert_eq!(
+        (info["width"].as_u64(), info["height"].as_u64()),
+        (Some(30), Some(40))
+    );
+}
+
+#[test]
 fn save_yields_an_extra_output() {
     let out = run(
         &fixture("storm.jpg"),
