@@ -6,66 +6,52 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// A running `imgfunc serve`, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
+use common::Served;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start(dir: &std::path::Path) -> Server {
-        let functions = dir.join("functions");
-        std::fs::create_dir_all(&functions).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_imgfunc"));
-        command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--workers",
-                "1",
-                "--data",
-            ])
-            .arg(dir.join("data"))
-            .arg("--functions")
-            .arg(&functions)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("IMGFUNC_") {
-                command.env_remove(name);
-            }
+/// `imgfunc serve` on a folder of its own, with one image thread.
+fn start(dir: &std::path::Path) -> Served {
+    let functions = dir.join("functions");
+    std::fs::create_dir_all(&functions).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_imgfunc"));
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--data",
+        ])
+        .arg(dir.join("data"))
+        .arg("--functions")
+        .arg(&functions)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("IMGFUNC_") {
+            command.env_remove(name);
         }
-        let mut child = command.spawn().expect("start imgfunc serve");
-        let base = common::served_base(&mut child);
-        Server { child, base }
     }
+    Served::spawn(&mut command).expect("start imgfunc serve")
+}
 
-    /// The server's resident and peak resident memory, in bytes.
-    fn memory(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .map(|kb| kb * 1024)
-                .unwrap()
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
+/// The server's resident and peak resident memory, in bytes.
+fn resident(server: &Served) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap()
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// An animated GIF of `frames` one-pixel frames on a `side` x `side`
@@ -91,7 +77,7 @@ fn gif_of_dots(side: u16, frames: usize) -> Vec<u8> {
 #[tokio::test]
 async fn an_animation_that_took_hundreds_of_megabytes_gives_them_back() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = start(dir.path());
     let client = reqwest::Client::new();
     // 300 x 570 x 570 = 97,470,000 frame pixels, under the cap of 100
     // million: 390 MB of RGBA frames from 6 KB.
@@ -105,7 +91,7 @@ async fn an_animation_that_took_hundreds_of_megabytes_gives_them_back() {
         .await
         .unwrap();
     assert_eq!(put.status(), 201);
-    let (before, _) = server.memory();
+    let (before, _) = resident(&server);
     let thumb = client
         .get(format!(
             "{}/photos/dots.gif?image&action=resize:w_10",
@@ -125,13 +111,13 @@ async fn an_animation_that_took_hundreds_of_megabytes_gives_them_back() {
     assert_eq!(frames.len(), 300);
     assert_eq!(frames[0].buffer().dimensions(), (10, 10));
     // The answer is sent once the image thread is done; its trim follows.
-    let mut memory = server.memory();
+    let mut memory = resident(&server);
     for _ in 0..50 {
         if memory.0 < 100 << 20 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        memory = server.memory();
+        memory = resident(&server);
     }
     let (after, peak) = memory;
     assert!(

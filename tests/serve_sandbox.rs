@@ -14,9 +14,10 @@ mod common;
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::Served;
 use common::host::{decoded, eventually, fixture};
 
 /// `cachestat`'s number on the architectures this test runs on.
@@ -54,24 +55,11 @@ fn kill_cachestat() -> Vec<libc::sock_filter> {
     ]
 }
 
-/// A running `imgfunc serve` and the address it listens on.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts `imgfunc serve` on `data` with the rules in `functions`, under
 /// the filter, with `extra` arguments; `None` when this machine refuses
 /// the filter (no seccomp filters in the kernel, or a container that
 /// forbids them).
-fn serve_filtered(data: &Path, functions: &Path, extra: &[&str]) -> Option<Server> {
+fn serve_filtered(data: &Path, functions: &Path, extra: &[&str]) -> Option<Served> {
     let filter = kill_cachestat();
     // Raw pointers are not `Send`, which `pre_exec` asks of its closure.
     let (address, len) = (filter.as_ptr() as usize, filter.len() as u16);
@@ -129,8 +117,8 @@ fn serve_filtered(data: &Path, functions: &Path, extra: &[&str]) -> Option<Serve
             Ok(())
         });
     }
-    let mut child = match command.spawn() {
-        Ok(child) => child,
+    let served = match Served::spawn(&mut command) {
+        Ok(served) => served,
         // Refused by the machine: no seccomp filters in this kernel, or a
         // container's own filter forbids installing one. Anything else
         // (a malformed program) is this test's fault.
@@ -144,8 +132,7 @@ fn serve_filtered(data: &Path, functions: &Path, extra: &[&str]) -> Option<Serve
         Err(e) => panic!("cannot start imgfunc serve under the filter: {e}"),
     };
     drop(filter);
-    let base = common::served_base(&mut child);
-    Some(Server { child, base })
+    Some(served)
 }
 
 /// Whether this kernel has seccomp (a `Seccomp:` line in the process
