@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::Served;
@@ -15,28 +14,7 @@ use common::Served;
 fn start(dir: &std::path::Path) -> Served {
     let functions = dir.join("functions");
     std::fs::create_dir_all(&functions).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_imgfunc"));
-    command
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--data",
-        ])
-        .arg(dir.join("data"))
-        .arg("--functions")
-        .arg(&functions)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("IMGFUNC_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = common::serve_command(&dir.join("data"), &functions, &["--workers", "1"]);
     Served::spawn(&mut command).expect("start imgfunc serve")
 }
 

@@ -14,7 +14,6 @@ mod common;
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Served;
@@ -63,25 +62,7 @@ fn serve_filtered(data: &Path, functions: &Path, extra: &[&str]) -> Option<Serve
     let filter = kill_cachestat();
     // Raw pointers are not `Send`, which `pre_exec` asks of its closure.
     let (address, len) = (filter.as_ptr() as usize, filter.len() as u16);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_imgfunc"));
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .arg("--functions")
-        .arg(functions)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // The server's settings come from its arguments alone (an
-    // `IMGFUNC_NO_PAGE_CACHE_CHECK` or `IMGFUNC_S3_ENDPOINT` in the test's
-    // environment would change what is tested).
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("IMGFUNC_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = common::serve_command(data, functions, extra);
     // SAFETY: between fork and exec the closure only makes `setrlimit` and
     // `prctl` calls on values on its stack and on `filter`, which the
     // child's copy of this process holds (it is dropped here only after

@@ -5,6 +5,36 @@
 pub mod host;
 pub mod s3;
 
+/// `imgfunc serve` on 127.0.0.1:0 with the store at `data`, the rules in
+/// `functions` and `extra` arguments, logging at info to a piped stderr
+/// (as [`Served::spawn`] reads it). Its settings come from its arguments
+/// alone: an `IMGFUNC_NO_PAGE_CACHE_CHECK` or `IMGFUNC_S3_ENDPOINT` in the
+/// test's environment would change what is tested.
+pub fn serve_command(
+    data: &std::path::Path,
+    functions: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Command {
+    use std::process::Stdio;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_imgfunc"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .arg("--functions")
+        .arg(functions)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("IMGFUNC_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// A spawned `imgfunc serve` and the address it listens on; killed when
 /// dropped.
 pub struct Served {
