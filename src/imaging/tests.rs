@@ -545,29 +545,39 @@ fn info_describes_the_processed_image_and_source_exif() {
     );
 }
 
+/// EXIF (a TIFF structure) holding `fields` of the primary image.
+fn exif_tiff(fields: &[(exif::Tag, exif::Value)]) -> Vec<u8> {
+    let fields: Vec<exif::Field> = fields
+        .iter()
+        .map(|(tag, value)| exif::Field {
+            tag: *tag,
+            ifd_num: exif::In::PRIMARY,
+            value: value.clone(),
+        })
+        .collect();
+    let mut writer = exif::experimental::Writer::new();
+    for field in &fields {
+        writer.push_field(field);
+    }
+    let mut tiff = std::io::Cursor::new(Vec::new());
+    writer.write(&mut tiff, false).unwrap();
+    tiff.into_inner()
+}
+
 #[test]
 fn info_gives_the_gps_altitude_with_its_reference() {
     // An APP1 segment with GPSAltitude 123.4 and GPSAltitudeRef 1.
-    use exif::{Field, In, Rational, Tag, Value};
-    let altitude = Field {
-        tag: Tag::GPSAltitude,
-        ifd_num: In::PRIMARY,
-        value: Value::Rational(vec![Rational {
-            num: 1234,
-            denom: 10,
-        }]),
-    };
-    let below = Field {
-        tag: Tag::GPSAltitudeRef,
-        ifd_num: In::PRIMARY,
-        value: Value::Byte(vec![1]),
-    };
-    let mut writer = exif::experimental::Writer::new();
-    writer.push_field(&altitude);
-    writer.push_field(&below);
-    let mut tiff = std::io::Cursor::new(Vec::new());
-    writer.write(&mut tiff, false).unwrap();
-    let tiff = tiff.into_inner();
+    use exif::{Rational, Tag, Value};
+    let tiff = exif_tiff(&[
+        (
+            Tag::GPSAltitude,
+            Value::Rational(vec![Rational {
+                num: 1234,
+                denom: 10,
+            }]),
+        ),
+        (Tag::GPSAltitudeRef, Value::Byte(vec![1])),
+    ]);
     let jpeg = fixture("storm.jpg");
     let mut app1 = vec![0xff, 0xe1];
     app1.extend_from_slice(&((2 + 6 + tiff.len()) as u16).to_be_bytes());
@@ -581,17 +591,7 @@ fn info_gives_the_gps_altitude_with_its_reference() {
 
 #[test]
 fn a_png_is_turned_by_the_orientation_in_its_exif_chunk() {
-    use exif::{Field, In, Tag, Value};
-    let turned = Field {
-        tag: Tag::Orientation,
-        ifd_num: In::PRIMARY,
-        value: Value::Short(vec![6]),
-    };
-    let mut writer = exif::experimental::Writer::new();
-    writer.push_field(&turned);
-    let mut tiff = std::io::Cursor::new(Vec::new());
-    writer.write(&mut tiff, false).unwrap();
-    let tiff = tiff.into_inner();
+    let tiff = exif_tiff(&[(exif::Tag::Orientation, exif::Value::Short(vec![6]))]);
     let mut png = Vec::new();
     image::RgbImage::from_pixel(40, 30, image::Rgb([9, 9, 9]))
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
