@@ -410,10 +410,10 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
 /// A CMYK or YCCK JPEG in RGB. libjpeg-turbo gives the CMYK values as
 /// stored (converting YCCK to CMYK), which Adobe's files, nearly all CMYK
 /// JPEGs, keep inverted: each of C, M and Y is then scaled by K (`x * k /
-/// 255`), the conversion the image crate's decoder makes, in place: 4
-/// bytes a pixel at most. That decoder also
-/// filled a file cut short with grey and called it decoded; libjpeg-turbo
-/// refuses it, as it does every other damaged JPEG.
+/// 255`), the conversion the image crate's decoder made, in place (4 bytes
+/// a pixel at most). That decoder also filled a file cut short with grey
+/// and called it decoded; libjpeg-turbo refuses it, as it does every other
+/// damaged JPEG.
 fn decode_cmyk(
     d: &mut Decompressor,
     input: &[u8],
