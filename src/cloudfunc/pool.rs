@@ -75,10 +75,11 @@ impl CpuPool {
 }
 
 /// Minor page faults in one task past which the pool asks the allocator
-/// how much free memory it keeps: a photo in the steady state costs a few,
-/// and a huge page counts once for 2 MiB, so the first gate is low and
-/// the second, rarely reached, is what decides.
-const CHECK_AFTER_FAULTS: i64 = 512;
+/// how much free memory it keeps (`mallinfo2`, under a microsecond here):
+/// a photo in the steady state costs a few, and with transparent huge
+/// pages one fault maps 2 MiB (64 of them, 128 MiB), so the first gate is
+/// low and the second is what decides.
+const CHECK_AFTER_FAULTS: i64 = 64;
 
 /// Free heap memory past which it goes back to the kernel after a task. The
 /// heap keeps what images free (see `tune_allocator` in main.rs), so that
