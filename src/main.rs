@@ -182,7 +182,7 @@ impl WatermarkResolver for LocalResolver {
         };
         // Held to serve's watermark cap, read with a bound: a path may name
         // something endless (a device, a pipe).
-        let limit = imgfunc::cloudfunc::SourceConfig::default().max_bytes;
+        let limit = imgfunc::cloudfunc::MAX_WATERMARK_BYTES;
         let mut bytes = Vec::new();
         std::fs::File::open(&path)
             .and_then(|file| {

@@ -6,7 +6,9 @@ mod pool;
 mod sources;
 
 pub use pool::CpuPool;
-pub use sources::{SourceConfig, WatermarkSources, allow_list_entry, s3_url_object};
+pub use sources::{
+    MAX_WATERMARK_BYTES, SourceConfig, WatermarkSources, allow_list_entry, s3_url_object,
+};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -12,6 +12,9 @@ use reqwest::Url;
 use crate::store::{Body, Kept, ObjectStore, ReadBody};
 
 /// How watermark URLs may be fetched.
+/// The default cap on a watermark image, fetched or read: 10 MiB.
+pub const MAX_WATERMARK_BYTES: usize = 10 * 1024 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
     /// Hosts (exact, lowercase) whose http(s) URLs may be fetched.
@@ -36,7 +39,7 @@ impl Default for SourceConfig {
         SourceConfig {
             allow_hosts: Vec::new(),
             allow_private: false,
-            max_bytes: 10 * 1024 * 1024,
+            max_bytes: MAX_WATERMARK_BYTES,
             timeout: Duration::from_secs(5),
             cache_ttl: Duration::from_secs(60),
             s3_endpoint: None,
