@@ -1,6 +1,6 @@
 use std::io::Cursor;
 
-use image::codecs::gif::GifDecoder;
+use image::codecs::gif::{GifDecoder, Repeat};
 use image::metadata::Orientation;
 use image::{AnimationDecoder, DynamicImage, Frame, ImageDecoder, ImageReader};
 use turbojpeg::{Colorspace, Decompressor, ScalingFactor, Subsamp};
@@ -28,6 +28,9 @@ pub struct SourceMeta {
     /// `srgb`, `b-w` or `cmyk`.
     pub space: &'static str,
     pub frames: usize,
+    /// How often an animated GIF plays, from its loop extension: a GIF
+    /// without one plays once (`Finite(0)`). `Infinite` for other formats.
+    pub repeat: Repeat,
 }
 
 /// The result of [`decode`].
@@ -252,6 +255,7 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
         orientation,
         space,
         frames: 1,
+        repeat: Repeat::Infinite,
     };
     if space == "cmyk" {
         let img = decode_cmyk(&mut d, input, (width, height))?;
@@ -630,6 +634,7 @@ fn decode_generic(
         orientation,
         space,
         frames: 1,
+        repeat: Repeat::Infinite,
     };
     Ok(still_decoded(img, profile, meta))
 }
@@ -701,6 +706,7 @@ fn decode_png(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
         orientation: exif_orientation(input),
         space: if grey { "b-w" } else { "srgb" },
         frames: 1,
+        repeat: Repeat::Infinite,
     };
     Ok(still_decoded(img, super::colour::png_profile(input), meta))
 }
@@ -788,7 +794,16 @@ fn decode_gif(input: &[u8], limits: &Limits, wanted: usize) -> Result<Decoded, I
             .into_iter()
             .next()
             .ok_or_else(|| decode_error(format, "no frames"))?;
-        Pixels::Still(DynamicImage::ImageRgba8(frame.into_buffer()))
+        let buffer = frame.into_buffer();
+        // A GIF keeps transparency as a palette entry: one that uses none
+        // is an opaque image.
+        if buffer.pixels().all(|p| p[3] == u8::MAX) {
+            Pixels::Still(DynamicImage::ImageRgb8(
+                DynamicImage::ImageRgba8(buffer).into_rgb8(),
+            ))
+        } else {
+            Pixels::Still(DynamicImage::ImageRgba8(buffer))
+        }
     };
     Ok(Decoded {
         pixels,
@@ -800,10 +815,27 @@ fn decode_gif(input: &[u8], limits: &Limits, wanted: usize) -> Result<Decoded, I
             orientation: 1,
             space: "srgb",
             frames: count,
+            repeat: gif_repeat(input),
         },
         lead_applied: false,
         lead_frame: None,
     })
+}
+
+/// How often a GIF plays, from the loop extension before its first frame
+/// (read up to that frame's descriptor, not its pixels). `image`'s decoder
+/// reports a GIF without the extension, which plays once, as looping.
+fn gif_repeat(input: &[u8]) -> Repeat {
+    let Ok(mut decoder) = gif::DecodeOptions::new().read_info(input) else {
+        return Repeat::Infinite;
+    };
+    if decoder.next_frame_info().is_err() {
+        return Repeat::Infinite;
+    }
+    match decoder.repeat() {
+        gif::Repeat::Finite(n) => Repeat::Finite(n),
+        gif::Repeat::Infinite => Repeat::Infinite,
+    }
 }
 
 /// A progressive JPEG with only its DC scans (first and refinement), then one

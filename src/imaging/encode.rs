@@ -15,11 +15,12 @@ fn encode_error(format: ImageFormat, e: impl std::fmt::Display) -> ImagingError 
 
 /// Encodes `pixels` as `format`. `quality` applies to jpeg and webp (defaults
 /// 75 and 80). Animations stay animated as GIF; other formats take the first
-/// frame. Alpha is kept where the format can hold it, else flattened onto white.
+/// frame; a GIF plays as often as `repeat` says. Alpha is kept where the format can hold it, else flattened onto white.
 pub fn encode(
     pixels: &Pixels,
     format: ImageFormat,
     quality: Option<u8>,
+    repeat: Repeat,
 ) -> Result<Encoded, ImagingError> {
     let (width, height) = pixels.dimensions();
     let bytes = match (pixels, format) {
@@ -27,7 +28,7 @@ pub fn encode(
             let mut out = Vec::new();
             {
                 let mut enc = GifEncoder::new_with_speed(&mut out, 10);
-                enc.set_repeat(Repeat::Infinite)
+                enc.set_repeat(repeat)
                     .map_err(|e| encode_error(format, e))?;
                 enc.encode_frames(frames.iter().cloned())
                     .map_err(|e| encode_error(format, e))?;

@@ -21,6 +21,7 @@ pub use encode::encode;
 pub use error::ImagingError;
 pub use geometry::{crop_rect, scaled_size};
 
+use image::codecs::gif::Repeat;
 use image::{DynamicImage, Frame};
 use serde_json::Value;
 
@@ -151,6 +152,7 @@ struct State {
     pixels: Pixels,
     format: ImageFormat,
     quality: Option<u8>,
+    repeat: Repeat,
 }
 
 /// Reads a source image of `size` bytes from `body` for `action`: all of it
@@ -216,6 +218,7 @@ pub fn process(
     let mut state = State {
         format: decoded.format,
         quality: None,
+        repeat: decoded.meta.repeat,
         pixels: decoded.pixels,
     };
     let mut info = None;
@@ -240,7 +243,7 @@ pub fn process(
             Op::Save(s) => saves.push(SaveOutput {
                 bucket: s.bucket.clone(),
                 key: s.key.clone(),
-                image: encode(&state.pixels, state.format, state.quality)?,
+                image: encode(&state.pixels, state.format, state.quality, state.repeat)?,
             }),
             Op::WatermarkImage(w) => {
                 let bytes =
@@ -290,7 +293,12 @@ pub fn process(
     let image = if action.ends_with_info() {
         None
     } else {
-        Some(encode(&state.pixels, state.format, state.quality)?)
+        Some(encode(
+            &state.pixels,
+            state.format,
+            state.quality,
+            state.repeat,
+        )?)
     };
     Ok(Output { image, info, saves })
 }
@@ -310,7 +318,9 @@ impl Pixels {
     pub fn has_alpha(&self) -> bool {
         match self {
             Pixels::Still(img) => img.color().has_alpha(),
-            Pixels::Animated(_) => true,
+            Pixels::Animated(frames) => frames
+                .iter()
+                .any(|f| f.buffer().pixels().any(|p| p[3] < u8::MAX)),
         }
     }
 

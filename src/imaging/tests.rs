@@ -1,4 +1,4 @@
-use image::{DynamicImage, GenericImageView, Rgb, RgbImage, Rgba, RgbaImage};
+use image::{AnimationDecoder, DynamicImage, GenericImageView, Rgb, RgbImage, Rgba, RgbaImage};
 
 use super::*;
 use crate::action::Action;
@@ -1036,7 +1036,7 @@ fn a_still_gif_is_quantised_at_the_speed_animations_use() {
         Rgb([x as u8, y as u8, (x * y % 251) as u8])
     });
     let still = Pixels::Still(DynamicImage::ImageRgb8(img.clone()));
-    let out = encode::encode(&still, ImageFormat::Gif, None).unwrap();
+    let out = encode::encode(&still, ImageFormat::Gif, None, Repeat::Infinite).unwrap();
     let at_speed = |speed| {
         let mut gif = Vec::new();
         image::codecs::gif::GifEncoder::new_with_speed(&mut gif, speed)
@@ -1107,9 +1107,104 @@ fn a_text_watermark_marks_each_frame_of_an_animation_as_it_marks_a_still() {
             image::Frame::from_parts(img.into_rgba8(), 0, 0, delay)
         })
         .collect();
-    let expected = encode::encode(&Pixels::Animated(marked), ImageFormat::Gif, None).unwrap();
+    let expected = encode::encode(
+        &Pixels::Animated(marked),
+        ImageFormat::Gif,
+        None,
+        Repeat::Infinite,
+    )
+    .unwrap();
     assert!(
         out.bytes == expected.bytes,
         "frames differ from marking each alone"
     );
+}
+
+/// Two 8x8 frames, red then blue, with `repeat` as the GIF's loop extension
+/// (none for `Finite(0)`) and, when `transparent`, each frame's left half
+/// transparent (the second frame shows the first through its own).
+fn two_frame_gif(repeat: gif::Repeat, transparent: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let palette = [255, 0, 0, 0, 0, 255, 0, 0, 0];
+        let mut encoder = gif::Encoder::new(&mut out, 8, 8, &palette).unwrap();
+        encoder.set_repeat(repeat).unwrap();
+        let half = |colour: u8| -> Vec<u8> {
+            (0..64u8)
+                .map(|i| if transparent && i % 8 < 4 { 2 } else { colour })
+                .collect()
+        };
+        let red = gif::Frame {
+            width: 8,
+            height: 8,
+            delay: 10,
+            transparent: transparent.then_some(2),
+            buffer: half(0).into(),
+            ..Default::default()
+        };
+        encoder.write_frame(&red).unwrap();
+        let blue = gif::Frame {
+            width: 8,
+            height: 8,
+            delay: 10,
+            transparent: transparent.then_some(2),
+            buffer: half(1).into(),
+            ..Default::default()
+        };
+        encoder.write_frame(&blue).unwrap();
+    }
+    out
+}
+
+fn gif_repeat_of(bytes: &[u8]) -> gif::Repeat {
+    let mut decoder = gif::DecodeOptions::new().read_info(bytes).unwrap();
+    decoder.next_frame_info().unwrap();
+    decoder.repeat()
+}
+
+#[test]
+fn an_animated_gif_plays_as_often_as_its_source_did() {
+    for repeat in [
+        gif::Repeat::Finite(0),
+        gif::Repeat::Finite(3),
+        gif::Repeat::Infinite,
+    ] {
+        let source = two_frame_gif(repeat, false);
+        assert_eq!(gif_repeat_of(&source), repeat, "the fixture");
+        let (out, _) = run_image(&source, "resize:w_4");
+        assert_eq!(out.format, ImageFormat::Gif);
+        let frames = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(&out.bytes))
+            .unwrap()
+            .into_frames()
+            .count();
+        assert_eq!(frames, 2, "{repeat:?}");
+        assert_eq!(gif_repeat_of(&out.bytes), repeat);
+    }
+}
+
+#[test]
+fn info_gives_alpha_for_a_gif_only_when_a_pixel_is_transparent() {
+    let alpha = |source: &[u8]| {
+        let out = run(source, "info").unwrap();
+        out.info.unwrap()["alpha"].clone()
+    };
+    assert_eq!(alpha(&two_frame_gif(gif::Repeat::Infinite, false)), false);
+    assert_eq!(alpha(&two_frame_gif(gif::Repeat::Infinite, true)), true);
+    // A one-frame GIF without transparency is an opaque still: as JPEG it
+    // is not flattened, and `info` says no alpha.
+    let mut still = Vec::new();
+    image::codecs::gif::GifEncoder::new(&mut still)
+        .encode_frame(image::Frame::new(image::RgbaImage::from_pixel(
+            6,
+            6,
+            Rgba([10, 200, 30, 255]),
+        )))
+        .unwrap();
+    assert_eq!(alpha(&still), false);
+    let decoded = decode(&still, &Limits::default(), Lead::Nothing).unwrap();
+    let Pixels::Still(img) = decoded.pixels else {
+        panic!("one frame is a still");
+    };
+    assert_eq!(img.color(), image::ColorType::Rgb8);
+    assert_eq!(img.to_rgb8().get_pixel(3, 3).0, [10, 200, 30]);
 }
