@@ -93,8 +93,8 @@ fn encode_still(
             if w > WEBP_MAX_SIDE || h > WEBP_MAX_SIDE {
                 return Err(ImagingError::OutputTooLarge {
                     op: "format",
-                    width: w,
-                    height: h,
+                    width: w.into(),
+                    height: h.into(),
                     limit: format!("{WEBP_MAX_SIDE} px per side, the most WebP can hold"),
                 });
             }

@@ -19,8 +19,8 @@ pub enum ImagingError {
     #[error("{op}: output would be {width}x{height}, over the limit of {limit}")]
     OutputTooLarge {
         op: &'static str,
-        width: u32,
-        height: u32,
+        width: u64,
+        height: u64,
         /// The limit with its unit: "16384 px per side", "100000000 pixels".
         limit: String,
     },

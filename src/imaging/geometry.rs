@@ -81,19 +81,32 @@ fn next_move(ops: &[Op]) -> Option<(usize, usize)> {
     })
 }
 
-fn round_side(v: f64) -> u32 {
-    (v.round() as u32).max(1)
+fn round_side(v: f64) -> u64 {
+    (v.round() as u64).max(1)
 }
 
 /// The size of the whole image once `r` has scaled it, before `m_0` pads or
-/// `m_2` crops it to the box.
-pub fn scaled_size(r: &Resize, (sw, sh): (u32, u32)) -> (u32, u32) {
+/// `m_2` crops it to the box. Sides past `u32` saturate; see
+/// [`scaled_sides`] for the exact ones.
+pub fn scaled_size(r: &Resize, src: (u32, u32)) -> (u32, u32) {
+    let (w, h) = scaled_sides(r, src);
+    (saturate(w), saturate(h))
+}
+
+fn saturate(side: u64) -> u32 {
+    u32::try_from(side).unwrap_or(u32::MAX)
+}
+
+/// [`scaled_size`] without the saturation: a width of 100000 asked of a
+/// 1x60000 image is 6 billion pixels high, as the error says.
+fn scaled_sides(r: &Resize, (sw, sh): (u32, u32)) -> (u64, u64) {
     let (fw, fh) = (sw as f64, sh as f64);
     match (r.width, r.height) {
-        (Some(w), None) => (w, round_side(fh * w as f64 / fw)),
-        (None, Some(h)) => (round_side(fw * h as f64 / fh), h),
+        (Some(w), None) => (w.into(), round_side(fh * w as f64 / fw)),
+        (None, Some(h)) => (round_side(fw * h as f64 / fh), h.into()),
         (Some(w), Some(h)) => {
             let (sx, sy) = (w as f64 / fw, h as f64 / fh);
+            let (w, h) = (u64::from(w), u64::from(h));
             match r.mode {
                 ResizeMode::Pad | ResizeMode::Fit => {
                     let s = sx.min(sy);
@@ -105,7 +118,7 @@ pub fn scaled_size(r: &Resize, (sw, sh): (u32, u32)) -> (u32, u32) {
                 }
             }
         }
-        (None, None) => (sw, sh),
+        (None, None) => (sw.into(), sh.into()),
     }
 }
 
@@ -122,11 +135,11 @@ pub(super) fn cover_region(src: (u32, u32), box_size: (u32, u32)) -> (f64, f64, 
     ((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch)
 }
 
-/// The final size `r` produces from an image of `src` size.
-pub fn resized_size(r: &Resize, src: (u32, u32)) -> (u32, u32) {
+/// The final size `r` produces from an image of `src` size, exactly.
+fn resized_sides(r: &Resize, src: (u32, u32)) -> (u64, u64) {
     match (r.width, r.height, r.mode) {
-        (Some(w), Some(h), ResizeMode::Pad | ResizeMode::Cover) => (w, h),
-        _ => scaled_size(r, src),
+        (Some(w), Some(h), ResizeMode::Pad | ResizeMode::Cover) => (w.into(), h.into()),
+        _ => scaled_sides(r, src),
     }
 }
 
@@ -167,8 +180,8 @@ pub fn crop_rect(crop: &Crop, (iw, ih): (u32, u32)) -> Result<(u32, u32, u32, u3
     }
 }
 
-fn check_side(op: &'static str, (w, h): (u32, u32), limit: u32) -> Result<(), ImagingError> {
-    if w > limit || h > limit {
+fn check_side(op: &'static str, (w, h): (u64, u64), limit: u32) -> Result<(), ImagingError> {
+    if w > limit.into() || h > limit.into() {
         return Err(ImagingError::OutputTooLarge {
             op,
             width: w,
@@ -183,11 +196,11 @@ fn check_side(op: &'static str, (w, h): (u32, u32), limit: u32) -> Result<(), Im
 /// within bounds can still make 268 million pixels.
 fn check_output_pixels(
     op: &'static str,
-    (w, h): (u32, u32),
+    (w, h): (u64, u64),
     limits: &super::Limits,
 ) -> Result<(), ImagingError> {
     check_side(op, (w, h), limits.max_output_side)?;
-    if u64::from(w) * u64::from(h) > limits.max_pixels {
+    if w.saturating_mul(h) > limits.max_pixels {
         return Err(ImagingError::OutputTooLarge {
             op,
             width: w,
@@ -256,8 +269,9 @@ pub(super) fn resize_pixels(
     let src = frame.map_or_else(|| pixels.dimensions(), |f| f.size);
     // A cover resize samples its box from the source in one pass, so only
     // the output's size matters, never the scaled whole it is cut from.
-    let out = resized_size(r, src);
+    let out = resized_sides(r, src);
     check_output_pixels("resize", out, limits)?;
+    let out = (saturate(out.0), saturate(out.1));
     // An animation is checked for its frame count and pixels when it is
     // decoded; enlarging it must stay within the same bound, or a tiny GIF
     // could ask for hundreds of full-size frames.

@@ -970,6 +970,12 @@ fn resize_limits_hold_the_output_not_what_is_never_made() {
             .ends_with("over the limit of 16384 px per side"),
         "{err}"
     );
+    // The size is told as it would be, not saturated at 4294967295.
+    let err = run(&png(1, 60000), "resize:w_100000").err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        "resize: output would be 100000x6000000000, over the limit of 16384 px per side"
+    );
 }
 
 #[test]
