@@ -2,7 +2,7 @@ use std::io::Cursor;
 
 use image::codecs::gif::{GifEncoder, Repeat};
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-use image::{DynamicImage, ImageEncoder, RgbImage};
+use image::{DynamicImage, ImageEncoder, RgbImage, RgbaImage};
 
 use super::{Encoded, ImageFormat, ImagingError, Pixels};
 
@@ -30,8 +30,12 @@ pub fn encode(
                 let mut enc = GifEncoder::new_with_speed(&mut out, 10);
                 enc.set_repeat(repeat)
                     .map_err(|e| encode_error(format, e))?;
-                enc.encode_frames(frames.iter().cloned())
-                    .map_err(|e| encode_error(format, e))?;
+                enc.encode_frames(frames.iter().map(|f| {
+                    let mut buffer = f.buffer().clone();
+                    binary_alpha(&mut buffer);
+                    image::Frame::from_parts(buffer, f.left(), f.top(), f.delay())
+                }))
+                .map_err(|e| encode_error(format, e))?;
             }
             out
         }
@@ -128,7 +132,9 @@ fn encode_still(
             let mut out = Vec::new();
             {
                 let mut enc = GifEncoder::new_with_speed(&mut out, 10);
-                enc.encode_frame(image::Frame::new(img.to_rgba8()))
+                let mut rgba = img.to_rgba8();
+                binary_alpha(&mut rgba);
+                enc.encode_frame(image::Frame::new(rgba))
                     .map_err(|e| encode_error(format, e))?;
             }
             Ok(out)
@@ -149,6 +155,19 @@ fn encode_still(
             img.write_to(&mut out, target)
                 .map_err(|e| encode_error(format, e))?;
             Ok(out.into_inner())
+        }
+    }
+}
+
+/// Makes every pixel opaque or clear, at half coverage, as a GIF can hold
+/// only those: the encoder takes any alpha above 0 for opaque, so the faint
+/// ringing a resize leaves beside an edge would come out as a dotted outline.
+fn binary_alpha(rgba: &mut RgbaImage) {
+    for p in rgba.pixels_mut() {
+        if p[3] < 128 {
+            p.0 = [0; 4];
+        } else {
+            p[3] = u8::MAX;
         }
     }
 }

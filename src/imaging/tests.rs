@@ -1214,3 +1214,33 @@ fn info_gives_alpha_for_a_gif_only_when_a_pixel_is_transparent() {
     assert_eq!(img.color(), image::ColorType::Rgb8);
     assert_eq!(img.to_rgb8().get_pixel(3, 3).0, [10, 200, 30]);
 }
+
+#[test]
+fn a_resized_gif_has_no_outline_of_stray_opaque_pixels() {
+    // A red box on a clear ground, halved: the resize's ringing leaves alpha
+    // of a few levels beside the box's edges, which a GIF would show as
+    // opaque dots. Alpha is cut at half coverage instead.
+    let mut img = RgbaImage::new(120, 80);
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        if (10..=30).contains(&x) && (10..=40).contains(&y) {
+            *p = Rgba([255, 0, 0, 255]);
+        }
+    }
+    let mut source = Vec::new();
+    image::codecs::gif::GifEncoder::new(&mut source)
+        .encode_frame(image::Frame::new(img))
+        .unwrap();
+    let (out, decoded) = run_image(&source, "resize:w_60");
+    assert_eq!(out.format, ImageFormat::Gif);
+    let rgba = decoded.to_rgba8();
+    let mut opaque = 0;
+    for (x, y, p) in rgba.enumerate_pixels() {
+        // The box spans 5..15.5 x 5..20.5 at the new scale.
+        let inside = (4..=16).contains(&x) && (4..=21).contains(&y);
+        if p[3] > 0 {
+            assert!(inside, "an opaque pixel at ({x}, {y}) outside the box");
+            opaque += 1;
+        }
+    }
+    assert!(opaque > 150, "the box itself, {opaque} pixels");
+}
