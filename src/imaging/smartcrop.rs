@@ -35,7 +35,9 @@ const SATURATION_RAMP: (f32, f32) = (45.0, 75.0);
 /// `width` and `height` are already clamped to the image.
 ///
 /// Among equally interesting windows (a flat image) the one nearest the centre wins.
-/// Alpha is ignored: transparent pixels count with their colour.
+/// Transparent pixels count as what shows of them: colour is taken over
+/// black (so a shape's outline is an edge) and skin and saturation are
+/// weighted by alpha, never the colour hidden under a clear pixel.
 pub fn attention_origin(img: &DynamicImage, width: u32, height: u32) -> (u32, u32) {
     let (img_w, img_h) = (img.width(), img.height());
     if img_w == 0 || img_h == 0 {
@@ -47,18 +49,21 @@ pub fn attention_origin(img: &DynamicImage, width: u32, height: u32) -> (u32, u3
         return (0, 0);
     }
 
-    let small = if img_w.max(img_h) > WORK_SIDE {
-        img.thumbnail(WORK_SIDE, WORK_SIDE).to_rgb8()
+    let thumbnail;
+    let source = if img_w.max(img_h) > WORK_SIDE {
+        thumbnail = img.thumbnail(WORK_SIDE, WORK_SIDE);
+        &thumbnail
     } else {
-        img.to_rgb8()
+        img
     };
+    let (small, alpha) = visible(source);
     let (sw, sh) = (small.width() as usize, small.height() as usize);
     let scale_x = sw as f64 / f64::from(img_w);
     let scale_y = sh as f64 / f64::from(img_h);
     let win_w = ((f64::from(width) * scale_x).round() as usize).clamp(1, sw);
     let win_h = ((f64::from(height) * scale_y).round() as usize).clamp(1, sh);
 
-    let table = SummedArea::new(&interest_map(&small), sw, sh);
+    let table = SummedArea::new(&interest_map(&small, alpha.as_deref()), sw, sh);
     let (x, y) = best_window(&table, win_w, win_h);
 
     // Map the window's centre back, so rounding of the small window's size
@@ -73,8 +78,27 @@ pub fn attention_origin(img: &DynamicImage, width: u32, height: u32) -> (u32, u3
     )
 }
 
-/// Per-pixel interest of `img`, row-major.
-fn interest_map(img: &RgbImage) -> Vec<f32> {
+/// The colour `img` shows, over black, and its alpha in 0..1 when it has one.
+fn visible(img: &DynamicImage) -> (RgbImage, Option<Vec<f32>>) {
+    if !img.color().has_alpha() {
+        return (img.to_rgb8(), None);
+    }
+    let rgba = img.to_rgba8();
+    let mut rgb = RgbImage::new(rgba.width(), rgba.height());
+    let mut alpha = Vec::with_capacity(rgba.len() / 4);
+    for (dst, src) in rgb.pixels_mut().zip(rgba.pixels()) {
+        let a = u32::from(src[3]);
+        for c in 0..3 {
+            dst[c] = ((u32::from(src[c]) * a + 127) / 255) as u8;
+        }
+        alpha.push(a as f32 / 255.0);
+    }
+    (rgb, Some(alpha))
+}
+
+/// Per-pixel interest of `img`, row-major; the colour terms weighted by
+/// `alpha` when there is one.
+fn interest_map(img: &RgbImage, alpha: Option<&[f32]>) -> Vec<f32> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let lab: Vec<[f32; 3]> = img.pixels().map(|p| srgb_to_lab(p.0)).collect();
     let l_at = |x: usize, y: usize| lab[y * w + x][0];
@@ -89,11 +113,13 @@ fn interest_map(img: &RgbImage) -> Vec<f32> {
             let gy = (l_at(left, down) + 2.0 * l_at(x, down) + l_at(right, down))
                 - (l_at(left, up) + 2.0 * l_at(x, up) + l_at(right, up));
             let [l, a, b] = lab[y * w + x];
+            let shown = alpha.map_or(1.0, |alpha| alpha[y * w + x]);
             interest.push(
                 gx.abs()
                     + gy.abs()
-                    + SKIN_WEIGHT * skin_likelihood(l, a, b)
-                    + SATURATION_WEIGHT * saturation(a, b),
+                    + shown
+                        * (SKIN_WEIGHT * skin_likelihood(l, a, b)
+                            + SATURATION_WEIGHT * saturation(a, b)),
             );
         }
     }
@@ -379,6 +405,24 @@ mod tests {
             contains(origin, (150, 150), (500, 20, 60, 60)),
             "{origin:?}"
         );
+    }
+
+    #[test]
+    fn colour_under_clear_pixels_is_not_interest() {
+        // A busy checkerboard hidden under alpha 0 on the right, an opaque
+        // red disk shown on the left: the crop takes the disk.
+        let mut img = image::RgbaImage::from_fn(600, 200, |x, y| {
+            let on = (x / 8 + y / 8) % 2 == 0;
+            let c = if on { [0, 255, 0, 0] } else { [255, 0, 255, 0] };
+            image::Rgba(c)
+        });
+        for (x, y, p) in img.enumerate_pixels_mut() {
+            if (x as i32 - 100).pow(2) + (y as i32 - 100).pow(2) < 30 * 30 {
+                *p = image::Rgba([220, 30, 30, 255]);
+            }
+        }
+        let origin = attention_origin(&DynamicImage::ImageRgba8(img), 100, 100);
+        assert!(contains(origin, (100, 100), (70, 70, 60, 60)), "{origin:?}");
     }
 
     #[test]
