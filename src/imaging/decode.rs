@@ -615,16 +615,21 @@ fn decode_generic(
         .ok()
         .map(orientation_number)
         .unwrap_or(1);
-    let space = if matches!(
-        decoder.color_type(),
-        image::ColorType::L8
-            | image::ColorType::L16
-            | image::ColorType::La8
-            | image::ColorType::La16
-    ) {
-        "b-w"
-    } else {
-        "srgb"
+    // As stored: a CMYK TIFF comes out of the decoder as RGB.
+    use image::ExtendedColorType as Stored;
+    let space = match decoder.original_color_type() {
+        Stored::L1
+        | Stored::La1
+        | Stored::L2
+        | Stored::La2
+        | Stored::L4
+        | Stored::La4
+        | Stored::L8
+        | Stored::La8
+        | Stored::L16
+        | Stored::La16 => "b-w",
+        Stored::Cmyk8 | Stored::Cmyk16 => "cmyk",
+        _ => "srgb",
     };
     let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
     let meta = SourceMeta {

@@ -224,6 +224,12 @@ fn grayscale_cmyk_and_16_bit_decode_to_the_same_picture() {
         .info
         .unwrap();
     assert_eq!(info["space"], "cmyk");
+    // A CMYK TIFF is told as CMYK too, though its decoder gives RGB.
+    let tiff = fixture("storm-cmyk.tif");
+    assert_eq!(run(&tiff, "info").unwrap().info.unwrap()["space"], "cmyk");
+    let (_, small) = run_image(&tiff, "format:t_png");
+    let (_, reference) = run_image(&fixture("storm.jpg"), "resize:w_96,h_64|format:t_png");
+    assert!(mean_abs_diff(&small, &reference) < 6.0, "cmyk tiff");
 }
 
 #[test]
