@@ -198,6 +198,9 @@ pub fn decode(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, 
         ImageFormat::Jpeg => decode_jpeg(input, limits, lead)?,
         ImageFormat::Gif => return decode_gif(input, limits, usize::MAX),
         ImageFormat::Png => return decode_png(input, limits),
+        ImageFormat::Webp if webp_is_animated(input) => {
+            return decode_webp_animation(input, limits);
+        }
         _ => return decode_generic(input, format, limits),
     };
     if let (Some(profile), Pixels::Still(img)) =
@@ -740,6 +743,8 @@ pub fn decode_first_frame(input: &[u8], limits: &Limits) -> Result<DynamicImage,
     }
     let decoded = match sniff(input)? {
         ImageFormat::Gif => decode_gif(input, limits, 1)?,
+        // An animated WebP's first frame, as `image` decodes a still.
+        ImageFormat::Webp => decode_generic(input, ImageFormat::Webp, limits)?,
         _ => decode(input, limits, Lead::Nothing)?,
     };
     Ok(decoded.pixels.into_first_frame())
@@ -764,9 +769,8 @@ fn decode_gif(input: &[u8], limits: &Limits, wanted: usize) -> Result<Decoded, I
     decoder
         .set_limits(decoder_limits)
         .map_err(|e| decode_error(format, e))?;
-    let mut frames = Vec::new();
-    for frame in decoder.into_frames().take(wanted) {
-        let frame = frame.map_err(|e| match e {
+    let frames = decoder.into_frames().take(wanted).map(|frame| {
+        frame.map_err(|e| match e {
             image::ImageError::Limits(_) => decode_error(
                 format,
                 format!(
@@ -776,40 +780,9 @@ fn decode_gif(input: &[u8], limits: &Limits, wanted: usize) -> Result<Decoded, I
                 ),
             ),
             e => decode_error(format, e),
-        })?;
-        frames.push(frame);
-        let total = per_frame * frames.len() as u64;
-        if frames.len() > limits.max_frames || total > limits.max_animation_pixels {
-            return Err(ImagingError::AnimationTooLarge {
-                frames: frames.len(),
-                width,
-                height,
-                limit: format!(
-                    "{} frames and {} frame pixels",
-                    limits.max_frames, limits.max_animation_pixels
-                ),
-            });
-        }
-    }
-    let count = frames.len();
-    let pixels = if count > 1 {
-        Pixels::Animated(frames)
-    } else {
-        let frame = frames
-            .into_iter()
-            .next()
-            .ok_or_else(|| decode_error(format, "no frames"))?;
-        let buffer = frame.into_buffer();
-        // A GIF keeps transparency as a palette entry: one that uses none
-        // is an opaque image.
-        if buffer.pixels().all(|p| p[3] == u8::MAX) {
-            Pixels::Still(DynamicImage::ImageRgb8(
-                DynamicImage::ImageRgba8(buffer).into_rgb8(),
-            ))
-        } else {
-            Pixels::Still(DynamicImage::ImageRgba8(buffer))
-        }
-    };
+        })
+    });
+    let (pixels, count) = collect_frames(frames, format, (width, height), limits)?;
     Ok(Decoded {
         pixels,
         format,
@@ -821,6 +794,104 @@ fn decode_gif(input: &[u8], limits: &Limits, wanted: usize) -> Result<Decoded, I
             space: "srgb",
             frames: count,
             repeat: gif_repeat(input),
+        },
+        lead_applied: false,
+        lead_frame: None,
+    })
+}
+
+/// The composited frames of an animation, held to the frame and
+/// frame-pixel limits as they come; one frame is a still image, opaque (RGB)
+/// when no pixel is transparent. Also returns the frame count.
+fn collect_frames(
+    frames: impl Iterator<Item = Result<Frame, ImagingError>>,
+    format: ImageFormat,
+    (width, height): (u32, u32),
+    limits: &Limits,
+) -> Result<(Pixels, usize), ImagingError> {
+    let per_frame = width as u64 * height as u64;
+    let mut kept = Vec::new();
+    for frame in frames {
+        kept.push(frame?);
+        let total = per_frame * kept.len() as u64;
+        if kept.len() > limits.max_frames || total > limits.max_animation_pixels {
+            return Err(ImagingError::AnimationTooLarge {
+                frames: kept.len(),
+                width,
+                height,
+                limit: format!(
+                    "{} frames and {} frame pixels",
+                    limits.max_frames, limits.max_animation_pixels
+                ),
+            });
+        }
+    }
+    let count = kept.len();
+    if count > 1 {
+        return Ok((Pixels::Animated(kept), count));
+    }
+    let buffer = kept
+        .into_iter()
+        .next()
+        .ok_or_else(|| decode_error(format, "no frames"))?
+        .into_buffer();
+    // A GIF keeps transparency as a palette entry: one that uses none is an
+    // opaque image.
+    let still = if buffer.pixels().all(|p| p[3] == u8::MAX) {
+        DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(buffer).into_rgb8())
+    } else {
+        DynamicImage::ImageRgba8(buffer)
+    };
+    Ok((Pixels::Still(still), count))
+}
+
+/// Whether a WebP file is an animation: its VP8X header's animation flag.
+fn webp_is_animated(input: &[u8]) -> bool {
+    input.len() > 20 && &input[12..16] == b"VP8X" && input[20] & 0x02 != 0
+}
+
+/// An animated WebP's composited frames, by libwebp's own decoder, on a
+/// clear canvas (browsers ignore the background colour the file suggests,
+/// often opaque white). The frame count is in the header, so the limits are
+/// checked before any frame is decoded.
+fn decode_webp_animation(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
+    let format = ImageFormat::Webp;
+    let mut decoder = super::webp_anim::Decoder::new(input).map_err(|e| decode_error(format, e))?;
+    let info = decoder.info();
+    let (width, height) = (info.width, info.height);
+    check_pixels(format, width, height, limits)?;
+    let total = u64::from(width) * u64::from(height) * u64::from(info.frames);
+    if info.frames as usize > limits.max_frames || total > limits.max_animation_pixels {
+        return Err(ImagingError::AnimationTooLarge {
+            frames: info.frames as usize,
+            width,
+            height,
+            limit: format!(
+                "{} frames and {} frame pixels",
+                limits.max_frames, limits.max_animation_pixels
+            ),
+        });
+    }
+    // WebP counts plays (0: forever); a GIF's extension, which the encoder
+    // takes, counts repeats.
+    let repeat = match info.loop_count {
+        0 => Repeat::Infinite,
+        plays => Repeat::Finite(u16::try_from(plays - 1).unwrap_or(u16::MAX)),
+    };
+    let frames = std::iter::from_fn(|| decoder.next_frame().transpose())
+        .map(|frame| frame.map_err(|e| decode_error(format, e)));
+    let (pixels, count) = collect_frames(frames, format, (width, height), limits)?;
+    Ok(Decoded {
+        pixels,
+        format,
+        meta: SourceMeta {
+            format,
+            width,
+            height,
+            orientation: 1,
+            space: "srgb",
+            frames: count,
+            repeat,
         },
         lead_applied: false,
         lead_frame: None,

@@ -14,8 +14,8 @@ fn encode_error(format: ImageFormat, e: impl std::fmt::Display) -> ImagingError 
 }
 
 /// Encodes `pixels` as `format`. `quality` applies to jpeg and webp (defaults
-/// 75 and 80). Animations stay animated as GIF; other formats take the first
-/// frame; a GIF plays as often as `repeat` says. Alpha is kept where the format can hold it, else flattened onto white.
+/// 75 and 80). Animations stay animated as GIF and WebP; other formats take
+/// the first frame; a GIF plays as often as `repeat` says. Alpha is kept where the format can hold it, else flattened onto white.
 pub fn encode(
     pixels: &Pixels,
     format: ImageFormat,
@@ -38,6 +38,16 @@ pub fn encode(
                 .map_err(|e| encode_error(format, e))?;
             }
             out
+        }
+        (Pixels::Animated(frames), ImageFormat::Webp) => {
+            check_webp_size(width, height)?;
+            // WebP counts plays (0: forever), a GIF's extension repeats.
+            let loop_count = match repeat {
+                Repeat::Infinite => 0,
+                Repeat::Finite(n) => n.saturating_add(1),
+            };
+            super::webp_anim::encode(frames, &webp_config(quality)?, loop_count)
+                .map_err(|e| encode_error(format, e))?
         }
         // Other formats take the first frame, copied alone.
         (Pixels::Animated(frames), _) => {
@@ -62,6 +72,27 @@ pub fn encode(
 
 /// The widest and tallest image a WebP file can hold.
 const WEBP_MAX_SIDE: u32 = 16383;
+
+fn check_webp_size(w: u32, h: u32) -> Result<(), ImagingError> {
+    if w > WEBP_MAX_SIDE || h > WEBP_MAX_SIDE {
+        return Err(ImagingError::OutputTooLarge {
+            op: "format",
+            width: w.into(),
+            height: h.into(),
+            limit: format!("{WEBP_MAX_SIDE} px per side, the most WebP can hold"),
+        });
+    }
+    Ok(())
+}
+
+/// Lossy at `quality` (80 by default) and method 4, sharp's default effort.
+fn webp_config(quality: Option<u8>) -> Result<webp::WebPConfig, ImagingError> {
+    let mut config = webp::WebPConfig::new()
+        .map_err(|_| encode_error(ImageFormat::Webp, "cannot set up the encoder"))?;
+    config.quality = f32::from(quality.unwrap_or(80));
+    config.method = 4;
+    Ok(config)
+}
 
 fn encode_still(
     img: &DynamicImage,
@@ -94,14 +125,7 @@ fn encode_still(
             .map_err(|e| encode_error(format, e))
         }
         ImageFormat::Webp => {
-            if w > WEBP_MAX_SIDE || h > WEBP_MAX_SIDE {
-                return Err(ImagingError::OutputTooLarge {
-                    op: "format",
-                    width: w.into(),
-                    height: h.into(),
-                    limit: format!("{WEBP_MAX_SIDE} px per side, the most WebP can hold"),
-                });
-            }
+            check_webp_size(w, h)?;
             let enc = match img {
                 DynamicImage::ImageRgba8(b) => webp::Encoder::from_rgba(b.as_raw(), w, h),
                 DynamicImage::ImageRgb8(b) => webp::Encoder::from_rgb(b.as_raw(), w, h),
@@ -110,11 +134,8 @@ fn encode_still(
                     return encode_still(&DynamicImage::ImageRgba8(rgba), format, quality);
                 }
             };
-            let mut config = webp::WebPConfig::new().map_err(|_| encode_error(format, "config"))?;
-            config.quality = quality.unwrap_or(80) as f32;
-            config.method = 4;
             let mem = enc
-                .encode_advanced(&config)
+                .encode_advanced(&webp_config(quality)?)
                 .map_err(|e| encode_error(format, format!("{e:?}")))?;
             Ok(mem.to_vec())
         }

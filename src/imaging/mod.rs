@@ -15,6 +15,7 @@ mod jpeg_progressive;
 mod jpeg_refine;
 pub mod smartcrop;
 pub mod watermark;
+mod webp_anim;
 
 pub use decode::{Decoded, Lead, LeadFrame, Pixels, SourceMeta, decode, probe};
 pub use encode::encode;

@@ -1250,3 +1250,99 @@ fn a_resized_gif_has_no_outline_of_stray_opaque_pixels() {
     }
     assert!(opaque > 150, "the box itself, {opaque} pixels");
 }
+
+/// Frame count, delays in ms and plays (0: forever) of an animated WebP, read
+/// by `image`'s decoder.
+fn webp_animation_facts(bytes: &[u8]) -> (usize, Vec<u32>, u32) {
+    let decoder = image::codecs::webp::WebPDecoder::new(std::io::Cursor::new(bytes)).unwrap();
+    assert!(decoder.has_animation(), "an animated WebP");
+    let plays = match decoder.loop_count() {
+        image::metadata::LoopCount::Infinite => 0,
+        image::metadata::LoopCount::Finite(n) => n.get(),
+    };
+    let delays: Vec<u32> = decoder
+        .into_frames()
+        .map(|f| {
+            let (n, d) = f.unwrap().delay().numer_denom_ms();
+            n / d
+        })
+        .collect();
+    (delays.len(), delays, plays)
+}
+
+#[test]
+fn an_animated_webp_stays_animated_with_its_delays_and_loop_count() {
+    // Three frames of 100, 200 and 300 ms that play twice, made by Pillow.
+    let source = fixture("three-frames.webp");
+    let info = run(&source, "info").unwrap().info.unwrap();
+    assert_eq!(info["frames"], 3);
+    let (out, _) = run_image(&source, "resize:w_16");
+    assert_eq!(out.format, ImageFormat::Webp);
+    assert_eq!((out.width, out.height), (16, 12));
+    assert_eq!(
+        webp_animation_facts(&out.bytes),
+        (3, vec![100, 200, 300], 2)
+    );
+    // Each frame is the source's frame, resized: the box moves right.
+    let mut decoder = super::webp_anim::Decoder::new(&out.bytes).unwrap();
+    let frames: Vec<image::Frame> = std::iter::from_fn(|| decoder.next_frame().unwrap()).collect();
+    assert_eq!(frames.len(), 3);
+    for (i, frame) in frames.iter().enumerate() {
+        // The source's box spans x 4+8i..=11+8i: 2+4i..6+4i here.
+        let x = 3 + 4 * i as u32;
+        let shown = frame.buffer().get_pixel(x, 6);
+        assert!(shown[3] > 200, "frame {i} at ({x}, 6): {shown:?}");
+        if i > 0 {
+            let gone = frame.buffer().get_pixel(x - 4, 6);
+            assert!(
+                gone[3] < 60,
+                "frame {i}, the last box at ({}, 6): {gone:?}",
+                x - 4
+            );
+        }
+    }
+    // Other formats take the first frame.
+    let (png, first) = run_image(&source, "format:t_png");
+    assert_eq!(png.format, ImageFormat::Png);
+    assert_eq!(first.to_rgba8().get_pixel(6, 10).0, [255, 0, 0, 255]);
+}
+
+#[test]
+fn an_animated_gif_converts_to_an_animated_webp() {
+    let gif = fixture("ladybird-animated.gif");
+    let decoded = decode(&gif, &Limits::default(), Lead::Nothing).unwrap();
+    let Pixels::Animated(frames) = decoded.pixels else {
+        panic!("an animation");
+    };
+    let delays: Vec<u32> = frames
+        .iter()
+        .map(|f| {
+            let (n, d) = f.delay().numer_denom_ms();
+            n / d
+        })
+        .collect();
+    let (out, _) = run_image(&gif, "resize:w_100|format:t_webp");
+    let (count, webp_delays, plays) = webp_animation_facts(&out.bytes);
+    assert_eq!(count, frames.len());
+    assert_eq!(webp_delays, delays);
+    // The GIF loops forever; so does the WebP.
+    assert!(matches!(decoded.meta.repeat, Repeat::Infinite));
+    assert_eq!(plays, 0);
+}
+
+#[test]
+fn an_animated_webp_over_the_frame_limit_is_refused_from_its_header() {
+    let limits = Limits {
+        max_frames: 2,
+        ..Limits::default()
+    };
+    let err = decode(&fixture("three-frames.webp"), &limits, Lead::Nothing)
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), "animation_too_large", "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("animation has 3 frames of 32x24"),
+        "{err}"
+    );
+}
