@@ -88,11 +88,17 @@ struct ServeArgs {
     s3_virtual_hosts: bool,
     /// Image threads: images processed at once (default: the number of
     /// cores).
-    #[arg(long, env = "IMGFUNC_WORKERS")]
+    #[arg(long, env = "IMGFUNC_WORKERS", value_parser = at_least_one)]
     workers: Option<usize>,
     /// Invocations that may wait before events are answered 503.
-    #[arg(long, env = "IMGFUNC_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "IMGFUNC_QUEUE", default_value_t = 1024,
+          value_parser = at_least_one)]
     queue: usize,
+    /// Client connections open at once; more wait to be accepted. The
+    /// process's open-file limit is raised to its hard limit at start.
+    #[arg(long, env = "IMGFUNC_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = at_least_one)]
+    max_connections: usize,
     /// Delivery attempts per notification.
     #[arg(long, env = "IMGFUNC_NOTIFY_ATTEMPTS", default_value_t = 3)]
     notify_attempts: u32,
@@ -113,14 +119,27 @@ struct ServeArgs {
 #[derive(clap::Args)]
 struct LimitArgs {
     /// Largest input in bytes.
-    #[arg(long, env = "IMGFUNC_MAX_INPUT_BYTES", default_value_t = 50 * 1024 * 1024)]
+    #[arg(long, env = "IMGFUNC_MAX_INPUT_BYTES", default_value_t = 50 * 1024 * 1024,
+          value_parser = at_least_one)]
     max_input_bytes: usize,
     /// Largest input in pixels, checked from the header before decoding.
-    #[arg(long, env = "IMGFUNC_MAX_PIXELS", default_value_t = 100_000_000)]
+    #[arg(long, env = "IMGFUNC_MAX_PIXELS", default_value_t = 100_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     max_pixels: u64,
     /// Largest output width or height.
-    #[arg(long, env = "IMGFUNC_MAX_OUTPUT_SIDE", default_value_t = 16384)]
+    #[arg(long, env = "IMGFUNC_MAX_OUTPUT_SIDE", default_value_t = 16384,
+          value_parser = clap::value_parser!(u32).range(1..))]
     max_output_side: u32,
+}
+
+/// A count or size that 0 would make useless (every image refused, a queue
+/// that holds nothing): refused at start instead.
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl LimitArgs {
@@ -321,11 +340,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let mut config = HostConfig::new(args.data.clone());
     config.listen = args.listen;
+    if args.functions.exists() && !args.functions.is_dir() {
+        anyhow::bail!(
+            "--functions {}: not a folder (rule files go in a folder of *.json)",
+            args.functions.display()
+        );
+    }
     config.functions_dir = args.functions.is_dir().then_some(args.functions.clone());
     if let Some(w) = args.workers {
-        config.workers = w.max(1);
+        config.workers = w;
     }
-    config.queue_bound = args.queue.max(1);
+    config.queue_bound = args.queue;
+    config.max_connections = connection_cap(args.max_connections);
     config.notify.attempts = args.notify_attempts.max(1);
     config.limits = args.limits.limits();
     config.sources.allow_hosts = args
@@ -428,6 +454,44 @@ fn bench(args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Raises the open-file limit to its hard limit (often 1024 soft against
+/// a million hard) and returns how many connections fit under it with
+/// room for the store's own files: `wanted`, or fewer with a warning.
+fn connection_cap(wanted: usize) -> usize {
+    /// Files kept for the store, rule files, the dead-letter file and the
+    /// process itself.
+    const RESERVE: u64 = 256;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return wanted;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        limit.rlim_cur
+    };
+    let fits = usize::try_from(soft.saturating_sub(RESERVE).max(16)).unwrap_or(usize::MAX);
+    if fits < wanted {
+        tracing::warn!(
+            open_files = soft,
+            connections = fits,
+            "the open-file limit leaves room for fewer connections than --max-connections"
+        );
+    }
+    wanted.min(fits)
 }
 
 /// Keeps large buffers (decoded images, libjpeg-turbo's coefficient arrays)

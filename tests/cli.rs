@@ -263,3 +263,62 @@ fn serve_says_once_why_it_cannot_make_its_data_folder() {
     assert!(err.contains(".imgfunc"), "{err}");
     assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
 }
+
+#[test]
+fn serve_refuses_settings_that_would_make_it_useless() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("a UTF-8 path");
+    for (flag, value) in [
+        ("--queue", "0"),
+        ("--workers", "0"),
+        ("--max-connections", "0"),
+        ("--max-input-bytes", "0"),
+        ("--max-pixels", "0"),
+        ("--max-output-side", "0"),
+    ] {
+        let out = imgfunc(
+            &[
+                "serve",
+                "--data",
+                data,
+                "--listen",
+                "127.0.0.1:0",
+                flag,
+                value,
+            ],
+            None,
+        );
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = stderr(&out);
+        assert!(err.contains(flag), "{flag}: {err}");
+    }
+    // A rule file where the folder of rule files should be.
+    let file = dir.path().join("rules.json");
+    std::fs::write(&file, b"{}").unwrap();
+    let functions = file.to_str().expect("a UTF-8 path");
+    let out = imgfunc(
+        &[
+            "serve",
+            "--data",
+            data,
+            "--listen",
+            "127.0.0.1:0",
+            "--functions",
+            functions,
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not a folder"), "{}", stderr(&out));
+    // An address in use is named.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = imgfunc(&["serve", "--data", data, "--listen", &addr], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("cannot listen on {addr}")),
+        "{}",
+        stderr(&out)
+    );
+}

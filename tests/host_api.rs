@@ -1442,3 +1442,120 @@ async fn get_streams_objects_of_many_chunks_whole() {
     assert!(get.bytes().await.unwrap().is_empty());
     host.stop().await;
 }
+
+/// Reads what the server sends on `stream` until it closes the connection
+/// or `wait` passes; `None` if it is still open then.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, wait: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&seen).into_owned()),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.client_timeout = Duration::from_secs(1);
+    config.max_connections = 3;
+    let host = TestHost::local(config).await;
+
+    // Headers never finished: closed after the timeout, without an answer
+    // to a request that never came.
+    let mut half = TcpStream::connect(host.addr).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let closed = read_until_closed(&mut half, Duration::from_secs(10)).await;
+    assert!(
+        closed.is_some(),
+        "a half-sent request still held its connection"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // A body that stops coming: 408 naming the wait.
+    let mut trickle = TcpStream::connect(host.addr).await.unwrap();
+    trickle
+        .write_all(
+            b"PUT /slow/a.bin HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+              Content-Length: 100\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut trickle, Duration::from_secs(10))
+        .await
+        .expect("the connection ends");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(host.list_keys("slow").await.is_empty(), "nothing stored");
+
+    // Over the limit and waiting for `100 Continue`: the 413 comes at once.
+    let mut eager = TcpStream::connect(host.addr).await.unwrap();
+    eager
+        .write_all(
+            b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Expect: 100-continue\r\nContent-Length: 3000000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), {
+        use tokio::io::AsyncReadExt;
+        eager.read_exact(&mut head)
+    })
+    .await
+    .expect("an answer before the body")
+    .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&head));
+
+    // Three connections held open: a fourth client waits for one of them.
+    drop(eager);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(host.addr).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = tokio::spawn({
+        // A client of its own: the shared one keeps a connection open.
+        let http = reqwest::Client::new();
+        let url = format!("{}/healthz", host.base);
+        async move {
+            let started = std::time::Instant::now();
+            let status = http.get(url).send().await.unwrap().status();
+            (status, started.elapsed())
+        }
+    });
+    let (status, waited) = waiting.await.unwrap();
+    assert_eq!(status, 200);
+    // Served once the held connections timed out, not before.
+    assert!(
+        waited >= Duration::from_millis(500),
+        "served after {waited:?}"
+    );
+    drop(held);
+    assert_eq!(
+        host.http
+            .get(format!("{}/healthz", host.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    host.stop().await;
+}

@@ -53,6 +53,13 @@ pub struct HostConfig {
     pub max_object_bytes: usize,
     /// How long shutdown waits for queued and running work.
     pub drain_timeout: Duration,
+    /// Client connections open at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, sit idle
+    /// between requests, or send nothing of a body it started (408), before
+    /// its connection is closed: a client trickling a byte now and then
+    /// would otherwise hold a connection and its buffers for ever.
+    pub client_timeout: Duration,
 }
 
 impl HostConfig {
@@ -71,6 +78,8 @@ impl HostConfig {
             embedded: true,
             max_object_bytes: 256 * 1024 * 1024,
             drain_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            client_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -139,7 +148,9 @@ impl Host {
             config.workers,
         )?;
         let (queue, receiver) = queue::Queue::new(config.queue_bound);
-        let listener = TcpListener::bind(config.listen).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let state = Arc::new(AppState {
             config,
             store,
@@ -189,7 +200,15 @@ impl Host {
         // Open requests get the drain timeout to finish: a client that stops
         // reading a download or sending an upload does not hold the
         // shutdown for ever. Connections still open when it ends are cut off.
-        serve(self.listener, app, shutdown, drain).await;
+        serve(
+            self.listener,
+            app,
+            shutdown,
+            drain,
+            state.config.max_connections,
+            state.config.client_timeout,
+        )
+        .await;
         tracing::info!("shutting down: finishing queued work");
         // Requests' own work first: a PUT still sends its event to the queue.
         state.detached.close();
@@ -208,8 +227,8 @@ impl Host {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` completes; then stops
-/// accepting, lets each open connection finish the request it is on (idle
+/// Serves `app` on `listener`, at most `max_connections` at once, until
+/// `shutdown` completes; then stops accepting, lets each open connection finish the request it is on (idle
 /// ones close at once) for up to `drain`, and cuts off those still open.
 /// (axum's own loop stops waiting for them, but they would go on until the
 /// process exits, through the rest of the shutdown.)
@@ -218,13 +237,34 @@ async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
+    max_connections: usize,
+    client_timeout: Duration,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(client_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(client_timeout)
+        .keep_alive_timeout(client_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    // Past the cap, new connections wait in the kernel's backlog until one
+    // closes, rather than each taking a file descriptor the store needs.
+    let open = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -246,6 +286,7 @@ async fn serve(
             .into_owned();
         let connection = graceful.watch(connection);
         connections.spawn(async move {
+            let _open = permit;
             if let Err(e) = connection.await {
                 tracing::debug!("connection ended: {e}");
             }
@@ -299,10 +340,15 @@ pub struct ObjectBody(pub Bytes);
 impl FromRequest<Arc<AppState>> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, _: &Arc<AppState>) -> Result<Self, ApiError> {
-        read_body(req, MAX_JSON_BODY, "events, invocations and rules")
-            .await
-            .map(JsonBody)
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        read_body(
+            req,
+            MAX_JSON_BODY,
+            "events, invocations and rules",
+            state.config.client_timeout,
+        )
+        .await
+        .map(JsonBody)
     }
 }
 
@@ -310,15 +356,25 @@ impl FromRequest<Arc<AppState>> for ObjectBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        read_body(req, state.config.max_object_bytes, "objects")
-            .await
-            .map(ObjectBody)
+        read_body(
+            req,
+            state.config.max_object_bytes,
+            "objects",
+            state.config.client_timeout,
+        )
+        .await
+        .map(ObjectBody)
     }
 }
 
 /// Reads a request body of at most `limit` bytes; over it, a 413 naming
 /// the limit (after draining what the client sends, up to a bound).
-async fn read_body(req: Request, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+async fn read_body(
+    req: Request,
+    limit: usize,
+    what: &str,
+    idle: Duration,
+) -> Result<Bytes, ApiError> {
     use axum::body::HttpBody;
     let too_large = || {
         ApiError::new(
@@ -332,7 +388,14 @@ async fn read_body(req: Request, limit: usize, what: &str) -> Result<Bytes, ApiE
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit.saturating_add(DRAIN_OVER_LIMIT) as u64) {
+    // A client that waits for `100 Continue` before it sends gets the 413
+    // at once: the body is not read, so no 100 is sent.
+    let waits = req
+        .headers()
+        .get(axum::http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let over = |margin: usize| declared.is_some_and(|n| n > limit.saturating_add(margin) as u64);
+    if over(DRAIN_OVER_LIMIT) || (waits && over(0)) {
         return Err(too_large());
     }
     let mut body = req.into_body();
@@ -343,8 +406,19 @@ async fn read_body(req: Request, limit: usize, what: &str) -> Result<Bytes, ApiE
     });
     let mut bytes = Vec::with_capacity(capacity);
     let mut seen = 0usize;
-    while let Some(frame) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    let stalled = || {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("no part of the request body came for {idle:?}"),
+        )
+    };
+    while let Some(frame) = tokio::time::timeout(
+        idle,
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)),
+    )
+    .await
+    .map_err(|_| stalled())?
     {
         let frame = frame.map_err(|e| {
             ApiError::bad_request("invalid_body", format!("cannot read the request body: {e}"))
