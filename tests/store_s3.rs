@@ -396,7 +396,62 @@ async fn s3_wrong_credentials_are_a_backend_error() {
     assert_eq!(err.code(), "backend", "{err:?}");
     let message = err.to_string();
     assert!(message.starts_with("s3 get_object bkt/k:"), "{message}");
-    assert!(message.contains("Signature"), "{message}");
+    assert!(message.contains("SignatureDoesNotMatch"), "{message}");
+    assert!(message.contains("(HTTP 403)"), "{message}");
+    // The code and the server's message, not the raw response the SDK
+    // would print (headers, request ids, the XML body).
+    assert!(message.len() < 300, "{message}");
+    assert!(!message.contains("x-amz-request-id"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_is_a_backend_error_in_bounded_time() {
+    // Unset timeouts get ours: reads, attempts and whole operations.
+    let config = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build();
+    let store = S3Store::from_sdk_config(&config, "http://127.0.0.1:9", true).unwrap();
+    let timeouts = store.client().config().timeout_config().cloned().unwrap();
+    assert_eq!(
+        timeouts.read_timeout(),
+        Some(imgfunc::store::S3_READ_TIMEOUT)
+    );
+    assert!(timeouts.operation_attempt_timeout().is_some());
+    assert!(timeouts.operation_timeout().is_some());
+
+    // A server that takes the request and never answers, with the read
+    // timeout set short: the GET fails as `backend`, naming the timeout.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            held.push(stream);
+        }
+    });
+    let config = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(
+            aws_sdk_s3::config::Credentials::new("a", "b", None, None, "test"),
+        ))
+        .timeout_config(
+            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                .read_timeout(std::time::Duration::from_millis(500))
+                .build(),
+        )
+        .build();
+    let store = S3Store::from_sdk_config(&config, &endpoint, true).unwrap();
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(std::time::Duration::from_secs(20), store.get("bkt", "k"))
+        .await
+        .expect("the GET ends by itself")
+        .unwrap_err();
+    assert_eq!(err.code(), "backend", "{err:?}");
+    assert!(err.to_string().contains("timeout"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    silent.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,4 +539,43 @@ async fn s3_thumbnail_sources_are_read_only_up_to_their_dc_scan() {
     assert!(cut.len() < read, "kept {} of {read}", cut.len());
     assert_eq!(cut[..cut.len() - 2], jpeg[..cut.len() - 2]);
     assert_eq!(cut[cut.len() - 2..], [0xff, 0xd9]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_breaks_off_is_the_servers_failure_not_a_local_file() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers every request with the start of a 1000-byte body, then hangs up.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n\
+                      Content-Length: 1000\r\n\r\nonly ten b",
+                )
+                .await;
+        }
+    });
+    let store = S3Store::new(s3_client(&endpoint, "a", "b"), endpoint.clone());
+    let err = store
+        .open_with(
+            "bkt",
+            "photo.jpg",
+            Box::new(|_, body| Ok(Some(Kept::Bytes(read_blocking(body, usize::MAX)?.into())))),
+        )
+        .await
+        .err()
+        .expect("the read fails");
+    assert_eq!(err.code(), "backend", "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.starts_with("s3 get_object bkt/photo.jpg:"),
+        "{message}"
+    );
+    assert!(message.contains("broke off"), "{message}");
+    server.abort();
 }

@@ -25,7 +25,7 @@ pub use error::StoreError;
 #[cfg(test)]
 pub(crate) use local::evict;
 pub use local::{LocalStore, MetadataPlace, resident, set_page_cache_check};
-pub use s3::S3Store;
+pub use s3::{S3_READ_TIMEOUT, S3Store};
 pub use validate::{MAX_USER_METADATA_BYTES, validate_bucket, validate_key, validate_local_key};
 
 use bytes::Bytes;
@@ -210,7 +210,7 @@ pub trait ObjectStore: Send + Sync + 'static {
             let streamed = !matches!(body, Body::Bytes(_));
             let task_name = name.clone();
             let run = move || {
-                let bytes = read(&meta, body).map_err(|e| StoreError::io("read", name, e))?;
+                let bytes = read(&meta, body).map_err(|e| read_error(name, e))?;
                 Ok((meta, bytes))
             };
             if !streamed {
@@ -250,6 +250,35 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// event.
     fn bucket_check(&self) -> BucketCheck {
         validate_bucket
+    }
+}
+
+/// A remote store's body that failed while it was read: reported as the
+/// store's failure (`backend`), not as a local file's.
+#[derive(Debug)]
+pub(crate) struct BackendRead(pub String);
+
+impl std::fmt::Display for BackendRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BackendRead {}
+
+/// An error from reading an object named `name`: the remote store's own
+/// ([`BackendRead`]) or the local file's.
+fn read_error(name: String, e: std::io::Error) -> StoreError {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<BackendRead>())
+    {
+        Some(remote) => StoreError::Backend {
+            op: "get_object",
+            target: name,
+            message: remote.0.clone(),
+        },
+        None => StoreError::io("read", name, e),
     }
 }
 

@@ -14,11 +14,12 @@ use super::{
 };
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::Region;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime};
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The region used when the environment names none; S3-compatible servers
 /// mostly ignore it, but request signing needs one.
@@ -31,6 +32,10 @@ pub struct S3Store {
     endpoint: String,
     list_page_size: Option<i32>,
 }
+
+/// How long a request may wait for the next byte of its answer (the
+/// response's start included) before it fails as `backend`.
+pub const S3_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a 404 without an error code means for the operation at hand.
 #[derive(Clone, Copy)]
@@ -73,8 +78,22 @@ impl S3Store {
         force_path_style: bool,
     ) -> Result<S3Store, StoreError> {
         check_endpoint(endpoint)?;
-        let mut builder =
-            aws_sdk_s3::config::Builder::from(sdk_config).force_path_style(force_path_style);
+        // Timeouts the loaded configuration leaves unset (it sets only a
+        // connect timeout): without them a server that accepts a request
+        // and never answers holds the invocation, its image slot and, once
+        // every slot is held, the whole host.
+        let ours = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(S3_READ_TIMEOUT)
+            .operation_attempt_timeout(Duration::from_secs(120))
+            .operation_timeout(Duration::from_secs(300));
+        let timeouts = match sdk_config.timeout_config() {
+            Some(set) => set.to_builder().take_unset_from(ours).build(),
+            None => ours.build(),
+        };
+        let mut builder = aws_sdk_s3::config::Builder::from(sdk_config)
+            .force_path_style(force_path_style)
+            .timeout_config(timeouts);
         if sdk_config.region().is_none() {
             builder = builder.region(Region::new(DEFAULT_REGION));
         }
@@ -204,9 +223,31 @@ where
             } else {
                 format!("{bucket}/{key}")
             },
-            message: DisplayErrorContext(&err).to_string(),
+            message: backend_message(&err, status),
         },
     }
+}
+
+/// The server's error code and message, with the HTTP status, where it
+/// gave them; else the chain of causes (a timeout, a refused connection).
+/// Never the raw response, whose headers and body the SDK's own text
+/// carries.
+fn backend_message<E>(err: &SdkError<E>, status: Option<u16>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let Some(code) = err.code() else {
+        return DisplayErrorContext(err).to_string();
+    };
+    let mut message = code.to_owned();
+    if let Some(text) = err.message() {
+        message.push_str(": ");
+        message.push_str(text);
+    }
+    if let Some(status) = status {
+        message.push_str(&format!(" (HTTP {status})"));
+    }
+    message
 }
 
 fn to_system_time(t: Option<&DateTime>) -> Option<SystemTime> {
@@ -271,7 +312,6 @@ impl ObjectStore for S3Store {
                 stream: body,
                 chunk: Bytes::new(),
                 runtime: tokio::runtime::Handle::current(),
-                target: format!("{bucket}/{key}"),
             };
             Ok(ObjectReader {
                 meta,
@@ -415,7 +455,6 @@ struct StreamReader {
     /// The part of the last chunk not yet read.
     chunk: Bytes,
     runtime: tokio::runtime::Handle,
-    target: String,
 }
 
 impl std::io::Read for StreamReader {
@@ -424,11 +463,10 @@ impl std::io::Read for StreamReader {
             match self.runtime.block_on(self.stream.next()) {
                 Some(Ok(chunk)) => self.chunk = chunk,
                 Some(Err(e)) => {
-                    return Err(std::io::Error::other(format!(
-                        "reading {} failed: {}",
-                        self.target,
+                    return Err(std::io::Error::other(super::BackendRead(format!(
+                        "the body broke off: {}",
                         DisplayErrorContext(&e)
-                    )));
+                    ))));
                 }
                 None => return Ok(0),
             }
