@@ -23,13 +23,13 @@ pub mod s3;
 
 pub use error::EventError;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::rules::EventType;
 
 /// Where an event came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventSource {
     /// A record of an S3 event notification.
@@ -41,7 +41,7 @@ pub enum EventSource {
 }
 
 /// One event on one object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// What happened.
     pub event_type: EventType,

@@ -5,6 +5,7 @@
 
 mod error;
 mod events;
+mod journal;
 mod objects;
 mod queue;
 
@@ -147,7 +148,10 @@ impl Host {
             WatermarkSources::new(config.sources.clone()),
             config.workers,
         )?;
-        let (queue, receiver) = queue::Queue::new(config.queue_bound);
+        let (journal, pending) =
+            journal::Journal::open(&config.data_dir.join(".imgfunc").join("pending.jsonl"))
+                .map_err(|e| anyhow::anyhow!("cannot open the journal of invocations: {e}"))?;
+        let (queue, receiver) = queue::Queue::new(config.queue_bound, Arc::new(journal));
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -162,6 +166,7 @@ impl Host {
             ready: AtomicBool::new(true),
         });
         let workers = queue::Workers::start(state.clone(), receiver);
+        queue::resume(&state, pending);
         Ok(Host {
             state,
             listener,

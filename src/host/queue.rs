@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::journal::{Journal, Pending};
 use super::{AppState, new_id};
 use crate::cloudfunc::{self, InvocationResult, Status};
 use crate::events::Event;
@@ -40,17 +41,32 @@ pub struct Queue {
     /// before a job is sent and after it is done, so no moment between the
     /// two looks idle.
     unfinished: Arc<AtomicUsize>,
+    /// Every job sent is written down here first, and marked done after it
+    /// ran, so that a restart runs what a killed process left.
+    pub(super) journal: Arc<Journal>,
 }
 
 /// Room reserved in the queue for jobs not built yet.
 pub struct Reservation {
     permits: Vec<mpsc::OwnedPermit<Job>>,
     unfinished: Arc<AtomicUsize>,
+    journal: Arc<Journal>,
+}
+
+/// Writes `jobs` down in `journal` as queued.
+fn journal_added(journal: &Journal, jobs: &[Job]) {
+    journal.added(
+        jobs.iter()
+            .map(|j| (j.id.as_str(), j.rule.id.as_str(), &j.event)),
+    );
 }
 
 impl Reservation {
-    /// Sends `jobs` into the reserved room (at most as many as were reserved).
-    pub fn send(self, jobs: Vec<Job>) {
+    /// Sends `jobs` into the reserved room (at most as many as were
+    /// reserved), journaled first.
+    pub fn send(self, mut jobs: Vec<Job>) {
+        jobs.truncate(self.permits.len());
+        journal_added(&self.journal, &jobs);
         for (permit, job) in self.permits.into_iter().zip(jobs) {
             self.unfinished.fetch_add(1, Ordering::SeqCst);
             permit.send(job);
@@ -59,13 +75,14 @@ impl Reservation {
 }
 
 impl Queue {
-    pub fn new(bound: usize) -> (Queue, mpsc::Receiver<Job>) {
+    pub fn new(bound: usize, journal: Arc<Journal>) -> (Queue, mpsc::Receiver<Job>) {
         let (tx, rx) = mpsc::channel(bound.max(1));
         (
             Queue {
                 sender: Mutex::new(Some(tx)),
                 bound: bound.max(1),
                 unfinished: Arc::default(),
+                journal,
             },
             rx,
         )
@@ -84,10 +101,12 @@ impl Queue {
     /// Reserves room for `n` jobs, all or none.
     pub fn try_reserve(&self, n: usize) -> Result<Reservation, Refused> {
         let unfinished = Arc::clone(&self.unfinished);
+        let journal = Arc::clone(&self.journal);
         if n == 0 {
             return Ok(Reservation {
                 permits: Vec::new(),
                 unfinished,
+                journal,
             });
         }
         // More than the queue holds would be refused for ever: retrying
@@ -113,6 +132,7 @@ impl Queue {
         Ok(Reservation {
             permits,
             unfinished,
+            journal,
         })
     }
 
@@ -205,6 +225,7 @@ impl Workers {
                             "the invocation stopped unexpectedly (a panic); its result is lost"
                         );
                     }
+                    state.queue.journal.done(&id);
                     state.queue.unfinished.fetch_sub(1, Ordering::SeqCst);
                 }
             });
@@ -244,7 +265,9 @@ impl Workers {
             tracing::warn!(
                 ?timeout,
                 notifications_kept = kept,
-                "shutdown: work still running after the drain timeout"
+                jobs_left = self.state.queue.journal.pending(),
+                "shutdown: work still running after the drain timeout; the jobs left \
+                 stay in the journal and run at the next start"
             );
         }
     }
@@ -351,27 +374,77 @@ fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
             }
             Err(_) => jobs,
         };
-        let Some(sender) = state.queue.sender() else {
-            tracing::warn!(bucket = %out.bucket, key = %out.key,
-                "shutting down: output event not dispatched");
-            continue;
-        };
         tracing::info!(bucket = %out.bucket, key = %out.key,
             "queue full: output event waits for room");
-        // Unfinished from now: a shutdown waits for these jobs too.
-        let unfinished = Arc::clone(&state.queue.unfinished);
-        unfinished.fetch_add(jobs.len(), Ordering::SeqCst);
-        tokio::spawn(async move {
-            for job in jobs {
-                match sender.reserve().await {
-                    Ok(permit) => permit.send(job),
-                    Err(_) => {
-                        unfinished.fetch_sub(1, Ordering::SeqCst);
-                        tracing::warn!(key = %job.event.key,
-                            "shutting down: output event not dispatched");
-                    }
+        // Journaled now: a restart runs them if this process cannot.
+        journal_added(&state.queue.journal, &jobs);
+        send_when_room(state, jobs);
+    }
+}
+
+/// Sends `jobs`, already journaled, as room comes (off the caller, which
+/// may be a worker that must go on to make room); a shutdown waits for
+/// them like queued work, and those it stops stay in the journal.
+fn send_when_room(state: &AppState, jobs: Vec<Job>) {
+    let Some(sender) = state.queue.sender() else {
+        tracing::warn!(
+            jobs = jobs.len(),
+            "shutting down: jobs left in the journal for the next start"
+        );
+        return;
+    };
+    // Unfinished from now: a shutdown waits for these jobs too.
+    let unfinished = Arc::clone(&state.queue.unfinished);
+    unfinished.fetch_add(jobs.len(), Ordering::SeqCst);
+    tokio::spawn(async move {
+        for job in jobs {
+            match sender.reserve().await {
+                Ok(permit) => permit.send(job),
+                Err(_) => {
+                    unfinished.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(key = %job.event.key,
+                        "shutting down: job left in the journal for the next start");
                 }
             }
-        });
+        }
+    });
+}
+
+/// Queues again the jobs the journal held at start (a killed process's, or
+/// those a shutdown's drain timeout stopped), under their rules as they are
+/// now; a job whose rule is gone is dropped, with a warning, and marked done.
+pub fn resume(state: &AppState, pending: Vec<Pending>) {
+    if pending.is_empty() {
+        return;
     }
+    let mut jobs = Vec::with_capacity(pending.len());
+    for p in pending {
+        let rule = state
+            .rules
+            .rules(&p.event.bucket)
+            .into_iter()
+            .find(|r| r.id == p.rule);
+        match rule {
+            Some(rule) => jobs.push(Job {
+                id: p.id,
+                rule,
+                event: p.event,
+                enqueued: Instant::now(),
+            }),
+            None => {
+                tracing::warn!(
+                    rule = %p.rule,
+                    bucket = %p.event.bucket,
+                    key = %p.event.key,
+                    "a job left from the last run is dropped: its rule is gone"
+                );
+                state.queue.journal.done(&p.id);
+            }
+        }
+    }
+    tracing::info!(
+        jobs = jobs.len(),
+        "running the jobs the last run left unfinished"
+    );
+    send_when_room(state, jobs);
 }

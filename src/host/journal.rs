@@ -1,0 +1,285 @@
+//! The journal of accepted invocations: every job the queue takes is
+//! written down before its event is answered, and marked done once it has
+//! run, so that jobs a killed process or a shutdown's drain timeout left
+//! behind run when the host starts again.
+//!
+//! One JSON line per record in `.imgfunc/pending.jsonl`: `{"op":"add",
+//! "id":..,"rule":..,"event":{..}}` when a job is queued, `{"op":"done",
+//! "id":..}` when it has run. Lines are appended with one `write` each (a
+//! batch of jobs in one), without a flush to disk: they survive the process
+//! being killed, not the machine losing power. The file is rewritten with
+//! only the jobs still pending at start and whenever it has grown well past
+//! them.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::Event;
+
+/// A job found pending at start.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub id: String,
+    /// The rule's id; its bucket is the event's.
+    pub rule: String,
+    pub event: Event,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Record {
+    Add {
+        id: String,
+        rule: String,
+        event: Event,
+    },
+    Done {
+        id: String,
+    },
+}
+
+/// The file is rewritten once it holds this many bytes and four times what
+/// the pending jobs take.
+const COMPACT_AT: u64 = 4 << 20;
+
+pub struct Journal {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    /// `None` after a failure to open or rewrite it: jobs still run, and
+    /// the failure was logged.
+    file: Option<File>,
+    /// The `add` line of each pending job, by id.
+    pending: HashMap<String, String>,
+    /// Bytes in the file.
+    written: u64,
+}
+
+impl Journal {
+    /// Opens the journal at `path` and returns the jobs it holds that never
+    /// finished, in the order they were queued; the file is rewritten with
+    /// only those. A line that does not parse (a write cut short by a kill)
+    /// is skipped.
+    pub fn open(path: &Path) -> std::io::Result<(Journal, Vec<Pending>)> {
+        let mut order = Vec::new();
+        let mut pending: HashMap<String, (String, Pending)> = HashMap::new();
+        match File::open(path) {
+            Ok(file) => {
+                for line in std::io::BufReader::new(file).lines() {
+                    let line = line?;
+                    match serde_json::from_str::<Record>(&line) {
+                        Ok(Record::Add { id, rule, event }) => {
+                            order.push(id.clone());
+                            let job = Pending {
+                                id: id.clone(),
+                                rule,
+                                event,
+                            };
+                            pending.insert(id, (line, job));
+                        }
+                        Ok(Record::Done { id }) => {
+                            pending.remove(&id);
+                        }
+                        Err(e) => {
+                            tracing::warn!(journal = %path.display(), "skipped a damaged line: {e}")
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut jobs = Vec::with_capacity(pending.len());
+        let mut lines = HashMap::with_capacity(pending.len());
+        for id in order {
+            if let Some((line, job)) = pending.remove(&id) {
+                lines.insert(id, line);
+                jobs.push(job);
+            }
+        }
+        let journal = Journal {
+            path: path.to_path_buf(),
+            inner: Mutex::new(Inner {
+                file: None,
+                pending: lines,
+                written: 0,
+            }),
+        };
+        {
+            let mut inner = journal.lock();
+            let file = journal.rewrite(&inner.pending, jobs.iter().map(|j| j.id.as_str()))?;
+            inner.written = file.1;
+            inner.file = Some(file.0);
+        }
+        Ok((journal, jobs))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the `add` lines of `order` to a new file put in place of the
+    /// journal, open for appending, and its size.
+    fn rewrite<'a>(
+        &self,
+        lines: &HashMap<String, String>,
+        order: impl Iterator<Item = &'a str>,
+    ) -> std::io::Result<(File, u64)> {
+        let mut text = String::new();
+        for id in order {
+            if let Some(line) = lines.get(id) {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        let tmp = self.path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, &text)?;
+        std::fs::rename(&tmp, &self.path)?;
+        let file = OpenOptions::new().append(true).open(&self.path)?;
+        Ok((file, text.len() as u64))
+    }
+
+    /// Records jobs just queued: `(id, rule id, event)`.
+    pub fn added<'a>(&self, jobs: impl Iterator<Item = (&'a str, &'a str, &'a Event)>) {
+        let mut text = String::new();
+        let mut inner = self.lock();
+        for (id, rule, event) in jobs {
+            let record = Record::Add {
+                id: id.to_owned(),
+                rule: rule.to_owned(),
+                event: event.clone(),
+            };
+            let Ok(line) = serde_json::to_string(&record) else {
+                continue;
+            };
+            text.push_str(&line);
+            text.push('\n');
+            inner.pending.insert(id.to_owned(), line);
+        }
+        self.append(&mut inner, &text);
+    }
+
+    /// Records that the job `id` has run (or will never run).
+    pub fn done(&self, id: &str) {
+        let mut inner = self.lock();
+        if inner.pending.remove(id).is_none() {
+            return;
+        }
+        let line = format!(
+            "{{\"op\":\"done\",\"id\":{}}}\n",
+            serde_json::Value::from(id)
+        );
+        self.append(&mut inner, &line);
+        let live: u64 = inner.pending.values().map(|l| l.len() as u64 + 1).sum();
+        if inner.written > COMPACT_AT && inner.written > live.saturating_mul(4) {
+            // Rewritten in any order: the pending jobs are already queued.
+            let ids: Vec<String> = inner.pending.keys().cloned().collect();
+            match self.rewrite(&inner.pending, ids.iter().map(String::as_str)) {
+                Ok((file, size)) => {
+                    inner.file = Some(file);
+                    inner.written = size;
+                }
+                Err(e) => tracing::error!(
+                    journal = %self.path.display(),
+                    "cannot rewrite the journal of pending invocations: {e}"
+                ),
+            }
+        }
+    }
+
+    /// Jobs recorded and not done.
+    pub fn pending(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    fn append(&self, inner: &mut Inner, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        let Some(file) = inner.file.as_mut() else {
+            return;
+        };
+        match file.write_all(text.as_bytes()) {
+            Ok(()) => inner.written += text.len() as u64,
+            Err(e) => tracing::error!(
+                journal = %self.path.display(),
+                "cannot write the journal of pending invocations; they still run, \
+                 but a restart before they finish would not run them again: {e}"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::EventType;
+
+    fn event(key: &str) -> Event {
+        Event::internal(EventType::CreateObject, "photos", key)
+    }
+
+    #[test]
+    fn jobs_not_done_come_back_in_order_and_the_file_keeps_only_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pending.jsonl");
+        let (journal, pending) = Journal::open(&path).unwrap();
+        assert!(pending.is_empty());
+        let (a, b, c) = (event("a.jpg"), event("b.jpg"), event("c.jpg"));
+        journal.added([("1", "thumbs", &a), ("2", "thumbs", &b)].into_iter());
+        journal.added([("3", "marks", &c)].into_iter());
+        journal.done("2");
+        journal.done("unknown");
+        assert_eq!(journal.pending(), 2);
+        drop(journal);
+        // A write cut short by a kill leaves a partial line.
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"op\":\"add\",\"id\":\"4\",\"ru")
+            .unwrap();
+        drop(file);
+
+        let (journal, pending) = Journal::open(&path).unwrap();
+        let seen: Vec<(&str, &str, &str)> = pending
+            .iter()
+            .map(|p| (p.id.as_str(), p.rule.as_str(), p.event.key.as_str()))
+            .collect();
+        assert_eq!(seen, [("1", "thumbs", "a.jpg"), ("3", "marks", "c.jpg")]);
+        assert_eq!(pending[0].event, a);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        journal.done("1");
+        journal.done("3");
+        drop(journal);
+        let (_, pending) = Journal::open(&path).unwrap();
+        assert!(pending.is_empty());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
+
+    #[test]
+    fn the_file_is_rewritten_once_it_has_grown_past_its_pending_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pending.jsonl");
+        let (journal, _) = Journal::open(&path).unwrap();
+        let kept = event("kept.jpg");
+        journal.added([("kept", "r", &kept)].into_iter());
+        let long = event(&"k".repeat(900));
+        for n in 0..6000 {
+            let id = n.to_string();
+            journal.added([(id.as_str(), "r", &long)].into_iter());
+            journal.done(&id);
+        }
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < COMPACT_AT, "{size}");
+        drop(journal);
+        let (_, pending) = Journal::open(&path).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].event, kept);
+    }
+}

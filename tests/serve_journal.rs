@@ -1,0 +1,107 @@
+//! `imgfunc serve` run as the real binary and killed (SIGKILL) with a
+//! backlog of invocations: started again on the same folder, it runs every
+//! invocation the killed process had accepted and not finished.
+
+#![cfg(unix)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::Served;
+
+const UPLOADS: usize = 12;
+
+/// `imgfunc serve` on `dir` with one image thread and a rule that makes a
+/// large WebP of every upload to `photos`, slow enough to leave a backlog.
+fn start(dir: &Path) -> Served {
+    let functions = dir.join("functions");
+    std::fs::create_dir_all(&functions).unwrap();
+    std::fs::write(
+        functions.join("big.json"),
+        serde_json::json!({
+            "bucket": "photos",
+            "notifications": [{
+                "id": "big",
+                "event_types": ["create_object"],
+                "cloudfunc": "image",
+                "cloudfunc_args": {"action": "resize:w_2400|format:t_webp,q_90",
+                                   "save_bucket": "out"}
+            }]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut command = common::serve_command(&dir.join("data"), &functions, &["--workers", "1"]);
+    Served::spawn(&mut command).expect("start imgfunc serve")
+}
+
+fn outputs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("data/out/gen_up"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".jpg"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn invocations_a_killed_server_accepted_run_when_it_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/images/wood.jpg"
+    ))
+    .unwrap();
+    let client = reqwest::Client::new();
+    let mut server = start(dir.path());
+    for n in 0..UPLOADS {
+        let response = client
+            .put(format!("{}/photos/up/{n:02}.jpg", server.base))
+            .header("content-type", "image/jpeg")
+            .body(photo.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    // Killed as soon as the first output is written, the rest still queued.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while outputs(dir.path()).is_empty() {
+        assert!(Instant::now() < deadline, "no output at all");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let before = outputs(dir.path()).len();
+    assert!(
+        before < UPLOADS,
+        "the kill left nothing to do ({before} outputs)"
+    );
+
+    // Started again: every upload gets its output, each a whole WebP.
+    let _server = start(dir.path());
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while outputs(dir.path()).len() < UPLOADS {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {UPLOADS} outputs after the restart",
+            outputs(dir.path()).len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expected: Vec<String> = (0..UPLOADS).map(|n| format!("{n:02}.jpg")).collect();
+    assert_eq!(outputs(dir.path()), expected);
+    for name in &expected {
+        let bytes = std::fs::read(dir.path().join("data/out/gen_up").join(name)).unwrap();
+        let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::WebP)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(img.width(), 2400, "{name}");
+    }
+}
