@@ -340,8 +340,9 @@ async fn run_job(
                         let delivered = state
                             .notifier
                             .deliver_registered(registered, &url, &payload);
+                        // Where the payload went is logged where it was given up.
                         if let Err(e) = delivered.await {
-                            tracing::warn!("notify failed, kept in the dead-letter file: {e}");
+                            tracing::debug!("notify failed: {e}");
                         }
                     }
                     .in_current_span(),

@@ -268,14 +268,14 @@ impl Notifier {
             self.track(id, made);
             match self.attempt(url, payload).await {
                 Attempt::Delivered(status) => {
-                    tracing::debug!(url, attempts = made, %status, "notification delivered");
+                    tracing::debug!(url = without_password(url), attempts = made, %status, "notification delivered");
                     return Ok(Delivery {
                         attempts: made,
                         status,
                     });
                 }
                 Attempt::Retry(error) => {
-                    tracing::debug!(url, attempt = made, %error, "notification attempt failed");
+                    tracing::debug!(url = without_password(url), attempt = made, error = %error.replace(url, &without_password(url)), "notification attempt failed");
                     last_error = error;
                 }
                 Attempt::Refused(error) => {
@@ -331,25 +331,51 @@ impl Notifier {
     }
 
     async fn give_up(&self, url: &str, attempts: u32, last_error: &str, payload: &Value) {
-        tracing::warn!(
-            url,
-            attempts,
-            error = last_error,
-            dead_letter = %self.config.dead_letter.display(),
-            "notification not delivered; payload kept in the dead-letter file"
-        );
-        if let Err(error) = self
+        let shown = without_password(url);
+        // The client's errors name the URL as it parsed it.
+        let mut error = last_error.replace(url, &shown);
+        if let Ok(parsed) = reqwest::Url::parse(url) {
+            error = error.replace(parsed.as_str(), &shown);
+        }
+        let (url, last_error) = (&shown, error.as_str());
+        match self
             .dead_letters
             .append(url, attempts, last_error, payload)
             .await
         {
-            tracing::error!(
+            Ok(()) => tracing::warn!(
                 url,
+                attempts,
+                error = last_error,
                 dead_letter = %self.config.dead_letter.display(),
-                %error,
-                "cannot write the dead-letter file; the notification payload is lost"
-            );
+                "notification not delivered; payload kept in the dead-letter file"
+            ),
+            // The log is then the only place the payload is kept.
+            Err(error) => tracing::error!(
+                url,
+                attempts,
+                error = last_error,
+                dead_letter = %self.config.dead_letter.display(),
+                write_error = %error,
+                payload = %payload,
+                "notification not delivered, and the dead-letter file cannot be written: \
+                 the payload is in this line only"
+            ),
         }
+    }
+}
+
+/// `url` with the password of its user info, if any, shown as `***`: the
+/// dead-letter file and the log are read by more people than the rules.
+pub fn without_password(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            if parsed.set_password(Some("***")).is_err() {
+                return url.to_string();
+            }
+            parsed.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 

@@ -382,3 +382,21 @@ async fn a_delivery_stopped_while_its_record_waits_is_kept() {
     assert_eq!(letters[0]["payload"], payload());
     assert_eq!(letters[0]["attempts"], 1);
 }
+
+#[tokio::test]
+async fn a_password_in_the_url_is_not_written_to_the_dead_letter_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = closed_port_url().replace("http://", "http://user:s3cret@");
+    let notifier = one_attempt(dir.path());
+    notifier.deliver(&url, &payload()).await.unwrap_err();
+    let letters = dead_letters(notifier.config());
+    assert_eq!(letters.len(), 1);
+    let shown = letters[0]["url"].as_str().unwrap();
+    assert_eq!(shown, url.replace("s3cret", "***"));
+    let text = std::fs::read_to_string(&notifier.config().dead_letter).unwrap();
+    assert!(!text.contains("s3cret"), "{text}");
+    assert_eq!(
+        without_password("http://127.0.0.1:9/x"),
+        "http://127.0.0.1:9/x"
+    );
+}
