@@ -358,7 +358,8 @@ fn read(path: &Path) -> Result<Vec<u8>, RuleBookError> {
 /// that a crash leaves either the old file or the new one, never half of one.
 fn write_atomically(dir: &Path, bucket: &str, raw: &Value) -> Result<(), RuleBookError> {
     let target = dir.join(format!("{bucket}.json"));
-    let temp = dir.join(format!(".{bucket}.json.tmp-{:016x}", rand::random::<u64>()));
+    // Named apart from the bucket, so that the longest name still fits.
+    let temp = dir.join(format!(".json.tmp-{:016x}", rand::random::<u64>()));
     let write = || -> io::Result<()> {
         let mut bytes = serde_json::to_vec_pretty(raw)?;
         bytes.push(b'\n');
@@ -602,6 +603,21 @@ mod tests {
             serde_json::from_slice::<Value>(&body("from-api", "*.png")).unwrap()
         );
         assert_eq!(book.buckets(), ["photos", "videos"]);
+    }
+
+    #[test]
+    fn rules_of_the_longest_bucket_name_are_written_and_read_back() {
+        let state = tempfile::tempdir().unwrap();
+        let bucket = "b".repeat(250);
+        let notifier = json!({"notifications": [{
+            "id": "tell", "event_types": ["create_object"],
+            "cloudfunc": "notifier", "notify_url": "http://127.0.0.1:9/x"}]});
+        let book = RuleBook::open(state.path(), None).unwrap();
+        book.set(&bucket, notifier.to_string().as_bytes()).unwrap();
+        drop(book);
+        let book = RuleBook::open(state.path(), None).unwrap();
+        assert_eq!(book.get_raw(&bucket).unwrap(), notifier);
+        assert!(book.delete(&bucket).unwrap());
     }
 
     #[test]

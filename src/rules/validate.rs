@@ -42,23 +42,26 @@ pub fn check_save_targets(action: &crate::action::Action) -> Result<(), crate::s
 }
 
 /// Checks that `name` can be a bucket name, which is also a file name in the
-/// state directory: 1 to 255 letters, digits, `.`, `-` or `_`, starting with
+/// state directory (`<name>.json`, at most 255 bytes): 1 to 250 letters,
+/// digits, `.`, `-` or `_`, starting with
 /// a letter or digit. That is looser than S3 (lowercase, 3 to 63) so that
 /// every bucket a store accepts fits, and strict enough that no name escapes
 /// a directory.
 pub fn validate_bucket_name(name: &str) -> Result<(), RuleError> {
+    /// A file name's 255 bytes, less `.json`.
+    const MAX_RULE_BUCKET: usize = 250;
     let valid_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
     let starts_well = name.starts_with(|c: char| c.is_ascii_alphanumeric());
-    if name.len() <= 255 && valid_chars && starts_well {
+    if name.len() <= MAX_RULE_BUCKET && valid_chars && starts_well {
         Ok(())
     } else {
         Err(RuleError::new(
             "bucket",
             format!(
-                "invalid bucket name `{}`: use 1 to 255 letters, digits, `.`, `-` or `_`, \
-                 starting with a letter or digit",
+                "invalid bucket name `{}`: use 1 to {MAX_RULE_BUCKET} letters, digits, `.`, \
+                 `-` or `_`, starting with a letter or digit",
                 crate::shown(name)
             ),
         ))
@@ -837,7 +840,13 @@ mod tests {
 
     #[test]
     fn bucket_names() {
-        for ok in ["photos", "my-bucket.v2", "a", "Legacy_Bucket"] {
+        for ok in [
+            "photos",
+            "my-bucket.v2",
+            "a",
+            "Legacy_Bucket",
+            &"a".repeat(250),
+        ] {
             assert!(validate_bucket_name(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -848,7 +857,7 @@ mod tests {
             "a\\b",
             "-x",
             "水",
-            &"a".repeat(256),
+            &"a".repeat(251),
         ] {
             assert!(validate_bucket_name(bad).is_err(), "{bad}");
         }
