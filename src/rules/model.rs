@@ -11,6 +11,7 @@ use std::fmt;
 
 /// The body of QingStor's `PUT /?notification`: `{"notifications": [...]}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(expecting = "an object with a list of notifications")]
 pub struct NotificationSet {
     /// The rules, each with an id unique in the set.
     pub notifications: Vec<RawNotification>,
@@ -19,6 +20,7 @@ pub struct NotificationSet {
 /// A deployable rule file in `functions/`: the notification body plus the
 /// bucket it applies to, `{"bucket": "photos", "notifications": [...]}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(expecting = "an object with a bucket and a list of notifications")]
 pub struct RuleFile {
     /// The bucket whose events the rules apply to.
     pub bucket: String,
@@ -28,6 +30,7 @@ pub struct RuleFile {
 
 /// One notification rule as written.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(expecting = "a notification rule: an object with id, event_types, cloudfunc and more")]
 pub struct RawNotification {
     /// Required, unique among the bucket's rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,6 +62,7 @@ pub struct RawNotification {
 
 /// `cloudfunc_args` as written; only the `image` cloudfunc reads them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(expecting = "an object of action, key_prefix, key_seprate and save_bucket")]
 pub struct RawCloudFuncArgs {
     /// The action pipeline, e.g. `resize:w_300|format:t_webp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

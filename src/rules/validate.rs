@@ -693,6 +693,13 @@ mod tests {
             r.insert("cloudfunc_args".into(), json!("resize:w_10"));
         });
         assert_eq!(err.field, "notifications[0].cloudfunc_args");
+        // Said as the user writes it, not by our type's name.
+        assert!(
+            err.message
+                .contains("expected an object of action, key_prefix"),
+            "{err}"
+        );
+        assert!(!err.message.contains("Raw"), "{err}");
 
         let err = parse(&json!({"notifications": ["thumbs"]})).unwrap_err();
         assert_eq!(err.field, "notifications[0]");
