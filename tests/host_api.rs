@@ -1559,3 +1559,47 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
     );
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_onto_the_source_object_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let original = fixture("images/storm.jpg");
+    let put = host
+        .put_object("photos", "a.jpg", original.clone(), "image/jpeg")
+        .await;
+    assert_eq!(put.status(), 201);
+    let result: Value = host
+        .http
+        .post(host.url("/v1/invoke"))
+        .json(&json!({
+            "event": {"event_type": "create_object", "bucket_name": "photos", "object_key": "a.jpg"},
+            "rule": {"id": "self", "event_types": "create_object", "cloudfunc": "image",
+                     "cloudfunc_args": {"action": "resize:w_10|save:b_photos,k_a.jpg"}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(result["status"], "error", "{result}");
+    assert_eq!(result["error"]["code"], "operation_failed", "{result}");
+    let message = result["error"]["message"].as_str().unwrap();
+    assert!(message.contains("is the source object itself"), "{message}");
+    let kept = host
+        .http
+        .get(host.object_url("photos", "a.jpg"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(kept == original, "the original was replaced");
+    assert_eq!(
+        host.list_keys("photos").await,
+        ["a.jpg"],
+        "no output either"
+    );
+    host.stop().await;
+}

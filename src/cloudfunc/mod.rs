@@ -347,6 +347,24 @@ async fn run_image(
     } else {
         format!("{chain},{link}")
     };
+    // The original is never replaced: a `save` naming it is refused before
+    // anything is written (the output key is held apart when the rule is set).
+    if let Some(save) = output
+        .saves
+        .iter()
+        .find(|s| s.bucket == event.bucket && s.key == event.key)
+    {
+        return Err(ImagingError::Operation {
+            op: "save",
+            message: format!(
+                "b_{},k_{} is the source object itself; an invocation never overwrites \
+                 its source",
+                crate::shown(&save.bucket),
+                crate::shown(&save.key)
+            ),
+        }
+        .into());
+    }
     let source = format!("{}/{}", event.bucket, event.key);
     if let Some(image) = &output.image {
         let bucket = args.output_bucket(&event.bucket);
