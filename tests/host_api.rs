@@ -1603,3 +1603,44 @@ async fn a_save_onto_the_source_object_is_refused_and_writes_nothing() {
     );
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_events_of_a_removed_rule_are_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.workers = 1;
+    let host = TestHost::local(config).await;
+    let rules = one_rule(json!({
+        "id": "big", "event_types": ["create_object"], "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_2400|format:t_webp,q_90", "save_bucket": "out"}}));
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    let photo = fixture("images/wood.jpg");
+    for n in 0..12 {
+        let put = host
+            .put_object(
+                "photos",
+                &format!("{n:02}.jpg"),
+                photo.clone(),
+                "image/jpeg",
+            )
+            .await;
+        assert_eq!(put.status(), 201);
+    }
+    let removed = host
+        .http
+        .delete(host.url("/photos?notification"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204);
+    eventually("the queue drained", || async {
+        (host.queue_depth().await == 0).then_some(())
+    })
+    .await;
+    // Those already taken from the queue (one image slot each, four for the
+    // one image thread) finish; the rest are skipped.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let written = host.list_keys("out").await.len();
+    assert!(written <= 5, "{written} outputs after the rule was removed");
+    host.stop().await;
+}

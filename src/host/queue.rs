@@ -206,7 +206,27 @@ impl Workers {
                         let slot = state.runtime.image_slot().await;
                         (rx.recv().await, slot)
                     };
-                    let Some(job) = job else { break };
+                    let Some(mut job) = job else { break };
+                    // The rule as it is now: one removed since the event was
+                    // queued no longer applies, one replaced applies as it
+                    // now reads.
+                    let current = state
+                        .rules
+                        .rules(&job.event.bucket)
+                        .into_iter()
+                        .find(|r| r.id == job.rule.id);
+                    let Some(rule) = current else {
+                        tracing::info!(
+                            rule = %job.rule.id,
+                            bucket = %job.event.bucket,
+                            key = %job.event.key,
+                            "skipped: the rule was removed after the event was queued"
+                        );
+                        state.queue.journal.done(&job.id);
+                        state.queue.unfinished.fetch_sub(1, Ordering::SeqCst);
+                        continue;
+                    };
+                    job.rule = rule;
                     // A panic (a store's client, say) ends this job, not the
                     // worker, and the job still counts as finished: otherwise
                     // every later shutdown would wait out its drain timeout.
