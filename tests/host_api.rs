@@ -14,7 +14,7 @@ use common::host::{
 };
 use common::s3::s3_client;
 use imgfunc::store::{
-    BoxFuture, Kept, ListEntry, LocalStore, Object, ObjectMeta, ObjectReader, ObjectStore,
+    BoxFuture, Kept, ListPage, LocalStore, Object, ObjectMeta, ObjectReader, ObjectStore,
     PutOptions, ReadBody, S3Store, StoreError,
 };
 use serde_json::{Value, json};
@@ -994,12 +994,13 @@ impl ObjectStore for StalledWrites {
     fn delete(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         self.inner.delete(bucket, key)
     }
-    fn list(
+    fn list_page(
         &self,
         bucket: &str,
         prefix: &str,
-    ) -> BoxFuture<'_, Result<Vec<ListEntry>, StoreError>> {
-        self.inner.list(bucket, prefix)
+        start_after: &str,
+    ) -> BoxFuture<'_, Result<ListPage, StoreError>> {
+        self.inner.list_page(bucket, prefix, start_after)
     }
     fn describe(&self) -> String {
         self.inner.describe()
@@ -1642,5 +1643,40 @@ async fn queued_events_of_a_removed_rule_are_not_run() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let written = host.list_keys("out").await.len();
     assert!(written <= 5, "{written} outputs after the rule was removed");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_past_its_page_says_so_and_pages_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    // 10,005 objects written straight into the store's folder.
+    let folder = dir.path().join("many");
+    std::fs::create_dir_all(&folder).unwrap();
+    for n in 0..10_005 {
+        std::fs::write(folder.join(format!("k{n:05}")), b"").unwrap();
+    }
+    let list = |query: &'static str| {
+        let url = host.url(&format!("/many{query}"));
+        let http = host.http.clone();
+        async move {
+            let body: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            body
+        }
+    };
+    let first = list("").await;
+    assert_eq!(first["keys"].as_array().unwrap().len(), 10_000);
+    assert_eq!(first["truncated"], true);
+    assert_eq!(first["next_start_after"], "k09999");
+    let next = list("?start-after=k09999").await;
+    let keys: Vec<&str> = next["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["k10000", "k10001", "k10002", "k10003", "k10004"]);
+    assert_eq!(next["truncated"], false);
+    assert!(next.get("next_start_after").is_none());
     host.stop().await;
 }

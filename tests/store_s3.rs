@@ -242,6 +242,13 @@ async fn conformance(store: &dyn ObjectStore, bucket: &str, missing_bucket: &str
     let photos = store.list(bucket, "photos").await.unwrap();
     assert_eq!(photos.len(), 4);
     assert!(store.list(bucket, "none/").await.unwrap().is_empty());
+    // A page from after a key.
+    let page = store
+        .list_page(bucket, "photos/", "photos/a.jpg")
+        .await
+        .unwrap();
+    assert!(!page.truncated);
+    assert_eq!(keys(&page.entries), ["photos/b.png", "photos/sub/c.webp"]);
 
     // Missing keys.
     let err = store.get(bucket, "photos/missing.jpg").await.unwrap_err();

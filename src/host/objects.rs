@@ -18,7 +18,7 @@ use crate::cloudfunc;
 use crate::events::Event;
 use crate::imaging::{self, ImagingError, NoWatermarks};
 use crate::rules::EventType;
-use crate::store::{self, PutOptions, StoreError, validate_bucket, validate_key};
+use crate::store::{self, ListPage, PutOptions, StoreError, validate_bucket, validate_key};
 
 /// The query string's keys and values; a bare key such as `image` maps to "".
 fn query(raw: &Option<String>) -> HashMap<String, String> {
@@ -73,12 +73,17 @@ pub async fn get_bucket(
     }
     check_bucket(&bucket)?;
     let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
-    let entries = match state.store.list(&bucket, prefix).await {
-        Ok(e) => e,
-        Err(e) if e.is_not_found() => Vec::new(),
+    let start_after = q.get("start-after").map(String::as_str).unwrap_or("");
+    let page = match state.store.list_page(&bucket, prefix, start_after).await {
+        Ok(page) => page,
+        Err(e) if e.is_not_found() => ListPage {
+            entries: Vec::new(),
+            truncated: false,
+        },
         Err(e) => return Err(e.into()),
     };
-    let keys: Vec<Value> = entries
+    let keys: Vec<Value> = page
+        .entries
         .iter()
         .map(|e| {
             json!({
@@ -90,9 +95,14 @@ pub async fn get_bucket(
             })
         })
         .collect();
-    Ok(Json(
-        json!({"name": bucket, "prefix": prefix, "keys": keys}),
-    ))
+    let mut body = json!({"name": bucket, "prefix": prefix, "keys": keys,
+                          "truncated": page.truncated});
+    if page.truncated
+        && let Some(last) = page.entries.last()
+    {
+        body["next_start_after"] = json!(last.key);
+    }
+    Ok(Json(body))
 }
 
 /// `PUT /{bucket}?notification` sets the bucket's rules (validated now, 400

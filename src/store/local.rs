@@ -53,8 +53,9 @@ use super::attribute;
 use super::flush::GroupFlush;
 use super::validate::{normalize_put_options, validate_local_key};
 use super::{
-    Body, BoxFuture, DEFAULT_CONTENT_TYPE, Kept, LIST_LIMIT, ListEntry, Object, ObjectMeta,
-    ObjectReader, ObjectStore, PutOptions, ReadBody, StoreError, run_blocking, validate_bucket,
+    Body, BoxFuture, DEFAULT_CONTENT_TYPE, Kept, LIST_LIMIT, ListEntry, ListPage, Object,
+    ObjectMeta, ObjectReader, ObjectStore, PutOptions, ReadBody, StoreError, run_blocking,
+    validate_bucket,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -318,19 +319,21 @@ impl ObjectStore for LocalStore {
         })
     }
 
-    fn list(
+    fn list_page(
         &self,
         bucket: &str,
         prefix: &str,
-    ) -> BoxFuture<'_, Result<Vec<ListEntry>, StoreError>> {
+        start_after: &str,
+    ) -> BoxFuture<'_, Result<ListPage, StoreError>> {
         let checked = validate_bucket(bucket);
         let bucket = bucket.to_owned();
         let prefix = prefix.to_owned();
+        let start_after = start_after.to_owned();
         let bucket_dir = self.root.join(&bucket);
         Box::pin(async move {
             checked?;
             blocking(self.root.clone(), move || {
-                list_objects(&bucket, &bucket_dir, &prefix)
+                list_objects(&bucket, &bucket_dir, &prefix, &start_after)
             })
             .await
         })
@@ -1242,7 +1245,8 @@ fn list_objects(
     bucket: &str,
     bucket_dir: &Path,
     prefix: &str,
-) -> Result<Vec<ListEntry>, StoreError> {
+    start_after: &str,
+) -> Result<ListPage, StoreError> {
     if !bucket_dir.is_dir() {
         return Err(StoreError::no_such_bucket(bucket));
     }
@@ -1285,7 +1289,10 @@ fn list_objects(
                 }
                 continue;
             }
-            if !key.starts_with(prefix) || validate_local_key(&key).is_err() {
+            if !key.starts_with(prefix)
+                || key.as_str() <= start_after
+                || validate_local_key(&key).is_err()
+            {
                 continue;
             }
             // Follows symbolic links, so a linked file lists like a copy.
@@ -1308,17 +1315,11 @@ fn list_objects(
             }
         }
     }
-    if found > LIST_LIMIT {
-        tracing::warn!(
-            bucket,
-            prefix,
-            found,
-            limit = LIST_LIMIT,
-            "listing truncated"
-        );
-    }
     let entries = kept.into_sorted_vec().into_iter().map(|e| e.0).collect();
-    Ok(entries)
+    Ok(ListPage {
+        entries,
+        truncated: found > LIST_LIMIT,
+    })
 }
 
 #[cfg(test)]
@@ -1872,6 +1873,20 @@ mod tests {
             .collect();
         assert_eq!(listed.len(), LIST_LIMIT);
         assert_eq!(listed, all[..LIST_LIMIT]);
+
+        // The page says more follow; the next starts after its last key.
+        let first = store.list_page("b", "", "").await.unwrap();
+        assert!(first.truncated);
+        let last = first.entries.last().unwrap().key.clone();
+        let next = store.list_page("b", "", &last).await.unwrap();
+        assert!(!next.truncated);
+        let rest: Vec<String> = next.entries.into_iter().map(|e| e.key).collect();
+        assert_eq!(rest, all[LIST_LIMIT..]);
+        // Within a prefix too.
+        let page = store.list_page("b", "m/", "m/03000").await.unwrap();
+        assert!(!page.truncated);
+        assert_eq!(page.entries.len(), per_folder - 3001);
+        assert_eq!(page.entries[0].key, "m/03001");
     }
 
     #[tokio::test]
@@ -2124,13 +2139,19 @@ mod tests {
                 std::fs::read_dir(&closed).is_err(),
                 "the folder is closed to this thread"
             );
-            let listed = list_objects("b", &bucket_dir, "");
+            let listed = list_objects("b", &bucket_dir, "", "");
             (listed, closed)
         })
         .join()
         .unwrap();
         std::fs::set_permissions(&listed.1, open).unwrap();
-        let keys: Vec<String> = listed.0.unwrap().into_iter().map(|e| e.key).collect();
+        let keys: Vec<String> = listed
+            .0
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
         assert_eq!(keys, ["a.txt", "c/d.txt"]);
     }
 

@@ -131,6 +131,14 @@ where
 pub type ReadBody =
     Box<dyn FnOnce(&ObjectMeta, Body) -> std::io::Result<Option<Kept>> + Send + 'static>;
 
+/// Up to [`LIST_LIMIT`] keys of a listing, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    pub entries: Vec<ListEntry>,
+    /// More keys follow the last one: list again from it.
+    pub truncated: bool,
+}
+
 /// One object in a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListEntry {
@@ -237,8 +245,24 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Lists the objects whose key starts with `prefix` (all keys when it is
     /// empty), recursively, sorted by key, at most [`LIST_LIMIT`] of them.
-    fn list(&self, bucket: &str, prefix: &str)
-    -> BoxFuture<'_, Result<Vec<ListEntry>, StoreError>>;
+    fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> BoxFuture<'_, Result<Vec<ListEntry>, StoreError>> {
+        let page = self.list_page(bucket, prefix, "");
+        Box::pin(async move { page.await.map(|page| page.entries) })
+    }
+
+    /// [`ObjectStore::list`] from the first key after `start_after` (from
+    /// the first key when it is empty), saying whether more keys follow the
+    /// [`LIST_LIMIT`] it returns.
+    fn list_page(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        start_after: &str,
+    ) -> BoxFuture<'_, Result<ListPage, StoreError>>;
 
     /// Where this store keeps its objects, for logs and `--help`-style
     /// output: `local:/var/lib/imgfunc` or `s3:http://127.0.0.1:9000`.

@@ -9,8 +9,8 @@
 
 use super::validate::normalize_put_options;
 use super::{
-    Body, BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, Object, ObjectMeta, ObjectReader,
-    ObjectStore, PutOptions, StoreError, validate_bucket, validate_key,
+    Body, BoxFuture, DEFAULT_CONTENT_TYPE, LIST_LIMIT, ListEntry, ListPage, Object, ObjectMeta,
+    ObjectReader, ObjectStore, PutOptions, StoreError, validate_bucket, validate_key,
 };
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::Region;
@@ -393,17 +393,22 @@ impl ObjectStore for S3Store {
         })
     }
 
-    fn list(
+    fn list_page(
         &self,
         bucket: &str,
         prefix: &str,
-    ) -> BoxFuture<'_, Result<Vec<ListEntry>, StoreError>> {
+        start_after: &str,
+    ) -> BoxFuture<'_, Result<ListPage, StoreError>> {
         let (bucket, prefix) = (bucket.to_owned(), prefix.to_owned());
+        let start_after = start_after.to_owned();
         Box::pin(async move {
             check_bucket(&bucket)?;
             let mut request = self.client.list_objects_v2().bucket(&bucket);
             if !prefix.is_empty() {
                 request = request.prefix(&prefix);
+            }
+            if !start_after.is_empty() {
+                request = request.start_after(&start_after);
             }
             if let Some(n) = self.list_page_size {
                 request = request.max_keys(n);
@@ -430,11 +435,8 @@ impl ObjectStore for S3Store {
                 }
             }
             entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-            if truncated {
-                tracing::warn!(bucket, prefix, limit = LIST_LIMIT, "listing truncated");
-            }
             entries.truncate(LIST_LIMIT);
-            Ok(entries)
+            Ok(ListPage { entries, truncated })
         })
     }
 
