@@ -1680,3 +1680,150 @@ async fn a_listing_past_its_page_says_so_and_pages_on() {
     assert!(next.get("next_start_after").is_none());
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_answer_conditional_and_range_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let bytes: Vec<u8> = (0..600_000u32).map(|n| (n * 7 % 251) as u8).collect();
+    let put = host
+        .put_object(
+            "files",
+            "big.bin",
+            bytes.clone(),
+            "application/octet-stream",
+        )
+        .await;
+    assert_eq!(put.status(), 201);
+    let url = host.object_url("files", "big.bin");
+    let get = |headers: &[(&str, &str)]| {
+        let mut request = host.http.get(&url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+
+    let whole = get(&[]).await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(whole.headers()["accept-ranges"], "bytes");
+    let etag = whole.headers()["etag"].to_str().unwrap().to_owned();
+    let modified = whole.headers()["last-modified"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    assert!(modified.ends_with(" GMT"), "{modified}");
+    assert!(whole.bytes().await.unwrap() == bytes);
+    let head = host.http.head(&url).send().await.unwrap();
+    assert_eq!(head.headers()["etag"], etag.as_str());
+
+    // Revalidation: 304 without a body while the object is the same.
+    let same = get(&[("if-none-match", &etag)]).await.unwrap();
+    assert_eq!(same.status(), 304);
+    assert_eq!(same.headers()["etag"], etag.as_str());
+    assert!(same.bytes().await.unwrap().is_empty());
+    assert_eq!(
+        get(&[("if-none-match", "\"other\"")])
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        get(&[("if-modified-since", &modified)])
+            .await
+            .unwrap()
+            .status(),
+        304
+    );
+    let before = "Thu, 01 Jan 2015 00:00:00 GMT";
+    assert_eq!(
+        get(&[("if-modified-since", before)])
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Ranges: from the middle of the file, an open end, the last bytes.
+    for (range, first, last) in [
+        ("bytes=300000-300099", 300_000, 300_099),
+        ("bytes=599990-", 599_990, 599_999),
+        ("bytes=-7", 599_993, 599_999),
+        ("bytes=0-0", 0, 0),
+        ("bytes=599000-700000", 599_000, 599_999),
+    ] {
+        let part = get(&[("range", range)]).await.unwrap();
+        assert_eq!(part.status(), 206, "{range}");
+        assert_eq!(
+            part.headers()["content-range"],
+            format!("bytes {first}-{last}/600000").as_str(),
+            "{range}"
+        );
+        let body = part.bytes().await.unwrap();
+        assert!(body[..] == bytes[first..=last], "{range}");
+    }
+    let outside = get(&[("range", "bytes=600000-")]).await.unwrap();
+    assert_eq!(outside.status(), 416);
+    assert_eq!(outside.headers()["content-range"], "bytes */600000");
+    // Several ranges, or an If-Range of another version: the whole object.
+    assert_eq!(
+        get(&[("range", "bytes=0-1,5-6")]).await.unwrap().status(),
+        200
+    );
+    let stale = get(&[("range", "bytes=0-1"), ("if-range", "\"old\"")])
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 200);
+    let current = get(&[("range", "bytes=0-1"), ("if-range", &etag)])
+        .await
+        .unwrap();
+    assert_eq!(current.status(), 206);
+
+    // A new write is a new version.
+    let put = host
+        .put_object(
+            "files",
+            "big.bin",
+            b"changed".to_vec(),
+            "application/octet-stream",
+        )
+        .await;
+    assert_eq!(put.status(), 201);
+    let changed = get(&[("if-none-match", &etag)]).await.unwrap();
+    assert_eq!(changed.status(), 200);
+    assert_eq!(changed.bytes().await.unwrap(), "changed");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_of_objects_on_s3_skip_what_the_stream_cannot_seek() {
+    let s3 = common::s3::start_s3().await;
+    s3.create_bucket("files").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.embedded = false;
+    let host = TestHost::start(config, Arc::new(s3.store())).await;
+    let bytes: Vec<u8> = (0..300_000u32).map(|n| (n * 13 % 253) as u8).collect();
+    let put = host
+        .put_object("files", "b.bin", bytes.clone(), "application/octet-stream")
+        .await;
+    assert_eq!(put.status(), 201);
+    let part = host
+        .http
+        .get(host.object_url("files", "b.bin"))
+        .header("range", "bytes=250000-250010")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(
+        part.headers()["content-range"],
+        "bytes 250000-250010/300000"
+    );
+    assert!(part.headers().contains_key("etag"));
+    let body = part.bytes().await.unwrap();
+    assert!(body[..] == bytes[250_000..=250_010]);
+    host.stop().await;
+}

@@ -269,6 +269,7 @@ pub async fn get_object(
     Path((bucket, key)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
     method: Method,
+    request: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
@@ -278,28 +279,214 @@ pub async fn get_object(
     }
     if method == Method::HEAD {
         let meta = state.store.head(&bucket, &key).await?;
+        let validators = Validators::of(&meta);
+        if validators.not_modified(&request) {
+            return Ok(validators.not_modified_response());
+        }
         let mut response = Response::new(Body::empty());
-        set_object_headers(
-            response.headers_mut(),
-            &meta.content_type,
-            meta.size,
-            &meta.user_metadata,
-        );
+        set_object_headers(response.headers_mut(), &meta, meta.size, &validators);
         return Ok(response);
     }
     let object = state.store.open(&bucket, &key).await?;
+    let meta = object.meta;
+    let validators = Validators::of(&meta);
+    if validators.not_modified(&request) {
+        return Ok(validators.not_modified_response());
+    }
+    let range = match validators.range(&request, meta.size) {
+        Ok(range) => range,
+        Err(()) => {
+            let mut response = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "invalid_range",
+                format!(
+                    "the range asked for is not within the object's {} bytes",
+                    meta.size
+                ),
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{}", meta.size)) {
+                response.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(response);
+        }
+    };
+    let (start, length) = range.map_or((0, meta.size), |(first, last)| (first, last - first + 1));
     let body = match object.body {
-        store::Body::Bytes(bytes) => Body::from(bytes),
-        body => stream_body(body.into_reader()),
+        store::Body::Bytes(bytes) => {
+            let end = usize::try_from(start + length)
+                .unwrap_or(bytes.len())
+                .min(bytes.len());
+            let start = usize::try_from(start).unwrap_or(end).min(end);
+            Body::from(bytes.slice(start..end))
+        }
+        store::Body::File(mut file) if start > 0 => {
+            use std::io::{Read, Seek};
+            let seek = file.seek(std::io::SeekFrom::Start(start));
+            if let Err(e) = seek {
+                return Err(StoreError::io("read", format!("{bucket}/{key}"), e).into());
+            }
+            stream_body(Box::new(file.take(length)))
+        }
+        body => stream_body(Box::new(std::io::Read::take(
+            Skip {
+                inner: body.into_reader(),
+                skip: start,
+            },
+            length,
+        ))),
     };
     let mut response = Response::new(body);
-    set_object_headers(
-        response.headers_mut(),
-        &object.meta.content_type,
-        object.meta.size,
-        &object.meta.user_metadata,
-    );
+    set_object_headers(response.headers_mut(), &meta, length, &validators);
+    if let Some((first, last)) = range {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let value = format!("bytes {first}-{last}/{}", meta.size);
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
     Ok(response)
+}
+
+/// A reader that first drops `skip` bytes of `inner`: a range of a stream
+/// that cannot seek.
+struct Skip {
+    inner: Box<dyn std::io::Read + Send>,
+    skip: u64,
+}
+
+impl std::io::Read for Skip {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.skip > 0 {
+            let skipped =
+                std::io::copy(&mut (&mut self.inner).take(self.skip), &mut std::io::sink())?;
+            if skipped < self.skip {
+                return Ok(0);
+            }
+            self.skip = 0;
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// An object's validators, as file servers make them: an ETag of its size
+/// and modification time, and that time as `Last-Modified`. Both are absent
+/// when the store does not know the time.
+struct Validators {
+    etag: Option<String>,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Validators {
+    fn of(meta: &store::ObjectMeta) -> Validators {
+        let since_epoch = meta
+            .last_modified
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        Validators {
+            etag: since_epoch.map(|d| format!("\"{:x}-{:x}\"", meta.size, d.as_nanos())),
+            modified: meta.last_modified,
+        }
+    }
+
+    fn last_modified(&self) -> Option<String> {
+        self.modified.map(httpdate::fmt_http_date)
+    }
+
+    /// Whether a conditional GET or HEAD gets 304: `If-None-Match` naming
+    /// the ETag (or `*`); without it, `If-Modified-Since` at or after the
+    /// object's time (in whole seconds, as HTTP dates are).
+    fn not_modified(&self, request: &HeaderMap) -> bool {
+        if let Some(tags) = request.get(header::IF_NONE_MATCH) {
+            let Ok(tags) = tags.to_str() else {
+                return false;
+            };
+            return tags.split(',').map(str::trim).any(|tag| {
+                tag == "*"
+                    || self
+                        .etag
+                        .as_deref()
+                        .is_some_and(|etag| tag.trim_start_matches("W/") == etag)
+            });
+        }
+        let since = request
+            .get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok());
+        match (since, self.modified) {
+            (Some(since), Some(modified)) => {
+                let seconds = |t: std::time::SystemTime| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                };
+                seconds(modified) <= seconds(since)
+            }
+            _ => false,
+        }
+    }
+
+    fn not_modified_response(&self) -> Response {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        self.set(response.headers_mut());
+        response
+    }
+
+    fn set(&self, headers: &mut HeaderMap) {
+        if let Some(v) = self
+            .etag
+            .as_deref()
+            .and_then(|e| HeaderValue::from_str(e).ok())
+        {
+            headers.insert(header::ETAG, v);
+        }
+        if let Some(v) = self
+            .last_modified()
+            .and_then(|d| HeaderValue::from_str(&d).ok())
+        {
+            headers.insert(header::LAST_MODIFIED, v);
+        }
+    }
+
+    /// The one byte range a `Range` header asks of `size` bytes, first and
+    /// last inclusive: `bytes=A-B`, `bytes=A-` or `bytes=-N`. `None` (the
+    /// whole object, as RFC 9110 allows) without the header, for several
+    /// ranges, a unit other than bytes or a syntax not understood, or when
+    /// `If-Range` names another version. `Err` when no byte of the object
+    /// is in the range (416).
+    fn range(&self, request: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()> {
+        let Some(spec) = request
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().strip_prefix("bytes="))
+        else {
+            return Ok(None);
+        };
+        if let Some(if_range) = request.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+            let current = self.etag.as_deref() == Some(if_range)
+                || self.last_modified().as_deref() == Some(if_range);
+            if !current {
+                return Ok(None);
+            }
+        }
+        if spec.contains(',') {
+            return Ok(None);
+        }
+        let Some((first, last)) = spec.trim().split_once('-') else {
+            return Ok(None);
+        };
+        let number = |s: &str| s.trim().parse::<u64>().ok();
+        let range = match (first.trim().is_empty(), number(first), number(last)) {
+            // The last N bytes.
+            (true, _, Some(n)) if n > 0 => (size.saturating_sub(n), size.checked_sub(1).ok_or(())?),
+            (true, _, _) => return Err(()),
+            (false, Some(a), None) if last.trim().is_empty() => (a, size.saturating_sub(1)),
+            (false, Some(a), Some(b)) if a <= b => (a, b.min(size.saturating_sub(1))),
+            _ => return Ok(None),
+        };
+        if range.0 >= size {
+            return Err(());
+        }
+        Ok(Some(range))
+    }
 }
 
 /// Bytes read per chunk of a streamed GET.
@@ -336,17 +523,21 @@ fn stream_body(read: Box<dyn std::io::Read + Send>) -> Body {
     Body::from_stream(chunks)
 }
 
+/// An object's headers, for a body of `length` bytes (the whole object's,
+/// or a range's).
 fn set_object_headers(
     headers: &mut HeaderMap,
-    content_type: &str,
-    size: u64,
-    meta: &BTreeMap<String, String>,
+    meta: &store::ObjectMeta,
+    length: u64,
+    validators: &Validators,
 ) {
-    if let Ok(v) = HeaderValue::from_str(content_type) {
+    if let Ok(v) = HeaderValue::from_str(&meta.content_type) {
         headers.insert(header::CONTENT_TYPE, v);
     }
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    for (k, v) in meta {
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    validators.set(headers);
+    for (k, v) in &meta.user_metadata {
         if let (Ok(name), Ok(value)) = (
             header::HeaderName::from_bytes(format!("x-amz-meta-{k}").as_bytes()),
             HeaderValue::from_str(v),
