@@ -634,7 +634,10 @@ fn decode_generic(
         Stored::Cmyk8 | Stored::Cmyk16 => "cmyk",
         _ => "srgb",
     };
-    let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    if format == ImageFormat::Tiff && img.color().has_alpha() && tiff_alpha_is_associated(input) {
+        img = DynamicImage::ImageRgba8(unpremultiply(img.into_rgba8()));
+    }
     let meta = SourceMeta {
         format,
         width,
@@ -896,6 +899,32 @@ fn decode_webp_animation(input: &[u8], limits: &Limits) -> Result<Decoded, Imagi
         lead_applied: false,
         lead_frame: None,
     })
+}
+
+/// Whether a TIFF's alpha is associated (its colours premultiplied by it,
+/// `ExtraSamples` = 1), which the image crate does not look at.
+fn tiff_alpha_is_associated(input: &[u8]) -> bool {
+    let Ok(mut decoder) = tiff::decoder::Decoder::new(Cursor::new(input)) else {
+        return false;
+    };
+    matches!(
+        decoder.find_tag_unsigned_vec::<u16>(tiff::tags::Tag::ExtraSamples),
+        Ok(Some(extra)) if extra.first() == Some(&1)
+    )
+}
+
+/// Colours divided by their alpha again (a clear pixel stays as it is).
+fn unpremultiply(mut rgba: image::RgbaImage) -> image::RgbaImage {
+    for p in rgba.pixels_mut() {
+        let a = u32::from(p[3]);
+        if a == 0 || a == 255 {
+            continue;
+        }
+        for c in 0..3 {
+            p[c] = ((u32::from(p[c]) * 255 + a / 2) / a).min(255) as u8;
+        }
+    }
+    rgba
 }
 
 /// How often a GIF plays, from the loop extension before its first frame

@@ -160,24 +160,45 @@ fn encode_still(
             }
             Ok(out)
         }
-        ImageFormat::Tiff | ImageFormat::Bmp => {
+        ImageFormat::Tiff => encode_tiff(img).map_err(|e| encode_error(format, e)),
+        ImageFormat::Bmp => {
             let mut out = Cursor::new(Vec::new());
-            let target = match format {
-                ImageFormat::Tiff => image::ImageFormat::Tiff,
-                _ => image::ImageFormat::Bmp,
-            };
             let flat;
-            let img = if format == ImageFormat::Bmp && img.color().has_alpha() {
+            let img = if img.color().has_alpha() {
                 flat = DynamicImage::ImageRgb8(flatten_on_white(img));
                 &flat
             } else {
                 img
             };
-            img.write_to(&mut out, target)
+            img.write_to(&mut out, image::ImageFormat::Bmp)
                 .map_err(|e| encode_error(format, e))?;
             Ok(out.into_inner())
         }
     }
+}
+
+/// An uncompressed TIFF (libvips' default too) of RGB, or of RGBA with its
+/// alpha marked as such (`ExtraSamples` = 2, unassociated), which the image
+/// crate leaves out: readers then warn, or take the fourth sample for
+/// something else.
+fn encode_tiff(img: &DynamicImage) -> Result<Vec<u8>, tiff::TiffError> {
+    use tiff::encoder::{TiffEncoder, colortype};
+    use tiff::tags::{ExtraSamples, Tag};
+    let (w, h) = (img.width(), img.height());
+    let mut out = Cursor::new(Vec::new());
+    let mut tiff = TiffEncoder::new(&mut out)?;
+    if img.color().has_alpha() {
+        let rgba = img.to_rgba8();
+        let mut image = tiff.new_image::<colortype::RGBA8>(w, h)?;
+        image
+            .encoder()
+            .write_tag(Tag::ExtraSamples, ExtraSamples::UnassociatedAlpha.to_u16())?;
+        image.write_data(rgba.as_raw())?;
+    } else {
+        let rgb = img.to_rgb8();
+        tiff.write_image::<colortype::RGB8>(w, h, rgb.as_raw())?;
+    }
+    Ok(out.into_inner())
 }
 
 /// Makes every pixel opaque or clear, at half coverage, as a GIF can hold

@@ -1346,3 +1346,40 @@ fn an_animated_webp_over_the_frame_limit_is_refused_from_its_header() {
         "{err}"
     );
 }
+
+/// The `ExtraSamples` values of a TIFF's first image.
+fn tiff_extra_samples(bytes: &[u8]) -> Option<Vec<u16>> {
+    let mut decoder = tiff::decoder::Decoder::new(std::io::Cursor::new(bytes)).unwrap();
+    decoder
+        .find_tag_unsigned_vec::<u16>(tiff::tags::Tag::ExtraSamples)
+        .unwrap()
+}
+
+#[test]
+fn tiff_alpha_is_marked_on_output_and_unpremultiplied_on_input() {
+    // Half-covered red: straight (255, 0, 0, 128), premultiplied (128, 0, 0, 128).
+    let straight = RgbaImage::from_pixel(8, 8, Rgba([255, 0, 0, 128]));
+    let (out, _) = run_image(&png(&DynamicImage::ImageRgba8(straight)), "format:t_tiff");
+    assert_eq!(
+        tiff_extra_samples(&out.bytes),
+        Some(vec![2]),
+        "unassociated alpha"
+    );
+    let (rgb, _) = run_image(&fixture("storm.jpg"), "resize:w_40|format:t_tiff");
+    assert_eq!(tiff_extra_samples(&rgb.bytes), None, "no alpha, no tag");
+
+    // A TIFF whose alpha is associated: its colours are divided back.
+    let mut premultiplied = Vec::new();
+    {
+        use tiff::encoder::{TiffEncoder, colortype};
+        let mut tiff = TiffEncoder::new(std::io::Cursor::new(&mut premultiplied)).unwrap();
+        let mut image = tiff.new_image::<colortype::RGBA8>(8, 8).unwrap();
+        image
+            .encoder()
+            .write_tag(tiff::tags::Tag::ExtraSamples, 1u16)
+            .unwrap();
+        image.write_data(&[128u8, 0, 0, 128].repeat(64)).unwrap();
+    }
+    let (_, back) = run_image(&premultiplied, "format:t_png");
+    assert_eq!(back.to_rgba8().get_pixel(3, 3).0, [255, 0, 0, 128]);
+}
