@@ -123,6 +123,10 @@ pub fn probe(input: &[u8]) -> Result<(ImageFormat, u32, u32), ImagingError> {
 
 /// Identifies the format from the leading bytes.
 fn sniff(input: &[u8]) -> Result<ImageFormat, ImagingError> {
+    // BigTIFF, which `image` does not recognise and its TIFF decoder reads.
+    if input.starts_with(b"II\x2b\x00") || input.starts_with(b"MM\x00\x2b") {
+        return Ok(ImageFormat::Tiff);
+    }
     match image::guess_format(input) {
         Ok(image::ImageFormat::Jpeg) => Ok(ImageFormat::Jpeg),
         Ok(image::ImageFormat::Png) => Ok(ImageFormat::Png),

@@ -1383,3 +1383,20 @@ fn tiff_alpha_is_marked_on_output_and_unpremultiplied_on_input() {
     let (_, back) = run_image(&premultiplied, "format:t_png");
     assert_eq!(back.to_rgba8().get_pixel(3, 3).0, [255, 0, 0, 128]);
 }
+
+#[test]
+fn a_bigtiff_is_read_as_a_tiff() {
+    let mut big = Vec::new();
+    {
+        use tiff::encoder::{TiffEncoder, colortype};
+        let mut tiff = TiffEncoder::new_big(std::io::Cursor::new(&mut big)).unwrap();
+        tiff.write_image::<colortype::RGB8>(6, 4, &[10u8, 200, 30].repeat(24))
+            .unwrap();
+    }
+    assert_eq!(&big[..4], b"II\x2b\x00");
+    let info = run(&big, "info").unwrap().info.unwrap();
+    assert_eq!(info["type"], "tiff");
+    let (_, img) = run_image(&big, "format:t_png");
+    assert_eq!(img.dimensions(), (6, 4));
+    assert_eq!(rgb_at(&img, 2, 2), [10, 200, 30]);
+}
