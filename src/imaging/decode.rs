@@ -693,6 +693,12 @@ fn decode_png(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
         reader.info().color_type,
         png::ColorType::Grayscale | png::ColorType::GrayscaleAlpha
     );
+    // An animated PNG gives its first frame (its default image); `info`
+    // still tells how many it has.
+    let frames = reader
+        .info()
+        .animation_control()
+        .map_or(1, |a| a.num_frames as usize);
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| decode_error(format, "the image is too large to address"))?;
@@ -720,7 +726,7 @@ fn decode_png(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
         height,
         orientation: exif_orientation(input),
         space: if grey { "b-w" } else { "srgb" },
-        frames: 1,
+        frames,
         repeat: Repeat::Infinite,
     };
     Ok(still_decoded(img, super::colour::png_profile(input), meta))

@@ -1400,3 +1400,23 @@ fn a_bigtiff_is_read_as_a_tiff() {
     assert_eq!(img.dimensions(), (6, 4));
     assert_eq!(rgb_at(&img, 2, 2), [10, 200, 30]);
 }
+
+#[test]
+fn an_animated_png_gives_its_first_frame_and_info_counts_its_frames() {
+    let mut apng = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut apng, 4, 4);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_animated(3, 0).unwrap();
+        let mut writer = encoder.write_header().unwrap();
+        for colour in [[255u8, 0, 0], [0, 255, 0], [0, 0, 255]] {
+            writer.write_image_data(&colour.repeat(16)).unwrap();
+        }
+        writer.finish().unwrap();
+    }
+    let info = run(&apng, "info").unwrap().info.unwrap();
+    assert_eq!(info["frames"], 3);
+    let (out, img) = run_image(&apng, "resize:w_2");
+    assert_eq!(out.format, ImageFormat::Png);
+    assert_eq!(rgb_at(&img, 1, 1), [255, 0, 0]);
+}
