@@ -5,11 +5,15 @@
 //!
 //! One JSON line per record in `.imgfunc/pending.jsonl`: `{"op":"add",
 //! "id":..,"rule":..,"event":{..}}` when a job is queued, `{"op":"done",
-//! "id":..}` when it has run. Lines are appended with one `write` each (a
-//! batch of jobs in one), without a flush to disk: they survive the process
-//! being killed, not the machine losing power. The file is rewritten with
-//! only the jobs still pending at start and whenever it has grown well past
-//! them.
+//! "id":..}` when it has run. A request's jobs are appended with one
+//! `write`, before it is answered. Done marks are gathered and written
+//! [`DONE_BATCH`] bytes at a time (with the next jobs' lines, or when no job
+//! is left): a mark lost with a killed process only makes a finished job run
+//! again, while a write per job put the journal's page in every one of the
+//! store's flushes. Nothing is flushed to disk for the journal's sake: it
+//! survives the process being killed, not the machine losing power. The file
+//! is rewritten with only the jobs still pending at start and whenever it
+//! has grown well past them.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -47,6 +51,9 @@ enum Record {
 /// the pending jobs take.
 const COMPACT_AT: u64 = 4 << 20;
 
+/// Done marks gathered before they are written: about sixty.
+const DONE_BATCH: usize = 4096;
+
 pub struct Journal {
     path: PathBuf,
     inner: Mutex<Inner>,
@@ -60,6 +67,8 @@ struct Inner {
     pending: HashMap<String, String>,
     /// Bytes in the file.
     written: u64,
+    /// Done marks not written yet.
+    done: String,
 }
 
 impl Journal {
@@ -110,6 +119,7 @@ impl Journal {
                 file: None,
                 pending: lines,
                 written: 0,
+                done: String::new(),
             }),
         };
         {
@@ -148,8 +158,9 @@ impl Journal {
 
     /// Records jobs just queued: `(id, rule id, event)`.
     pub fn added<'a>(&self, jobs: impl Iterator<Item = (&'a str, &'a str, &'a Event)>) {
-        let mut text = String::new();
         let mut inner = self.lock();
+        // The done marks gathered so far go in the same write.
+        let mut text = std::mem::take(&mut inner.done);
         for (id, rule, event) in jobs {
             let record = Record::Add {
                 id: id.to_owned(),
@@ -166,7 +177,8 @@ impl Journal {
         self.append(&mut inner, &text);
     }
 
-    /// Records that the job `id` has run (or will never run).
+    /// Records that the job `id` has run (or will never run): gathered, and
+    /// written with others (see the module's notes).
     pub fn done(&self, id: &str) {
         let mut inner = self.lock();
         if inner.pending.remove(id).is_none() {
@@ -176,9 +188,22 @@ impl Journal {
             "{{\"op\":\"done\",\"id\":{}}}\n",
             serde_json::Value::from(id)
         );
-        self.append(&mut inner, &line);
+        inner.done.push_str(&line);
+        if inner.done.len() < DONE_BATCH && !inner.pending.is_empty() {
+            return;
+        }
+        let marks = std::mem::take(&mut inner.done);
+        self.append(&mut inner, &marks);
+    }
+
+    /// Rewrites the file with only the pending jobs once it has grown past
+    /// [`COMPACT_AT`] and four times what they take.
+    fn compact(&self, inner: &mut Inner) {
+        if inner.written <= COMPACT_AT {
+            return;
+        }
         let live: u64 = inner.pending.values().map(|l| l.len() as u64 + 1).sum();
-        if inner.written > COMPACT_AT && inner.written > live.saturating_mul(4) {
+        if inner.written > live.saturating_mul(4) {
             // Rewritten in any order: the pending jobs are already queued.
             let ids: Vec<String> = inner.pending.keys().cloned().collect();
             match self.rewrite(&inner.pending, ids.iter().map(String::as_str)) {
@@ -199,6 +224,13 @@ impl Journal {
         self.lock().pending.len()
     }
 
+    /// Writes the done marks gathered so far (at shutdown).
+    pub fn flush(&self) {
+        let mut inner = self.lock();
+        let marks = std::mem::take(&mut inner.done);
+        self.append(&mut inner, &marks);
+    }
+
     fn append(&self, inner: &mut Inner, text: &str) {
         if text.is_empty() {
             return;
@@ -214,6 +246,13 @@ impl Journal {
                  but a restart before they finish would not run them again: {e}"
             ),
         }
+        self.compact(inner);
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -221,6 +260,16 @@ impl Journal {
 mod tests {
     use super::*;
     use crate::rules::EventType;
+
+    impl Journal {
+        /// What a process started now would find, read from a copy so
+        /// that the journal in use is not rewritten.
+        fn open_copy(path: &Path) -> (Journal, Vec<Pending>) {
+            let copy = path.with_extension("copy");
+            std::fs::copy(path, &copy).unwrap();
+            Journal::open(&copy).unwrap()
+        }
+    }
 
     fn event(key: &str) -> Event {
         Event::internal(EventType::CreateObject, "photos", key)
@@ -238,6 +287,9 @@ mod tests {
         journal.done("2");
         journal.done("unknown");
         assert_eq!(journal.pending(), 2);
+        // Done marks are gathered: a kill now would run job 2 again.
+        let (_, before_flush) = Journal::open_copy(&path);
+        assert_eq!(before_flush.len(), 3);
         drop(journal);
         // A write cut short by a kill leaves a partial line.
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
@@ -256,6 +308,7 @@ mod tests {
         assert_eq!(text.lines().count(), 2, "{text}");
         journal.done("1");
         journal.done("3");
+        // With no job left, the marks are written at once.
         drop(journal);
         let (_, pending) = Journal::open(&path).unwrap();
         assert!(pending.is_empty());

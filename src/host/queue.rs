@@ -290,6 +290,7 @@ impl Workers {
                  stay in the journal and run at the next start"
             );
         }
+        self.state.queue.journal.flush();
     }
 }
 
