@@ -1470,6 +1470,14 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
     config.max_connections = 3;
     let host = TestHost::local(config).await;
 
+    // A client that sends nothing at all is closed after the timeout too.
+    let mut silent = TcpStream::connect(host.addr).await.unwrap();
+    let closed = read_until_closed(&mut silent, Duration::from_secs(10)).await;
+    assert!(
+        closed.is_some(),
+        "a silent client still held its connection"
+    );
+
     // Headers never finished: closed after the timeout, without an answer
     // to a request that never came.
     let mut half = TcpStream::connect(host.addr).await.unwrap();

@@ -245,17 +245,16 @@ async fn serve(
     max_connections: usize,
     client_timeout: Duration,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    // HTTP/1 only: every S3 and QingStor client speaks it, and hyper-util's
+    // auto builder first waits, with no timeout, for the bytes that tell
+    // HTTP/1 from HTTP/2, so a client that sent nothing held a connection
+    // for ever. The header timeout runs from the connection's start and
+    // between kept-alive requests.
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(client_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(client_timeout)
-        .keep_alive_timeout(client_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -286,9 +285,7 @@ async fn serve(
         };
         while connections.try_join_next().is_some() {}
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         connections.spawn(async move {
             let _open = permit;
