@@ -586,3 +586,53 @@ async fn a_body_that_breaks_off_is_the_servers_failure_not_a_local_file() {
     assert!(message.contains("broke off"), "{message}");
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_coming_is_a_backend_error_in_bounded_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Sends the headers and the start of a 1000-byte body, then nothing,
+    // holding the connection open.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n\
+                      Content-Length: 1000\r\n\r\nonly ten b",
+                )
+                .await;
+            held.push(stream);
+        }
+    });
+    let store = S3Store::new(s3_client(&endpoint, "a", "b"), endpoint.clone())
+        .with_body_timeout(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    // Read whole, and streamed as invocations read sources.
+    let err = store.get("bkt", "photo.jpg").await.unwrap_err();
+    assert_eq!(err.code(), "backend", "{err:?}");
+    assert!(
+        err.to_string().contains("no byte of the body came"),
+        "{err}"
+    );
+    let err = store
+        .open_with(
+            "bkt",
+            "photo.jpg",
+            Box::new(|_, body| Ok(Some(Kept::Bytes(read_blocking(body, usize::MAX)?.into())))),
+        )
+        .await
+        .err()
+        .expect("the read fails");
+    assert_eq!(err.code(), "backend", "{err:?}");
+    assert!(
+        err.to_string().contains("no byte of the body came"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    server.abort();
+}

@@ -31,11 +31,34 @@ pub struct S3Store {
     client: Client,
     endpoint: String,
     list_page_size: Option<i32>,
+    /// How long reading a body may wait for its next chunk.
+    body_timeout: Duration,
 }
 
 /// How long a request may wait for the next byte of its answer (the
-/// response's start included) before it fails as `backend`.
+/// response's start included, and each chunk of a body read) before it
+/// fails as `backend`.
 pub const S3_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn body_stalled(timeout: Duration) -> String {
+    format!("no byte of the body came for {timeout:?}")
+}
+
+/// The slowest upload a PUT is given time for: 256 KiB/s, on top of the
+/// read timeout. The SDK's read timeout runs until the answer's first byte,
+/// so it covers sending the body; a 256 MiB object would not fit in 30 s.
+const SLOWEST_UPLOAD_BYTES_PER_SEC: u64 = 256 << 10;
+
+/// Timeouts for a PUT of `len` bytes: the read and attempt timeouts grown by
+/// the time the body takes at [`SLOWEST_UPLOAD_BYTES_PER_SEC`].
+fn put_timeouts(len: usize) -> TimeoutConfig {
+    let upload = Duration::from_secs(len as u64 / SLOWEST_UPLOAD_BYTES_PER_SEC);
+    TimeoutConfig::builder()
+        .read_timeout(S3_READ_TIMEOUT + upload)
+        .operation_attempt_timeout(Duration::from_secs(120) + upload)
+        .operation_timeout(Duration::from_secs(300) + upload * 3)
+        .build()
+}
 
 /// What a 404 without an error code means for the operation at hand.
 #[derive(Clone, Copy)]
@@ -52,7 +75,15 @@ impl S3Store {
             client,
             endpoint: endpoint_description,
             list_page_size: None,
+            body_timeout: S3_READ_TIMEOUT,
         }
+    }
+
+    /// Waits at most `timeout` for each chunk of a body instead of
+    /// [`S3_READ_TIMEOUT`]; mostly useful to test a stalled server.
+    pub fn with_body_timeout(mut self, timeout: Duration) -> Self {
+        self.body_timeout = timeout;
+        self
     }
 
     /// A store for `endpoint` (`http(s)://host[:port]`; empty for AWS's own
@@ -286,16 +317,28 @@ impl ObjectStore for S3Store {
     fn get(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<Object, StoreError>> {
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
         Box::pin(async move {
-            let (mut meta, body) = self.get_object(&bucket, &key).await?;
-            let bytes = body
-                .collect()
+            let (mut meta, mut body) = self.get_object(&bucket, &key).await?;
+            let failed = |message: String| StoreError::Backend {
+                op: "get_object",
+                target: format!("{bucket}/{key}"),
+                message,
+            };
+            let mut bytes = Vec::new();
+            // Each chunk within the read timeout: the SDK's own timeouts end
+            // with the response's headers.
+            while let Some(chunk) = tokio::time::timeout(self.body_timeout, body.next())
                 .await
-                .map_err(|e| StoreError::Backend {
-                    op: "get_object",
-                    target: format!("{bucket}/{key}"),
-                    message: format!("reading the body failed: {}", DisplayErrorContext(&e)),
-                })?
-                .into_bytes();
+                .map_err(|_| failed(body_stalled(self.body_timeout)))?
+            {
+                let chunk = chunk.map_err(|e| {
+                    failed(format!(
+                        "reading the body failed: {}",
+                        DisplayErrorContext(&e)
+                    ))
+                })?;
+                bytes.extend_from_slice(&chunk);
+            }
+            let bytes = Bytes::from(bytes);
             meta.size = bytes.len() as u64;
             Ok(Object { bytes, meta })
         })
@@ -312,6 +355,7 @@ impl ObjectStore for S3Store {
                 stream: body,
                 chunk: Bytes::new(),
                 runtime: tokio::runtime::Handle::current(),
+                timeout: self.body_timeout,
             };
             Ok(ObjectReader {
                 meta,
@@ -353,6 +397,7 @@ impl ObjectStore for S3Store {
             check_target(&bucket, &key)?;
             let opts = normalize_put_options(opts)?;
             let metadata: HashMap<String, String> = opts.user_metadata.into_iter().collect();
+            let timeouts = put_timeouts(bytes.len());
             self.client
                 .put_object()
                 .bucket(&bucket)
@@ -360,6 +405,8 @@ impl ObjectStore for S3Store {
                 .content_type(opts.content_type)
                 .set_metadata((!metadata.is_empty()).then_some(metadata))
                 .body(ByteStream::from(bytes))
+                .customize()
+                .config_override(aws_sdk_s3::config::Builder::new().timeout_config(timeouts))
                 .send()
                 .await
                 .map_err(|e| map_error("put_object", &bucket, &key, Missing::Bucket, e))?;
@@ -457,12 +504,20 @@ struct StreamReader {
     /// The part of the last chunk not yet read.
     chunk: Bytes,
     runtime: tokio::runtime::Handle,
+    /// How long to wait for the next chunk.
+    timeout: Duration,
 }
 
 impl std::io::Read for StreamReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.chunk.is_empty() {
-            match self.runtime.block_on(self.stream.next()) {
+            let next = self
+                .runtime
+                .block_on(tokio::time::timeout(self.timeout, self.stream.next()))
+                .map_err(|_| {
+                    std::io::Error::other(super::BackendRead(body_stalled(self.timeout)))
+                })?;
+            match next {
                 Some(Ok(chunk)) => self.chunk = chunk,
                 Some(Err(e)) => {
                     return Err(std::io::Error::other(super::BackendRead(format!(
@@ -482,6 +537,20 @@ impl std::io::Read for StreamReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_put_gets_time_to_send_its_body() {
+        let small = put_timeouts(10 << 10);
+        assert_eq!(small.read_timeout(), Some(S3_READ_TIMEOUT));
+        // 256 MiB at 256 KiB/s: 1024 s more to send it.
+        let large = put_timeouts(256 << 20);
+        assert_eq!(
+            large.read_timeout(),
+            Some(S3_READ_TIMEOUT + Duration::from_secs(1024))
+        );
+        assert!(large.operation_attempt_timeout() > large.read_timeout());
+        assert!(large.operation_timeout() > large.operation_attempt_timeout());
+    }
 
     #[test]
     fn endpoint_must_be_http() {
