@@ -1,6 +1,8 @@
 //! The `imgfunc process` command line, run as a user runs it: the real
 //! binary, real files, its exit status and messages.
 
+mod common;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -320,5 +322,21 @@ fn serve_refuses_settings_that_would_make_it_useless() {
         stderr(&out).contains(&format!("cannot listen on {addr}")),
         "{}",
         stderr(&out)
+    );
+}
+
+#[test]
+fn a_second_server_on_the_same_data_folder_stops_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, functions) = (dir.path().join("data"), dir.path().join("functions"));
+    let _first = common::Served::spawn(&mut common::serve_command(&data, &functions, &[]))
+        .expect("start the first server");
+    let data = data.to_str().expect("a UTF-8 path");
+    let out = imgfunc(&["serve", "--data", data, "--listen", "127.0.0.1:0"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("another process serves from this data folder"),
+        "{err}"
     );
 }

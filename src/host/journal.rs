@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -51,24 +51,57 @@ enum Record {
 /// the pending jobs take.
 const COMPACT_AT: u64 = 4 << 20;
 
-/// Done marks gathered before they are written: about sixty.
-const DONE_BATCH: usize = 4096;
+/// Done marks gathered before they are written: about sixty (a mark is 38
+/// bytes).
+const DONE_BATCH: usize = 2304;
 
 pub struct Journal {
     path: PathBuf,
+    /// Held while the journal is open: a second process on the same data
+    /// folder would rewrite the file under this one.
+    _lock: File,
     inner: Mutex<Inner>,
+}
+
+/// Takes an exclusive lock on `<path>.lock`, or fails naming the folder
+/// another process holds.
+fn lock_beside(path: &Path) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let lock_path = path.with_extension("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(std::io::Error::other(format!(
+                "another process serves from this data folder ({} is locked)",
+                lock_path.display()
+            )));
+        }
+        return Err(e);
+    }
+    Ok(file)
 }
 
 struct Inner {
     /// `None` after a failure to open or rewrite it: jobs still run, and
     /// the failure was logged.
     file: Option<File>,
-    /// The `add` line of each pending job, by id.
-    pending: HashMap<String, String>,
+    /// The `add` line of each pending job and its place in the queue's
+    /// order, by id.
+    pending: HashMap<String, (u64, String)>,
+    /// The next job's place.
+    next: u64,
     /// Bytes in the file.
     written: u64,
     /// Done marks not written yet.
     done: String,
+    /// The last write failed part-way: the next starts a line of its own.
+    broken: bool,
 }
 
 impl Journal {
@@ -77,56 +110,61 @@ impl Journal {
     /// only those. A line that does not parse (a write cut short by a kill)
     /// is skipped.
     pub fn open(path: &Path) -> std::io::Result<(Journal, Vec<Pending>)> {
+        let lock = lock_beside(path)?;
         let mut order = Vec::new();
         let mut pending: HashMap<String, (String, Pending)> = HashMap::new();
-        match File::open(path) {
-            Ok(file) => {
-                for line in std::io::BufReader::new(file).lines() {
-                    let line = line?;
-                    match serde_json::from_str::<Record>(&line) {
-                        Ok(Record::Add { id, rule, event }) => {
-                            order.push(id.clone());
-                            let job = Pending {
-                                id: id.clone(),
-                                rule,
-                                event,
-                            };
-                            pending.insert(id, (line, job));
-                        }
-                        Ok(Record::Done { id }) => {
-                            pending.remove(&id);
-                        }
-                        Err(e) => {
-                            tracing::warn!(journal = %path.display(), "skipped a damaged line: {e}")
-                        }
-                    }
+        let text = match std::fs::read(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        // Lines as bytes: one cut inside a character is skipped like any
+        // other damaged line.
+        for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            match serde_json::from_slice::<Record>(line) {
+                Ok(Record::Add { id, rule, event }) => {
+                    order.push(id.clone());
+                    let job = Pending {
+                        id: id.clone(),
+                        rule,
+                        event,
+                    };
+                    let line = String::from_utf8_lossy(line).into_owned();
+                    pending.insert(id, (line, job));
+                }
+                Ok(Record::Done { id }) => {
+                    pending.remove(&id);
+                }
+                Err(e) => {
+                    tracing::warn!(journal = %path.display(), "skipped a damaged line: {e}")
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
         }
         let mut jobs = Vec::with_capacity(pending.len());
         let mut lines = HashMap::with_capacity(pending.len());
         for id in order {
             if let Some((line, job)) = pending.remove(&id) {
-                lines.insert(id, line);
+                lines.insert(id, (lines.len() as u64, line));
                 jobs.push(job);
             }
         }
         let journal = Journal {
             path: path.to_path_buf(),
+            _lock: lock,
             inner: Mutex::new(Inner {
                 file: None,
+                next: lines.len() as u64,
                 pending: lines,
                 written: 0,
                 done: String::new(),
+                broken: false,
             }),
         };
         {
             let mut inner = journal.lock();
-            let file = journal.rewrite(&inner.pending, jobs.iter().map(|j| j.id.as_str()))?;
-            inner.written = file.1;
-            inner.file = Some(file.0);
+            let (file, size) = journal.rewrite(&inner.pending)?;
+            inner.written = size;
+            inner.file = Some(file);
         }
         Ok((journal, jobs))
     }
@@ -135,19 +173,16 @@ impl Journal {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes the `add` lines of `order` to a new file put in place of the
-    /// journal, open for appending, and its size.
-    fn rewrite<'a>(
-        &self,
-        lines: &HashMap<String, String>,
-        order: impl Iterator<Item = &'a str>,
-    ) -> std::io::Result<(File, u64)> {
+    /// Writes the `add` lines of the pending jobs, in the queue's order, to
+    /// a new file put in place of the journal, open for appending, and its
+    /// size.
+    fn rewrite(&self, pending: &HashMap<String, (u64, String)>) -> std::io::Result<(File, u64)> {
+        let mut lines: Vec<&(u64, String)> = pending.values().collect();
+        lines.sort_unstable_by_key(|(place, _)| *place);
         let mut text = String::new();
-        for id in order {
-            if let Some(line) = lines.get(id) {
-                text.push_str(line);
-                text.push('\n');
-            }
+        for (_, line) in lines {
+            text.push_str(line);
+            text.push('\n');
         }
         let tmp = self.path.with_extension("jsonl.tmp");
         std::fs::write(&tmp, &text)?;
@@ -172,7 +207,9 @@ impl Journal {
             };
             text.push_str(&line);
             text.push('\n');
-            inner.pending.insert(id.to_owned(), line);
+            let place = inner.next;
+            inner.next += 1;
+            inner.pending.insert(id.to_owned(), (place, line));
         }
         self.append(&mut inner, &text);
     }
@@ -202,14 +239,17 @@ impl Journal {
         if inner.written <= COMPACT_AT {
             return;
         }
-        let live: u64 = inner.pending.values().map(|l| l.len() as u64 + 1).sum();
+        let live: u64 = inner
+            .pending
+            .values()
+            .map(|(_, l)| l.len() as u64 + 1)
+            .sum();
         if inner.written > live.saturating_mul(4) {
-            // Rewritten in any order: the pending jobs are already queued.
-            let ids: Vec<String> = inner.pending.keys().cloned().collect();
-            match self.rewrite(&inner.pending, ids.iter().map(String::as_str)) {
+            match self.rewrite(&inner.pending) {
                 Ok((file, size)) => {
                     inner.file = Some(file);
                     inner.written = size;
+                    inner.broken = false;
                 }
                 Err(e) => tracing::error!(
                     journal = %self.path.display(),
@@ -238,13 +278,24 @@ impl Journal {
         let Some(file) = inner.file.as_mut() else {
             return;
         };
-        match file.write_all(text.as_bytes()) {
-            Ok(()) => inner.written += text.len() as u64,
-            Err(e) => tracing::error!(
-                journal = %self.path.display(),
-                "cannot write the journal of pending invocations; they still run, \
-                 but a restart before they finish would not run them again: {e}"
-            ),
+        let fresh = if inner.broken { "\n" } else { "" };
+        let bytes = [fresh.as_bytes(), text.as_bytes()].concat();
+        match file.write_all(&bytes) {
+            Ok(()) => {
+                inner.written += bytes.len() as u64;
+                inner.broken = false;
+            }
+            Err(e) => {
+                // A part written (a full disk) is cut off again; where that
+                // fails too, the next write starts a line of its own, so
+                // that it is not glued to the part.
+                inner.broken = file.set_len(inner.written).is_err();
+                tracing::error!(
+                    journal = %self.path.display(),
+                    "cannot write the journal of pending invocations; they still run, \
+                     but a restart before they finish would not run them again: {e}"
+                );
+            }
         }
         self.compact(inner);
     }
@@ -265,7 +316,7 @@ mod tests {
         /// What a process started now would find, read from a copy so
         /// that the journal in use is not rewritten.
         fn open_copy(path: &Path) -> (Journal, Vec<Pending>) {
-            let copy = path.with_extension("copy");
+            let copy = path.with_file_name("copy.jsonl");
             std::fs::copy(path, &copy).unwrap();
             Journal::open(&copy).unwrap()
         }
@@ -313,6 +364,31 @@ mod tests {
         let (_, pending) = Journal::open(&path).unwrap();
         assert!(pending.is_empty());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
+
+    #[test]
+    fn one_process_at_a_time_and_damaged_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pending.jsonl");
+        let (journal, _) = Journal::open(&path).unwrap();
+        let err = Journal::open(&path).err().expect("the second is refused");
+        assert!(err.to_string().contains("another process"), "{err}");
+        let (a, b) = (event("水印.jpg"), event("b.jpg"));
+        journal.added([("1", "r", &a)].into_iter());
+        drop(journal);
+        // A line cut inside a character (水 is e6 b0 b4), then a write that
+        // went on.
+        let mut text = std::fs::read(&path).unwrap();
+        text.extend_from_slice(b"{\"op\":\"add\",\"id\":\"9\",\"event\":{\"key\":\"\xe6\xb0\n");
+        std::fs::write(&path, &text).unwrap();
+        let (journal, pending) = Journal::open(&path).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].event, a);
+        journal.added([("2", "r", &b)].into_iter());
+        drop(journal);
+        let (_, pending) = Journal::open(&path).unwrap();
+        let ids: Vec<&str> = pending.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["1", "2"], "in the queue's order");
     }
 
     #[test]

@@ -148,13 +148,15 @@ impl Host {
             WatermarkSources::new(config.sources.clone()),
             config.workers,
         )?;
+        // Bound first: a second server started on a busy address stops
+        // before it touches the journal.
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let (journal, pending) =
             journal::Journal::open(&config.data_dir.join(".imgfunc").join("pending.jsonl"))
                 .map_err(|e| anyhow::anyhow!("cannot open the journal of invocations: {e}"))?;
         let (queue, receiver) = queue::Queue::new(config.queue_bound, Arc::new(journal));
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let state = Arc::new(AppState {
             config,
             store,
