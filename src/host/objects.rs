@@ -369,9 +369,9 @@ impl std::io::Read for Skip {
     }
 }
 
-/// An object's validators, as file servers make them: an ETag of its size
-/// and modification time, and that time as `Last-Modified`. Both are absent
-/// when the store does not know the time.
+/// An object's validators: the store's ETag (S3's own; the local store's
+/// from the file's inode, size and time), else one of the size and time, and
+/// that time as `Last-Modified`.
 struct Validators {
     etag: Option<String>,
     modified: Option<std::time::SystemTime>,
@@ -383,7 +383,10 @@ impl Validators {
             .last_modified
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
         Validators {
-            etag: since_epoch.map(|d| format!("\"{:x}-{:x}\"", meta.size, d.as_nanos())),
+            etag: meta
+                .etag
+                .clone()
+                .or_else(|| since_epoch.map(|d| format!("\"{:x}-{:x}\"", meta.size, d.as_nanos()))),
             modified: meta.last_modified,
         }
     }

@@ -428,11 +428,18 @@ fn open_object(target: &Target) -> Result<(std::fs::File, ObjectMeta), StoreErro
             user_metadata: BTreeMap::new(),
         }),
     };
+    let modified = stat.modified().ok();
     let meta = ObjectMeta {
         content_type: stored.content_type,
         size: stat.len(),
         user_metadata: stored.user_metadata,
-        last_modified: stat.modified().ok(),
+        last_modified: modified,
+        etag: modified
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|t| {
+                use std::os::unix::fs::MetadataExt;
+                format!("\"{:x}-{:x}-{:x}\"", stat.ino(), stat.len(), t.as_nanos())
+            }),
     };
     Ok((file, meta))
 }

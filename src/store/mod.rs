@@ -56,6 +56,10 @@ pub struct ObjectMeta {
     pub user_metadata: BTreeMap<String, String>,
     /// When the object was last written, when the store knows it.
     pub last_modified: Option<SystemTime>,
+    /// The object's entity tag as HTTP gives it (quoted), when the store
+    /// makes one: S3's own; the local store's from the file's inode, size
+    /// and modification time (each write makes a new file).
+    pub etag: Option<String>,
 }
 
 /// An object read whole: its bytes and its metadata.

@@ -183,6 +183,7 @@ impl S3Store {
             non_negative(resp.content_length()),
             resp.metadata(),
             resp.last_modified(),
+            resp.e_tag(),
         );
         Ok((meta, resp.body))
     }
@@ -291,6 +292,7 @@ fn object_meta(
     size: u64,
     metadata: Option<&HashMap<String, String>>,
     last_modified: Option<&DateTime>,
+    etag: Option<&str>,
 ) -> ObjectMeta {
     ObjectMeta {
         content_type: content_type
@@ -306,6 +308,13 @@ fn object_meta(
             })
             .unwrap_or_default(),
         last_modified: to_system_time(last_modified),
+        etag: etag.filter(|e| !e.is_empty()).map(|e| {
+            if e.starts_with('"') || e.starts_with("W/") {
+                e.to_owned()
+            } else {
+                format!("\"{e}\"")
+            }
+        }),
     }
 }
 
@@ -381,6 +390,7 @@ impl ObjectStore for S3Store {
                 non_negative(resp.content_length()),
                 resp.metadata(),
                 resp.last_modified(),
+                resp.e_tag(),
             ))
         })
     }
