@@ -869,6 +869,12 @@ fn webp_is_animated(input: &[u8]) -> bool {
 /// checked before any frame is decoded.
 fn decode_webp_animation(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
     let format = ImageFormat::Webp;
+    // The canvas from the VP8X header (24 bits each, less one) is held to
+    // the pixel limit before libwebp allocates two canvases of it.
+    if let Some(header) = input.get(24..30) {
+        let side = |b: &[u8]| 1 + (u32::from(b[0]) | u32::from(b[1]) << 8 | u32::from(b[2]) << 16);
+        check_pixels(format, side(&header[..3]), side(&header[3..]), limits)?;
+    }
     let mut decoder = super::webp_anim::Decoder::new(input).map_err(|e| decode_error(format, e))?;
     let info = decoder.info();
     let (width, height) = (info.width, info.height);

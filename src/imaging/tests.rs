@@ -1420,3 +1420,15 @@ fn an_animated_png_gives_its_first_frame_and_info_counts_its_frames() {
     assert_eq!(out.format, ImageFormat::Png);
     assert_eq!(rgb_at(&img, 1, 1), [255, 0, 0]);
 }
+
+#[test]
+fn an_animated_webp_claiming_a_huge_canvas_is_refused_from_its_header() {
+    // The fixture with its VP8X canvas set to 16384 x 16384 (stored less one).
+    let mut webp = fixture("three-frames.webp");
+    assert_eq!(&webp[12..16], b"VP8X");
+    webp[24..30].copy_from_slice(&[0xff, 0x3f, 0x00, 0xff, 0x3f, 0x00]);
+    let err = decode(&webp, &Limits::default(), Lead::Nothing)
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), "too_many_pixels", "{err}");
+}

@@ -198,8 +198,8 @@ impl Notifier {
         let result = match check_url(url) {
             Ok(()) => self.deliver_tracked(id, url, payload).await,
             Err(reason) => Err(NotifyError::InvalidUrl {
-                url: url.to_string(),
-                reason,
+                url: without_password(url),
+                reason: masked(url, &reason),
             }),
         };
         // Whoever takes the delivery out of `pending` keeps its record: a
@@ -275,7 +275,7 @@ impl Notifier {
                     });
                 }
                 Attempt::Retry(error) => {
-                    tracing::debug!(url = without_password(url), attempt = made, error = %error.replace(url, &without_password(url)), "notification attempt failed");
+                    tracing::debug!(url = without_password(url), attempt = made, error = %masked(url, &error), "notification attempt failed");
                     last_error = error;
                 }
                 Attempt::Refused(error) => {
@@ -285,9 +285,9 @@ impl Notifier {
             }
         }
         Err(NotifyError::Failed {
-            url: url.to_string(),
+            url: without_password(url),
             attempts: made,
-            last_error,
+            last_error: masked(url, &last_error),
         })
     }
 
@@ -331,12 +331,7 @@ impl Notifier {
     }
 
     async fn give_up(&self, url: &str, attempts: u32, last_error: &str, payload: &Value) {
-        let shown = without_password(url);
-        // The client's errors name the URL as it parsed it.
-        let mut error = last_error.replace(url, &shown);
-        if let Ok(parsed) = reqwest::Url::parse(url) {
-            error = error.replace(parsed.as_str(), &shown);
-        }
+        let (shown, error) = (without_password(url), masked(url, last_error));
         let (url, last_error) = (&shown, error.as_str());
         match self
             .dead_letters
@@ -377,6 +372,17 @@ pub fn without_password(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// `text` with `url` in it, as written or as the HTTP client prints it
+/// after parsing, shown [`without_password`].
+fn masked(url: &str, text: &str) -> String {
+    let shown = without_password(url);
+    let mut text = text.replace(url, &shown);
+    if let Ok(parsed) = reqwest::Url::parse(url) {
+        text = text.replace(parsed.as_str(), &shown);
+    }
+    text
 }
 
 /// Only http(s) URLs with a host are delivered to.

@@ -388,7 +388,8 @@ async fn a_password_in_the_url_is_not_written_to_the_dead_letter_file() {
     let dir = tempfile::tempdir().unwrap();
     let url = closed_port_url().replace("http://", "http://user:s3cret@");
     let notifier = one_attempt(dir.path());
-    notifier.deliver(&url, &payload()).await.unwrap_err();
+    let err = notifier.deliver(&url, &payload()).await.unwrap_err();
+    assert!(!err.to_string().contains("s3cret"), "{err}");
     let letters = dead_letters(notifier.config());
     assert_eq!(letters.len(), 1);
     let shown = letters[0]["url"].as_str().unwrap();
