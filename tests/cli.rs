@@ -266,6 +266,14 @@ fn serve_says_once_why_it_cannot_make_its_data_folder() {
     assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
 }
 
+/// `imgfunc serve` on `data`, on any free port, with `extra` arguments: for
+/// settings that stop it at start.
+fn serve_once(data: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["serve", "--data", data, "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    imgfunc(&args, None)
+}
+
 #[test]
 fn serve_refuses_settings_that_would_make_it_useless() {
     let dir = tempfile::tempdir().unwrap();
@@ -279,18 +287,7 @@ fn serve_refuses_settings_that_would_make_it_useless() {
         ("--max-pixels", "0"),
         ("--max-output-side", "0"),
     ] {
-        let out = imgfunc(
-            &[
-                "serve",
-                "--data",
-                data,
-                "--listen",
-                "127.0.0.1:0",
-                flag,
-                value,
-            ],
-            None,
-        );
+        let out = serve_once(data, &[flag, value]);
         assert_eq!(out.status.code(), Some(2), "{flag}");
         let err = stderr(&out);
         assert!(err.contains(flag), "{flag}: {err}");
@@ -299,18 +296,7 @@ fn serve_refuses_settings_that_would_make_it_useless() {
     let file = dir.path().join("rules.json");
     std::fs::write(&file, b"{}").unwrap();
     let functions = file.to_str().expect("a UTF-8 path");
-    let out = imgfunc(
-        &[
-            "serve",
-            "--data",
-            data,
-            "--listen",
-            "127.0.0.1:0",
-            "--functions",
-            functions,
-        ],
-        None,
-    );
+    let out = serve_once(data, &["--functions", functions]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("not a folder"), "{}", stderr(&out));
     // An address in use is named.

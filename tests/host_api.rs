@@ -1096,17 +1096,8 @@ async fn an_invocation_that_panics_leaves_its_worker_running() {
     // More panics than the one image thread has workers (four), then a
     // photo for the other rule.
     let photo = fixture("images/storm.jpg");
-    for n in 0..6 {
-        let put = host
-            .put_object(
-                "photos",
-                &format!("boom/{n}.jpg"),
-                photo.clone(),
-                "image/jpeg",
-            )
-            .await;
-        assert_eq!(put.status(), 201);
-    }
+    host.put_jpegs("photos", (0..6).map(|n| format!("boom/{n}.jpg")), &photo)
+        .await;
     let put = host
         .put_object("photos", "ok/a.jpg", photo, "image/jpeg")
         .await;
@@ -1624,17 +1615,8 @@ async fn queued_events_of_a_removed_rule_are_not_run() {
         "cloudfunc_args": {"action": "resize:w_2400|format:t_webp,q_90", "save_bucket": "out"}}));
     assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
     let photo = fixture("images/wood.jpg");
-    for n in 0..12 {
-        let put = host
-            .put_object(
-                "photos",
-                &format!("{n:02}.jpg"),
-                photo.clone(),
-                "image/jpeg",
-            )
-            .await;
-        assert_eq!(put.status(), 201);
-    }
+    host.put_jpegs("photos", (0..12).map(|n| format!("{n:02}.jpg")), &photo)
+        .await;
     let removed = host
         .http
         .delete(host.url("/photos?notification"))
@@ -1789,33 +1771,18 @@ async fn objects_answer_conditional_and_range_requests() {
         .unwrap();
     assert_eq!(current.status(), 206);
 
-    // A new write is a new version.
-    let put = host
-        .put_object(
-            "files",
-            "big.bin",
-            b"changed".to_vec(),
-            "application/octet-stream",
-        )
-        .await;
-    assert_eq!(put.status(), 201);
-    let changed = get(&[("if-none-match", &etag)]).await.unwrap();
-    assert_eq!(changed.status(), 200);
-    let changed_tag = changed.headers()["etag"].to_str().unwrap().to_owned();
-    assert_eq!(changed.bytes().await.unwrap(), "changed");
-    // One of the same size at once after is a new version too.
-    let put = host
-        .put_object(
-            "files",
-            "big.bin",
-            b"CHANGED".to_vec(),
-            "application/octet-stream",
-        )
-        .await;
-    assert_eq!(put.status(), 201);
-    let again = get(&[("if-none-match", &changed_tag)]).await.unwrap();
-    assert_eq!(again.status(), 200);
-    assert_eq!(again.bytes().await.unwrap(), "CHANGED");
+    // A new write is a new version, one of the same size at once after too.
+    let mut tag = etag;
+    for body in ["changed", "CHANGED"] {
+        let put = host
+            .put_object("files", "big.bin", body.into(), "application/octet-stream")
+            .await;
+        assert_eq!(put.status(), 201);
+        let fresh = get(&[("if-none-match", &tag)]).await.unwrap();
+        assert_eq!(fresh.status(), 200, "{body}");
+        tag = fresh.headers()["etag"].to_str().unwrap().to_owned();
+        assert_eq!(fresh.bytes().await.unwrap(), body);
+    }
     host.stop().await;
 }
 

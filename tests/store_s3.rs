@@ -60,6 +60,11 @@ fn read_blocking(body: Body, limit: usize) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// An `open_with` reader that keeps every byte.
+fn read_all() -> imgfunc::store::ReadBody {
+    Box::new(|_, body| Ok(Some(Kept::Bytes(read_blocking(body, usize::MAX)?.into()))))
+}
+
 /// The bytes an `open_with` reader of these tests kept.
 fn kept_bytes(kept: Option<Kept>) -> Bytes {
     match kept {
@@ -548,13 +553,15 @@ async fn s3_thumbnail_sources_are_read_only_up_to_their_dc_scan() {
     assert_eq!(cut[cut.len() - 2..], [0xff, 0xd9]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_that_breaks_off_is_the_servers_failure_not_a_local_file() {
+/// A server on 127.0.0.1 that answers every request with the headers and
+/// the first ten bytes of a 1000-byte body, then hangs up, or with `hold`
+/// keeps the connection open and sends nothing more. Its endpoint and task.
+async fn start_of_a_body(hold: bool) -> (String, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // Answers every request with the start of a 1000-byte body, then hangs up.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(async move {
+        let mut held = Vec::new();
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
             let mut request = [0u8; 4096];
@@ -565,15 +572,21 @@ async fn a_body_that_breaks_off_is_the_servers_failure_not_a_local_file() {
                       Content-Length: 1000\r\n\r\nonly ten b",
                 )
                 .await;
+            if hold {
+                held.push(stream);
+            }
         }
     });
+    (endpoint, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_breaks_off_is_the_servers_failure_not_a_local_file() {
+    // Answers every request with the start of a 1000-byte body, then hangs up.
+    let (endpoint, server) = start_of_a_body(false).await;
     let store = S3Store::new(s3_client(&endpoint, "a", "b"), endpoint.clone());
     let err = store
-        .open_with(
-            "bkt",
-            "photo.jpg",
-            Box::new(|_, body| Ok(Some(Kept::Bytes(read_blocking(body, usize::MAX)?.into())))),
-        )
+        .open_with("bkt", "photo.jpg", read_all())
         .await
         .err()
         .expect("the read fails");
@@ -589,26 +602,9 @@ async fn a_body_that_breaks_off_is_the_servers_failure_not_a_local_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_stops_coming_is_a_backend_error_in_bounded_time() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Sends the headers and the start of a 1000-byte body, then nothing,
     // holding the connection open.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move {
-        let mut held = Vec::new();
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request).await;
-            let _ = stream
-                .write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n\
-                      Content-Length: 1000\r\n\r\nonly ten b",
-                )
-                .await;
-            held.push(stream);
-        }
-    });
+    let (endpoint, server) = start_of_a_body(true).await;
     let store = S3Store::new(s3_client(&endpoint, "a", "b"), endpoint.clone())
         .with_body_timeout(std::time::Duration::from_millis(300));
     let started = std::time::Instant::now();
@@ -620,11 +616,7 @@ async fn a_body_that_stops_coming_is_a_backend_error_in_bounded_time() {
         "{err}"
     );
     let err = store
-        .open_with(
-            "bkt",
-            "photo.jpg",
-            Box::new(|_, body| Ok(Some(Kept::Bytes(read_blocking(body, usize::MAX)?.into())))),
-        )
+        .open_with("bkt", "photo.jpg", read_all())
         .await
         .err()
         .expect("the read fails");

@@ -795,33 +795,19 @@ fn decode_gif(input: &[u8], limits: &Limits, wanted: usize) -> Result<Decoded, I
             e => decode_error(format, e),
         })
     });
-    let (pixels, count) = collect_frames(frames, format, (width, height), limits)?;
-    Ok(Decoded {
-        pixels,
-        format,
-        meta: SourceMeta {
-            format,
-            width,
-            height,
-            orientation: 1,
-            space: "srgb",
-            frames: count,
-            repeat: gif_repeat(input),
-        },
-        lead_applied: false,
-        lead_frame: None,
-    })
+    collect_frames(frames, format, (width, height), gif_repeat(input), limits)
 }
 
-/// The composited frames of an animation, held to the frame and
+/// An animation decoded from its composited frames, held to the frame and
 /// frame-pixel limits as they come; one frame is a still image, opaque (RGB)
-/// when no pixel is transparent. Also returns the frame count.
+/// when no pixel is transparent.
 fn collect_frames(
     frames: impl Iterator<Item = Result<Frame, ImagingError>>,
     format: ImageFormat,
     (width, height): (u32, u32),
+    repeat: Repeat,
     limits: &Limits,
-) -> Result<(Pixels, usize), ImagingError> {
+) -> Result<Decoded, ImagingError> {
     let per_frame = width as u64 * height as u64;
     let mut kept = Vec::new();
     for frame in frames {
@@ -840,22 +826,37 @@ fn collect_frames(
         }
     }
     let count = kept.len();
-    if count > 1 {
-        return Ok((Pixels::Animated(kept), count));
-    }
-    let buffer = kept
-        .into_iter()
-        .next()
-        .ok_or_else(|| decode_error(format, "no frames"))?
-        .into_buffer();
-    // A GIF keeps transparency as a palette entry: one that uses none is an
-    // opaque image.
-    let still = if buffer.pixels().all(|p| p[3] == u8::MAX) {
-        DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(buffer).into_rgb8())
+    let pixels = if count > 1 {
+        Pixels::Animated(kept)
     } else {
-        DynamicImage::ImageRgba8(buffer)
+        let buffer = kept
+            .into_iter()
+            .next()
+            .ok_or_else(|| decode_error(format, "no frames"))?
+            .into_buffer();
+        // A GIF keeps transparency as a palette entry: one that uses none
+        // is an opaque image.
+        Pixels::Still(if buffer.pixels().all(|p| p[3] == u8::MAX) {
+            DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(buffer).into_rgb8())
+        } else {
+            DynamicImage::ImageRgba8(buffer)
+        })
     };
-    Ok((Pixels::Still(still), count))
+    Ok(Decoded {
+        pixels,
+        format,
+        meta: SourceMeta {
+            format,
+            width,
+            height,
+            orientation: 1,
+            space: "srgb",
+            frames: count,
+            repeat,
+        },
+        lead_applied: false,
+        lead_frame: None,
+    })
 }
 
 /// Whether a WebP file is an animation: its VP8X header's animation flag.
@@ -899,22 +900,7 @@ fn decode_webp_animation(input: &[u8], limits: &Limits) -> Result<Decoded, Imagi
     };
     let frames = std::iter::from_fn(|| decoder.next_frame().transpose())
         .map(|frame| frame.map_err(|e| decode_error(format, e)));
-    let (pixels, count) = collect_frames(frames, format, (width, height), limits)?;
-    Ok(Decoded {
-        pixels,
-        format,
-        meta: SourceMeta {
-            format,
-            width,
-            height,
-            orientation: 1,
-            space: "srgb",
-            frames: count,
-            repeat,
-        },
-        lead_applied: false,
-        lead_frame: None,
-    })
+    collect_frames(frames, format, (width, height), repeat, limits)
 }
 
 /// Whether a TIFF's alpha is associated (its colours premultiplied by it,

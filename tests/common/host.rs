@@ -129,6 +129,21 @@ impl TestHost {
             .expect("PUT object")
     }
 
+    /// PUTs `bytes` as a JPEG under each of `keys` in `bucket`, each answered 201.
+    pub async fn put_jpegs(
+        &self,
+        bucket: &str,
+        keys: impl IntoIterator<Item = String>,
+        bytes: &[u8],
+    ) {
+        for key in keys {
+            let put = self
+                .put_object(bucket, &key, bytes.to_vec(), "image/jpeg")
+                .await;
+            assert_eq!(put.status(), 201, "PUT {bucket}/{key}");
+        }
+    }
+
     /// `PUT /{bucket}?notification`.
     pub async fn set_rules(&self, bucket: &str, body: &Value) -> reqwest::Response {
         self.http
