@@ -1825,3 +1825,47 @@ async fn ranges_of_objects_on_s3_skip_what_the_stream_cannot_seek() {
     assert!(body[..] == bytes[250_000..=250_010]);
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_saving_into_each_others_buckets_never_replace_an_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    // Each rule writes the key it read into the other's bucket.
+    for (bucket, other) in [("paa", "pbb"), ("pbb", "paa")] {
+        let rules = one_rule(json!({
+            "id": format!("to-{other}"), "event_types": ["create_object"], "cloudfunc": "image",
+            "cloudfunc_args": {"action": "resize:w_50", "key_prefix": "", "key_seprate": "",
+                               "save_bucket": other}}));
+        assert_eq!(host.set_rules(bucket, &rules).await.status(), 200);
+    }
+    let original = fixture("images/storm.jpg");
+    let put = host
+        .put_object("paa", "o.jpg", original.clone(), "image/jpeg")
+        .await;
+    assert_eq!(put.status(), 201);
+    // paa's rule writes pbb/o.jpg; its event runs pbb's rule, whose output
+    // would be paa/o.jpg, the original.
+    eventually("pbb/o.jpg written", || async {
+        host.list_keys("pbb")
+            .await
+            .contains(&"o.jpg".to_string())
+            .then_some(())
+    })
+    .await;
+    eventually("the queue drained", || async {
+        (host.queue_depth().await == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    let kept = host
+        .http
+        .get(host.object_url("paa", "o.jpg"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(kept == original, "the original was replaced");
+    host.stop().await;
+}

@@ -365,11 +365,44 @@ async fn run_image(
         }
         .into());
     }
+    // Nor is an object imgfunc did not write: where an output's key is the
+    // original's own (no prefix, no separator: only the bucket differs) or
+    // a `save` names a key, the target is looked at first, and one with no
+    // chain (an upload) is left alone. Two rules saving into each other's
+    // buckets would otherwise replace an original before the loop guard
+    // stops them.
+    let mut targets: Vec<(&str, &str)> = output
+        .saves
+        .iter()
+        .map(|s| (s.bucket.as_str(), s.key.as_str()))
+        .collect();
+    let main_key = args.output_key(&event.key);
+    if output.image.is_some() && main_key == event.key {
+        targets.push((args.output_bucket(&event.bucket), &event.key));
+    }
+    for (bucket, key) in targets {
+        match rt.store.head(bucket, key).await {
+            Ok(meta) if chain_of(&meta).is_empty() => {
+                return Err(ImagingError::Operation {
+                    op: "save",
+                    message: format!(
+                        "{}/{} is an object imgfunc did not write; an invocation never \
+                         replaces one",
+                        crate::shown(bucket),
+                        crate::shown(key)
+                    ),
+                }
+                .into());
+            }
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let source = format!("{}/{}", event.bucket, event.key);
     if let Some(image) = &output.image {
         let bucket = args.output_bucket(&event.bucket);
-        let key = args.output_key(&event.key);
-        outputs.push(write(rt, bucket, &key, image, &chain, &source).await?);
+        outputs.push(write(rt, bucket, &main_key, image, &chain, &source).await?);
     }
     for save in &output.saves {
         outputs.push(write(rt, &save.bucket, &save.key, &save.image, &chain, &source).await?);
