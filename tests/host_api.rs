@@ -1586,15 +1586,7 @@ async fn a_save_onto_the_source_object_is_refused_and_writes_nothing() {
     assert_eq!(result["error"]["code"], "operation_failed", "{result}");
     let message = result["error"]["message"].as_str().unwrap();
     assert!(message.contains("is the source object itself"), "{message}");
-    let kept = host
-        .http
-        .get(host.object_url("photos", "a.jpg"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let kept = host.object_bytes("photos", "a.jpg").await;
     assert!(kept == original, "the original was replaced");
     assert_eq!(
         host.list_keys("photos").await,
@@ -1857,15 +1849,7 @@ async fn rules_saving_into_each_others_buckets_never_replace_an_original() {
     })
     .await;
     tokio::time::sleep(QUIET).await;
-    let kept = host
-        .http
-        .get(host.object_url("paa", "o.jpg"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let kept = host.object_bytes("paa", "o.jpg").await;
     assert!(kept == original, "the original was replaced");
     host.stop().await;
 }

@@ -33,6 +33,26 @@ pub struct SourceMeta {
     pub repeat: Repeat,
 }
 
+impl SourceMeta {
+    /// A still image's facts: one frame.
+    fn still(
+        format: ImageFormat,
+        (width, height): (u32, u32),
+        orientation: u8,
+        space: &'static str,
+    ) -> SourceMeta {
+        SourceMeta {
+            format,
+            width,
+            height,
+            orientation,
+            space,
+            frames: 1,
+            repeat: Repeat::Infinite,
+        }
+    }
+}
+
 /// The result of [`decode`].
 #[derive(Clone)]
 pub struct Decoded {
@@ -255,15 +275,7 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
         Colorspace::CMYK | Colorspace::YCCK => "cmyk",
         _ => "srgb",
     };
-    let meta = SourceMeta {
-        format,
-        width,
-        height,
-        orientation,
-        space,
-        frames: 1,
-        repeat: Repeat::Infinite,
-    };
+    let meta = SourceMeta::still(format, (width, height), orientation, space);
     if space == "cmyk" {
         let img = decode_cmyk(&mut d, input, (width, height))?;
         return Ok(Decoded {
@@ -642,15 +654,7 @@ fn decode_generic(
     if format == ImageFormat::Tiff && img.color().has_alpha() && tiff_alpha_is_associated(input) {
         img = DynamicImage::ImageRgba8(unpremultiply(img.into_rgba8()));
     }
-    let meta = SourceMeta {
-        format,
-        width,
-        height,
-        orientation,
-        space,
-        frames: 1,
-        repeat: Repeat::Infinite,
-    };
+    let meta = SourceMeta::still(format, (width, height), orientation, space);
     Ok(still_decoded(img, profile, meta))
 }
 
@@ -720,14 +724,10 @@ fn decode_png(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
         png::ColorType::Indexed => None,
     }
     .ok_or_else(wrong_size)?;
+    let space = if grey { "b-w" } else { "srgb" };
     let meta = SourceMeta {
-        format,
-        width,
-        height,
-        orientation: exif_orientation(input),
-        space: if grey { "b-w" } else { "srgb" },
         frames,
-        repeat: Repeat::Infinite,
+        ..SourceMeta::still(format, (width, height), exif_orientation(input), space)
     };
     Ok(still_decoded(img, super::colour::png_profile(input), meta))
 }
@@ -846,13 +846,9 @@ fn collect_frames(
         pixels,
         format,
         meta: SourceMeta {
-            format,
-            width,
-            height,
-            orientation: 1,
-            space: "srgb",
             frames: count,
             repeat,
+            ..SourceMeta::still(format, (width, height), 1, "srgb")
         },
         lead_applied: false,
         lead_frame: None,

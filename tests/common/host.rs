@@ -129,6 +129,18 @@ impl TestHost {
             .expect("PUT object")
     }
 
+    /// The bytes of `bucket/key`, read through the object API.
+    pub async fn object_bytes(&self, bucket: &str, key: &str) -> bytes::Bytes {
+        let response = self
+            .http
+            .get(self.object_url(bucket, key))
+            .send()
+            .await
+            .expect("GET object");
+        assert_eq!(response.status(), 200, "GET {bucket}/{key}");
+        response.bytes().await.expect("the object's bytes")
+    }
+
     /// PUTs `bytes` as a JPEG under each of `keys` in `bucket`, each answered 201.
     pub async fn put_jpegs(
         &self,
