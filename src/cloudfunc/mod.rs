@@ -297,6 +297,9 @@ async fn run_image(
             event: event.event_type.as_str(),
         });
     }
+    // The store is told an output is coming, so that its flush of the
+    // outputs written together does not wait for more once none is left.
+    let intent = rt.store.expect_write();
     // Watermarks the cache does not have are fetched holding a fetch slot
     // instead of the image slot: an invocation waiting for a slow or
     // unreachable watermark host keeps only itself (and others that need
@@ -400,6 +403,9 @@ async fn run_image(
         }
     }
     let source = format!("{}/{}", event.bucket, event.key);
+    if output.image.is_some() || !output.saves.is_empty() {
+        intent.writing();
+    }
     if let Some(image) = &output.image {
         let bucket = args.output_bucket(&event.bucket);
         outputs.push(write(rt, bucket, &main_key, image, &chain, &source).await?);

@@ -250,6 +250,10 @@ impl ObjectStore for LocalStore {
         })
     }
 
+    fn expect_write(&self) -> super::WriteIntent {
+        super::WriteIntent(Some(self.flush.expect()))
+    }
+
     fn open(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectReader, StoreError>> {
         let open = self.reading(bucket, key, |target, _guard| open_object(target));
         Box::pin(async move {

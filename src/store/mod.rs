@@ -180,6 +180,19 @@ impl Default for PutOptions {
     }
 }
 
+/// A write announced before its bytes exist; see [`ObjectStore::expect_write`].
+#[derive(Debug, Default)]
+pub struct WriteIntent(Option<flush::Expected>);
+
+impl WriteIntent {
+    /// The announced write starts now.
+    pub fn writing(self) {
+        if let Some(expected) = self.0 {
+            expected.writing();
+        }
+    }
+}
+
 /// A place objects are read from and written to, addressed by bucket and key.
 ///
 /// The returned futures own copies of their arguments and borrow only the
@@ -243,6 +256,16 @@ pub trait ObjectStore: Send + Sync + 'static {
         bytes: Bytes,
         opts: PutOptions,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Announces a write on its way: an invocation takes this while its
+    /// image is made, and calls [`WriteIntent::writing`] just before it puts
+    /// the output (or drops it when it will not write). The local store
+    /// then flushes a batch of new files at once when no write is left to
+    /// come, instead of waiting out its window for more; other stores have
+    /// no use for it.
+    fn expect_write(&self) -> WriteIntent {
+        WriteIntent::default()
+    }
 
     /// Deletes an object; deleting a missing object is not an error.
     fn delete(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<(), StoreError>>;
