@@ -113,14 +113,29 @@ fn encode_still(
             let mut c = turbojpeg::Compressor::new().map_err(|e| encode_error(format, e))?;
             c.set_quality(quality.unwrap_or(75) as i32)
                 .map_err(|e| encode_error(format, e))?;
-            c.set_subsamp(turbojpeg::Subsamp::Sub2x2)
+            let grey = neutral(rgb.as_raw(), 3).then(|| luma(rgb.as_raw(), 3));
+            let (subsamp, pixels, channels, pixel_format) = match &grey {
+                Some(grey) => (
+                    turbojpeg::Subsamp::Gray,
+                    grey.as_slice(),
+                    1,
+                    turbojpeg::PixelFormat::GRAY,
+                ),
+                None => (
+                    turbojpeg::Subsamp::Sub2x2,
+                    rgb.as_raw().as_slice(),
+                    3,
+                    turbojpeg::PixelFormat::RGB,
+                ),
+            };
+            c.set_subsamp(subsamp)
                 .map_err(|e| encode_error(format, e))?;
             c.compress_to_vec(turbojpeg::Image {
-                pixels: rgb.as_raw().as_slice(),
+                pixels,
                 width: w as usize,
-                pitch: w as usize * 3,
+                pitch: w as usize * channels,
                 height: h as usize,
-                format: turbojpeg::PixelFormat::RGB,
+                format: pixel_format,
             })
             .map_err(|e| encode_error(format, e))
         }
@@ -141,8 +156,29 @@ fn encode_still(
         }
         ImageFormat::Png => {
             let mut out = Vec::new();
+            let channels = usize::from(img.color().channel_count());
+            let grey = matches!(
+                img,
+                DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_)
+            ) && neutral(img.as_bytes(), channels);
+            let (bytes, colour) = if grey {
+                let colour = if channels == 4 {
+                    image::ExtendedColorType::La8
+                } else {
+                    image::ExtendedColorType::L8
+                };
+                (
+                    std::borrow::Cow::Owned(luma(img.as_bytes(), channels)),
+                    colour,
+                )
+            } else {
+                (
+                    std::borrow::Cow::Borrowed(img.as_bytes()),
+                    img.color().into(),
+                )
+            };
             PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Adaptive)
-                .write_image(img.as_bytes(), w, h, img.color().into())
+                .write_image(&bytes, w, h, colour)
                 .map_err(|e| encode_error(format, e))?;
             Ok(out)
         }
@@ -177,7 +213,8 @@ fn encode_still(
     }
 }
 
-/// An uncompressed TIFF (libvips' default too) of RGB, or of RGBA with its
+/// An uncompressed TIFF (libvips' default too) of RGB (grey when
+/// [`neutral`]), or of RGBA with its
 /// alpha marked as such (`ExtraSamples` = 2, unassociated), which the image
 /// crate leaves out: readers then warn, or take the fourth sample for
 /// something else.
@@ -196,9 +233,33 @@ fn encode_tiff(img: &DynamicImage) -> Result<Vec<u8>, tiff::TiffError> {
         image.write_data(rgba.as_raw())?;
     } else {
         let rgb = img.to_rgb8();
-        tiff.write_image::<colortype::RGB8>(w, h, rgb.as_raw())?;
+        if neutral(rgb.as_raw(), 3) {
+            tiff.write_image::<colortype::Gray8>(w, h, &luma(rgb.as_raw(), 3))?;
+        } else {
+            tiff.write_image::<colortype::RGB8>(w, h, rgb.as_raw())?;
+        }
     }
     Ok(out.into_inner())
+}
+
+/// Whether every pixel of `samples` (RGB or RGBA, `channels` a pixel) is
+/// grey: red, green and blue alike. A greyscale source stays so through
+/// every operation that adds no colour (resizing works on each channel
+/// alike), and is then written with one channel, as libvips, sharp and
+/// Pillow keep it: a third of the samples for PNG and TIFF, no chroma for
+/// JPEG. A colour photo stops at its first pixel that is not grey.
+fn neutral(samples: &[u8], channels: usize) -> bool {
+    samples
+        .chunks_exact(channels)
+        .all(|p| p[0] == p[1] && p[1] == p[2])
+}
+
+/// The grey of each pixel of a [`neutral`] image (with its alpha, for RGBA).
+fn luma(samples: &[u8], channels: usize) -> Vec<u8> {
+    match channels {
+        4 => samples.chunks_exact(4).flat_map(|p| [p[0], p[3]]).collect(),
+        _ => samples.chunks_exact(channels).map(|p| p[0]).collect(),
+    }
 }
 
 /// Makes every pixel opaque or clear, at half coverage, as a GIF can hold

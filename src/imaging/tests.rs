@@ -1432,3 +1432,39 @@ fn an_animated_webp_claiming_a_huge_canvas_is_refused_from_its_header() {
         .unwrap();
     assert_eq!(err.code(), "too_many_pixels", "{err}");
 }
+
+#[test]
+fn a_grey_picture_is_written_with_one_channel_and_a_coloured_one_with_three() {
+    let grey = fixture("storm-gray.jpg");
+    for (format, want) in [
+        ("jpeg", image::ColorType::L8),
+        ("png", image::ColorType::L8),
+        ("tiff", image::ColorType::L8),
+        // WebP and GIF have no grey form; BMP is left as it was.
+        ("webp", image::ColorType::Rgb8),
+    ] {
+        let (encoded, out) = run_image(&grey, &format!("resize:w_120|format:t_{format}"));
+        assert_eq!(out.color(), want, "{format}");
+        assert_eq!((encoded.width, encoded.height), (120, 80), "{format}");
+    }
+    // The same picture as the RGB path makes it, a third of the size as PNG.
+    let (rgb_png, rgb) = run_image(&fixture("storm.jpg"), "resize:w_120|format:t_png");
+    let (grey_png, one) = run_image(&grey, "resize:w_120|format:t_png");
+    assert_eq!(rgb.color(), image::ColorType::Rgb8);
+    let luma = DynamicImage::ImageLuma8(rgb.to_luma8());
+    assert!(mean_abs_diff(&luma, &one) < 12.0);
+    assert!(grey_png.bytes.len() * 2 < rgb_png.bytes.len());
+    // Colour added to a grey picture (red text) keeps three channels.
+    let (_, marked) = run_image(
+        &grey,
+        "resize:w_300|watermark:t_5rC05Y2w5paH5a2X,c_I2ZmMDAwMA,p_1|format:t_jpeg",
+    );
+    assert_eq!(marked.color(), image::ColorType::Rgb8);
+    // Grey with alpha keeps its alpha, as grey and alpha.
+    let mut with_alpha = RgbaImage::from_pixel(40, 30, Rgba([90, 90, 90, 255]));
+    with_alpha.put_pixel(3, 4, Rgba([200, 200, 200, 0]));
+    let (_, out) = run_image(&png(&DynamicImage::ImageRgba8(with_alpha)), "format:t_png");
+    assert_eq!(out.color(), image::ColorType::La8);
+    assert_eq!(out.get_pixel(3, 4)[3], 0);
+    assert_eq!(out.get_pixel(0, 0), Rgba([90, 90, 90, 255]));
+}
