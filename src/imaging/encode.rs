@@ -15,12 +15,16 @@ fn encode_error(format: ImageFormat, e: impl std::fmt::Display) -> ImagingError 
 
 /// Encodes `pixels` as `format`. `quality` applies to jpeg and webp (defaults
 /// 75 and 80). Animations stay animated as GIF and WebP; other formats take
-/// the first frame; a GIF plays as often as `repeat` says. Alpha is kept where the format can hold it, else flattened onto white.
+/// the first frame; a GIF plays as often as `repeat` says. Alpha is kept
+/// where the format can hold it, else flattened onto white. A `grey`
+/// source whose pixels are still all grey is written with one channel
+/// where the format has a grey form (see [`neutral`]).
 pub fn encode(
     pixels: &Pixels,
     format: ImageFormat,
     quality: Option<u8>,
     repeat: Repeat,
+    grey: bool,
 ) -> Result<Encoded, ImagingError> {
     let (width, height) = pixels.dimensions();
     let bytes = match (pixels, format) {
@@ -58,9 +62,10 @@ pub fn encode(
                 &DynamicImage::ImageRgba8(first.buffer().clone()),
                 format,
                 quality,
+                grey,
             )?
         }
-        (Pixels::Still(img), _) => encode_still(img, format, quality)?,
+        (Pixels::Still(img), _) => encode_still(img, format, quality, grey)?,
     };
     Ok(Encoded {
         bytes,
@@ -98,6 +103,7 @@ fn encode_still(
     img: &DynamicImage,
     format: ImageFormat,
     quality: Option<u8>,
+    grey: bool,
 ) -> Result<Vec<u8>, ImagingError> {
     let (w, h) = (img.width(), img.height());
     match format {
@@ -113,7 +119,7 @@ fn encode_still(
             let mut c = turbojpeg::Compressor::new().map_err(|e| encode_error(format, e))?;
             c.set_quality(quality.unwrap_or(75) as i32)
                 .map_err(|e| encode_error(format, e))?;
-            let grey = neutral(rgb.as_raw(), 3).then(|| luma(rgb.as_raw(), 3));
+            let grey = (grey && neutral(rgb.as_raw(), 3)).then(|| luma(rgb.as_raw(), 3));
             let (subsamp, pixels, channels, pixel_format) = match &grey {
                 Some(grey) => (
                     turbojpeg::Subsamp::Gray,
@@ -146,7 +152,7 @@ fn encode_still(
                 DynamicImage::ImageRgb8(b) => webp::Encoder::from_rgb(b.as_raw(), w, h),
                 other => {
                     let rgba = other.to_rgba8();
-                    return encode_still(&DynamicImage::ImageRgba8(rgba), format, quality);
+                    return encode_still(&DynamicImage::ImageRgba8(rgba), format, quality, false);
                 }
             };
             let mem = enc
@@ -157,10 +163,11 @@ fn encode_still(
         ImageFormat::Png => {
             let mut out = Vec::new();
             let channels = usize::from(img.color().channel_count());
-            let grey = matches!(
-                img,
-                DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_)
-            ) && neutral(img.as_bytes(), channels);
+            let grey =
+                grey && matches!(
+                    img,
+                    DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_)
+                ) && neutral(img.as_bytes(), channels);
             let (bytes, colour) = if grey {
                 let colour = if channels == 4 {
                     image::ExtendedColorType::La8
@@ -196,7 +203,7 @@ fn encode_still(
             }
             Ok(out)
         }
-        ImageFormat::Tiff => encode_tiff(img).map_err(|e| encode_error(format, e)),
+        ImageFormat::Tiff => encode_tiff(img, grey).map_err(|e| encode_error(format, e)),
         ImageFormat::Bmp => {
             let mut out = Cursor::new(Vec::new());
             let flat;
@@ -218,7 +225,7 @@ fn encode_still(
 /// alpha marked as such (`ExtraSamples` = 2, unassociated), which the image
 /// crate leaves out: readers then warn, or take the fourth sample for
 /// something else.
-fn encode_tiff(img: &DynamicImage) -> Result<Vec<u8>, tiff::TiffError> {
+fn encode_tiff(img: &DynamicImage, grey: bool) -> Result<Vec<u8>, tiff::TiffError> {
     use tiff::encoder::{TiffEncoder, colortype};
     use tiff::tags::{ExtraSamples, Tag};
     let (w, h) = (img.width(), img.height());
@@ -233,7 +240,7 @@ fn encode_tiff(img: &DynamicImage) -> Result<Vec<u8>, tiff::TiffError> {
         image.write_data(rgba.as_raw())?;
     } else {
         let rgb = img.to_rgb8();
-        if neutral(rgb.as_raw(), 3) {
+        if grey && neutral(rgb.as_raw(), 3) {
             tiff.write_image::<colortype::Gray8>(w, h, &luma(rgb.as_raw(), 3))?;
         } else {
             tiff.write_image::<colortype::RGB8>(w, h, rgb.as_raw())?;
@@ -247,7 +254,8 @@ fn encode_tiff(img: &DynamicImage) -> Result<Vec<u8>, tiff::TiffError> {
 /// every operation that adds no colour (resizing works on each channel
 /// alike), and is then written with one channel, as libvips, sharp and
 /// Pillow keep it: a third of the samples for PNG and TIFF, no chroma for
-/// JPEG. A colour photo stops at its first pixel that is not grey.
+/// JPEG. Colour added on the way (a red text) shows here. An RGB source
+/// stays RGB however grey its pixels, as it does with those peers.
 fn neutral(samples: &[u8], channels: usize) -> bool {
     samples
         .chunks_exact(channels)

@@ -154,6 +154,8 @@ struct State {
     format: ImageFormat,
     quality: Option<u8>,
     repeat: Repeat,
+    /// The source is greyscale: written back as grey while it stays so.
+    grey: bool,
 }
 
 /// Reads a source image of `size` bytes from `body` for `action`: all of it
@@ -220,6 +222,7 @@ pub fn process(
         format: decoded.format,
         quality: None,
         repeat: decoded.meta.repeat,
+        grey: decoded.meta.space == "b-w",
         pixels: decoded.pixels,
     };
     let mut info = None;
@@ -244,7 +247,13 @@ pub fn process(
             Op::Save(s) => saves.push(SaveOutput {
                 bucket: s.bucket.clone(),
                 key: s.key.clone(),
-                image: encode(&state.pixels, state.format, state.quality, state.repeat)?,
+                image: encode(
+                    &state.pixels,
+                    state.format,
+                    state.quality,
+                    state.repeat,
+                    state.grey,
+                )?,
             }),
             Op::WatermarkImage(w) => {
                 let bytes =
@@ -299,6 +308,7 @@ pub fn process(
             state.format,
             state.quality,
             state.repeat,
+            state.grey,
         )?)
     };
     Ok(Output { image, info, saves })

@@ -1048,7 +1048,7 @@ fn a_still_gif_is_quantised_at_the_speed_animations_use() {
         Rgb([x as u8, y as u8, (x * y % 251) as u8])
     });
     let still = Pixels::Still(DynamicImage::ImageRgb8(img.clone()));
-    let out = encode::encode(&still, ImageFormat::Gif, None, Repeat::Infinite).unwrap();
+    let out = encode::encode(&still, ImageFormat::Gif, None, Repeat::Infinite, false).unwrap();
     let at_speed = |speed| {
         let mut gif = Vec::new();
         image::codecs::gif::GifEncoder::new_with_speed(&mut gif, speed)
@@ -1124,6 +1124,7 @@ fn a_text_watermark_marks_each_frame_of_an_animation_as_it_marks_a_still() {
         ImageFormat::Gif,
         None,
         Repeat::Infinite,
+        false,
     )
     .unwrap();
     assert!(
@@ -1461,10 +1462,20 @@ fn a_grey_picture_is_written_with_one_channel_and_a_coloured_one_with_three() {
     );
     assert_eq!(marked.color(), image::ColorType::Rgb8);
     // Grey with alpha keeps its alpha, as grey and alpha.
-    let mut with_alpha = RgbaImage::from_pixel(40, 30, Rgba([90, 90, 90, 255]));
-    with_alpha.put_pixel(3, 4, Rgba([200, 200, 200, 0]));
-    let (_, out) = run_image(&png(&DynamicImage::ImageRgba8(with_alpha)), "format:t_png");
+    let mut with_alpha = image::GrayAlphaImage::from_pixel(40, 30, image::LumaA([90, 255]));
+    with_alpha.put_pixel(3, 4, image::LumaA([200, 0]));
+    let (_, out) = run_image(&png(&DynamicImage::ImageLumaA8(with_alpha)), "format:t_png");
     assert_eq!(out.color(), image::ColorType::La8);
     assert_eq!(out.get_pixel(3, 4)[3], 0);
     assert_eq!(out.get_pixel(0, 0), Rgba([90, 90, 90, 255]));
+    // An RGB source stays RGB, however grey its pixels.
+    let flat = png(&DynamicImage::ImageRgb8(RgbImage::from_pixel(
+        40,
+        30,
+        Rgb([90, 90, 90]),
+    )));
+    for format in ["png", "jpeg", "tiff"] {
+        let (_, out) = run_image(&flat, &format!("format:t_{format}"));
+        assert_eq!(out.color(), image::ColorType::Rgb8, "{format}");
+    }
 }
