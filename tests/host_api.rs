@@ -599,6 +599,32 @@ async fn image_process_api() {
     )
     .await;
     assert_error(
+        get("image&action=resize:w_10&action=rotate:a_90")
+            .await
+            .unwrap(),
+        400,
+        "invalid_action",
+        &["action", "more than once"],
+    )
+    .await;
+    // A base64 text that ends in `+` (水印文字>>>, unpadded as QingStor
+    // writes it) keeps its `+`: the same picture as the URL-safe `-`, not
+    // that of 水印文字>> (the `+` lost as a form-decoded space).
+    let mut marked = Vec::new();
+    for text in [
+        "5rC05Y2w5paH5a2XPj4+",
+        "5rC05Y2w5paH5a2XPj4-",
+        "5rC05Y2w5paH5a2XPj4",
+    ] {
+        let response = get(&format!("image&action=watermark:t_{text},p_1|format:t_png"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{text}");
+        marked.push(response.bytes().await.unwrap());
+    }
+    assert_eq!(marked[0], marked[1]);
+    assert_ne!(marked[0], marked[2]);
+    assert_error(
         get("image&action=resize:w_10|save:b_photos,k_x.jpg")
             .await
             .unwrap(),

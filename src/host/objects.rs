@@ -37,6 +37,33 @@ fn query(raw: &Option<String>) -> HashMap<String, String> {
         .collect()
 }
 
+/// The `action` of an `?image` request, given once. Its value is only
+/// percent-decoded: a `+` stays a `+`, since an action holds no spaces and
+/// a base64 text or colour often ends in `+` (QingStor's values carry no
+/// padding), which form decoding would turn into a space and lose.
+fn image_action(raw: &Option<String>) -> Result<Option<String>, ApiError> {
+    let mut values = raw
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(k, _)| percent_encoding::percent_decode_str(k).decode_utf8_lossy() == "action")
+        .map(|(_, v)| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        });
+    let action = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_action",
+            "`action` is given more than once in ?image&action=...; give the whole pipeline in \
+             one, its operations joined by `|`",
+        ));
+    }
+    Ok(action)
+}
+
 fn check_bucket(bucket: &str) -> Result<(), ApiError> {
     validate_bucket(bucket).map_err(ApiError::from)
 }
@@ -275,7 +302,8 @@ pub async fn get_object(
     validate_key(&key)?;
     let q = query(&raw);
     if q.contains_key("image") {
-        return process(&state, &bucket, &key, q.get("action").map(String::as_str)).await;
+        let action = image_action(&raw)?;
+        return process(&state, &bucket, &key, action.as_deref()).await;
     }
     if method == Method::HEAD {
         let meta = state.store.head(&bucket, &key).await?;
