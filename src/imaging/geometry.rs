@@ -286,17 +286,27 @@ pub(super) fn resize_pixels(
             });
         }
     }
+    // An animation's frames all have alpha, but one whose every pixel is
+    // opaque (most GIFs) pads white, as a still image without alpha does.
+    let opaque = match pixels {
+        Pixels::Animated(frames) => frames
+            .iter()
+            .all(|f| f.buffer().pixels().all(|p| p[3] == u8::MAX)),
+        Pixels::Still(_) => false,
+    };
     pixels.for_each_frame(|img| {
-        *img = resize(img, r, frame)?;
+        *img = resize(img, r, frame, opaque)?;
         Ok(())
     })
 }
 
-/// Resizes one image as `r` says, in a single resampling pass.
+/// Resizes one image as `r` says, in a single resampling pass. A pad is
+/// white, or clear where the image has alpha and is not `opaque`.
 fn resize(
     img: &DynamicImage,
     r: &Resize,
     frame: Option<&LeadFrame>,
+    opaque: bool,
 ) -> Result<DynamicImage, ImagingError> {
     let src = frame.map_or_else(|| img.dimensions(), |f| f.size);
     let scaled = scaled_size(r, src);
@@ -320,6 +330,9 @@ fn resize(
             }
             let (x, y) = ((w - scaled.0) / 2, (h - scaled.1) / 2);
             let mut canvas = match &inner {
+                DynamicImage::ImageRgba8(_) if opaque => DynamicImage::ImageRgba8(
+                    image::RgbaImage::from_pixel(w, h, image::Rgba([255; 4])),
+                ),
                 DynamicImage::ImageRgba8(_) => {
                     DynamicImage::ImageRgba8(image::RgbaImage::new(w, h))
                 }

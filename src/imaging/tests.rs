@@ -1479,3 +1479,26 @@ fn a_grey_picture_is_written_with_one_channel_and_a_coloured_one_with_three() {
         assert_eq!(out.color(), image::ColorType::Rgb8, "{format}");
     }
 }
+
+#[test]
+fn an_opaque_animation_pads_white_and_a_transparent_one_clear() {
+    for (transparent, pad) in [(false, [255u8; 4]), (true, [0u8; 4])] {
+        let gif = two_frame_gif(gif::Repeat::Infinite, transparent);
+        let out = run(&gif, "resize:w_16,h_8").unwrap();
+        let bytes = out.image.unwrap().bytes;
+        let frames = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(bytes))
+            .unwrap()
+            .into_frames()
+            .collect_frames()
+            .unwrap();
+        assert_eq!(frames.len(), 2);
+        for frame in &frames {
+            let buffer = frame.buffer();
+            assert_eq!(buffer.dimensions(), (16, 8));
+            assert_eq!(buffer.get_pixel(0, 0).0, pad, "transparent {transparent}");
+            assert_eq!(buffer.get_pixel(15, 7).0, pad, "transparent {transparent}");
+        }
+        let info = run(&gif, "resize:w_16,h_8|info").unwrap().info.unwrap();
+        assert_eq!(info["alpha"], transparent);
+    }
+}
