@@ -28,8 +28,11 @@ const SKIN_MIN_L: f32 = 15.0;
 const SKIN_SOFTNESS: f32 = 4.0;
 
 /// libvips counts chroma above 60 as saturated; here the score ramps from 0
-/// at chroma 45 to 1 at chroma 75.
-const SATURATION_RAMP: (f32, f32) = (45.0, 75.0);
+/// at chroma 55 to 1 at chroma 65, around the same threshold. (A ramp from
+/// 45 let a large, softly coloured background, such as the blurred green
+/// behind the corpus's ladybird at chroma 40-60, outweigh a small, vivid
+/// subject.)
+const SATURATION_RAMP: (f32, f32) = (55.0, 65.0);
 
 /// The top-left corner of the most interesting `width` x `height` region of `img`.
 /// `width` and `height` are already clamped to the image.

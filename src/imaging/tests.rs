@@ -122,6 +122,25 @@ fn gravity_auto_finds_the_busy_region() {
 }
 
 #[test]
+fn gravity_auto_finds_a_small_vivid_subject_on_a_soft_coloured_ground() {
+    // The ladybird (about 55x30 of 640x400, near (450, 210)) on blurred
+    // green leaves whose chroma, 40-60, is high but not vivid.
+    let photo = fixture("ladybird-640.jpg");
+    for side in [150, 200, 250, 300] {
+        let (_, out) = run_image(&photo, &format!("crop:w_{side},h_{side},g_9"));
+        let red = out
+            .to_rgb8()
+            .pixels()
+            .filter(|p| p[0] > 150 && p[1] < 90 && p[2] < 90)
+            .count();
+        assert!(
+            red > 150,
+            "{side}x{side}: the ladybird is not in the crop ({red} red pixels)"
+        );
+    }
+}
+
+#[test]
 fn rotate_moves_a_known_corner_clockwise() {
     // 40x20, red 5x5 block at the top-left.
     let img = RgbImage::from_fn(40, 20, |x, y| {
