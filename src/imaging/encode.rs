@@ -220,17 +220,21 @@ fn encode_still(
     }
 }
 
-/// An uncompressed TIFF (libvips' default too) of RGB (grey when
-/// [`neutral`]), or of RGBA with its
+/// A lossless TIFF, Deflate-compressed with the horizontal predictor (the
+/// 2560x1920 Wood photo in 5.2 MB instead of 14.7, written in 40 ms more;
+/// libtiff also warned of the predictor tag the encoder always writes when
+/// the file was uncompressed), of RGB (grey when [`neutral`]), or of RGBA with its
 /// alpha marked as such (`ExtraSamples` = 2, unassociated), which the image
 /// crate leaves out: readers then warn, or take the fourth sample for
 /// something else.
 fn encode_tiff(img: &DynamicImage, grey: bool) -> Result<Vec<u8>, tiff::TiffError> {
-    use tiff::encoder::{TiffEncoder, colortype};
+    use tiff::encoder::{Compression, DeflateLevel, Predictor, TiffEncoder, colortype};
     use tiff::tags::{ExtraSamples, Tag};
     let (w, h) = (img.width(), img.height());
     let mut out = Cursor::new(Vec::new());
-    let mut tiff = TiffEncoder::new(&mut out)?;
+    let mut tiff = TiffEncoder::new(&mut out)?
+        .with_compression(Compression::Deflate(DeflateLevel::Fast))
+        .with_predictor(Predictor::Horizontal);
     if img.color().has_alpha() {
         let rgba = img.to_rgba8();
         let mut image = tiff.new_image::<colortype::RGBA8>(w, h)?;

@@ -1521,3 +1521,26 @@ fn an_opaque_animation_pads_white_and_a_transparent_one_clear() {
         assert_eq!(info["alpha"], transparent);
     }
 }
+
+#[test]
+fn tiff_output_is_deflate_compressed_with_its_predictor_and_lossless() {
+    let photo = fixture("wood.jpg");
+    let (out, decoded) = run_image(&photo, "format:t_tiff");
+    let mut decoder = tiff::decoder::Decoder::new(std::io::Cursor::new(&out.bytes)).unwrap();
+    let tag = |decoder: &mut tiff::decoder::Decoder<_>, tag| {
+        decoder.find_tag_unsigned::<u16>(tag).unwrap()
+    };
+    // Adobe Deflate (8) and the horizontal predictor (2): the predictor tag
+    // the encoder always writes is one readers know only with a codec.
+    assert_eq!(tag(&mut decoder, tiff::tags::Tag::Compression), Some(8));
+    assert_eq!(tag(&mut decoder, tiff::tags::Tag::Predictor), Some(2));
+    let raw = decoded.width() as usize * decoded.height() as usize * 3;
+    assert!(
+        out.bytes.len() < raw * 3 / 4,
+        "{} of {raw}",
+        out.bytes.len()
+    );
+    // Lossless: the same pixels as a PNG of the same pipeline.
+    let (_, png) = run_image(&photo, "format:t_png");
+    assert_eq!(decoded.to_rgb8(), png.to_rgb8());
+}
