@@ -6,7 +6,7 @@ use thiserror::Error;
 pub enum ActionError {
     #[error("action is empty: expected operation:k_v[,k_v]...[|operation...]")]
     Empty,
-    #[error("empty operation at position {position}: two `|` in a row or a trailing `|`")]
+    #[error("empty operation at position {position}: a leading or trailing `|`, or two in a row")]
     EmptyOperation { position: usize },
     #[error("unknown operation `{op}`; allowed: {allowed}")]
     UnknownOperation { op: String, allowed: &'static str },

@@ -141,7 +141,11 @@ impl<'a> Params<'a> {
         ActionError::InvalidValue {
             op: self.op,
             key,
-            value: shown(value),
+            value: if value.is_empty() {
+                "nothing".to_string()
+            } else {
+                shown(value)
+            },
             allowed: allowed.into(),
         }
     }
@@ -209,8 +213,13 @@ fn decode_base64(raw: &str) -> Option<Vec<u8>> {
 
 fn parse_crop(params: &str) -> Result<Op, ActionError> {
     let p = Params::new("crop", "w, h, g, l, t", &["w", "h", "g", "l", "t"], params)?;
-    let width = p.uint("w", 1, MAX_SIDE)?;
-    let height = p.uint("h", 1, MAX_SIDE)?;
+    // QingStor: an empty width or height is the image's own.
+    let side = |key| match p.raw(key) {
+        Some("") => Ok(None),
+        _ => p.uint(key, 1, MAX_SIDE),
+    };
+    let width = side("w")?;
+    let height = side("h")?;
     let gravity = p.uint("g", 0, 9)?;
     let left = p.uint("l", 0, MAX_SIDE)?;
     let top = p.uint("t", 0, MAX_SIDE)?;

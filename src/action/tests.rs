@@ -119,6 +119,15 @@ fn unknown_operations_and_keys_are_errors() {
     }
     assert!(err("").contains("empty"));
     assert!(err("info||info").contains("position 2"));
+    assert!(err("|info").contains("position 1: a leading or trailing `|`"));
+    assert!(
+        err("resize:w_").contains("resize: w must be an integer from 1 to 1048576, got nothing")
+    );
+    // QingStor: an empty crop width or height is the image's own.
+    assert_eq!(
+        Action::parse("crop:w_,h_100").unwrap(),
+        Action::parse("crop:h_100").unwrap()
+    );
     assert!(err("info:x_1").contains("info: unknown key"));
 }
 
