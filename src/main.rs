@@ -264,6 +264,28 @@ fn process(args: ProcessArgs) -> Result<()> {
     if saves && args.store.is_none() {
         bail!("bad --action: save needs --store DIR to write to");
     }
+    // As in `serve`, a `save` never replaces its source: checked before
+    // any work, by file identity (the same file under another path too).
+    if let (Some(store), Ok(input)) = (&args.store, std::fs::metadata(&args.input)) {
+        use std::os::unix::fs::MetadataExt;
+        for op in &action.ops {
+            let imgfunc::action::Op::Save(save) = op else {
+                continue;
+            };
+            let target = store.join(&save.bucket).join(&save.key);
+            if std::fs::metadata(&target)
+                .is_ok_and(|t| (t.dev(), t.ino()) == (input.dev(), input.ino()))
+            {
+                bail!(
+                    "bad --action: save:b_{},k_{} is the input file {}; process never \
+                     overwrites its input",
+                    save.bucket,
+                    save.key,
+                    args.input.display()
+                );
+            }
+        }
+    }
     let input = read_source(&args.input, &action, &limits)?;
     let resolver = LocalResolver { store: args.store };
     let out = imaging::process(&input, &action, &limits, &resolver)?;

@@ -131,6 +131,25 @@ fn saves_stay_inside_the_store() {
         stderr(&out)
     );
     assert!(!output.exists());
+
+    // A save that names the input file is refused before any work, and the
+    // input stays as it was.
+    let source = store.join("out/small/s.jpg");
+    let before = std::fs::read(&source).unwrap();
+    let out = process_into(
+        &store,
+        "resize:w_20|save:b_out,k_small/s.jpg",
+        &source,
+        &dir.path().join("again.jpg"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is the input file"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&source).unwrap(), before);
+    assert!(!dir.path().join("again.jpg").exists());
 }
 
 #[test]
