@@ -259,6 +259,8 @@ fn orient(img: DynamicImage, orientation: u8) -> DynamicImage {
 fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, ImagingError> {
     let format = ImageFormat::Jpeg;
     let mut d = Decompressor::new().map_err(|e| decode_error(format, e))?;
+    d.set_scan_limit(super::jpeg_progressive::MAX_SCANS as u32)
+        .map_err(|e| decode_error(format, e))?;
     let header = d.read_header(input).map_err(|e| match e {
         // TurboJPEG reads a file that ends before its frame header as
         // one of width -1.

@@ -69,6 +69,14 @@ pub fn decode_rgb(jpeg: &[u8], denom: u32, region: Region) -> Result<Vec<u8>, St
     };
     // SAFETY: plain parameter setters and getters on a valid handle.
     handle.check(unsafe { raw::tj3SetScalingFactor(handle.0, factor) })?;
+    // SAFETY: as above.
+    handle.check(unsafe {
+        raw::tj3Set(
+            handle.0,
+            raw::TJPARAM_TJPARAM_SCANLIMIT as c_int,
+            super::jpeg_progressive::MAX_SCANS as c_int,
+        )
+    })?;
     let scaled = |param| {
         // SAFETY: as above; the header was read, so the value is the file's.
         let full = unsafe { raw::tj3Get(handle.0, param as c_int) };

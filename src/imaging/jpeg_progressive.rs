@@ -155,8 +155,13 @@ fn define_huffman(
     Some(())
 }
 
-/// The most scans a file may have here (more are left to libjpeg-turbo).
-const MAX_SCANS: usize = 500;
+/// The most scans a file may have, here and in libjpeg-turbo (its scan
+/// limit, which it checks as it reaches each scan): each scan is a pass
+/// over the coefficients, so a 116 KB file of 4000x4000 pixels that
+/// repeats one scan a thousand times took 9.8 s, and at this limit takes
+/// about 1 s before it is refused. Encoders write about ten; `zune-jpeg`
+/// (the image crate's decoder) refuses more than 100 too.
+pub(super) const MAX_SCANS: usize = 100;
 
 fn parse_frame(body: &[u8], max_blocks: usize) -> Option<Coefficients> {
     let FrameHeader {

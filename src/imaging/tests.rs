@@ -1544,3 +1544,25 @@ fn tiff_output_is_deflate_compressed_with_its_predictor_and_lossless() {
     let (_, png) = run_image(&photo, "format:t_png");
     assert_eq!(decoded.to_rgb8(), png.to_rgb8());
 }
+
+#[test]
+fn a_progressive_jpeg_with_too_many_scans_is_refused() {
+    // wood.jpg (progressive) with its last scan repeated 150 times: every
+    // scan is a pass over the coefficients, so a small file of many scans
+    // could take minutes.
+    let photo = fixture("wood.jpg");
+    let last_scan = photo.windows(2).rposition(|w| w == [0xff, 0xda]).unwrap();
+    let end = photo.len() - 2;
+    assert_eq!(&photo[end..], [0xff, 0xd9]);
+    let mut bomb = photo[..end].to_vec();
+    for _ in 0..150 {
+        bomb.extend_from_slice(&photo[last_scan..end]);
+    }
+    bomb.extend_from_slice(&[0xff, 0xd9]);
+    for action in ["resize:w_200", "crop:w_50,h_50", "format:t_png", "info"] {
+        let e = run(&bomb, action).unwrap_err().to_string();
+        assert!(e.contains("more than 100 scans"), "{action}: {e}");
+    }
+    // The file itself decodes.
+    assert!(run(&photo, "format:t_png").is_ok());
+}
