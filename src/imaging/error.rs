@@ -16,6 +16,10 @@ pub enum ImagingError {
         pixels: u64,
         limit: u64,
     },
+    #[error(
+        "image is {width}x{height}, a side over the limit of {limit} pixels; refused before decoding"
+    )]
+    SideTooLong { width: u32, height: u32, limit: u32 },
     #[error("{op}: output would be {width}x{height}, over the limit of {limit}")]
     OutputTooLarge {
         op: &'static str,
@@ -73,7 +77,9 @@ impl ImagingError {
     pub fn code(&self) -> &'static str {
         match self {
             ImagingError::InputTooLarge { .. } => "input_too_large",
-            ImagingError::TooManyPixels { .. } => "too_many_pixels",
+            ImagingError::TooManyPixels { .. } | ImagingError::SideTooLong { .. } => {
+                "too_many_pixels"
+            }
             ImagingError::OutputTooLarge { .. } => "output_too_large",
             ImagingError::AnimationTooLarge { .. } => "animation_too_large",
             ImagingError::UnknownFormat => "not_an_image",
@@ -90,6 +96,7 @@ impl ImagingError {
             self,
             ImagingError::InputTooLarge { .. }
                 | ImagingError::TooManyPixels { .. }
+                | ImagingError::SideTooLong { .. }
                 | ImagingError::OutputTooLarge { .. }
                 | ImagingError::AnimationTooLarge { .. }
         )

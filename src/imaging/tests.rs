@@ -422,6 +422,11 @@ fn crc32(bytes: &[u8]) -> u32 {
 
 /// A PNG that declares 60000x60000 pixels and carries almost no data.
 fn png_bomb() -> Vec<u8> {
+    png_header_only(60000, 60000)
+}
+
+/// A PNG that declares `width`x`height` RGB pixels and carries almost no data.
+fn png_header_only(width: u32, height: u32) -> Vec<u8> {
     let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
     let mut chunk = |kind: &[u8], data: &[u8]| {
         out.extend((data.len() as u32).to_be_bytes());
@@ -431,8 +436,8 @@ fn png_bomb() -> Vec<u8> {
         out.extend(crc32(&body).to_be_bytes());
     };
     let mut ihdr = Vec::new();
-    ihdr.extend(60000u32.to_be_bytes());
-    ihdr.extend(60000u32.to_be_bytes());
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
     ihdr.extend([8, 2, 0, 0, 0]);
     chunk(b"IHDR", &ihdr);
     chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
@@ -475,6 +480,17 @@ fn decompression_bombs_are_refused_from_the_header() {
         );
     }
     assert!(png_bomb().len() < 200);
+    // Within the pixel limit, but a side the resampler would need gigabytes
+    // of filter weights to shrink.
+    for (w, h) in [(100_000_000, 1), (1, 2_000_000)] {
+        let err = run(&png_header_only(w, h), "resize:w_10").err().unwrap();
+        assert_eq!(err.code(), "too_many_pixels");
+        assert!(
+            err.to_string()
+                .contains(&format!("{w}x{h}, a side over the limit of 1048576 pixels")),
+            "{err}"
+        );
+    }
 }
 
 /// A GIF whose screen is 1x1 but whose one frame claims `side`x`side`, with
