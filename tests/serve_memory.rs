@@ -131,3 +131,54 @@ async fn an_animation_that_took_hundreds_of_megabytes_gives_them_back() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_large_image_with_alpha_leaves_no_copy_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let client = reqwest::Client::new();
+    // 6000 x 5000 half-clear green: 120 MB as RGBA, a few KB as WebP. The
+    // resizer premultiplies a copy of the whole source, which it used to
+    // keep for the next image on its thread.
+    let rgba = vec![[10u8, 200, 30, 128]; 6000 * 5000].concat();
+    let webp = webp::Encoder::from_rgba(&rgba, 6000, 5000)
+        .encode(50.0)
+        .to_vec();
+    drop(rgba);
+    let put = client
+        .put(format!("{}/photos/wide.webp", server.base))
+        .header("content-type", "image/webp")
+        .body(webp)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let thumb = client
+        .get(format!(
+            "{}/photos/wide.webp?image&action=resize:w_60|format:t_png",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(thumb.status(), 200);
+    let thumb = image::load_from_memory(&thumb.bytes().await.unwrap()).unwrap();
+    assert_eq!(image::GenericImageView::dimensions(&thumb), (60, 50));
+    let mut memory = resident(&server);
+    for _ in 0..50 {
+        if memory.0 < 100 << 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        memory = resident(&server);
+    }
+    let (after, peak) = memory;
+    assert!(
+        peak > 200 << 20,
+        "the image took {peak} bytes at most: the test made too little"
+    );
+    assert!(
+        after < 100 << 20,
+        "{after} bytes resident after the image (peak {peak})"
+    );
+}

@@ -353,6 +353,10 @@ thread_local! {
     static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
 }
 
+/// The largest source (in pixels) whose resize leaves the resizer's buffers
+/// in place for the next image: 16 MB as RGBA.
+const KEEP_RESIZER_BUFFERS: u64 = 4 << 20;
+
 fn resample(
     img: &DynamicImage,
     (w, h): (u32, u32),
@@ -382,7 +386,18 @@ fn resample(
         options = options.crop(l, t, cw, ch);
     }
     RESIZER
-        .with(|r| r.borrow_mut().resize(&src, &mut dst, &options))
+        .with(|r| {
+            let mut resizer = r.borrow_mut();
+            let resized = resizer.resize(&src, &mut dst, &options);
+            // The resizer keeps its buffers for the next image on this
+            // thread; for an image with alpha that is a premultiplied copy
+            // of the whole source (800 MB kept after a 100-megapixel WebP),
+            // so a large one's are let go.
+            if u64::from(img.width()) * u64::from(img.height()) > KEEP_RESIZER_BUFFERS {
+                resizer.reset_internal_buffers();
+            }
+            resized
+        })
         .map_err(|e| fail(&e))?;
     let buf = dst.into_vec();
     let out = match pixel_type {
