@@ -161,7 +161,24 @@ fn sniff(input: &[u8]) -> Result<ImageFormat, ImagingError> {
 fn decode_error(format: ImageFormat, e: impl std::fmt::Display) -> ImagingError {
     ImagingError::Decode {
         format: format.name(),
-        message: e.to_string(),
+        message: decoder_message(&e.to_string()),
+    }
+}
+
+/// A decoder's message as an error shows it: at most [`MESSAGE_CHARS`]
+/// characters (a TIFF declaring 65535 samples a pixel had its decoder list
+/// them all, 197 KB that went to the log and the notification), and std's
+/// words for a read past the end said plainly.
+fn decoder_message(message: &str) -> String {
+    const MESSAGE_CHARS: usize = 300;
+    let message = if message.contains("failed to fill whole buffer") {
+        format!("{message} (the file ends early: cut short?)")
+    } else {
+        message.to_string()
+    };
+    match message.char_indices().nth(MESSAGE_CHARS) {
+        Some((end, _)) => format!("{}… ({} bytes)", &message[..end], message.len()),
+        None => message,
     }
 }
 

@@ -1582,3 +1582,26 @@ fn a_progressive_jpeg_with_too_many_scans_is_refused() {
     // The file itself decodes.
     assert!(run(&photo, "format:t_png").is_ok());
 }
+
+#[test]
+fn decoder_messages_are_bounded_and_say_when_a_file_is_cut_short() {
+    // The decoder lists every one of 65535 declared samples.
+    let e = run(&fixture("spp-65535.tif"), "resize:w_10").unwrap_err();
+    assert_eq!(e.code(), "decode_failed");
+    let message = e.to_string();
+    assert!(
+        message.len() < 500,
+        "{} bytes: {message:.200}",
+        message.len()
+    );
+    assert!(message.contains("bytes)"), "{message}");
+    // A BMP cut in half: std's words for a short read, said plainly.
+    let mut bmp = std::io::Cursor::new(Vec::new());
+    image::load_from_memory(&fixture("storm.jpg"))
+        .unwrap()
+        .write_to(&mut bmp, image::ImageFormat::Bmp)
+        .unwrap();
+    let bmp = bmp.into_inner();
+    let e = run(&bmp[..bmp.len() / 2], "resize:w_10").unwrap_err();
+    assert!(e.to_string().contains("the file ends early"), "{e}");
+}
