@@ -191,7 +191,8 @@ impl WatermarkResolver for LocalResolver {
                 .map_err(|e| format!("{url}: {e}"))?;
             store.join(bucket).join(key)
         } else if let Some(rest) = url.strip_prefix("file://") {
-            PathBuf::from(rest)
+            // `file://localhost/a` is `file:///a`.
+            PathBuf::from(rest.strip_prefix("localhost").unwrap_or(rest))
         } else if url.contains("://") {
             return Err(format!(
                 "{url}: only local files and s3://bucket/key are read here"
@@ -199,16 +200,29 @@ impl WatermarkResolver for LocalResolver {
         } else {
             PathBuf::from(url)
         };
-        // Held to serve's watermark cap, read with a bound: a path may name
-        // something endless (a device, a pipe).
+        // Held to serve's watermark cap, read with a bound, and only from a
+        // plain file: a path may name something endless (a device) or a
+        // pipe nobody writes to, whose open would wait for ever (so the
+        // open does not wait).
         let limit = imgfunc::cloudfunc::MAX_WATERMARK_BYTES;
         let mut bytes = Vec::new();
-        std::fs::File::open(&path)
-            .and_then(|file| {
-                file.take((limit as u64).saturating_add(1))
-                    .read_to_end(&mut bytes)
-            })
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path)
+        }
+        .and_then(|file| {
+            if !file.metadata()?.is_file() {
+                return Err(std::io::Error::other(
+                    "not a plain file (a device, a pipe or a folder)",
+                ));
+            }
+            file.take((limit as u64).saturating_add(1))
+                .read_to_end(&mut bytes)
+        })
+        .map_err(|e| format!("{}: {e}", path.display()))?;
         if bytes.len() > limit {
             return Err(format!(
                 "{}: larger than the {limit}-byte watermark cap",

@@ -197,26 +197,58 @@ fn watermark_urls_name_store_objects_as_serve_does() {
 }
 
 #[test]
-fn a_watermark_path_is_read_to_the_watermark_cap_only() {
-    // A path that never ends (a device) stops at serve's 10 MiB cap, at
-    // once, instead of filling memory.
+fn a_watermark_path_is_read_to_the_watermark_cap_only_and_from_a_plain_file() {
     use base64::Engine;
     let dir = tempfile::tempdir().unwrap();
-    let u = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("/dev/zero");
     let output = dir.path().join("out.png");
-    let out = process_into(
-        dir.path(),
-        &format!("resize:w_50|watermark_image:u_{u}|format:t_png"),
-        &fixture("storm.jpg"),
-        &output,
-    );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("/dev/zero: larger than the 10485760-byte watermark cap"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(!output.exists());
+    // A file over serve's 10 MiB cap stops there, at once.
+    let big = dir.path().join("big.png");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(11 << 20)
+        .unwrap();
+    // A device never ends; a pipe nobody writes to would hold the open for
+    // ever: both are refused as what they are.
+    let fifo = dir.path().join("fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string naming a path in a temporary folder.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    for (path, expected) in [
+        (
+            big.to_str().unwrap(),
+            "larger than the 10485760-byte watermark cap",
+        ),
+        ("/dev/zero", "not a plain file"),
+        (fifo.to_str().unwrap(), "not a plain file"),
+    ] {
+        let u = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(path);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imgfunc"))
+            .args(["process", "-a"])
+            .arg(format!("resize:w_50|watermark_image:u_{u}|format:t_png"))
+            .arg(fixture("storm.jpg"))
+            .arg("-o")
+            .arg(&output)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(20) {
+                child.kill().unwrap();
+                panic!("{path}: still running after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{path}");
+        assert!(
+            stderr(&out).contains(&format!("{path}: {expected}")),
+            "{path}: {}",
+            stderr(&out)
+        );
+        assert!(!output.exists());
+    }
 }
 
 #[test]
