@@ -105,3 +105,85 @@ async fn invocations_a_killed_server_accepted_run_when_it_starts_again() {
         assert_eq!(img.width(), 2400, "{name}");
     }
 }
+
+/// The journal's text, or "" before it exists.
+fn journal(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("data/.imgfunc/pending.jsonl")).unwrap_or_default()
+}
+
+/// Waits until `journal` holds `count` start marks, then kills `server`.
+async fn kill_once_started(dir: &Path, mut server: Served, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while journal(dir).matches("\"op\":\"start\"").count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "the job never started: {}",
+            journal(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_job_that_stops_the_server_at_every_start_is_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/images/wood.jpg"
+    ))
+    .unwrap();
+    let client = reqwest::Client::new();
+    // The server is killed while the job runs, as a job that made it abort
+    // would stop it: at the upload, and at each of the next two starts,
+    // once the job's start is written down.
+    let mut server = start(dir.path());
+    let response = client
+        .put(format!("{}/photos/up/poison.jpg", server.base))
+        .header("content-type", "image/jpeg")
+        .body(photo.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    // Queued again at start, it starts once with the others...
+    kill_once_started(dir.path(), start(dir.path()), 1).await;
+    // ...then alone, and a second start is marked.
+    kill_once_started(dir.path(), start(dir.path()), 1).await;
+    assert!(
+        journal(dir.path()).contains("\"starts\":1"),
+        "{}",
+        journal(dir.path())
+    );
+    assert!(
+        outputs(dir.path()).is_empty(),
+        "the job finished before the server was killed: the test needs a slower one"
+    );
+
+    // Now it is set aside, kept in dropped.jsonl, and the server serves.
+    let server = start(dir.path());
+    let response = client
+        .put(format!("{}/photos/up/next.jpg", server.base))
+        .header("content-type", "image/jpeg")
+        .body(photo)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while outputs(dir.path()).is_empty() {
+        assert!(Instant::now() < deadline, "no output for the next upload");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(outputs(dir.path()), ["next.jpg"]);
+    let dropped = std::fs::read_to_string(dir.path().join("data/.imgfunc/dropped.jsonl")).unwrap();
+    assert_eq!(dropped.lines().count(), 1, "{dropped}");
+    assert!(
+        dropped.contains("up/poison.jpg") && dropped.contains("\"starts\":2"),
+        "{dropped}"
+    );
+    drop(server);
+}

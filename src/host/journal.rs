@@ -14,6 +14,14 @@
 //! survives the process being killed, not the machine losing power. The file
 //! is rewritten with only the jobs still pending at start and whenever it
 //! has grown well past them.
+//!
+//! A job that stops the process itself (a decoder that aborts, memory the
+//! kernel will not give) would otherwise stop every start after it. So a
+//! job queued again at start is marked `{"op":"start","id":..}` as it
+//! starts, and the count is kept in its `add` line (`"starts":n`). A job
+//! found unfinished after one such start is run alone, before the others,
+//! so that a second stop points at it; after two it is not run again: it
+//! goes to `dropped.jsonl` beside the journal, with an error in the log.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -32,7 +40,12 @@ pub struct Pending {
     /// The rule's id; its bucket is the event's.
     pub rule: String,
     pub event: Event,
+    /// How often it started, queued again at a start, and never finished.
+    pub starts: u32,
 }
+
+/// Starts after which a job found unfinished is not run again.
+pub const MAX_STARTS: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -41,10 +54,30 @@ enum Record {
         id: String,
         rule: String,
         event: Event,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        starts: u32,
+    },
+    Start {
+        id: String,
     },
     Done {
         id: String,
     },
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A job's `add` line.
+fn add_line(id: &str, rule: &str, event: &Event, starts: u32) -> Option<String> {
+    serde_json::to_string(&Record::Add {
+        id: id.to_owned(),
+        rule: rule.to_owned(),
+        event: event.clone(),
+        starts,
+    })
+    .ok()
 }
 
 /// The file is rewritten once it holds this many bytes and four times what
@@ -112,7 +145,7 @@ impl Journal {
     pub fn open(path: &Path) -> std::io::Result<(Journal, Vec<Pending>)> {
         let lock = lock_beside(path)?;
         let mut order = Vec::new();
-        let mut pending: HashMap<String, (String, Pending)> = HashMap::new();
+        let mut pending: HashMap<String, Pending> = HashMap::new();
         let text = match std::fs::read(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -122,15 +155,25 @@ impl Journal {
         // other damaged line.
         for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
             match serde_json::from_slice::<Record>(line) {
-                Ok(Record::Add { id, rule, event }) => {
+                Ok(Record::Add {
+                    id,
+                    rule,
+                    event,
+                    starts,
+                }) => {
                     order.push(id.clone());
                     let job = Pending {
                         id: id.clone(),
                         rule,
                         event,
+                        starts,
                     };
-                    let line = String::from_utf8_lossy(line).into_owned();
-                    pending.insert(id, (line, job));
+                    pending.insert(id, job);
+                }
+                Ok(Record::Start { id }) => {
+                    if let Some(job) = pending.get_mut(&id) {
+                        job.starts = job.starts.saturating_add(1);
+                    }
                 }
                 Ok(Record::Done { id }) => {
                     pending.remove(&id);
@@ -143,10 +186,13 @@ impl Journal {
         let mut jobs = Vec::with_capacity(pending.len());
         let mut lines = HashMap::with_capacity(pending.len());
         for id in order {
-            if let Some((line, job)) = pending.remove(&id) {
+            let Some(job) = pending.remove(&id) else {
+                continue;
+            };
+            if let Some(line) = add_line(&job.id, &job.rule, &job.event, job.starts) {
                 lines.insert(id, (lines.len() as u64, line));
-                jobs.push(job);
             }
+            jobs.push(job);
         }
         let journal = Journal {
             path: path.to_path_buf(),
@@ -197,12 +243,7 @@ impl Journal {
         // The done marks gathered so far go in the same write.
         let mut text = std::mem::take(&mut inner.done);
         for (id, rule, event) in jobs {
-            let record = Record::Add {
-                id: id.to_owned(),
-                rule: rule.to_owned(),
-                event: event.clone(),
-            };
-            let Ok(line) = serde_json::to_string(&record) else {
+            let Some(line) = add_line(id, rule, event, 0) else {
                 continue;
             };
             text.push_str(&line);
@@ -212,6 +253,52 @@ impl Journal {
             inner.pending.insert(id.to_owned(), (place, line));
         }
         self.append(&mut inner, &text);
+    }
+
+    /// Records that the job `id`, queued again at start, starts now, with
+    /// `starts` earlier starts: written at once, before its work begins,
+    /// and counted in its `add` line for the file's rewrites.
+    pub fn started(&self, id: &str, starts: u32) {
+        let mut inner = self.lock();
+        let Some((place, line)) = inner.pending.get(id) else {
+            return;
+        };
+        let place = *place;
+        let Ok(Record::Add { rule, event, .. }) = serde_json::from_str::<Record>(line) else {
+            return;
+        };
+        if let Some(line) = add_line(id, &rule, &event, starts.saturating_add(1)) {
+            inner.pending.insert(id.to_owned(), (place, line));
+        }
+        let mut text = std::mem::take(&mut inner.done);
+        text.push_str(&format!(
+            "{{\"op\":\"start\",\"id\":{}}}\n",
+            serde_json::Value::from(id)
+        ));
+        self.append(&mut inner, &text);
+    }
+
+    /// Takes `job` out of the journal without running it: its `add` line
+    /// goes to `dropped.jsonl` beside the journal, so that it is not lost.
+    pub fn drop_job(&self, job: &Pending) {
+        let dropped = self.path.with_file_name("dropped.jsonl");
+        let kept = add_line(&job.id, &job.rule, &job.event, job.starts)
+            .ok_or_else(|| std::io::Error::other("the job cannot be written"))
+            .and_then(|line| {
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&dropped)?
+                    .write_all(format!("{line}\n").as_bytes())
+            });
+        if let Err(e) = kept {
+            tracing::error!(
+                file = %dropped.display(),
+                job = ?job,
+                "cannot keep the dropped job: {e}"
+            );
+        }
+        self.done(&job.id);
     }
 
     /// Records that the job `id` has run (or will never run): gathered, and
@@ -257,6 +344,11 @@ impl Journal {
                 ),
             }
         }
+    }
+
+    /// Whether the job `id` is recorded and not done.
+    pub fn is_pending(&self, id: &str) -> bool {
+        self.lock().pending.contains_key(id)
     }
 
     /// Jobs recorded and not done.

@@ -31,6 +31,10 @@ pub struct Job {
     pub rule: Arc<Rule>,
     pub event: Event,
     pub enqueued: Instant,
+    /// For a job queued again at start: how often it started so (and
+    /// never finished) before; its start is written down (see
+    /// [`Journal::started`]).
+    pub starts: Option<u32>,
 }
 
 /// The sending side, shared by handlers and workers.
@@ -166,6 +170,7 @@ pub fn jobs_for(state: &AppState, event: Event) -> Vec<Job> {
             rule,
             event: event.clone(),
             enqueued: Instant::now(),
+            starts: None,
         })
         .collect()
 }
@@ -227,6 +232,9 @@ impl Workers {
                         continue;
                     };
                     job.rule = rule;
+                    if let Some(starts) = job.starts {
+                        state.queue.journal.started(&job.id, starts);
+                    }
                     // A panic (a store's client, say) ends this job, not the
                     // worker, and the job still counts as finished: otherwise
                     // every later shutdown would wait out its drain timeout.
@@ -408,6 +416,15 @@ fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
 /// may be a worker that must go on to make room); a shutdown waits for
 /// them like queued work, and those it stops stay in the journal.
 fn send_when_room(state: &AppState, jobs: Vec<Job>) {
+    send_after_alone(state, Vec::new(), jobs);
+}
+
+/// [`send_when_room`] for `rest`, after each of `alone` was sent and has
+/// finished before the next one is sent.
+fn send_after_alone(state: &AppState, alone: Vec<Job>, rest: Vec<Job>) {
+    let alone_count = alone.len();
+    let journal = Arc::clone(&state.queue.journal);
+    let jobs: Vec<Job> = alone.into_iter().chain(rest).collect();
     let Some(sender) = state.queue.sender() else {
         tracing::warn!(
             jobs = jobs.len(),
@@ -419,9 +436,18 @@ fn send_when_room(state: &AppState, jobs: Vec<Job>) {
     let unfinished = Arc::clone(&state.queue.unfinished);
     unfinished.fetch_add(jobs.len(), Ordering::SeqCst);
     tokio::spawn(async move {
-        for job in jobs {
+        for (n, job) in jobs.into_iter().enumerate() {
+            let id = (n < alone_count).then(|| job.id.clone());
             match sender.reserve().await {
-                Ok(permit) => permit.send(job),
+                Ok(permit) => {
+                    permit.send(job);
+                    // Run alone: the next is sent once this one is done.
+                    if let Some(id) = id {
+                        while journal.is_pending(&id) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
                 Err(_) => {
                     unfinished.fetch_sub(1, Ordering::SeqCst);
                     tracing::warn!(key = %job.event.key,
@@ -439,19 +465,35 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
     if pending.is_empty() {
         return;
     }
-    let mut jobs = Vec::with_capacity(pending.len());
+    let (mut alone, mut jobs) = (Vec::new(), Vec::with_capacity(pending.len()));
     for p in pending {
+        if p.starts >= super::journal::MAX_STARTS {
+            tracing::error!(
+                rule = %p.rule,
+                bucket = %p.event.bucket,
+                key = %p.event.key,
+                starts = p.starts,
+                "a job left from the last runs is dropped, not run again: it started \
+                 after {} restarts and never finished, so it may be what stopped the \
+                 server; it is kept in .imgfunc/dropped.jsonl",
+                p.starts
+            );
+            state.queue.journal.drop_job(&p);
+            continue;
+        }
         let rule = state
             .rules
             .rules(&p.event.bucket)
             .into_iter()
             .find(|r| r.id == p.rule);
         match rule {
-            Some(rule) => jobs.push(Job {
+            // One that started once and never finished runs alone, first.
+            Some(rule) => (if p.starts > 0 { &mut alone } else { &mut jobs }).push(Job {
                 id: p.id,
                 rule,
                 event: p.event,
                 enqueued: Instant::now(),
+                starts: Some(p.starts),
             }),
             None => {
                 tracing::warn!(
@@ -465,8 +507,9 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
         }
     }
     tracing::info!(
-        jobs = jobs.len(),
+        jobs = alone.len() + jobs.len(),
+        alone = alone.len(),
         "running the jobs the last run left unfinished"
     );
-    send_when_room(state, jobs);
+    send_after_alone(state, alone, jobs);
 }
