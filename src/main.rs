@@ -192,7 +192,11 @@ impl WatermarkResolver for LocalResolver {
             store.join(bucket).join(key)
         } else if let Some(rest) = url.strip_prefix("file://") {
             // `file://localhost/a` is `file:///a`.
-            PathBuf::from(rest.strip_prefix("localhost").unwrap_or(rest))
+            PathBuf::from(
+                rest.strip_prefix("localhost")
+                    .filter(|path| path.starts_with('/'))
+                    .unwrap_or(rest),
+            )
         } else if url.contains("://") {
             return Err(format!(
                 "{url}: only local files and s3://bucket/key are read here"

@@ -60,6 +60,11 @@ enum Record {
     Start {
         id: String,
     },
+    /// A start that does not count: the job was stopped by a shutdown's
+    /// drain timeout, not by itself.
+    Unstart {
+        id: String,
+    },
     Done {
         id: String,
     },
@@ -133,6 +138,8 @@ struct Inner {
     written: u64,
     /// Done marks not written yet.
     done: String,
+    /// Jobs marked started in this run, with their count before.
+    started: HashMap<String, u32>,
     /// The last write failed part-way: the next starts a line of its own.
     broken: bool,
 }
@@ -175,6 +182,11 @@ impl Journal {
                         job.starts = job.starts.saturating_add(1);
                     }
                 }
+                Ok(Record::Unstart { id }) => {
+                    if let Some(job) = pending.get_mut(&id) {
+                        job.starts = job.starts.saturating_sub(1);
+                    }
+                }
                 Ok(Record::Done { id }) => {
                     pending.remove(&id);
                 }
@@ -203,6 +215,7 @@ impl Journal {
                 pending: lines,
                 written: 0,
                 done: String::new(),
+                started: HashMap::new(),
                 broken: false,
             }),
         };
@@ -260,26 +273,66 @@ impl Journal {
     /// and counted in its `add` line for the file's rewrites.
     pub fn started(&self, id: &str, starts: u32) {
         let mut inner = self.lock();
-        let Some((place, line)) = inner.pending.get(id) else {
+        if !Self::count_in_line(&mut inner, id, starts.saturating_add(1)) {
             return;
+        }
+        inner.started.insert(id.to_owned(), starts);
+        self.mark(&mut inner, "start", id);
+    }
+
+    /// Takes back the starts of the jobs marked started in this run and
+    /// not finished: a shutdown's drain timeout stopped them, not they
+    /// themselves.
+    pub fn unstart_running(&self) {
+        let mut inner = self.lock();
+        let started = std::mem::take(&mut inner.started);
+        for (id, before) in started {
+            if Self::count_in_line(&mut inner, &id, before) {
+                self.mark(&mut inner, "unstart", &id);
+            }
+        }
+    }
+
+    /// Sets the start count in the pending job `id`'s `add` line, which
+    /// the file's rewrites copy; false when `id` is not pending.
+    fn count_in_line(inner: &mut Inner, id: &str, starts: u32) -> bool {
+        let Some((place, line)) = inner.pending.get(id) else {
+            return false;
         };
         let place = *place;
-        let Ok(Record::Add { rule, event, .. }) = serde_json::from_str::<Record>(line) else {
-            return;
-        };
-        if let Some(line) = add_line(id, &rule, &event, starts.saturating_add(1)) {
+        if let Ok(Record::Add { rule, event, .. }) = serde_json::from_str::<Record>(line)
+            && let Some(line) = add_line(id, &rule, &event, starts)
+        {
             inner.pending.insert(id.to_owned(), (place, line));
         }
+        true
+    }
+
+    /// Writes `{"op":op,"id":id}` at once, with the done marks gathered.
+    fn mark(&self, inner: &mut Inner, op: &str, id: &str) {
         let mut text = std::mem::take(&mut inner.done);
         text.push_str(&format!(
-            "{{\"op\":\"start\",\"id\":{}}}\n",
+            "{{\"op\":\"{op}\",\"id\":{}}}\n",
             serde_json::Value::from(id)
         ));
-        self.append(&mut inner, &text);
+        self.append(inner, &text);
+    }
+
+    /// Records at once that the job `id` has run (for a job whose starts
+    /// are counted: a mark lost to a kill would count one against it).
+    pub fn done_now(&self, id: &str) {
+        let mut inner = self.lock();
+        inner.started.remove(id);
+        if inner.pending.remove(id).is_none() {
+            return;
+        }
+        self.mark(&mut inner, "done", id);
     }
 
     /// Takes `job` out of the journal without running it: its `add` line
     /// goes to `dropped.jsonl` beside the journal, so that it is not lost.
+    /// Where it cannot be written there, the job stays pending (and is not
+    /// run): the next start tries again.
     pub fn drop_job(&self, job: &Pending) {
         let dropped = self.path.with_file_name("dropped.jsonl");
         let kept = add_line(&job.id, &job.rule, &job.event, job.starts)
@@ -291,20 +344,23 @@ impl Journal {
                     .open(&dropped)?
                     .write_all(format!("{line}\n").as_bytes())
             });
-        if let Err(e) = kept {
-            tracing::error!(
+        match kept {
+            // At once: a kill before a gathered mark is written would put
+            // the job in the file a second time.
+            Ok(()) => self.done_now(&job.id),
+            Err(e) => tracing::error!(
                 file = %dropped.display(),
                 job = ?job,
-                "cannot keep the dropped job: {e}"
-            );
+                "cannot keep the dropped job there; it stays in the journal, not run: {e}"
+            ),
         }
-        self.done(&job.id);
     }
 
     /// Records that the job `id` has run (or will never run): gathered, and
     /// written with others (see the module's notes).
     pub fn done(&self, id: &str) {
         let mut inner = self.lock();
+        inner.started.remove(id);
         if inner.pending.remove(id).is_none() {
             return;
         }
@@ -416,6 +472,52 @@ mod tests {
 
     fn event(key: &str) -> Event {
         Event::internal(EventType::CreateObject, "photos", key)
+    }
+
+    #[test]
+    fn starts_are_counted_taken_back_after_a_timeout_and_a_dropped_job_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pending.jsonl");
+        let (journal, _) = Journal::open(&path).unwrap();
+        let (a, b) = (event("a.jpg"), event("b.jpg"));
+        journal.added([("1", "thumbs", &a), ("2", "thumbs", &b)].into_iter());
+        let starts = |path: &Path| -> Vec<(String, u32)> {
+            let (_, pending) = Journal::open_copy(path);
+            pending.into_iter().map(|p| (p.id, p.starts)).collect()
+        };
+        assert_eq!(starts(&path), [("1".into(), 0), ("2".into(), 0)]);
+        // Marked as they start, written at once.
+        journal.started("1", 0);
+        journal.started("2", 0);
+        assert_eq!(starts(&path), [("1".into(), 1), ("2".into(), 1)]);
+        // Job 1 finishes (its mark at once); a drain timeout stops job 2,
+        // whose start is taken back.
+        journal.done_now("1");
+        journal.unstart_running();
+        assert_eq!(starts(&path), [("2".into(), 0)]);
+        drop(journal);
+
+        // Counted in the add line through the start's rewrite.
+        let (journal, pending) = Journal::open(&path).unwrap();
+        journal.started("2", pending[0].starts);
+        drop(journal);
+        let (journal, pending) = Journal::open(&path).unwrap();
+        assert_eq!(pending[0].starts, 1);
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("\"starts\":1")
+        );
+        // Set aside: kept in dropped.jsonl, no longer pending.
+        journal.drop_job(&pending[0]);
+        assert_eq!(journal.pending(), 0);
+        drop(journal);
+        let dropped = std::fs::read_to_string(dir.path().join("dropped.jsonl")).unwrap();
+        assert!(
+            dropped.contains("b.jpg") && dropped.contains("\"starts\":1"),
+            "{dropped}"
+        );
+        assert!(starts(&path).is_empty());
     }
 
     #[test]

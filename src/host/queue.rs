@@ -33,8 +33,17 @@ pub struct Job {
     pub enqueued: Instant,
     /// For a job queued again at start: how often it started so (and
     /// never finished) before; its start is written down (see
-    /// [`Journal::started`]).
+    /// [`Journal::started`]). One that started before runs alone.
     pub starts: Option<u32>,
+}
+
+impl Job {
+    /// Runs with no other queued job beside it: one that started after a
+    /// restart and never finished, so that if it stops the process again,
+    /// no other job shares the blame.
+    fn alone(&self) -> bool {
+        self.starts.is_some_and(|n| n > 0)
+    }
 }
 
 /// The sending side, shared by handlers and workers.
@@ -48,6 +57,9 @@ pub struct Queue {
     /// Every job sent is written down here first, and marked done after it
     /// ran, so that a restart runs what a killed process left.
     pub(super) journal: Arc<Journal>,
+    /// Held shared by every job while it runs, and alone by a job that
+    /// must run with no other queued job beside it (see [`resume`]).
+    turns: tokio::sync::RwLock<()>,
 }
 
 /// Room reserved in the queue for jobs not built yet.
@@ -87,6 +99,7 @@ impl Queue {
                 bound: bound.max(1),
                 unfinished: Arc::default(),
                 journal,
+                turns: tokio::sync::RwLock::new(()),
             },
             rx,
         )
@@ -206,7 +219,7 @@ impl Workers {
                     // job: jobs wait in the queue, not in a worker, and an
                     // idle host holds one slot, not all of them (a direct
                     // invocation takes one too).
-                    let (job, slot) = {
+                    let (job, mut slot) = {
                         let mut rx = receiver.lock().await;
                         let slot = state.runtime.image_slot().await;
                         (rx.recv().await, slot)
@@ -232,6 +245,27 @@ impl Workers {
                         continue;
                     };
                     job.rule = rule;
+                    // No job waits for its turn holding an image slot: the
+                    // job running alone may need one again (to fetch a
+                    // watermark), and a slot held by a waiting job would
+                    // never come back.
+                    let _turn = if job.alone() {
+                        drop(slot);
+                        let turn = Turn::Alone(state.queue.turns.write().await);
+                        slot = state.runtime.image_slot().await;
+                        turn
+                    } else {
+                        match state.queue.turns.try_read() {
+                            Ok(turn) => Turn::Shared(turn),
+                            Err(_) => {
+                                drop(slot);
+                                let turn = Turn::Shared(state.queue.turns.read().await);
+                                slot = state.runtime.image_slot().await;
+                                turn
+                            }
+                        }
+                    };
+                    let resumed = job.starts.is_some();
                     if let Some(starts) = job.starts {
                         state.queue.journal.started(&job.id, starts);
                     }
@@ -253,7 +287,13 @@ impl Workers {
                             "the invocation stopped unexpectedly (a panic); its result is lost"
                         );
                     }
-                    state.queue.journal.done(&id);
+                    // A resumed job's mark is written at once: one lost
+                    // to a kill would count its start against it.
+                    if resumed {
+                        state.queue.journal.done_now(&id);
+                    } else {
+                        state.queue.journal.done(&id);
+                    }
                     state.queue.unfinished.fetch_sub(1, Ordering::SeqCst);
                 }
             });
@@ -287,6 +327,9 @@ impl Workers {
             // notifications go to the dead-letter file, as undelivered ones
             // do; stopped first, so that none starts meanwhile.
             self.tasks.shutdown().await;
+            // Stopped by the timeout, not by themselves: their starts do
+            // not count against them.
+            self.state.queue.journal.unstart_running();
             delivering.shutdown().await;
             take(&self.deliveries).shutdown().await;
             let kept = self.state.notifier.abandon_pending().await;
@@ -300,6 +343,12 @@ impl Workers {
         }
         self.state.queue.journal.flush();
     }
+}
+
+/// A running job's hold on [`Queue::turns`].
+enum Turn<'a> {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
+    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
 }
 
 /// The notifications started so far, leaving an empty set in their place.
@@ -416,15 +465,6 @@ fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
 /// may be a worker that must go on to make room); a shutdown waits for
 /// them like queued work, and those it stops stay in the journal.
 fn send_when_room(state: &AppState, jobs: Vec<Job>) {
-    send_after_alone(state, Vec::new(), jobs);
-}
-
-/// [`send_when_room`] for `rest`, after each of `alone` was sent and has
-/// finished before the next one is sent.
-fn send_after_alone(state: &AppState, alone: Vec<Job>, rest: Vec<Job>) {
-    let alone_count = alone.len();
-    let journal = Arc::clone(&state.queue.journal);
-    let jobs: Vec<Job> = alone.into_iter().chain(rest).collect();
     let Some(sender) = state.queue.sender() else {
         tracing::warn!(
             jobs = jobs.len(),
@@ -436,18 +476,9 @@ fn send_after_alone(state: &AppState, alone: Vec<Job>, rest: Vec<Job>) {
     let unfinished = Arc::clone(&state.queue.unfinished);
     unfinished.fetch_add(jobs.len(), Ordering::SeqCst);
     tokio::spawn(async move {
-        for (n, job) in jobs.into_iter().enumerate() {
-            let id = (n < alone_count).then(|| job.id.clone());
+        for job in jobs {
             match sender.reserve().await {
-                Ok(permit) => {
-                    permit.send(job);
-                    // Run alone: the next is sent once this one is done.
-                    if let Some(id) = id {
-                        while journal.is_pending(&id) {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    }
-                }
+                Ok(permit) => permit.send(job),
                 Err(_) => {
                     unfinished.fetch_sub(1, Ordering::SeqCst);
                     tracing::warn!(key = %job.event.key,
@@ -511,5 +542,6 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
         alone = alone.len(),
         "running the jobs the last run left unfinished"
     );
-    send_after_alone(state, alone, jobs);
+    alone.append(&mut jobs);
+    send_when_room(state, alone);
 }

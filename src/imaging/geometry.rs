@@ -288,11 +288,12 @@ pub(super) fn resize_pixels(
     }
     // An animation's frames all have alpha, but one whose every pixel is
     // opaque (most GIFs) pads white, as a still image without alpha does.
+    let pads = r.width.is_some() && r.height.is_some() && r.mode == ResizeMode::Pad;
     let opaque = match pixels {
-        Pixels::Animated(frames) => frames
+        Pixels::Animated(frames) if pads => frames
             .iter()
             .all(|f| f.buffer().pixels().all(|p| p[3] == u8::MAX)),
-        Pixels::Still(_) => false,
+        _ => false,
     };
     pixels.for_each_frame(|img| {
         *img = resize(img, r, frame, opaque)?;
@@ -353,9 +354,8 @@ thread_local! {
     static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
 }
 
-/// The largest source (in pixels) whose resize leaves the resizer's buffers
-/// in place for the next image: 16 MB as RGBA.
-const KEEP_RESIZER_BUFFERS: u64 = 4 << 20;
+/// The most bytes of buffers the resizer keeps for the next image.
+const KEEP_RESIZER_BUFFERS: usize = 16 << 20;
 
 fn resample(
     img: &DynamicImage,
@@ -390,10 +390,11 @@ fn resample(
             let mut resizer = r.borrow_mut();
             let resized = resizer.resize(&src, &mut dst, &options);
             // The resizer keeps its buffers for the next image on this
-            // thread; for an image with alpha that is a premultiplied copy
-            // of the whole source (800 MB kept after a 100-megapixel WebP),
-            // so a large one's are let go.
-            if u64::from(img.width()) * u64::from(img.height()) > KEEP_RESIZER_BUFFERS {
+            // thread; for an image with alpha they hold a premultiplied
+            // copy of the whole source (800 MB kept after a 100-megapixel
+            // WebP), and an enlargement's hold a pass of its output, so
+            // large ones are let go.
+            if resizer.size_of_internal_buffers() > KEEP_RESIZER_BUFFERS {
                 resizer.reset_internal_buffers();
             }
             resized

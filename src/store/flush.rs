@@ -82,10 +82,11 @@ struct State {
     gap: Duration,
     /// Writers announced through [`GroupFlush::expect`] still on their way.
     expected: usize,
-    /// Announced writers that said they are writing
-    /// ([`Expected::writing`]) and have not arrived yet: the next arrivals
-    /// are theirs.
-    coming: usize,
+    /// When each announced writer that said it is writing
+    /// ([`Expected::writing`]) and has not arrived yet said so, oldest
+    /// first: the next arrivals are theirs. One still missing a window
+    /// later failed before its flush, and is no longer waited for.
+    coming: std::collections::VecDeque<Instant>,
     /// When the last writer nobody announced arrived.
     last_unannounced: Option<Instant>,
 }
@@ -133,7 +134,7 @@ impl GroupFlush {
                 last_arrival: None,
                 gap: Duration::MAX,
                 expected: 0,
-                coming: 0,
+                coming: std::collections::VecDeque::new(),
                 last_unannounced: None,
             }),
             full: Condvar::new(),
@@ -235,9 +236,9 @@ impl GroupFlush {
         self.files.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
         let now = Instant::now();
-        if state.coming > 0 {
-            state.coming -= 1;
-            if state.coming == 0 && state.expected == 0 {
+        forget_missing(&mut state.coming, now);
+        if state.coming.pop_front().is_some() {
+            if state.coming.is_empty() && state.expected == 0 {
                 // The last announced writer: a collecting leader need not
                 // wait any longer.
                 self.full.notify_one();
@@ -336,14 +337,15 @@ impl GroupFlush {
         let deadline = Instant::now() + WINDOW;
         while state.members < BATCH {
             let now = Instant::now();
-            let unannounced = state
-                .last_unannounced
-                .is_some_and(|last| now.saturating_duration_since(last) < WINDOW);
             if now >= deadline {
                 self.waited_out.fetch_add(1, Ordering::Relaxed);
                 break;
             }
-            if state.expected == 0 && state.coming == 0 && !unannounced {
+            forget_missing(&mut state.coming, now);
+            if state.expected == 0
+                && state.coming.is_empty()
+                && !recent(state.last_unannounced, now)
+            {
                 break;
             }
             state = self
@@ -362,6 +364,22 @@ impl GroupFlush {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Drops the writers that said they were writing a window or more before
+/// `now` and never came (their write failed before its flush).
+fn forget_missing(coming: &mut std::collections::VecDeque<Instant>, now: Instant) {
+    while coming
+        .front()
+        .is_some_and(|&at| now.saturating_duration_since(at) >= WINDOW)
+    {
+        coming.pop_front();
+    }
+}
+
+/// Whether `at` is less than [`WINDOW`] before `now`.
+fn recent(at: Option<Instant>, now: Instant) -> bool {
+    at.is_some_and(|at| now.saturating_duration_since(at) < WINDOW)
 }
 
 /// A writer on its way to a [`GroupFlush`]; see [`GroupFlush::expect`].
@@ -388,7 +406,7 @@ impl Drop for Expected {
         let mut state = self.flush.lock();
         state.expected = state.expected.saturating_sub(1);
         if self.writing {
-            state.coming += 1;
+            state.coming.push_back(Instant::now());
         }
         if state.expected == 0 {
             // A collecting leader waits on `full`.
@@ -641,8 +659,13 @@ mod tests {
     /// or not, while `held` more announced writers are still on their way;
     /// returns how many batches waited out their window.
     fn two_writers_together(announced: [bool; 2], held: usize) -> u64 {
+        two_writers_on(&Arc::new(GroupFlush::new()), announced, held)
+    }
+
+    /// [`two_writers_together`] on `flush`, which may have a past.
+    fn two_writers_on(flush: &Arc<GroupFlush>, announced: [bool; 2], held: usize) -> u64 {
         let dir = tempfile::tempdir().unwrap();
-        let flush = Arc::new(GroupFlush::new());
+        let (files, waited) = (flush.counts().0, flush.waited_out());
         let on_the_way: Vec<Expected> = (0..held).map(|_| flush.expect()).collect();
         let barrier = Barrier::new(2);
         std::thread::scope(|s| {
@@ -660,8 +683,8 @@ mod tests {
             }
         });
         drop(on_the_way);
-        assert_eq!(flush.counts().0, 2);
-        flush.waited_out()
+        assert_eq!(flush.counts().0, files + 2);
+        flush.waited_out() - waited
     }
 
     #[test]
@@ -672,6 +695,19 @@ mod tests {
         // The first flushes at once; the second leads the next batch,
         // with nobody left to come: it does not wait for more.
         assert_eq!(two_writers_together([true, true], 0), 0);
+    }
+
+    #[test]
+    fn a_writer_that_said_it_was_writing_and_never_came_is_not_waited_for_long() {
+        if !batches_here() {
+            return;
+        }
+        // Its write failed before its flush: after a window it no longer
+        // counts, and two announced writers flush without waiting.
+        let flush = Arc::new(GroupFlush::new());
+        flush.expect().writing();
+        std::thread::sleep(WINDOW * 2);
+        assert_eq!(two_writers_on(&flush, [true, true], 0), 0);
     }
 
     #[test]
