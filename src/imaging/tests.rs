@@ -1605,3 +1605,45 @@ fn decoder_messages_are_bounded_and_say_when_a_file_is_cut_short() {
     let e = run(&bmp[..bmp.len() / 2], "resize:w_10").unwrap_err();
     assert!(e.to_string().contains("the file ends early"), "{e}");
 }
+
+#[test]
+fn the_operations_of_one_action_make_at_most_four_times_the_pixel_limit() {
+    let dot = png(&DynamicImage::ImageRgb8(RgbImage::from_pixel(
+        1,
+        1,
+        Rgb([9, 9, 9]),
+    )));
+    let limits = Limits {
+        max_pixels: 1_000_000,
+        max_animation_pixels: 1_000_000,
+        ..Limits::default()
+    };
+    let run = |action: &str| {
+        process(
+            &dot,
+            &Action::parse(action).unwrap(),
+            &limits,
+            &NoWatermarks,
+        )
+    };
+    // Each resize is within the output limits; together they are not.
+    let ops: Vec<&str> = (0..6)
+        .map(|n| {
+            if n % 2 == 0 {
+                "resize:w_1000,h_1000,m_1"
+            } else {
+                "resize:w_990,h_990,m_1"
+            }
+        })
+        .collect();
+    let e = run(&ops.join("|")).unwrap_err();
+    assert_eq!(e.code(), "output_too_large");
+    assert!(
+        e.to_string()
+            .contains("over the limit of 4000000 pixels made by the whole action"),
+        "{e}"
+    );
+    // Four such steps are within it.
+    let out = run(&ops[..4].join("|")).unwrap().image.unwrap();
+    assert_eq!((out.width, out.height), (990, 990));
+}
