@@ -37,6 +37,27 @@ fn start(dir: &Path) -> Served {
     Served::spawn(&mut command).expect("start imgfunc serve")
 }
 
+/// The photo every upload here carries.
+fn photo() -> Vec<u8> {
+    std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/images/wood.jpg"
+    ))
+    .unwrap()
+}
+
+/// PUTs `photo` as `photos/up/{name}`, answered 201.
+async fn upload(client: &reqwest::Client, server: &Served, name: &str, photo: &[u8]) {
+    let response = client
+        .put(format!("{}/photos/up/{name}", server.base))
+        .header("content-type", "image/jpeg")
+        .body(photo.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "{name}");
+}
+
 fn outputs(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir.join("data/out/gen_up"))
         .map(|entries| {
@@ -54,22 +75,11 @@ fn outputs(dir: &Path) -> Vec<String> {
 #[tokio::test]
 async fn invocations_a_killed_server_accepted_run_when_it_starts_again() {
     let dir = tempfile::tempdir().unwrap();
-    let photo = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/images/wood.jpg"
-    ))
-    .unwrap();
+    let photo = photo();
     let client = reqwest::Client::new();
     let mut server = start(dir.path());
     for n in 0..UPLOADS {
-        let response = client
-            .put(format!("{}/photos/up/{n:02}.jpg", server.base))
-            .header("content-type", "image/jpeg")
-            .body(photo.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        upload(&client, &server, &format!("{n:02}.jpg"), &photo).await;
     }
     // Killed as soon as the first output is written, the rest still queued.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -129,24 +139,13 @@ async fn kill_once_started(dir: &Path, mut server: Served, count: usize) {
 #[tokio::test]
 async fn a_job_that_stops_the_server_at_every_start_is_set_aside() {
     let dir = tempfile::tempdir().unwrap();
-    let photo = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/images/wood.jpg"
-    ))
-    .unwrap();
+    let photo = photo();
     let client = reqwest::Client::new();
     // The server is killed while the job runs, as a job that made it abort
     // would stop it: at the upload, and at each of the next two starts,
     // once the job's start is written down.
     let mut server = start(dir.path());
-    let response = client
-        .put(format!("{}/photos/up/poison.jpg", server.base))
-        .header("content-type", "image/jpeg")
-        .body(photo.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
+    upload(&client, &server, "poison.jpg", &photo).await;
     server.child.kill().unwrap();
     server.child.wait().unwrap();
     // Queued again at start, it starts once with the others...
@@ -165,14 +164,7 @@ async fn a_job_that_stops_the_server_at_every_start_is_set_aside() {
 
     // Now it is set aside, kept in dropped.jsonl, and the server serves.
     let server = start(dir.path());
-    let response = client
-        .put(format!("{}/photos/up/next.jpg", server.base))
-        .header("content-type", "image/jpeg")
-        .body(photo)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
+    upload(&client, &server, "next.jpg", &photo).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     while outputs(dir.path()).is_empty() {
         assert!(Instant::now() < deadline, "no output for the next upload");

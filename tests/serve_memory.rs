@@ -32,6 +32,19 @@ fn resident(server: &Served) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// [`resident`] once under 100 MiB, or after 5 s.
+async fn settled(server: &Served) -> (u64, u64) {
+    let mut memory = resident(server);
+    for _ in 0..50 {
+        if memory.0 < 100 << 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        memory = resident(server);
+    }
+    memory
+}
+
 /// An animated GIF of `frames` one-pixel frames on a `side` x `side`
 /// screen: a few bytes a frame, each composited onto a whole screen.
 fn gif_of_dots(side: u16, frames: usize) -> Vec<u8> {
@@ -89,15 +102,7 @@ async fn an_animation_that_took_hundreds_of_megabytes_gives_them_back() {
     assert_eq!(frames.len(), 300);
     assert_eq!(frames[0].buffer().dimensions(), (10, 10));
     // The answer is sent once the image thread is done; its trim follows.
-    let mut memory = resident(&server);
-    for _ in 0..50 {
-        if memory.0 < 100 << 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        memory = resident(&server);
-    }
-    let (after, peak) = memory;
+    let (after, peak) = settled(&server).await;
     assert!(
         peak > 300 << 20,
         "the frames took {peak} bytes at most: the test made too little"
@@ -164,15 +169,7 @@ async fn a_large_image_with_alpha_leaves_no_copy_behind() {
     assert_eq!(thumb.status(), 200);
     let thumb = image::load_from_memory(&thumb.bytes().await.unwrap()).unwrap();
     assert_eq!(image::GenericImageView::dimensions(&thumb), (60, 50));
-    let mut memory = resident(&server);
-    for _ in 0..50 {
-        if memory.0 < 100 << 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        memory = resident(&server);
-    }
-    let (after, peak) = memory;
+    let (after, peak) = settled(&server).await;
     assert!(
         peak > 200 << 20,
         "the image took {peak} bytes at most: the test made too little"
