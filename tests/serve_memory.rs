@@ -179,3 +179,36 @@ async fn a_large_image_with_alpha_leaves_no_copy_behind() {
         "{after} bytes resident after the image (peak {peak})"
     );
 }
+
+#[tokio::test]
+async fn an_animation_over_the_frame_pixel_cap_is_refused_before_a_frame_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let client = reqwest::Client::new();
+    // Two one-pixel frames on an 8000x8000 screen: 128 million frame
+    // pixels, over the cap, each frame 256 MB once composited.
+    let put = client
+        .put(format!("{}/photos/wide.gif", server.base))
+        .header("content-type", "image/gif")
+        .body(gif_of_dots(8000, 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let refused = client
+        .get(format!(
+            "{}/photos/wide.gif?image&action=resize:w_10",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(refused.status().is_client_error(), "{}", refused.status());
+    let body = refused.text().await.unwrap();
+    assert!(body.contains("animation_too_large"), "{body}");
+    let (_, peak) = resident(&server);
+    assert!(
+        peak < 150 << 20,
+        "{peak} bytes at most: a frame was composited before the refusal"
+    );
+}

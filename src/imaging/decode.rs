@@ -814,6 +814,24 @@ fn decode_gif(input: &[u8], limits: &Limits, wanted: usize) -> Result<Decoded, I
     decoder
         .set_limits(decoder_limits)
         .map_err(|e| decode_error(format, e))?;
+    // Counted first, without decoding: each frame is composited onto a
+    // whole screen, so one frame past the limit used to cost a screen's
+    // worth of memory before it was refused (1.15 GB for two one-pixel
+    // frames on a 10000x10000 screen).
+    let count = gif_frame_count(input, limits.max_frames.saturating_add(1)).min(wanted);
+    if count > limits.max_frames
+        || per_frame.saturating_mul(count as u64) > limits.max_animation_pixels
+    {
+        return Err(ImagingError::AnimationTooLarge {
+            frames: count,
+            width,
+            height,
+            limit: format!(
+                "{} frames and {} frame pixels",
+                limits.max_frames, limits.max_animation_pixels
+            ),
+        });
+    }
     let frames = decoder.into_frames().take(wanted).map(|frame| {
         frame.map_err(|e| match e {
             image::ImageError::Limits(_) => decode_error(
@@ -960,6 +978,23 @@ fn unpremultiply(mut rgba: image::RgbaImage) -> image::RgbaImage {
 /// How often a GIF plays, from the loop extension before its first frame
 /// (read up to that frame's descriptor, not its pixels). `image`'s decoder
 /// reports a GIF without the extension, which plays once, as looping.
+/// How many frames a GIF has, up to `cap`, read from their descriptors
+/// without decoding them; a damaged frame ends the count (the decoder
+/// reports it).
+fn gif_frame_count(input: &[u8], cap: usize) -> usize {
+    let mut options = gif::DecodeOptions::new();
+    options.skip_frame_decoding(true);
+    options.check_frame_consistency(false);
+    let Ok(mut decoder) = options.read_info(input) else {
+        return 0;
+    };
+    let mut count = 0;
+    while count < cap && matches!(decoder.next_frame_info(), Ok(Some(_))) {
+        count += 1;
+    }
+    count
+}
+
 fn gif_repeat(input: &[u8]) -> Repeat {
     let Ok(mut decoder) = gif::DecodeOptions::new().read_info(input) else {
         return Repeat::Infinite;
