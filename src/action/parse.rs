@@ -164,9 +164,11 @@ impl<'a> Params<'a> {
         let Some(raw) = self.raw(key) else {
             return Ok(Opacity::DEFAULT);
         };
-        raw.parse::<f32>()
+        // Read as f64 first: 1e39 is above 1, not an f32 overflow to infinity.
+        raw.parse::<f64>()
             .ok()
-            .and_then(Opacity::new)
+            .filter(|v| v.is_finite())
+            .and_then(|v| Opacity::new(v.min(1.0) as f32))
             .ok_or_else(|| self.invalid(key, raw, "a number above 0 (values above 1 mean 1)"))
     }
 

@@ -108,6 +108,8 @@ fn unknown_operations_and_keys_are_errors() {
     assert!(e.contains("(1001 characters)") && e.len() < 200, "{e}");
     let fits = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("水".repeat(1000));
     assert!(Action::parse(&format!("watermark:t_{fits}")).is_ok());
+    // Past f32's range is still a number above 1.
+    assert!(Action::parse("watermark_image:u_YQ,p_1e39").is_ok());
     for p in ["inf", "-inf", "infinity", "NaN"] {
         let e = err(&format!("watermark_image:u_YQ,p_{p}"));
         assert!(
