@@ -682,7 +682,20 @@ fn decode_generic(
         Stored::Cmyk8 | Stored::Cmyk16 => "cmyk",
         _ => "srgb",
     };
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    let stored = decoder.original_color_type();
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| match e {
+        // The decoder's own "Memory limit exceeded" says nothing of why.
+        image::ImageError::Limits(_) => decode_error(
+            format,
+            format!(
+                "decoding its {width}x{height} pixels as stored ({stored:?}) would take more \
+                 memory than the pixel limit allows ({} bytes: 8 a pixel), or the file \
+                 declares more data than its pixels need",
+                limits.max_pixels.saturating_mul(8)
+            ),
+        ),
+        e => decode_error(format, e),
+    })?;
     if format == ImageFormat::Tiff && img.color().has_alpha() && tiff_alpha_is_associated(input) {
         img = DynamicImage::ImageRgba8(unpremultiply(img.into_rgba8()));
     }

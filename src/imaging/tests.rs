@@ -1595,6 +1595,13 @@ fn decoder_messages_are_bounded_and_say_when_a_file_is_cut_short() {
         message.len()
     );
     assert!(message.contains("bytes)"), "{message}");
+    // The decoder's bare "Memory limit exceeded" says what was asked for.
+    let e = run(&fixture("bogus-bytecount.tif"), "resize:w_10").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("decoding its 100x100 pixels as stored (Rgb8) would take more memory"),
+        "{e}"
+    );
     // A BMP cut in half: std's words for a short read, said plainly.
     let mut bmp = std::io::Cursor::new(Vec::new());
     image::load_from_memory(&fixture("storm.jpg"))
