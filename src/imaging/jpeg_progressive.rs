@@ -84,7 +84,7 @@ pub fn decode(jpeg: &[u8], max_blocks: usize) -> Option<Coefficients> {
                 scans += 1;
                 let repeated = (1..slots.len()).any(|n| slots[..n].contains(&slots[n]));
                 // A file of thousands of scans would walk every block each
-                // time; libjpeg-turbo's documentation suggests 500 at most.
+                // time: past [`MAX_SCANS`], libjpeg-turbo refuses it too.
                 if se > 63
                     || ss > se
                     || al > 13
