@@ -102,8 +102,10 @@ fn parse_value(value: &Value, unwrap_sns: bool) -> Result<ParsedEvents, EventErr
             qingstor::parse_list(std::slice::from_ref(value), true)
         }
         Value::Object(fields) => {
-            if let Some(Value::String(name)) = fields.get("Event") {
-                // AWS's `s3:TestEvent`, sent when notifications are configured.
+            if let Some(Value::String(name)) = fields.get("Event")
+                && name == "s3:TestEvent"
+            {
+                // AWS's test event, sent when notifications are configured.
                 return Ok(ParsedEvents {
                     events: Vec::new(),
                     skipped: vec![name.clone()],

@@ -88,11 +88,18 @@ fn parse_record(record: At<'_>, event_type: EventType) -> Result<Event, EventErr
 
     let raw_key = object.string("key")?;
     let key_field = object.field_path("key");
-    let key = decode_key(raw_key).map_err(|reason| EventError::InvalidKey {
-        field: key_field.clone(),
-        key: raw_key.to_string(),
-        reason,
-    })?;
+    // Ceph RGW puts the object's name in as it is (its notifications set
+    // the key from the object's name, unencoded); AWS, MinIO and RustFS
+    // encode it.
+    let key = if record.optional_string("eventSource")? == Some("ceph:s3") {
+        raw_key.to_string()
+    } else {
+        decode_key(raw_key).map_err(|reason| EventError::InvalidKey {
+            field: key_field.clone(),
+            key: raw_key.to_string(),
+            reason,
+        })?
+    };
     check_key(&key, key_field)?;
     Ok(Event {
         event_type,
@@ -115,6 +122,23 @@ pub(crate) fn parse_sns(
 ) -> Result<ParsedEvents, EventError> {
     if !fields.contains_key("TopicArn") {
         return Err(EventError::unknown_object(fields));
+    }
+    if kind == "SubscriptionConfirmation" {
+        // Only the endpoint sees the token, so the user must have it to
+        // confirm the subscription (visiting the URL, or ConfirmSubscription
+        // with the token): it is logged, not fetched, since anyone who can
+        // reach this endpoint could send the message.
+        // Whole (an SNS URL runs to about 300 characters), within reason.
+        let text = |name: &str| match fields.get(name) {
+            Some(Value::String(s)) => s.chars().take(2048).collect(),
+            _ => String::new(),
+        };
+        tracing::warn!(
+            topic = %text("TopicArn"),
+            subscribe_url = %text("SubscribeURL"),
+            "SNS asks to confirm this endpoint's subscription: open SubscribeURL (or call \
+             ConfirmSubscription with its token) to start receiving events"
+        );
     }
     if kind != "Notification" {
         return Ok(ParsedEvents {
@@ -322,6 +346,20 @@ mod tests {
     }
 
     #[test]
+    fn ceph_keys_are_taken_as_they_are_and_others_decoded() {
+        for key in ["Happy Face+1.jpg", "100%.jpg", "dir/a%2Bb.jpg"] {
+            let mut body = minio("s3:ObjectCreated:Put", key);
+            body["Records"][0]["eventSource"] = json!("ceph:s3");
+            body["Records"][0]["s3"]["object"]["size"] = json!("48213");
+            let parsed = parse(&body).unwrap();
+            assert_eq!(parsed.events[0].key, key);
+        }
+        // The same key from MinIO is read as encoded.
+        let parsed = parse(&minio("s3:ObjectCreated:Put", "Happy+Face%2B1.jpg")).unwrap();
+        assert_eq!(parsed.events[0].key, "Happy Face+1.jpg");
+    }
+
+    #[test]
     fn aws_test_event_is_skipped() {
         let parsed = parse(&json!({
             "Service": "Amazon S3", "Event": "s3:TestEvent", "Time": "2024-05-01T10:00:00.000Z",
@@ -330,6 +368,11 @@ mod tests {
         .unwrap();
         assert!(parsed.events.is_empty());
         assert_eq!(parsed.skipped, ["s3:TestEvent"]);
+        // Any other `Event` is no test event: an unknown body, refused.
+        let err =
+            parse(&json!({"Event": "anything", "bucket_name": "photos", "object_key": "a.jpg"}))
+                .unwrap_err();
+        assert!(err.to_string().contains("Event"), "{err}");
     }
 
     #[test]

@@ -227,6 +227,25 @@ fn rule_from_raw(raw: RawNotification, bucket: &str) -> Result<Rule, RuleError> 
             ));
         }
     };
+    // An image rule on an event with no object would fail at every event:
+    // refused now, as the design asks of every rule that cannot run.
+    if matches!(cloudfunc, CloudFunc::Image(_))
+        && let Some((i, t)) = raw.event_types.iter().enumerate().find_map(|(i, name)| {
+            EventType::parse(name)
+                .ok()
+                .filter(|t| matches!(t, EventType::DeleteObject | EventType::AbortMultipart))
+                .map(|t| (i, t))
+        })
+    {
+        return Err(RuleError::new(
+            format!("event_types[{i}]"),
+            format!(
+                "`{}` leaves no object for cloudfunc image to read; image rules take \
+                 create_object and complete_multipart (cloudfunc notifier reports the others)",
+                t.as_str()
+            ),
+        ));
+    }
     Ok(Rule {
         id,
         event_types,
@@ -465,6 +484,32 @@ mod tests {
             assert!(rules[0].matches(EventType::DeleteObject, "any/key.bin"));
             assert!(rules[0].filters.patterns().is_empty());
         }
+    }
+
+    #[test]
+    fn an_image_rule_takes_only_events_that_leave_an_object() {
+        for (types, field) in [
+            (json!(["create_object", "delete_object"]), "event_types[1]"),
+            (json!(["abort_multipart"]), "event_types[0]"),
+            (
+                json!(["create_object", "create_object", "delete_object"]),
+                "event_types[2]",
+            ),
+        ] {
+            let err = parse(&json!({"notifications": [{
+                "id": "t", "event_types": types, "cloudfunc": "image",
+                "cloudfunc_args": {"action": "resize:w_10"}}]}))
+            .unwrap_err();
+            assert_eq!(err.field, format!("notifications[0].{field}"));
+            assert!(
+                err.to_string().contains("no object for cloudfunc image"),
+                "{err}"
+            );
+        }
+        let ok = parse(&json!({"notifications": [{
+            "id": "t", "event_types": ["create_object", "complete_multipart"],
+            "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_10"}}]}));
+        assert!(ok.is_ok());
     }
 
     #[test]
