@@ -45,6 +45,34 @@ async fn settled(server: &Served) -> (u64, u64) {
     memory
 }
 
+/// PUTs `body` as `photos/{name}` (answered 201), then asks for it
+/// through `?image&action={action}`.
+async fn put_then_process(
+    client: &reqwest::Client,
+    server: &Served,
+    name: &str,
+    content_type: &str,
+    body: Vec<u8>,
+    action: &str,
+) -> reqwest::Response {
+    let put = client
+        .put(format!("{}/photos/{name}", server.base))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201, "{name}");
+    client
+        .get(format!(
+            "{}/photos/{name}?image&action={action}",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// An animated GIF of `frames` one-pixel frames on a `side` x `side`
 /// screen: a few bytes a frame, each composited onto a whole screen.
 fn gif_of_dots(side: u16, frames: usize) -> Vec<u8> {
@@ -74,23 +102,16 @@ async fn an_animation_that_took_hundreds_of_megabytes_gives_them_back() {
     // million: 390 MB of RGBA frames from 6 KB.
     let gif = gif_of_dots(570, 300);
     assert!(gif.len() < 8 << 10);
-    let put = client
-        .put(format!("{}/photos/dots.gif", server.base))
-        .header("content-type", "image/gif")
-        .body(gif)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 201);
     let (before, _) = resident(&server);
-    let thumb = client
-        .get(format!(
-            "{}/photos/dots.gif?image&action=resize:w_10",
-            server.base
-        ))
-        .send()
-        .await
-        .unwrap();
+    let thumb = put_then_process(
+        &client,
+        &server,
+        "dots.gif",
+        "image/gif",
+        gif,
+        "resize:w_10",
+    )
+    .await;
     assert_eq!(thumb.status(), 200);
     let frames = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(
         thumb.bytes().await.unwrap().to_vec(),
@@ -113,22 +134,15 @@ async fn an_animation_that_took_hundreds_of_megabytes_gives_them_back() {
     );
 
     // 300 x 580 x 580 = 100,920,000 frame pixels: refused.
-    let put = client
-        .put(format!("{}/photos/more.gif", server.base))
-        .header("content-type", "image/gif")
-        .body(gif_of_dots(580, 300))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 201);
-    let refused = client
-        .get(format!(
-            "{}/photos/more.gif?image&action=resize:w_10",
-            server.base
-        ))
-        .send()
-        .await
-        .unwrap();
+    let refused = put_then_process(
+        &client,
+        &server,
+        "more.gif",
+        "image/gif",
+        gif_of_dots(580, 300),
+        "resize:w_10",
+    )
+    .await;
     assert!(refused.status().is_client_error(), "{}", refused.status());
     let body = refused.text().await.unwrap();
     assert!(
@@ -150,22 +164,15 @@ async fn a_large_image_with_alpha_leaves_no_copy_behind() {
         .encode(50.0)
         .to_vec();
     drop(rgba);
-    let put = client
-        .put(format!("{}/photos/wide.webp", server.base))
-        .header("content-type", "image/webp")
-        .body(webp)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 201);
-    let thumb = client
-        .get(format!(
-            "{}/photos/wide.webp?image&action=resize:w_60|format:t_png",
-            server.base
-        ))
-        .send()
-        .await
-        .unwrap();
+    let thumb = put_then_process(
+        &client,
+        &server,
+        "wide.webp",
+        "image/webp",
+        webp,
+        "resize:w_60|format:t_png",
+    )
+    .await;
     assert_eq!(thumb.status(), 200);
     let thumb = image::load_from_memory(&thumb.bytes().await.unwrap()).unwrap();
     assert_eq!(image::GenericImageView::dimensions(&thumb), (60, 50));
@@ -187,22 +194,15 @@ async fn an_animation_over_the_frame_pixel_cap_is_refused_before_a_frame_is_made
     let client = reqwest::Client::new();
     // Two one-pixel frames on an 8000x8000 screen: 128 million frame
     // pixels, over the cap, each frame 256 MB once composited.
-    let put = client
-        .put(format!("{}/photos/wide.gif", server.base))
-        .header("content-type", "image/gif")
-        .body(gif_of_dots(8000, 2))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 201);
-    let refused = client
-        .get(format!(
-            "{}/photos/wide.gif?image&action=resize:w_10",
-            server.base
-        ))
-        .send()
-        .await
-        .unwrap();
+    let refused = put_then_process(
+        &client,
+        &server,
+        "wide.gif",
+        "image/gif",
+        gif_of_dots(8000, 2),
+        "resize:w_10",
+    )
+    .await;
     assert!(refused.status().is_client_error(), "{}", refused.status());
     let body = refused.text().await.unwrap();
     assert!(body.contains("animation_too_large"), "{body}");
