@@ -133,11 +133,14 @@ pub(crate) fn parse_sns(
             Some(Value::String(s)) => s.chars().take(2048).collect(),
             _ => String::new(),
         };
+        // Debug-printed, so that no control character can forge a line.
         tracing::warn!(
-            topic = %text("TopicArn"),
-            subscribe_url = %text("SubscribeURL"),
-            "SNS asks to confirm this endpoint's subscription: open SubscribeURL (or call \
-             ConfirmSubscription with its token) to start receiving events"
+            topic = ?text("TopicArn"),
+            subscribe_url = ?text("SubscribeURL"),
+            "SNS asks to confirm this endpoint's subscription: if SubscribeURL is an \
+             https://sns.<region>.amazonaws.com address for your topic, open it (or call \
+             ConfirmSubscription with its token) to start receiving events; anyone who can \
+             reach this endpoint could have sent it"
         );
     }
     if kind != "Notification" {

@@ -96,10 +96,13 @@ pub async fn invoke(
             Ok(rule)
         })
         .map_err(|e| ApiError::bad_request("invalid_rule", e.under("rule").to_string()))?;
+    // A turn first: it waits while a queued job runs alone.
+    let turn = state.queue.shared_turn().await;
     let slot = state.runtime.image_slot().await;
     // Once it has its slot the invocation runs to the end even if the client
     // goes away: its outputs are all written, or its result says which.
     let result = detach(&state.clone(), async move {
+        let _turn = turn;
         Ok(cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event, slot).await)
     })
     .await?;

@@ -287,7 +287,9 @@ impl Journal {
         let mut inner = self.lock();
         let started = std::mem::take(&mut inner.started);
         for (id, before) in started {
-            if Self::count_in_line(&mut inner, &id, before) {
+            // One that ran alone keeps its start: nothing else ran beside
+            // it, and one that hangs would otherwise never be set aside.
+            if before == 0 && Self::count_in_line(&mut inner, &id, before) {
                 self.mark(&mut inner, "unstart", &id);
             }
         }
@@ -503,6 +505,11 @@ mod tests {
         drop(journal);
         let (journal, pending) = Journal::open(&path).unwrap();
         assert_eq!(pending[0].starts, 1);
+        // One running alone (started before) keeps its start through a
+        // drain timeout: a job that hangs is set aside in the end.
+        journal.started("2", 1);
+        journal.unstart_running();
+        assert_eq!(starts(&path), [("2".into(), 2)]);
         assert!(
             std::fs::read_to_string(&path)
                 .unwrap()

@@ -605,12 +605,15 @@ async fn process(
     // that hangs up stops this handler, not a read under way (which cannot
     // be stopped), so the slot is kept until the work is done. Shutdown
     // waits for it as for other work requests hand off.
+    // A turn first: it waits while a queued job runs alone.
+    let turn = state.queue.shared_turn().await;
     let slot = state.runtime.image_slot().await;
     let limits = state.config.limits.clone();
     let (bucket, key) = (bucket.to_owned(), key.to_owned());
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     let task = state.clone();
     let output = detach(state, async move {
+        let _turn = turn;
         let (meta, input) =
             cloudfunc::read_source(&task.runtime, &bucket, &key, &action, |_| false).await?;
         // Left unread: over the input limit, refused before the image

@@ -59,7 +59,7 @@ pub struct Queue {
     pub(super) journal: Arc<Journal>,
     /// Held shared by every job while it runs, and alone by a job that
     /// must run with no other queued job beside it (see [`resume`]).
-    turns: tokio::sync::RwLock<()>,
+    turns: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Room reserved in the queue for jobs not built yet.
@@ -99,10 +99,17 @@ impl Queue {
                 bound: bound.max(1),
                 unfinished: Arc::default(),
                 journal,
-                turns: tokio::sync::RwLock::new(()),
+                turns: Arc::default(),
             },
             rx,
         )
+    }
+
+    /// A turn beside the other jobs, for image work outside the queue
+    /// (`/v1/invoke`, `?image`): it waits while a job runs alone (see
+    /// [`resume`]). Taken before an image slot, never while holding one.
+    pub async fn shared_turn(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.turns.clone().read_owned().await
     }
 
     fn sender(&self) -> Option<mpsc::Sender<Job>> {
@@ -251,15 +258,15 @@ impl Workers {
                     // never come back.
                     let _turn = if job.alone() {
                         drop(slot);
-                        let turn = Turn::Alone(state.queue.turns.write().await);
+                        let turn = Turn::Alone(state.queue.turns.clone().write_owned().await);
                         slot = state.runtime.image_slot().await;
                         turn
                     } else {
-                        match state.queue.turns.try_read() {
+                        match state.queue.turns.clone().try_read_owned() {
                             Ok(turn) => Turn::Shared(turn),
                             Err(_) => {
                                 drop(slot);
-                                let turn = Turn::Shared(state.queue.turns.read().await);
+                                let turn = Turn::Shared(state.queue.shared_turn().await);
                                 slot = state.runtime.image_slot().await;
                                 turn
                             }
@@ -346,9 +353,9 @@ impl Workers {
 }
 
 /// A running job's hold on [`Queue::turns`].
-enum Turn<'a> {
-    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
-    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
+enum Turn {
+    Shared(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>),
+    Alone(#[allow(dead_code)] tokio::sync::OwnedRwLockWriteGuard<()>),
 }
 
 /// The notifications started so far, leaving an empty set in their place.

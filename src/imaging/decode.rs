@@ -689,9 +689,9 @@ fn decode_generic(
             format,
             format!(
                 "decoding its {width}x{height} pixels as stored ({stored:?}) would take more \
-                 memory than the pixel limit allows ({} bytes: 8 a pixel), or the file \
-                 declares more data than its pixels need",
-                limits.max_pixels.saturating_mul(8)
+                 memory than the pixel limit allows ({} bytes: 8 a pixel and 64 MiB), or \
+                 the file declares more data than its pixels need",
+                decoder_limits(limits).max_alloc.unwrap_or(u64::MAX)
             ),
         ),
         e => decode_error(format, e),
@@ -988,9 +988,6 @@ fn unpremultiply(mut rgba: image::RgbaImage) -> image::RgbaImage {
     rgba
 }
 
-/// How often a GIF plays, from the loop extension before its first frame
-/// (read up to that frame's descriptor, not its pixels). `image`'s decoder
-/// reports a GIF without the extension, which plays once, as looping.
 /// How many frames a GIF has, up to `cap`, read from their descriptors
 /// without decoding them; a damaged frame ends the count (the decoder
 /// reports it).
@@ -1008,6 +1005,9 @@ fn gif_frame_count(input: &[u8], cap: usize) -> usize {
     count
 }
 
+/// How often a GIF plays, from the loop extension before its first frame
+/// (read up to that frame's descriptor, not its pixels). `image`'s decoder
+/// reports a GIF without the extension, which plays once, as looping.
 fn gif_repeat(input: &[u8]) -> Repeat {
     let Ok(mut decoder) = gif::DecodeOptions::new().read_info(input) else {
         return Repeat::Infinite;

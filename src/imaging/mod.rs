@@ -48,8 +48,9 @@ pub struct Limits {
 const PIPELINE_FACTOR: u64 = 4;
 
 impl Limits {
-    /// The most pixels the operations of one action may make in all (each
-    /// operation's whole result, every frame): each operation is held to
+    /// The most pixels the operations of one action may make in all (the
+    /// whole result of each crop, rotate, resize and save, every frame):
+    /// each operation is held to
     /// the output limits, but 31 resizes of a 1x1 image to 10000x10000 and
     /// back took 12 s, and four saves of such a TIFF 2 GB.
     pub fn pipeline_pixels(&self) -> u64 {
@@ -243,8 +244,8 @@ pub fn process(
     };
     let mut info = None;
     let mut saves = Vec::new();
-    // Pixels the operations have made (or gone over), each op's whole
-    // result, frames included: see [`Limits::pipeline_pixels`].
+    // Pixels the operations have made, each one's whole result, frames
+    // included: see [`Limits::pipeline_pixels`].
     let mut made: u64 = 0;
     for (index, op) in action.ops.iter().enumerate() {
         if Some(index) == skip {
@@ -318,7 +319,12 @@ pub fn process(
                 geometry::apply(&mut state.pixels, op, limits)?
             }
         }
-        if !matches!(op, Op::Info | Op::Format(_)) {
+        // The operations that make a new image (a watermark draws on the
+        // one there is).
+        if matches!(
+            op,
+            Op::Crop(_) | Op::Rotate(_) | Op::Resize(_) | Op::Save(_)
+        ) {
             made = made.saturating_add(state.pixels.all_pixels());
             let budget = limits.pipeline_pixels();
             if made > budget {

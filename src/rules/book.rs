@@ -169,7 +169,12 @@ impl RuleBook {
     /// (`bucket` itself, `save_bucket`, `save:` targets) to the store's
     /// bucket names; the error names the field. Notifier rules do not touch
     /// the store, so they take any bucket name an event may carry.
+    ///
+    /// Also refuses image rules on events that leave no object
+    /// ([`super::validate::check_image_events`]). Made when rules are set or
+    /// read from `functions/`; rules saved earlier are loaded as they are.
     pub fn check_buckets(&self, bucket: &str, rules: &[Rule]) -> Result<(), RuleError> {
+        super::validate::check_image_events(rules)?;
         let check = self.bucket_check.unwrap_or(crate::store::validate_bucket);
         if rules.iter().any(|rule| rule.image_args().is_some()) {
             check(bucket).map_err(|e| RuleError::new("bucket", e.to_string()))?;
@@ -631,6 +636,37 @@ mod tests {
         let err = RuleBook::open(state.path(), None).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("photos.json: body: invalid JSON"), "{text}");
+    }
+
+    #[test]
+    fn image_rules_on_events_without_an_object_are_refused_when_set_not_when_saved() {
+        let state = tempfile::tempdir().unwrap();
+        let rule =
+            br#"{"notifications": [{"id": "t", "event_types": ["create_object", "delete_object"],
+            "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_10"}}]}"#;
+        // Saved by a version that took it: loaded as it is.
+        fs::write(state.path().join("photos.json"), rule).unwrap();
+        let book = RuleBook::open(state.path(), None).unwrap();
+        assert_eq!(book.rules("photos").len(), 1);
+        // Set now: refused, naming the field.
+        let err = book.set("marks", rule).unwrap_err().to_string();
+        assert!(
+            err.contains("event_types") && err.contains("`delete_object` leaves no object"),
+            "{err}"
+        );
+        // In functions/: refused at start.
+        let functions = tempfile::tempdir().unwrap();
+        fs::write(
+            functions.path().join("t.json"),
+            br#"{"bucket": "photos", "notifications": [{"id": "t", "event_types": ["abort_multipart"],
+                "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_10"}}]}"#,
+        )
+        .unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let err = RuleBook::open(other.path(), Some(functions.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`abort_multipart` leaves no object"), "{err}");
     }
 
     #[test]

@@ -227,25 +227,6 @@ fn rule_from_raw(raw: RawNotification, bucket: &str) -> Result<Rule, RuleError> 
             ));
         }
     };
-    // An image rule on an event with no object would fail at every event:
-    // refused now, as the design asks of every rule that cannot run.
-    if matches!(cloudfunc, CloudFunc::Image(_))
-        && let Some((i, t)) = raw.event_types.iter().enumerate().find_map(|(i, name)| {
-            EventType::parse(name)
-                .ok()
-                .filter(|t| matches!(t, EventType::DeleteObject | EventType::AbortMultipart))
-                .map(|t| (i, t))
-        })
-    {
-        return Err(RuleError::new(
-            format!("event_types[{i}]"),
-            format!(
-                "`{}` leaves no object for cloudfunc image to read; image rules take \
-                 create_object and complete_multipart (cloudfunc notifier reports the others)",
-                t.as_str()
-            ),
-        ));
-    }
     Ok(Rule {
         id,
         event_types,
@@ -253,6 +234,34 @@ fn rule_from_raw(raw: RawNotification, bucket: &str) -> Result<Rule, RuleError> 
         cloudfunc,
         notify_url,
     })
+}
+
+/// Refuses an `image` rule on an event that leaves no object to read
+/// (`delete_object`, `abort_multipart`): it would fail at every event.
+/// Checked when rules are set or read from `functions/`, not when rules
+/// saved by an earlier version are loaded (see [`super::RuleBook`]).
+pub fn check_image_events(rules: &[Rule]) -> Result<(), RuleError> {
+    for (i, rule) in rules.iter().enumerate() {
+        if !matches!(rule.cloudfunc, CloudFunc::Image(_)) {
+            continue;
+        }
+        if let Some(t) = rule
+            .event_types
+            .iter()
+            .find(|t| matches!(t, EventType::DeleteObject | EventType::AbortMultipart))
+        {
+            return Err(RuleError::new(
+                format!("notifications[{i}].event_types"),
+                format!(
+                    "`{}` leaves no object for cloudfunc image to read; image rules take \
+                     create_object and complete_multipart (cloudfunc notifier reports the \
+                     others)",
+                    t.as_str()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn event_types(names: &[String]) -> Result<Vec<EventType>, RuleError> {
@@ -488,28 +497,29 @@ mod tests {
 
     #[test]
     fn an_image_rule_takes_only_events_that_leave_an_object() {
-        for (types, field) in [
-            (json!(["create_object", "delete_object"]), "event_types[1]"),
-            (json!(["abort_multipart"]), "event_types[0]"),
-            (
-                json!(["create_object", "create_object", "delete_object"]),
-                "event_types[2]",
-            ),
+        for (types, name) in [
+            (json!(["create_object", "delete_object"]), "delete_object"),
+            (json!(["abort_multipart"]), "abort_multipart"),
         ] {
-            let err = parse(&json!({"notifications": [{
-                "id": "t", "event_types": types, "cloudfunc": "image",
-                "cloudfunc_args": {"action": "resize:w_10"}}]}))
-            .unwrap_err();
-            assert_eq!(err.field, format!("notifications[0].{field}"));
+            let rules = parse(&json!({"notifications": [
+                {"id": "n", "event_types": ["delete_object"], "cloudfunc": "notifier",
+                 "notify_url": "https://example.com/hook"},
+                {"id": "t", "event_types": types, "cloudfunc": "image",
+                 "cloudfunc_args": {"action": "resize:w_10"}}]}))
+            .unwrap();
+            let err = check_image_events(&rules).unwrap_err();
+            assert_eq!(err.field, "notifications[1].event_types");
             assert!(
-                err.to_string().contains("no object for cloudfunc image"),
+                err.to_string()
+                    .contains(&format!("`{name}` leaves no object for cloudfunc image")),
                 "{err}"
             );
         }
         let ok = parse(&json!({"notifications": [{
             "id": "t", "event_types": ["create_object", "complete_multipart"],
-            "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_10"}}]}));
-        assert!(ok.is_ok());
+            "cloudfunc": "image", "cloudfunc_args": {"action": "resize:w_10"}}]}))
+        .unwrap();
+        assert!(check_image_events(&ok).is_ok());
     }
 
     #[test]
