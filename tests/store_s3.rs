@@ -65,6 +65,18 @@ fn read_all() -> imgfunc::store::ReadBody {
     Box::new(|_, body| Ok(Some(Kept::Bytes(read_blocking(body, usize::MAX)?.into()))))
 }
 
+/// The error of an `open_with` of `bkt/photo.jpg` that reads it whole,
+/// which must be the server's (`backend`).
+async fn backend_failure_of_a_read(store: &S3Store) -> imgfunc::store::StoreError {
+    let err = store
+        .open_with("bkt", "photo.jpg", read_all())
+        .await
+        .err()
+        .expect("the read fails");
+    assert_eq!(err.code(), "backend", "{err:?}");
+    err
+}
+
 /// The bytes an `open_with` reader of these tests kept.
 fn kept_bytes(kept: Option<Kept>) -> Bytes {
     match kept {
@@ -585,13 +597,7 @@ async fn a_body_that_breaks_off_is_the_servers_failure_not_a_local_file() {
     // Answers every request with the start of a 1000-byte body, then hangs up.
     let (endpoint, server) = start_of_a_body(false).await;
     let store = S3Store::new(s3_client(&endpoint, "a", "b"), endpoint.clone());
-    let err = store
-        .open_with("bkt", "photo.jpg", read_all())
-        .await
-        .err()
-        .expect("the read fails");
-    assert_eq!(err.code(), "backend", "{err:?}");
-    let message = err.to_string();
+    let message = backend_failure_of_a_read(&store).await.to_string();
     assert!(
         message.starts_with("s3 get_object bkt/photo.jpg:"),
         "{message}"
@@ -615,12 +621,7 @@ async fn a_body_that_stops_coming_is_a_backend_error_in_bounded_time() {
         err.to_string().contains("no byte of the body came"),
         "{err}"
     );
-    let err = store
-        .open_with("bkt", "photo.jpg", read_all())
-        .await
-        .err()
-        .expect("the read fails");
-    assert_eq!(err.code(), "backend", "{err:?}");
+    let err = backend_failure_of_a_read(&store).await;
     assert!(
         err.to_string().contains("no byte of the body came"),
         "{err}"
