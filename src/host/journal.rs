@@ -404,11 +404,6 @@ impl Journal {
         }
     }
 
-    /// Whether the job `id` is recorded and not done.
-    pub fn is_pending(&self, id: &str) -> bool {
-        self.lock().pending.contains_key(id)
-    }
-
     /// Jobs recorded and not done.
     pub fn pending(&self) -> usize {
         self.lock().pending.len()
