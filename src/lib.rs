@@ -19,8 +19,12 @@ pub mod store;
 /// that a value of megabytes (a rule body may be 2 MiB) does not travel in
 /// every error message and result.
 pub(crate) fn shown(text: &str) -> String {
-    const SHOWN: usize = 64;
-    match text.char_indices().nth(SHOWN) {
+    shown_up_to(text, 64)
+}
+
+/// `text`'s first `chars` characters, saying how long it was when cut.
+pub(crate) fn shown_up_to(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
         Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
         None => text.to_string(),
     }

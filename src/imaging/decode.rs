@@ -176,10 +176,7 @@ fn decoder_message(message: &str) -> String {
     } else {
         message.to_string()
     };
-    match message.char_indices().nth(MESSAGE_CHARS) {
-        Some((end, _)) => format!("{}… ({} bytes)", &message[..end], message.len()),
-        None => message,
-    }
+    crate::shown_up_to(&message, MESSAGE_CHARS)
 }
 
 fn check_pixels(
