@@ -7,33 +7,45 @@
 mod common;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Served;
+use common::host::{Behaviour, Receiver};
 
 const UPLOADS: usize = 12;
 
 /// `imgfunc serve` on `dir` with one image thread and a rule that makes a
 /// large WebP of every upload to `photos`, slow enough to leave a backlog.
 fn start(dir: &Path) -> Served {
+    start_with(
+        dir,
+        serde_json::json!({
+            "id": "big",
+            "event_types": ["create_object"],
+            "cloudfunc": "image",
+            "cloudfunc_args": {"action": "resize:w_2400|format:t_webp,q_90",
+                               "save_bucket": "out"}
+        }),
+        &[],
+    )
+}
+
+/// `imgfunc serve` on `dir` with one image thread, `extra` arguments and
+/// `rule` (written to its functions folder, replacing any before) on
+/// bucket `photos`.
+fn start_with(dir: &Path, rule: serde_json::Value, extra: &[&str]) -> Served {
     let functions = dir.join("functions");
     std::fs::create_dir_all(&functions).unwrap();
     std::fs::write(
-        functions.join("big.json"),
-        serde_json::json!({
-            "bucket": "photos",
-            "notifications": [{
-                "id": "big",
-                "event_types": ["create_object"],
-                "cloudfunc": "image",
-                "cloudfunc_args": {"action": "resize:w_2400|format:t_webp,q_90",
-                                   "save_bucket": "out"}
-            }]
-        })
-        .to_string(),
+        functions.join("rule.json"),
+        serde_json::json!({"bucket": "photos", "notifications": [rule]}).to_string(),
     )
     .unwrap();
-    let mut command = common::serve_command(&dir.join("data"), &functions, &["--workers", "1"]);
+    let mut args = vec!["--workers", "1"];
+    args.extend_from_slice(extra);
+    let mut command = common::serve_command(&dir.join("data"), &functions, &args);
     Served::spawn(&mut command).expect("start imgfunc serve")
 }
 
@@ -178,4 +190,120 @@ async fn a_job_that_stops_the_server_at_every_start_is_set_aside() {
         "{dropped}"
     );
     drop(server);
+}
+
+/// A loopback TCP server that accepts connections and never answers; the
+/// count of connections it took.
+async fn silent_server() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let count = taken.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (addr.to_string(), taken)
+}
+
+/// Waits until `taken` reaches `n`, then kills `server`.
+async fn kill_once_connected(mut server: Served, taken: &AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while taken.load(Ordering::SeqCst) < n {
+        assert!(Instant::now() < deadline, "no connection came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_result_under_delivery_when_the_server_is_killed_is_delivered_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let rule = |notify: &str| {
+        serde_json::json!({
+            "id": "small",
+            "event_types": ["create_object"],
+            "cloudfunc": "image",
+            "cloudfunc_args": {"action": "resize:w_100", "save_bucket": "out"},
+            "notify_url": notify,
+        })
+    };
+    // The receiver takes the result's POST and never answers: the job is
+    // done but for its delivery when the server is killed.
+    let (silent, taken) = silent_server().await;
+    let server = start_with(dir.path(), rule(&format!("http://{silent}/hook")), &[]);
+    upload(&client, &server, "a.jpg", &photo()).await;
+    kill_once_connected(server, &taken, 1).await;
+    assert_eq!(outputs(dir.path()), ["a.jpg"]);
+
+    // Started again, with a receiver that answers: the job runs again and
+    // its result arrives.
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let _server = start_with(dir.path(), rule(&receiver.url), &[]);
+    let bodies = receiver.wait_for(1).await;
+    assert_eq!(bodies[0]["status"], "ok", "{}", bodies[0]);
+    assert_eq!(bodies[0]["event"]["key"], "up/a.jpg", "{}", bodies[0]);
+    assert_eq!(
+        bodies[0]["outputs"][0]["key"], "gen_up/a.jpg",
+        "{}",
+        bodies[0]
+    );
+}
+
+#[tokio::test]
+async fn a_job_killed_at_every_start_before_its_image_work_is_not_set_aside() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    // The rule's watermark host takes the fetch and never answers, so each
+    // run of the job waits before its image work, and is killed there.
+    let (silent, taken) = silent_server().await;
+    let mark = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("http://{silent}/logo.png"));
+    let rule = |action: &str| {
+        serde_json::json!({
+            "id": "marked",
+            "event_types": ["create_object"],
+            "cloudfunc": "image",
+            "cloudfunc_args": {"action": action, "save_bucket": "out"},
+        })
+    };
+    let hanging = rule(&format!("watermark_image:u_{mark}|resize:w_100"));
+    let extra = [
+        "--watermark-hosts",
+        "127.0.0.1",
+        "--watermark-allow-private",
+    ];
+    let server = start_with(dir.path(), hanging.clone(), &extra);
+    upload(&client, &server, "a.jpg", &photo()).await;
+    kill_once_connected(server, &taken, 1).await;
+    for n in 2..=4 {
+        let server = start_with(dir.path(), hanging.clone(), &extra);
+        kill_once_connected(server, &taken, n).await;
+    }
+    assert!(
+        !journal(dir.path()).contains("\"op\":\"start\""),
+        "{}",
+        journal(dir.path())
+    );
+
+    // With the watermark gone from the rule, the job runs and makes its
+    // output: it was never set aside.
+    let _server = start_with(dir.path(), rule("resize:w_100"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while outputs(dir.path()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no output: {}",
+            journal(dir.path())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(outputs(dir.path()), ["a.jpg"]);
+    assert!(!dir.path().join("data/.imgfunc/dropped.jsonl").exists());
 }

@@ -426,6 +426,30 @@ async fn s3_wrong_credentials_are_a_backend_error() {
     // would print (headers, request ids, the XML body).
     assert!(message.len() < 300, "{message}");
     assert!(!message.contains("x-amz-request-id"), "{message}");
+
+    // A HEAD's answer has no body, so no code: its status says what failed.
+    let message = store.head("bkt", "k").await.unwrap_err().to_string();
+    assert_eq!(message, "s3 head_object bkt/k: HTTP 403 Forbidden");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_named_in_a_short_message() {
+    // Nothing listens on port 9.
+    let store = S3Store::new(
+        s3_client("http://127.0.0.1:9", "a", "b"),
+        "http://127.0.0.1:9".into(),
+    );
+    for err in [
+        store.get("bkt", "k").await.unwrap_err(),
+        store.head("bkt", "k").await.unwrap_err(),
+    ] {
+        assert_eq!(err.code(), "backend", "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains("Connection refused"), "{message}");
+        // The causes' own words, not the SDK's debug dump of its connector.
+        assert!(message.len() < 300, "{message}");
+        assert!(!message.contains("Some("), "{message}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,6 +466,9 @@ async fn a_server_that_never_answers_is_a_backend_error_in_bounded_time() {
     );
     assert!(timeouts.operation_attempt_timeout().is_some());
     assert!(timeouts.operation_timeout().is_some());
+    // A body that stops coming gets the same time as a response's headers.
+    let stalled = store.client().config().stalled_stream_protection().unwrap();
+    assert_eq!(stalled.grace_period(), imgfunc::store::S3_READ_TIMEOUT);
 
     // A server that takes the request and never answers, with the read
     // timeout set short: the GET fails as `backend`, naming the timeout.

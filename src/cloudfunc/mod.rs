@@ -220,13 +220,16 @@ impl InvokeError {
 }
 
 /// Runs `rule`'s cloudfunc for `event`, holding `slot` until its image
-/// work is done.
+/// work is done. `before_image_work` is called once the source has been
+/// read, just before its image work is handed to an image thread (not at
+/// all when the invocation ends sooner).
 pub async fn invoke(
     rt: &Runtime,
     invocation_id: &str,
     rule: &Rule,
     event: &Event,
     slot: ImageSlot,
+    before_image_work: impl FnOnce(),
 ) -> InvocationResult {
     let started = Instant::now();
     let mut result = InvocationResult {
@@ -252,7 +255,8 @@ pub async fn invoke(
         // Outputs written before a later write failed stay in the result:
         // they are in the store, and their events fire.
         CloudFunc::Image(args) => {
-            match run_image(rt, rule, args, event, slot, &mut result.outputs).await {
+            let outputs = &mut result.outputs;
+            match run_image(rt, rule, args, event, slot, outputs, before_image_work).await {
                 Ok(ImageOutcome::Done { info }) => result.info = info,
                 Ok(ImageOutcome::Skipped(reason)) => {
                     result.status = Status::Skipped;
@@ -287,6 +291,7 @@ async fn run_image(
     event: &Event,
     slot: ImageSlot,
     outputs: &mut Vec<WrittenObject>,
+    before_image_work: impl FnOnce(),
 ) -> Result<ImageOutcome, InvokeError> {
     use crate::rules::EventType;
     if matches!(
@@ -336,6 +341,7 @@ async fn run_image(
         return Err(ImagingError::input_too_large(meta.size, &limits).into());
     };
     let (size, name) = (meta.size, format!("{}/{}", event.bucket, event.key));
+    before_image_work();
     let output = rt
         .run_cpu(slot, move || -> Result<_, InvokeError> {
             let input = read_kept(input, size, &action, &limits, &name)?;

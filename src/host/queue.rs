@@ -208,18 +208,28 @@ pub enum Refused {
 pub struct Workers {
     tasks: JoinSet<()>,
     deliveries: Arc<Mutex<JoinSet<()>>>,
+    /// The jobs whose results are being delivered, by id: each is marked
+    /// done in the journal once its delivery ends (delivered, or kept in
+    /// the dead-letter file).
+    delivering: Delivering,
     state: Arc<AppState>,
 }
+
+/// Jobs whose notifications are under way, by id, each with whether it
+/// was resumed at start (its done mark is then written at once).
+type Delivering = Arc<Mutex<std::collections::HashMap<String, bool>>>;
 
 impl Workers {
     pub fn start(state: Arc<AppState>, receiver: mpsc::Receiver<Job>) -> Workers {
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         let deliveries = Arc::new(Mutex::new(JoinSet::new()));
+        let delivering = Delivering::default();
         let mut tasks = JoinSet::new();
         for _ in 0..state.config.workers.max(1) * IN_FLIGHT_PER_WORKER {
             let receiver = receiver.clone();
             let state = state.clone();
             let deliveries = deliveries.clone();
+            let delivering = delivering.clone();
             tasks.spawn(async move {
                 loop {
                     // One worker at a time waits for a slot, then for a
@@ -273,33 +283,34 @@ impl Workers {
                         }
                     };
                     let resumed = job.starts.is_some();
-                    if let Some(starts) = job.starts {
-                        state.queue.journal.started(&job.id, starts);
-                    }
                     // A panic (a store's client, say) ends this job, not the
                     // worker, and the job still counts as finished: otherwise
                     // every later shutdown would wait out its drain timeout.
                     let (id, rule) = (job.id.clone(), job.rule.id.clone());
-                    let run = AssertUnwindSafe(run_job(&state, &deliveries, job, slot));
-                    if let Err(panic) = run.catch_unwind().await {
-                        let message = panic
-                            .downcast_ref::<&str>()
-                            .copied()
-                            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                            .unwrap_or("no message");
-                        tracing::error!(
-                            invocation = %id,
-                            rule = %rule,
-                            panic = message,
-                            "the invocation stopped unexpectedly (a panic); its result is lost"
-                        );
-                    }
-                    // A resumed job's mark is written at once: one lost
-                    // to a kill would count its start against it.
-                    if resumed {
-                        state.queue.journal.done_now(&id);
-                    } else {
-                        state.queue.journal.done(&id);
+                    let run =
+                        AssertUnwindSafe(run_job(&state, &deliveries, &delivering, job, slot));
+                    let handed = match run.catch_unwind().await {
+                        Ok(handed) => handed,
+                        Err(panic) => {
+                            let message = panic
+                                .downcast_ref::<&str>()
+                                .copied()
+                                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                                .unwrap_or("no message");
+                            tracing::error!(
+                                invocation = %id,
+                                rule = %rule,
+                                panic = message,
+                                "the invocation stopped unexpectedly (a panic); its result is lost"
+                            );
+                            false
+                        }
+                    };
+                    // A job whose result is being delivered is marked done
+                    // when its delivery ends: one killed meanwhile runs
+                    // again at the next start, so its result is not lost.
+                    if !handed {
+                        mark_done(&state.queue.journal, &id, resumed);
                     }
                     state.queue.unfinished.fetch_sub(1, Ordering::SeqCst);
                 }
@@ -308,6 +319,7 @@ impl Workers {
         Workers {
             tasks,
             deliveries,
+            delivering,
             state,
         }
     }
@@ -340,6 +352,12 @@ impl Workers {
             delivering.shutdown().await;
             take(&self.deliveries).shutdown().await;
             let kept = self.state.notifier.abandon_pending().await;
+            // Their results are in the dead-letter file now: the jobs are
+            // done.
+            let stopped = std::mem::take(&mut *lock(&self.delivering));
+            for (id, resumed) in stopped {
+                mark_done(&self.state.queue.journal, &id, resumed);
+            }
             tracing::warn!(
                 ?timeout,
                 notifications_kept = kept,
@@ -349,6 +367,16 @@ impl Workers {
             );
         }
         self.state.queue.journal.flush();
+    }
+}
+
+/// Marks job `id` done in `journal`. A resumed job's mark is written at
+/// once: one lost to a kill would count its start against it.
+fn mark_done(journal: &Journal, id: &str, resumed: bool) {
+    if resumed {
+        journal.done_now(id);
+    } else {
+        journal.done(id);
     }
 }
 
@@ -366,12 +394,15 @@ fn take(deliveries: &Mutex<JoinSet<()>>) -> JoinSet<()> {
         .unwrap_or_default()
 }
 
+/// Runs `job`; `true` when its result was handed to a delivery, which
+/// marks the job done in the journal when it ends.
 async fn run_job(
     state: &Arc<AppState>,
     deliveries: &Arc<Mutex<JoinSet<()>>>,
+    delivering: &Delivering,
     job: Job,
     slot: cloudfunc::ImageSlot,
-) {
+) -> bool {
     let span = tracing::info_span!(
         "invocation",
         id = %job.id,
@@ -381,8 +412,26 @@ async fn run_job(
     );
     async {
         let waited = job.enqueued.elapsed();
-        let mut result =
-            cloudfunc::invoke(&state.runtime, &job.id, &job.rule, &job.event, slot).await;
+        // A job queued again at start has its start written down as its
+        // image work begins, not before: a start that stopped the process
+        // is one that ran the image work (a store that hangs at every start
+        // does not set a job aside).
+        let journal = state.queue.journal.clone();
+        let (id, starts) = (job.id.clone(), job.starts);
+        let before_image_work = move || {
+            if let Some(starts) = starts {
+                journal.started(&id, starts);
+            }
+        };
+        let mut result = cloudfunc::invoke(
+            &state.runtime,
+            &job.id,
+            &job.rule,
+            &job.event,
+            slot,
+            before_image_work,
+        )
+        .await;
         result.queue_ms = (waited.as_secs_f64() * 1e5).round() / 100.0;
         match result.status {
             Status::Ok => tracing::info!(
@@ -411,15 +460,18 @@ async fn run_job(
                 Ok(payload) => payload,
                 Err(e) => {
                     tracing::error!("cannot serialise result: {e}");
-                    return;
+                    return false;
                 }
             };
             // Waits while the deliveries under way are at their bound; a
             // shutdown that stops this worker meanwhile keeps the payload.
             let registered = state.notifier.register(&url, &payload).await;
             let state = state.clone();
+            let resumed = job.starts.is_some();
+            let (id, delivering) = (job.id.clone(), delivering.clone());
             if let Ok(mut set) = deliveries.lock() {
                 while set.try_join_next().is_some() {}
+                lock(&delivering).insert(id.clone(), resumed);
                 set.spawn(
                     async move {
                         let delivered = state
@@ -429,14 +481,23 @@ async fn run_job(
                         if let Err(e) = delivered.await {
                             tracing::debug!("notify failed: {e}");
                         }
+                        if lock(&delivering).remove(&id).is_some() {
+                            mark_done(&state.queue.journal, &id, resumed);
+                        }
                     }
                     .in_current_span(),
                 );
+                return true;
             }
         }
+        false
     }
     .instrument(span)
     .await
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Objects written to the embedded store fire `create_object` like uploads

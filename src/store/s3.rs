@@ -15,7 +15,7 @@ use super::{
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::Region;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -125,6 +125,16 @@ impl S3Store {
         let mut builder = aws_sdk_s3::config::Builder::from(sdk_config)
             .force_path_style(force_path_style)
             .timeout_config(timeouts);
+        // The SDK's own check of a body that stops coming fails it after a
+        // few seconds without a byte; a body gets our read timeout instead,
+        // as every chunk does (unless the configuration sets its own).
+        if sdk_config.stalled_stream_protection().is_none() {
+            builder = builder.stalled_stream_protection(
+                aws_sdk_s3::config::StalledStreamProtectionConfig::enabled()
+                    .grace_period(S3_READ_TIMEOUT)
+                    .build(),
+            );
+        }
         if sdk_config.region().is_none() {
             builder = builder.region(Region::new(DEFAULT_REGION));
         }
@@ -269,7 +279,15 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     let Some(code) = err.code() else {
-        return DisplayErrorContext(err).to_string();
+        // A HEAD answer has no body, so its errors carry only a status.
+        if let (SdkError::ServiceError(_), Some(status)) = (err, status) {
+            let reason = hyper::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("");
+            return format!("HTTP {status} {reason}").trim_end().to_owned();
+        }
+        return causes(err);
     };
     let mut message = code.to_owned();
     if let Some(text) = err.message() {
@@ -280,6 +298,24 @@ where
         message.push_str(&format!(" (HTTP {status})"));
     }
     message
+}
+
+/// `err` and its sources, each shown once: what the SDK's
+/// `DisplayErrorContext` says without its debug dump of the whole error
+/// (connectors, URIs, the raw response), which made a refused connection
+/// a 2 KB message.
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let shown = cause.to_string();
+        if !shown.is_empty() && !text.contains(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn to_system_time(t: Option<&DateTime>) -> Option<SystemTime> {
@@ -339,12 +375,8 @@ impl ObjectStore for S3Store {
                 .await
                 .map_err(|_| failed(body_stalled(self.body_timeout)))?
             {
-                let chunk = chunk.map_err(|e| {
-                    failed(format!(
-                        "reading the body failed: {}",
-                        DisplayErrorContext(&e)
-                    ))
-                })?;
+                let chunk = chunk
+                    .map_err(|e| failed(format!("reading the body failed: {}", causes(&e))))?;
                 bytes.extend_from_slice(&chunk);
             }
             let bytes = Bytes::from(bytes);
@@ -532,7 +564,7 @@ impl std::io::Read for StreamReader {
                 Some(Err(e)) => {
                     return Err(std::io::Error::other(super::BackendRead(format!(
                         "the body broke off: {}",
-                        DisplayErrorContext(&e)
+                        causes(&e)
                     ))));
                 }
                 None => return Ok(0),
