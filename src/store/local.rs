@@ -652,8 +652,27 @@ fn write_object(
     // the other one meets the clash).
     // Folders made by any attempt are flushed with the write that succeeds.
     let mut made = Vec::new();
+    // Metadata the file cannot carry goes to the sidecar before the file
+    // gets its name: a sidecar write that fails (a full disk) then fails
+    // the put with the old object still in place, not the new bytes under
+    // the old object's metadata or none.
+    let sidecar = || -> Result<(), StoreError> {
+        clear_stale_sidecars(target)?;
+        let json = serde_json::to_vec(&stored).map_err(|e| {
+            StoreError::io("encode metadata of", &target.object, io::Error::other(e))
+        })?;
+        // Its folders are flushed by its own write.
+        write_atomic(&target.sidecar, &json, None, None, flush, &mut Vec::new()).map(drop)
+    };
     let write = |made: &mut Vec<PathBuf>| {
-        write_atomic(&target.object, bytes, attribute.as_deref(), flush, made)
+        write_atomic(
+            &target.object,
+            bytes,
+            attribute.as_deref(),
+            Some(&sidecar),
+            flush,
+            made,
+        )
     };
     let written = match write(&mut made) {
         Ok(written) => written,
@@ -670,10 +689,6 @@ fn write_object(
         // confuse a later reader of the folder.
         return remove_file_if_present(&target.sidecar, "remove the old sidecar").map(drop);
     }
-    clear_stale_sidecars(target)?;
-    let json = serde_json::to_vec(&stored)
-        .map_err(|e| StoreError::io("encode metadata of", &target.object, io::Error::other(e)))?;
-    write_atomic(&target.sidecar, &json, None, flush, &mut made)?;
     Ok(())
 }
 
@@ -845,10 +860,19 @@ fn write_atomic(
     path: &Path,
     bytes: &[u8],
     attribute: Option<&[u8]>,
+    sidecar: Option<&dyn Fn() -> Result<(), StoreError>>,
     flush: &GroupFlush,
     made: &mut Vec<PathBuf>,
 ) -> Result<bool, StoreError> {
-    write_staged(path, bytes, attribute, unnamed_files(), flush, made)
+    write_staged(
+        path,
+        bytes,
+        attribute,
+        sidecar,
+        unnamed_files(),
+        flush,
+        made,
+    )
 }
 
 /// [`write_atomic`] with unnamed files (`unnamed`) or named ones.
@@ -856,6 +880,7 @@ fn write_staged(
     path: &Path,
     bytes: &[u8],
     attribute: Option<&[u8]>,
+    sidecar: Option<&dyn Fn() -> Result<(), StoreError>>,
     unnamed: bool,
     flush: &GroupFlush,
     made: &mut Vec<PathBuf>,
@@ -865,6 +890,7 @@ fn write_staged(
         .parent()
         .ok_or_else(|| StoreError::io("write", path, ErrorKind::InvalidInput.into()))?;
     let mut staged = stage(dir, unnamed, made)?;
+    let mut sidecar_failed = None;
     let mut write = || -> io::Result<bool> {
         staged.file.write_all(bytes)?;
         let stored = match attribute {
@@ -875,6 +901,12 @@ fn write_staged(
             },
             None => false,
         };
+        if !stored && let Some(write_sidecar) = sidecar {
+            if let Err(e) = write_sidecar() {
+                sidecar_failed = Some(e);
+                return Err(io::Error::other("the metadata's sidecar was not written"));
+            }
+        }
         // Named once on disk, and the name goes to disk too before the
         // write is reported, so an object a client was told about survives
         // a crash.
@@ -902,7 +934,7 @@ fn write_staged(
         Err(e) if staged.link_failed.get() && staged.name.is_none() && link_refused(&e) => {
             UNNAMED_FILES.store(false, Ordering::Relaxed);
             drop(staged);
-            write_staged(path, bytes, attribute, false, flush, made)
+            write_staged(path, bytes, attribute, sidecar, false, flush, made)
         }
         Err(e) => {
             // Best effort: the write already failed, and the name is hidden
@@ -911,7 +943,7 @@ fn write_staged(
             if let Some(tmp) = &staged.name {
                 let _ = std::fs::remove_file(tmp);
             }
-            Err(StoreError::io("write", path, e))
+            Err(sidecar_failed.unwrap_or_else(|| StoreError::io("write", path, e)))
         }
     }
 }
@@ -2016,7 +2048,7 @@ mod tests {
             let flush = GroupFlush::file_by_file();
             let top = format!("n{unnamed}");
             let path = bucket.join(&top).join("p/k");
-            write_staged(&path, b"v", None, unnamed, &flush, &mut Vec::new()).unwrap();
+            write_staged(&path, b"v", None, None, unnamed, &flush, &mut Vec::new()).unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), b"v");
             // The file, its folder p, then b and b/n.., which got the new
             // folders n.. and p.
@@ -2024,6 +2056,7 @@ mod tests {
             write_staged(
                 &bucket.join(&top).join("p/k2"),
                 b"w",
+                None,
                 None,
                 unnamed,
                 &flush,
@@ -2220,6 +2253,7 @@ mod tests {
                 &path,
                 b"first",
                 Some(b"{\"a\":1}"),
+                None,
                 unnamed,
                 &flush,
                 &mut Vec::new(),
@@ -2237,6 +2271,7 @@ mod tests {
                 &path,
                 b"second",
                 Some(b"{\"a\":2}"),
+                None,
                 unnamed,
                 &flush,
                 &mut Vec::new(),
@@ -2474,6 +2509,36 @@ mod tests {
         let err = store.get("b", "k").await.unwrap_err();
         assert_eq!(err.code(), "io");
         assert!(err.to_string().contains(".imgfunc-meta"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_put_whose_sidecar_cannot_be_written_leaves_the_old_object() {
+        let (_dir, store) = sidecar_store();
+        for key in ["k", "new/k"] {
+            store
+                .put("b", key, Bytes::from_static(b"old"), opts("a/old", &[]))
+                .await
+                .unwrap();
+        }
+        // A file where the sidecars' folder goes: no sidecar can be
+        // written (as on a full disk, where the object's own bytes still
+        // fit).
+        let sidecars = store.root().join(".imgfunc-meta");
+        std::fs::remove_dir_all(&sidecars).unwrap();
+        std::fs::write(&sidecars, b"").unwrap();
+        for key in ["k", "new/k", "other"] {
+            let err = store
+                .put("b", key, Bytes::from_static(b"new"), opts("a/new", &[]))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), "io", "{err}");
+            assert!(err.to_string().contains(".imgfunc-meta"), "{err}");
+        }
+        // The objects are as they were, and none was added.
+        assert_eq!(std::fs::read(store.root().join("b/k")).unwrap(), b"old");
+        assert_eq!(std::fs::read(store.root().join("b/new/k")).unwrap(), b"old");
+        assert!(!store.root().join("b/other").exists());
+        assert_eq!(files_under(&store.root().join("b")), ["k", "new/k"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
