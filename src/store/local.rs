@@ -901,11 +901,12 @@ fn write_staged(
             },
             None => false,
         };
-        if !stored && let Some(write_sidecar) = sidecar {
-            if let Err(e) = write_sidecar() {
-                sidecar_failed = Some(e);
-                return Err(io::Error::other("the metadata's sidecar was not written"));
-            }
+        if !stored
+            && let Some(write_sidecar) = sidecar
+            && let Err(e) = write_sidecar()
+        {
+            sidecar_failed = Some(e);
+            return Err(io::Error::other("the metadata's sidecar was not written"));
         }
         // Named once on disk, and the name goes to disk too before the
         // write is reported, so an object a client was told about survives
