@@ -307,3 +307,90 @@ async fn a_job_killed_at_every_start_before_its_image_work_is_not_set_aside() {
     assert_eq!(outputs(dir.path()), ["a.jpg"]);
     assert!(!dir.path().join("data/.imgfunc/dropped.jsonl").exists());
 }
+
+#[tokio::test]
+async fn events_the_journal_cannot_record_are_refused_and_the_server_serves_on() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let functions = dir.path().join("functions");
+    std::fs::create_dir_all(&functions).unwrap();
+    std::fs::write(
+        functions.join("rule.json"),
+        serde_json::json!({"bucket": "photos", "notifications": [{
+            "id": "small", "event_types": ["create_object"], "cloudfunc": "image",
+            "cloudfunc_args": {"action": "resize:w_100", "save_bucket": "out"}}]})
+        .to_string(),
+    )
+    .unwrap();
+    let mut command = common::serve_command(&dir.path().join("data"), &functions, &[]);
+    // Files may grow to 32 KiB, as if the disk filled up there: a write
+    // past it fails with EFBIG (the signal it would also raise ignored).
+    // SAFETY: only async-signal-safe calls, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 32 << 10,
+                rlim_max: 32 << 10,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let server = Served::spawn(&mut command).expect("start imgfunc serve");
+    let client = reqwest::Client::new();
+    // Events for objects that do not exist: each job fails at once, and
+    // the journal grows by its lines until it reaches the limit.
+    let mut sent = 0;
+    let refused = loop {
+        let records: Vec<serde_json::Value> = (0..20)
+            .map(|n| {
+                serde_json::json!({"event_type": "create_object", "bucket_name": "photos",
+                                   "object_key": format!("missing/{sent}-{n}.jpg")})
+            })
+            .collect();
+        let mut accepted = 0;
+        let mut refusal = None;
+        for record in records {
+            let response = client
+                .post(format!("{}/v1/events", server.base))
+                .json(&record)
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 202 {
+                accepted += 1;
+            } else {
+                refusal = Some(response);
+                break;
+            }
+        }
+        sent += accepted;
+        if let Some(response) = refusal {
+            break response;
+        }
+        assert!(sent < 2000, "the journal never filled up");
+    };
+    assert_eq!(refused.status(), 503);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "journal_unavailable", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("pending.jsonl"), "{message}");
+    assert!(message.contains("File too large"), "{message}");
+    // Nothing the server refused is in the journal; what it took is.
+    let journal = journal(dir.path());
+    assert_eq!(
+        journal.matches("\"op\":\"add\"").count(),
+        sent,
+        "{sent} taken"
+    );
+    // And it still answers.
+    let health = client
+        .get(format!("{}/healthz", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}

@@ -59,6 +59,18 @@ impl ApiError {
                      ({bound}, --queue); send fewer events at a time, or raise --queue"
                 ),
             ),
+            Refused::Journal { message } => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "journal_unavailable",
+                    format!(
+                        "the journal of pending invocations (.imgfunc/pending.jsonl) cannot \
+                         record the events' invocations: {message}; nothing was taken, retry \
+                         later"
+                    ),
+                )
+            },
         }
     }
 }

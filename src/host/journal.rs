@@ -250,11 +250,18 @@ impl Journal {
         Ok((file, text.len() as u64))
     }
 
-    /// Records jobs just queued: `(id, rule id, event)`.
-    pub fn added<'a>(&self, jobs: impl Iterator<Item = (&'a str, &'a str, &'a Event)>) {
+    /// Records jobs just queued: `(id, rule id, event)`. Where the write
+    /// fails (a full disk), none of them is recorded, and the error says
+    /// why: the caller must not take them as queued.
+    pub fn added<'a>(
+        &self,
+        jobs: impl Iterator<Item = (&'a str, &'a str, &'a Event)>,
+    ) -> std::io::Result<()> {
         let mut inner = self.lock();
         // The done marks gathered so far go in the same write.
-        let mut text = std::mem::take(&mut inner.done);
+        let marks = std::mem::take(&mut inner.done);
+        let mut text = marks.clone();
+        let mut lines = Vec::new();
         for (id, rule, event) in jobs {
             let Some(line) = add_line(id, rule, event, 0) else {
                 continue;
@@ -263,9 +270,18 @@ impl Journal {
             text.push('\n');
             let place = inner.next;
             inner.next += 1;
-            inner.pending.insert(id.to_owned(), (place, line));
+            lines.push((id.to_owned(), (place, line)));
         }
-        self.append(&mut inner, &text);
+        match self.append(&mut inner, &text) {
+            Ok(()) => {
+                inner.pending.extend(lines);
+                Ok(())
+            }
+            Err(e) => {
+                inner.done = marks;
+                Err(e)
+            }
+        }
     }
 
     /// Records that the job `id`, queued again at start, starts now, with
@@ -317,7 +333,8 @@ impl Journal {
             "{{\"op\":\"{op}\",\"id\":{}}}\n",
             serde_json::Value::from(id)
         ));
-        self.append(inner, &text);
+        // A failure is logged; the job then runs again after a restart.
+        let _ = self.append(inner, &text);
     }
 
     /// Records at once that the job `id` has run (for a job whose starts
@@ -375,7 +392,7 @@ impl Journal {
             return;
         }
         let marks = std::mem::take(&mut inner.done);
-        self.append(&mut inner, &marks);
+        let _ = self.append(&mut inner, &marks);
     }
 
     /// Rewrites the file with only the pending jobs once it has grown past
@@ -413,19 +430,21 @@ impl Journal {
     pub fn flush(&self) {
         let mut inner = self.lock();
         let marks = std::mem::take(&mut inner.done);
-        self.append(&mut inner, &marks);
+        let _ = self.append(&mut inner, &marks);
     }
 
-    fn append(&self, inner: &mut Inner, text: &str) {
+    /// Appends `text`; a failure is logged and returned.
+    fn append(&self, inner: &mut Inner, text: &str) -> std::io::Result<()> {
         if text.is_empty() {
-            return;
+            return Ok(());
         }
         let Some(file) = inner.file.as_mut() else {
-            return;
+            return Ok(());
         };
         let fresh = if inner.broken { "\n" } else { "" };
         let bytes = [fresh.as_bytes(), text.as_bytes()].concat();
-        match file.write_all(&bytes) {
+        let written = file.write_all(&bytes);
+        match &written {
             Ok(()) => {
                 inner.written += bytes.len() as u64;
                 inner.broken = false;
@@ -437,12 +456,12 @@ impl Journal {
                 inner.broken = file.set_len(inner.written).is_err();
                 tracing::error!(
                     journal = %self.path.display(),
-                    "cannot write the journal of pending invocations; they still run, \
-                     but a restart before they finish would not run them again: {e}"
+                    "cannot write the journal of pending invocations: {e}"
                 );
             }
         }
         self.compact(inner);
+        written
     }
 }
 
@@ -477,7 +496,9 @@ mod tests {
         let path = dir.path().join("pending.jsonl");
         let (journal, _) = Journal::open(&path).unwrap();
         let (a, b) = (event("a.jpg"), event("b.jpg"));
-        journal.added([("1", "thumbs", &a), ("2", "thumbs", &b)].into_iter());
+        journal
+            .added([("1", "thumbs", &a), ("2", "thumbs", &b)].into_iter())
+            .unwrap();
         let starts = |path: &Path| -> Vec<(String, u32)> {
             let (_, pending) = Journal::open_copy(path);
             pending.into_iter().map(|p| (p.id, p.starts)).collect()
@@ -523,14 +544,39 @@ mod tests {
     }
 
     #[test]
+    fn jobs_the_file_cannot_take_are_refused_and_the_done_marks_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pending.jsonl");
+        let (journal, _) = Journal::open(&path).unwrap();
+        let (a, b, c) = (event("a.jpg"), event("b.jpg"), event("c.jpg"));
+        journal
+            .added([("1", "r", &a), ("2", "r", &b)].into_iter())
+            .unwrap();
+        journal.done("1");
+        // The file stops taking writes (as on a full disk): a handle open
+        // for reading only.
+        let writable = journal.lock().file.replace(File::open(&path).unwrap());
+        assert!(journal.added([("3", "r", &c)].into_iter()).is_err());
+        assert_eq!(journal.pending(), 1, "job 3 is not pending");
+        // Writable again: job 1's gathered mark is still written.
+        journal.lock().file = writable;
+        journal.flush();
+        let (_, pending) = Journal::open_copy(&path);
+        let ids: Vec<&str> = pending.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["2"]);
+    }
+
+    #[test]
     fn jobs_not_done_come_back_in_order_and_the_file_keeps_only_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pending.jsonl");
         let (journal, pending) = Journal::open(&path).unwrap();
         assert!(pending.is_empty());
         let (a, b, c) = (event("a.jpg"), event("b.jpg"), event("c.jpg"));
-        journal.added([("1", "thumbs", &a), ("2", "thumbs", &b)].into_iter());
-        journal.added([("3", "marks", &c)].into_iter());
+        journal
+            .added([("1", "thumbs", &a), ("2", "thumbs", &b)].into_iter())
+            .unwrap();
+        journal.added([("3", "marks", &c)].into_iter()).unwrap();
         journal.done("2");
         journal.done("unknown");
         assert_eq!(journal.pending(), 2);
@@ -570,7 +616,7 @@ mod tests {
         let err = Journal::open(&path).err().expect("the second is refused");
         assert!(err.to_string().contains("another process"), "{err}");
         let (a, b) = (event("水印.jpg"), event("b.jpg"));
-        journal.added([("1", "r", &a)].into_iter());
+        journal.added([("1", "r", &a)].into_iter()).unwrap();
         drop(journal);
         // A line cut inside a character (水 is e6 b0 b4), then a write that
         // went on.
@@ -580,7 +626,7 @@ mod tests {
         let (journal, pending) = Journal::open(&path).unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].event, a);
-        journal.added([("2", "r", &b)].into_iter());
+        journal.added([("2", "r", &b)].into_iter()).unwrap();
         drop(journal);
         let (_, pending) = Journal::open(&path).unwrap();
         let ids: Vec<&str> = pending.iter().map(|p| p.id.as_str()).collect();
@@ -593,11 +639,13 @@ mod tests {
         let path = dir.path().join("pending.jsonl");
         let (journal, _) = Journal::open(&path).unwrap();
         let kept = event("kept.jpg");
-        journal.added([("kept", "r", &kept)].into_iter());
+        journal.added([("kept", "r", &kept)].into_iter()).unwrap();
         let long = event(&"k".repeat(900));
         for n in 0..6000 {
             let id = n.to_string();
-            journal.added([(id.as_str(), "r", &long)].into_iter());
+            journal
+                .added([(id.as_str(), "r", &long)].into_iter())
+                .unwrap();
             journal.done(&id);
         }
         let size = std::fs::metadata(&path).unwrap().len();

@@ -70,19 +70,41 @@ pub struct Reservation {
 }
 
 /// Writes `jobs` down in `journal` as queued.
-fn journal_added(journal: &Journal, jobs: &[Job]) {
+fn journal_added(journal: &Journal, jobs: &[Job]) -> std::io::Result<()> {
     journal.added(
         jobs.iter()
             .map(|j| (j.id.as_str(), j.rule.id.as_str(), &j.event)),
-    );
+    )
 }
 
 impl Reservation {
     /// Sends `jobs` into the reserved room (at most as many as were
-    /// reserved), journaled first.
+    /// reserved), journaled first. They are sent even where the journal
+    /// cannot be written (logged): their object is stored already, and
+    /// only a restart before they run would lose them.
     pub fn send(self, mut jobs: Vec<Job>) {
         jobs.truncate(self.permits.len());
-        journal_added(&self.journal, &jobs);
+        if journal_added(&self.journal, &jobs).is_err() {
+            tracing::warn!(
+                jobs = jobs.len(),
+                "the invocations of a stored object run without a journal entry"
+            );
+        }
+        self.send_now(jobs);
+    }
+
+    /// Sends `jobs` only once they are journaled: where the journal cannot
+    /// be written, none is sent, and the room goes back.
+    fn send_journaled(self, mut jobs: Vec<Job>) -> Result<(), Refused> {
+        jobs.truncate(self.permits.len());
+        journal_added(&self.journal, &jobs).map_err(|e| Refused::Journal {
+            message: e.to_string(),
+        })?;
+        self.send_now(jobs);
+        Ok(())
+    }
+
+    fn send_now(self, jobs: Vec<Job>) {
         for (permit, job) in self.permits.into_iter().zip(jobs) {
             self.unfinished.fetch_add(1, Ordering::SeqCst);
             permit.send(job);
@@ -160,10 +182,10 @@ impl Queue {
         })
     }
 
-    /// Enqueues all of `jobs` or none of them.
+    /// Enqueues all of `jobs` or none of them: none when the queue has no
+    /// room for all, or when the journal cannot record them.
     pub fn try_push_all(&self, jobs: Vec<Job>) -> Result<(), Refused> {
-        self.try_reserve(jobs.len())?.send(jobs);
-        Ok(())
+        self.try_reserve(jobs.len())?.send_journaled(jobs)
     }
 
     /// True when nothing waits and nothing runs.
@@ -196,12 +218,15 @@ pub fn jobs_for(state: &AppState, event: Event) -> Vec<Job> {
 }
 
 /// Why the queue did not take a request's jobs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Refused {
     /// No room now; `depth` jobs wait.
     Full { depth: usize },
     /// More jobs than the queue ever holds.
     TooMany { asked: usize, bound: usize },
+    /// The journal cannot record them (a full disk): taken, they would
+    /// be lost to a restart.
+    Journal { message: String },
 }
 
 /// The worker tasks and the notifications they started.
@@ -523,8 +548,9 @@ fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
         };
         tracing::info!(bucket = %out.bucket, key = %out.key,
             "queue full: output event waits for room");
-        // Journaled now: a restart runs them if this process cannot.
-        journal_added(&state.queue.journal, &jobs);
+        // Journaled now: a restart runs them if this process cannot (an
+        // error is logged, and they still run).
+        let _ = journal_added(&state.queue.journal, &jobs);
         send_when_room(state, jobs);
     }
 }
