@@ -1525,6 +1525,38 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
     assert!(answer.contains("request_timeout"), "{answer}");
     assert!(host.list_keys("slow").await.is_empty(), "nothing stored");
 
+    // A body that trickles in, a byte well within the timeout each time:
+    // once the timeout has passed it must come at 16 KiB a second.
+    let mut trickle = TcpStream::connect(host.addr).await.unwrap();
+    trickle
+        .write_all(
+            b"PUT /slow/b.bin HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+              Content-Length: 100000\r\n\r\n0",
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let sender = tokio::spawn(async move {
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if trickle.write_all(b"1").await.is_err() {
+                break;
+            }
+        }
+        trickle
+    });
+    let mut trickle = sender.await.unwrap();
+    let answer = read_until_closed(&mut trickle, Duration::from_secs(10))
+        .await
+        .expect("the connection ends");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("bytes a second"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "cut off in time"
+    );
+    assert!(host.list_keys("slow").await.is_empty(), "nothing stored");
+
     // Over the limit and waiting for `100 Continue`: the 413 comes at once.
     let mut eager = TcpStream::connect(host.addr).await.unwrap();
     eager
@@ -1878,4 +1910,34 @@ async fn rules_saving_into_each_others_buckets_never_replace_an_original() {
     let kept = host.object_bytes("paa", "o.jpg").await;
     assert!(kept == original, "the original was replaced");
     host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_at_once_are_capped_and_their_memory_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.body_memory = 1 << 20;
+    config.max_object_bytes = 4 << 20;
+    let host = TestHost::local(config).await;
+    // Within the object limit, but more than all bodies may hold at once.
+    let refused = host
+        .put_object(
+            "docs",
+            "big.bin",
+            vec![7; 2 << 20],
+            "application/octet-stream",
+        )
+        .await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_error(refused, 503, "busy", &["1 MiB"]).await;
+    assert!(host.list_keys("docs").await.is_empty(), "nothing stored");
+    // Bodies that fit, one after the other: each gives its share back.
+    for n in 0..6 {
+        let key = format!("part-{n}.bin");
+        let stored = host
+            .put_object("docs", &key, vec![n; 600 << 10], "application/octet-stream")
+            .await;
+        assert_eq!(stored.status(), 201, "{key}");
+        assert_eq!(host.object_bytes("docs", &key).await.len(), 600 << 10);
+    }
 }

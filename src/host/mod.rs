@@ -52,6 +52,10 @@ pub struct HostConfig {
     pub embedded: bool,
     /// Largest object the object API accepts.
     pub max_object_bytes: usize,
+    /// Request bodies (objects and JSON) held in memory at once, in bytes,
+    /// from their first byte until the request is done with them: past it
+    /// a request is answered 503 instead of adding to it.
+    pub body_memory: usize,
     /// How long shutdown waits for queued and running work.
     pub drain_timeout: Duration,
     /// Client connections open at once; more wait to be accepted.
@@ -78,6 +82,7 @@ impl HostConfig {
             sources: SourceConfig::default(),
             embedded: true,
             max_object_bytes: 256 * 1024 * 1024,
+            body_memory: 1 << 30,
             drain_timeout: Duration::from_secs(60),
             max_connections: 1024,
             client_timeout: Duration::from_secs(30),
@@ -96,6 +101,8 @@ pub struct AppState {
     /// Work a request hands off so that it finishes even if its client goes
     /// away (a PUT's write and event, an invocation); shutdown waits for it.
     pub detached: tokio_util::task::TaskTracker,
+    /// What is left of [`HostConfig::body_memory`], in [`BODY_UNIT`]s.
+    bodies: Arc<tokio::sync::Semaphore>,
     ready: AtomicBool,
 }
 
@@ -153,10 +160,16 @@ impl Host {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        let (journal, pending) =
-            journal::Journal::open(&config.data_dir.join(".imgfunc").join("pending.jsonl"))
-                .map_err(|e| anyhow::anyhow!("cannot open the journal of invocations: {e}"))?;
+        let journal_path = config.data_dir.join(".imgfunc").join("pending.jsonl");
+        let (journal, pending) = journal::Journal::open(&journal_path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the journal of invocations ({}): {e}",
+                journal_path.display()
+            )
+        })?;
         let (queue, receiver) = queue::Queue::new(config.queue_bound, Arc::new(journal));
+        let body_units =
+            (config.body_memory / BODY_UNIT).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         let state = Arc::new(AppState {
             config,
             store,
@@ -165,6 +178,7 @@ impl Host {
             notifier,
             queue,
             detached: tokio_util::task::TaskTracker::new(),
+            bodies: Arc::new(tokio::sync::Semaphore::new(body_units)),
             ready: AtomicBool::new(true),
         });
         let workers = queue::Workers::start(state.clone(), receiver);
@@ -335,24 +349,34 @@ pub const MAX_JSON_BODY: usize = 2 << 20;
 /// reset connection. Larger bodies get the 413 at once.
 const DRAIN_OVER_LIMIT: usize = 64 << 20;
 
+/// The unit in which bodies are counted against
+/// [`HostConfig::body_memory`].
+const BODY_UNIT: usize = 64 << 10;
+
+/// Once [`HostConfig::client_timeout`] has passed, a body must have come
+/// at this many bytes a second on average, or it is answered 408: a client
+/// that trickles a byte every few seconds would otherwise hold its
+/// connection for ever.
+const MIN_BODY_RATE: u64 = 16 << 10;
+
 /// A JSON request body of at most [`MAX_JSON_BODY`] bytes.
 pub struct JsonBody(pub Bytes);
 
-/// An object's body, of at most [`HostConfig::max_object_bytes`].
-pub struct ObjectBody(pub Bytes);
+/// An object's body, of at most [`HostConfig::max_object_bytes`], and its
+/// share of [`HostConfig::body_memory`], held until the body is dropped
+/// with it.
+pub struct ObjectBody(pub Bytes, pub BodyShare);
+
+/// A body's share of [`HostConfig::body_memory`].
+pub struct BodyShare(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
 
 impl FromRequest<Arc<AppState>> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        read_body(
-            req,
-            MAX_JSON_BODY,
-            "events, invocations and rules",
-            state.config.client_timeout,
-        )
-        .await
-        .map(JsonBody)
+        read_body(req, MAX_JSON_BODY, "events, invocations and rules", state)
+            .await
+            .map(|(bytes, _share)| JsonBody(bytes))
     }
 }
 
@@ -360,25 +384,24 @@ impl FromRequest<Arc<AppState>> for ObjectBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        read_body(
-            req,
-            state.config.max_object_bytes,
-            "objects",
-            state.config.client_timeout,
-        )
-        .await
-        .map(ObjectBody)
+        read_body(req, state.config.max_object_bytes, "objects", state)
+            .await
+            .map(|(bytes, share)| ObjectBody(bytes, share))
     }
 }
 
 /// Reads a request body of at most `limit` bytes; over it, a 413 naming
-/// the limit (after draining what the client sends, up to a bound).
+/// the limit (after draining what the client sends, up to a bound). The
+/// bytes held count against [`HostConfig::body_memory`] as they come
+/// (503 when it is used up), and a body must keep coming at
+/// [`MIN_BODY_RATE`] once the client timeout has passed (408).
 async fn read_body(
     req: Request,
     limit: usize,
     what: &str,
-    idle: Duration,
-) -> Result<Bytes, ApiError> {
+    state: &AppState,
+) -> Result<(Bytes, BodyShare), ApiError> {
+    let idle = state.config.client_timeout;
     use axum::body::HttpBody;
     let too_large = || {
         ApiError::new(
@@ -402,6 +425,24 @@ async fn read_body(
     if over(DRAIN_OVER_LIMIT) || (waits && over(0)) {
         return Err(too_large());
     }
+    let busy = || ApiError {
+        retry_after: Some(1),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!(
+                "request bodies being received take the {} MiB the server holds for them; \
+                 retry later",
+                state.config.body_memory >> 20
+            ),
+        )
+    };
+    // So does the 503 when the bodies' memory cannot hold the one
+    // announced now.
+    let room = state.bodies.available_permits().saturating_mul(BODY_UNIT) as u64;
+    if waits && declared.is_some_and(|n| n > room) {
+        return Err(busy());
+    }
     let mut body = req.into_body();
     // Grown as the bytes come, past the first megabyte: a declared length
     // alone does not get a large allocation.
@@ -410,6 +451,12 @@ async fn read_body(
     });
     let mut bytes = Vec::with_capacity(capacity);
     let mut seen = 0usize;
+    let mut share: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let started = std::time::Instant::now();
+    // Set when the bodies' memory ran out: the rest is read and dropped
+    // (up to the same bound as an oversized body), so that the client,
+    // still sending, reads the 503 instead of a reset connection.
+    let mut refusal = None;
     let stalled = || {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
@@ -434,14 +481,46 @@ async fn read_body(
         if seen > limit.saturating_add(DRAIN_OVER_LIMIT) {
             break;
         }
-        if seen <= limit {
+        let elapsed = started.elapsed();
+        if elapsed > idle && (seen as u64) < MIN_BODY_RATE.saturating_mul(elapsed.as_secs()) {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body came at {} bytes a second; after {idle:?} it must come \
+                     at {MIN_BODY_RATE} at least",
+                    seen as u64 / elapsed.as_secs().max(1)
+                ),
+            ));
+        }
+        if seen <= limit && refusal.is_none() {
             bytes.extend_from_slice(&data);
+            // The bytes held (the buffer's capacity) are counted in units.
+            let units = bytes.capacity().div_ceil(BODY_UNIT);
+            let held = share.as_ref().map_or(0, |p| p.num_permits());
+            if units > held {
+                let more = u32::try_from(units - held).unwrap_or(u32::MAX);
+                match state.bodies.clone().try_acquire_many_owned(more) {
+                    Ok(permit) => match share.as_mut() {
+                        Some(held) => held.merge(permit),
+                        None => share = Some(permit),
+                    },
+                    Err(_) => {
+                        refusal = Some(busy());
+                        bytes = Vec::new();
+                        share = None;
+                    }
+                }
+            }
         }
     }
     if seen > limit {
         return Err(too_large());
     }
-    Ok(Bytes::from(bytes))
+    if let Some(refusal) = refusal {
+        return Err(refusal);
+    }
+    Ok((Bytes::from(bytes), BodyShare(share)))
 }
 
 fn router(state: Arc<AppState>) -> Router {

@@ -207,7 +207,7 @@ pub async fn put_object(
     State(state): State<Arc<AppState>>,
     Path((bucket, key)): Path<(String, String)>,
     headers: HeaderMap,
-    ObjectBody(body): ObjectBody,
+    ObjectBody(body, share): ObjectBody,
 ) -> Result<Response, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
@@ -219,6 +219,8 @@ pub async fn put_object(
     // meanwhile: a stored object always fires its event.
     detach(&state.clone(), async move {
         state.store.put(&bucket, &key, body, opts).await?;
+        // The body's memory is counted until it is stored.
+        drop(share);
         reservation.send(jobs);
         Ok(())
     })
