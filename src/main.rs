@@ -57,7 +57,8 @@ struct BenchArgs {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, env = "IMGFUNC_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "IMGFUNC_LISTEN", default_value = "127.0.0.1:8080",
+          value_parser = socket_address)]
     listen: std::net::SocketAddr,
     /// The embedded local store (bucket = folder); also holds rules set
     /// through the API and the dead-letter file.
@@ -88,7 +89,7 @@ struct ServeArgs {
     s3_virtual_hosts: bool,
     /// Image threads: images processed at once (default: the number of
     /// cores).
-    #[arg(long, env = "IMGFUNC_WORKERS", value_parser = at_least_one)]
+    #[arg(long, env = "IMGFUNC_WORKERS", value_parser = workers)]
     workers: Option<usize>,
     /// Invocations that may wait before events are answered 503.
     #[arg(long, env = "IMGFUNC_QUEUE", default_value_t = 1024,
@@ -130,6 +131,27 @@ struct LimitArgs {
     #[arg(long, env = "IMGFUNC_MAX_OUTPUT_SIDE", default_value_t = 16384,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_output_side: u32,
+}
+
+/// An address as `IP:PORT`: a host name is refused with an example, not
+/// with the parser's bare "invalid socket address syntax".
+fn socket_address(value: &str) -> Result<std::net::SocketAddr, String> {
+    value.parse().map_err(|_| {
+        format!(
+            "`{value}` is not an IP address and port: use 127.0.0.1:8080, 0.0.0.0:8080 or \
+             [::1]:8080 (host names are not looked up)"
+        )
+    })
+}
+
+/// Image threads, each with its own stack and invocations in flight: at
+/// most 1024 (a number far past any machine's cores, which the process
+/// could not start).
+fn workers(value: &str) -> Result<usize, String> {
+    match at_least_one(value)? {
+        n if n > 1024 => Err(format!("{n} image threads are too many; at most 1024")),
+        n => Ok(n),
+    }
 }
 
 /// A count or size that 0 would make useless (every image refused, a queue
@@ -367,14 +389,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
     use imgfunc::store::{LocalStore, MetadataPlace, ObjectStore, S3Store};
     use std::sync::Arc;
 
+    let log_filter = tracing_subscriber::EnvFilter::try_from_default_env();
+    let log_filter_error = log_filter.as_ref().err().map(ToString::to_string);
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_http=warn".into()),
-        )
+        .with_env_filter(log_filter.unwrap_or_else(|_| "info,tower_http=warn".into()))
         .init();
+    if let (Some(e), Ok(value)) = (log_filter_error, std::env::var("RUST_LOG")) {
+        tracing::warn!("RUST_LOG={value:?} is not a log filter ({e}); logging at info");
+    }
     if args.no_page_cache_check {
         imgfunc::store::set_page_cache_check(false);
     }

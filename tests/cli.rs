@@ -313,8 +313,7 @@ fn serve_says_once_why_it_cannot_make_its_data_folder() {
     let out = imgfunc(&["serve", "--data", data, "--listen", "127.0.0.1:0"], None);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains(".imgfunc"), "{err}");
-    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
+    assert_eq!(err.matches(".imgfunc is a file").count(), 1, "{err}");
 }
 
 /// `imgfunc serve` on `data`, on any free port, with `extra` arguments: for
@@ -342,6 +341,17 @@ fn serve_refuses_settings_that_would_make_it_useless() {
         assert_eq!(out.status.code(), Some(2), "{flag}");
         let err = stderr(&out);
         assert!(err.contains(flag), "{flag}: {err}");
+    }
+    // Past what a process can start, and a host name for an address:
+    // each refused saying what is wanted (the threads were an abort).
+    for (flag, value, says) in [
+        ("--workers", "20000", "at most 1024"),
+        ("--listen", "localhost:8080", "127.0.0.1:8080"),
+    ] {
+        let out = imgfunc(&["serve", "--data", data, flag, value], None);
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = stderr(&out);
+        assert!(err.contains(flag) && err.contains(says), "{flag}: {err}");
     }
     // A rule file where the folder of rule files should be.
     let file = dir.path().join("rules.json");

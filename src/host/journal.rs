@@ -221,7 +221,25 @@ impl Journal {
         };
         {
             let mut inner = journal.lock();
-            let (file, size) = journal.rewrite(&inner.pending)?;
+            let (file, size) = match journal.rewrite(&inner.pending) {
+                Ok(rewritten) => rewritten,
+                // A full disk: the file is used as it is, so that the
+                // server starts (and space can be freed through it).
+                Err(e) if !text.is_empty() => {
+                    let _ = std::fs::remove_file(path.with_extension("jsonl.tmp"));
+                    let file = OpenOptions::new().append(true).open(path)?;
+                    tracing::warn!(
+                        journal = %path.display(),
+                        "cannot rewrite the journal of pending invocations ({e}); \
+                         appending to it as it is"
+                    );
+                    // A last line cut short is ended, so the next starts
+                    // a line of its own.
+                    inner.broken = !text.ends_with(b"\n");
+                    (file, text.len() as u64)
+                }
+                Err(e) => return Err(e),
+            };
             inner.written = size;
             inner.file = Some(file);
         }
@@ -562,6 +580,27 @@ mod tests {
         journal.lock().file = writable;
         journal.flush();
         let (_, pending) = Journal::open_copy(&path);
+        let ids: Vec<&str> = pending.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["2"]);
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_rewritten_at_start_is_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pending.jsonl");
+        let (journal, _) = Journal::open(&path).unwrap();
+        let (a, b) = (event("a.jpg"), event("b.jpg"));
+        journal.added([("1", "r", &a)].into_iter()).unwrap();
+        drop(journal);
+        // The rewrite's new file cannot be made (as on a full disk).
+        std::fs::create_dir(path.with_extension("jsonl.tmp")).unwrap();
+        let (journal, pending) = Journal::open(&path).unwrap();
+        assert_eq!(pending.len(), 1);
+        journal.added([("2", "r", &b)].into_iter()).unwrap();
+        journal.done("1");
+        drop(journal);
+        std::fs::remove_dir(path.with_extension("jsonl.tmp")).unwrap();
+        let (_, pending) = Journal::open(&path).unwrap();
         let ids: Vec<&str> = pending.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(ids, ["2"]);
     }

@@ -141,13 +141,9 @@ pub struct Host {
 }
 
 impl Host {
-    /// Loads rules, binds the listener and starts the workers.
+    /// Binds the listener, opens the journal, loads rules and starts the
+    /// workers.
     pub async fn bind(config: HostConfig, store: Arc<dyn ObjectStore>) -> anyhow::Result<Host> {
-        let rules = RuleBook::open_for(
-            &config.data_dir.join(".imgfunc").join("rules"),
-            config.functions_dir.as_deref(),
-            store.bucket_check(),
-        )?;
         let notifier = Notifier::new(config.notify.clone())?;
         let runtime = Runtime::new(
             store.clone(),
@@ -160,13 +156,30 @@ impl Host {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        let journal_path = config.data_dir.join(".imgfunc").join("pending.jsonl");
+        let own = config.data_dir.join(".imgfunc");
+        if own.exists() && !own.is_dir() {
+            anyhow::bail!(
+                "{} is a file; imgfunc keeps its own state in a folder there",
+                own.display()
+            );
+        }
+        std::fs::create_dir_all(&own)
+            .map_err(|e| anyhow::anyhow!("cannot make the folder {}: {e}", own.display()))?;
+        let journal_path = own.join("pending.jsonl");
         let (journal, pending) = journal::Journal::open(&journal_path).map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the journal of invocations ({}): {e}",
                 journal_path.display()
             )
         })?;
+        // Rules are read once the journal's lock is held: a second server
+        // on the same folder stops before it clears the rule folder's
+        // temporary files, which may be a running server's write.
+        let rules = RuleBook::open_for(
+            &config.data_dir.join(".imgfunc").join("rules"),
+            config.functions_dir.as_deref(),
+            store.bucket_check(),
+        )?;
         let (queue, receiver) = queue::Queue::new(config.queue_bound, Arc::new(journal));
         let body_units =
             (config.body_memory / BODY_UNIT).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);

@@ -343,7 +343,9 @@ fn json_files(dir: &Path) -> Result<Vec<PathBuf>, RuleBookError> {
     for entry in fs::read_dir(dir).map_err(io_error)? {
         let path = entry.map_err(io_error)?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.ends_with(".json") && !name.starts_with('.') && path.is_file() {
+        // A link to a missing file is read (and its error names it), not
+        // skipped unseen; only folders are passed over.
+        if name.ends_with(".json") && !name.starts_with('.') && !path.is_dir() {
             files.push(path);
         }
     }
@@ -623,6 +625,22 @@ mod tests {
         let book = RuleBook::open(state.path(), None).unwrap();
         assert_eq!(book.get_raw(&bucket).unwrap(), notifier);
         assert!(book.delete(&bucket).unwrap());
+    }
+
+    #[test]
+    fn a_rule_file_that_links_to_nothing_is_named_not_skipped() {
+        let (state, functions) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::os::unix::fs::symlink(
+            functions.path().join("gone.json"),
+            functions.path().join("thumbs.json"),
+        )
+        .unwrap();
+        // A folder with the extension is no rule file.
+        fs::create_dir(functions.path().join("old.json")).unwrap();
+        let err = RuleBook::open(state.path(), Some(functions.path())).unwrap_err();
+        assert!(err.to_string().contains("thumbs.json"), "{err}");
+        fs::remove_file(functions.path().join("thumbs.json")).unwrap();
+        RuleBook::open(state.path(), Some(functions.path())).unwrap();
     }
 
     #[test]
