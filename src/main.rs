@@ -448,7 +448,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
     };
     let host = Host::bind(config, store).await?;
-    host.run(shutdown_signal()).await
+    host.run(async {
+        shutdown_signal().await;
+        // A second signal while the work drains stops the process at once:
+        // what did not finish stays in the journal.
+        tokio::spawn(async {
+            shutdown_signal().await;
+            tracing::warn!(
+                "a second signal: stopping now; unfinished invocations stay in the journal \
+                 and run at the next start"
+            );
+            std::process::exit(130);
+        });
+    })
+    .await
 }
 
 /// Prints `imgfunc PIPELINE FILE median_ms min_ms out_bytes` per file.

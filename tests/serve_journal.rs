@@ -394,3 +394,30 @@ async fn events_the_journal_cannot_record_are_refused_and_the_server_serves_on()
         .unwrap();
     assert_eq!(health.status(), 200);
 }
+
+#[tokio::test]
+async fn a_second_signal_stops_the_drain_and_the_next_start_runs_what_was_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = photo();
+    let client = reqwest::Client::new();
+    let mut server = start(dir.path());
+    for n in 0..UPLOADS {
+        upload(&client, &server, &format!("{n:02}.jpg"), &photo).await;
+    }
+    let pid = i32::try_from(server.child.id()).unwrap();
+    // SAFETY: a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = server.child.wait().unwrap();
+    // Stopped by the second signal, not at the end of the drain.
+    assert_eq!(status.code(), Some(130));
+    assert!(outputs(dir.path()).len() < UPLOADS);
+
+    let _server = start(dir.path());
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while outputs(dir.path()).len() < UPLOADS {
+        assert!(Instant::now() < deadline, "{:?}", outputs(dir.path()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
