@@ -84,21 +84,38 @@ fn outputs(dir: &Path) -> Vec<String> {
     names
 }
 
-#[tokio::test]
-async fn invocations_a_killed_server_accepted_run_when_it_starts_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let photo = photo();
-    let client = reqwest::Client::new();
-    let mut server = start(dir.path());
+/// `imgfunc serve` on `dir` (see [`start`]), with [`UPLOADS`] photos
+/// uploaded to it.
+async fn with_backlog(dir: &Path) -> Served {
+    let (photo, client) = (photo(), reqwest::Client::new());
+    let server = start(dir);
     for n in 0..UPLOADS {
         upload(&client, &server, &format!("{n:02}.jpg"), &photo).await;
     }
+    server
+}
+
+/// Waits until every upload of [`with_backlog`] has its output.
+async fn all_outputs(dir: &Path) {
+    wait_until(
+        240,
+        || format!("{} of {UPLOADS} outputs", outputs(dir).len()),
+        || outputs(dir).len() == UPLOADS,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn invocations_a_killed_server_accepted_run_when_it_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = with_backlog(dir.path()).await;
     // Killed as soon as the first output is written, the rest still queued.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while outputs(dir.path()).is_empty() {
-        assert!(Instant::now() < deadline, "no output at all");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        120,
+        || "no output at all".into(),
+        || !outputs(dir.path()).is_empty(),
+    )
+    .await;
     server.child.kill().unwrap();
     server.child.wait().unwrap();
     let before = outputs(dir.path()).len();
@@ -109,15 +126,7 @@ async fn invocations_a_killed_server_accepted_run_when_it_starts_again() {
 
     // Started again: every upload gets its output, each a whole WebP.
     let _server = start(dir.path());
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while outputs(dir.path()).len() < UPLOADS {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {UPLOADS} outputs after the restart",
-            outputs(dir.path()).len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    all_outputs(dir.path()).await;
     let expected: Vec<String> = (0..UPLOADS).map(|n| format!("{n:02}.jpg")).collect();
     assert_eq!(outputs(dir.path()), expected);
     for name in &expected {
@@ -128,22 +137,34 @@ async fn invocations_a_killed_server_accepted_run_when_it_starts_again() {
     }
 }
 
+/// Polls `ready` every few milliseconds for up to `secs` seconds; panics
+/// with `what` (asked then) when it never holds.
+async fn wait_until(secs: u64, what: impl Fn() -> String, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The journal's text, or "" before it exists.
 fn journal(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("data/.imgfunc/pending.jsonl")).unwrap_or_default()
 }
 
 /// Waits until `journal` holds `count` start marks, then kills `server`.
-async fn kill_once_started(dir: &Path, mut server: Served, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while journal(dir).matches("\"op\":\"start\"").count() < count {
-        assert!(
-            Instant::now() < deadline,
-            "the job never started: {}",
-            journal(dir)
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+async fn kill_once_started(dir: &Path, server: Served, count: usize) {
+    kill_when(
+        server,
+        || format!("the job never started: {}", journal(dir)),
+        || journal(dir).matches("\"op\":\"start\"").count() >= count,
+    )
+    .await;
+}
+
+/// Kills `server` (SIGKILL) once `ready` holds, within a minute.
+async fn kill_when(mut server: Served, what: impl Fn() -> String, ready: impl Fn() -> bool) {
+    wait_until(60, what, ready).await;
     server.child.kill().unwrap();
     server.child.wait().unwrap();
 }
@@ -177,11 +198,12 @@ async fn a_job_that_stops_the_server_at_every_start_is_set_aside() {
     // Now it is set aside, kept in dropped.jsonl, and the server serves.
     let server = start(dir.path());
     upload(&client, &server, "next.jpg", &photo).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while outputs(dir.path()).is_empty() {
-        assert!(Instant::now() < deadline, "no output for the next upload");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        120,
+        || "no output for the next upload".into(),
+        || !outputs(dir.path()).is_empty(),
+    )
+    .await;
     assert_eq!(outputs(dir.path()), ["next.jpg"]);
     let dropped = std::fs::read_to_string(dir.path().join("data/.imgfunc/dropped.jsonl")).unwrap();
     assert_eq!(dropped.lines().count(), 1, "{dropped}");
@@ -210,14 +232,13 @@ async fn silent_server() -> (String, Arc<AtomicUsize>) {
 }
 
 /// Waits until `taken` reaches `n`, then kills `server`.
-async fn kill_once_connected(mut server: Served, taken: &AtomicUsize, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while taken.load(Ordering::SeqCst) < n {
-        assert!(Instant::now() < deadline, "no connection came");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
+async fn kill_once_connected(server: Served, taken: &AtomicUsize, n: usize) {
+    kill_when(
+        server,
+        || "no connection came".into(),
+        || taken.load(Ordering::SeqCst) >= n,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -295,15 +316,12 @@ async fn a_job_killed_at_every_start_before_its_image_work_is_not_set_aside() {
     // With the watermark gone from the rule, the job runs and makes its
     // output: it was never set aside.
     let _server = start_with(dir.path(), rule("resize:w_100"), &[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while outputs(dir.path()).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no output: {}",
-            journal(dir.path())
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        60,
+        || format!("no output: {}", journal(dir.path())),
+        || !outputs(dir.path()).is_empty(),
+    )
+    .await;
     assert_eq!(outputs(dir.path()), ["a.jpg"]);
     assert!(!dir.path().join("data/.imgfunc/dropped.jsonl").exists());
 }
@@ -398,12 +416,7 @@ async fn events_the_journal_cannot_record_are_refused_and_the_server_serves_on()
 #[tokio::test]
 async fn a_second_signal_stops_the_drain_and_the_next_start_runs_what_was_left() {
     let dir = tempfile::tempdir().unwrap();
-    let photo = photo();
-    let client = reqwest::Client::new();
-    let mut server = start(dir.path());
-    for n in 0..UPLOADS {
-        upload(&client, &server, &format!("{n:02}.jpg"), &photo).await;
-    }
+    let mut server = with_backlog(dir.path()).await;
     let pid = i32::try_from(server.child.id()).unwrap();
     // SAFETY: a signal to the child this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
@@ -415,9 +428,5 @@ async fn a_second_signal_stops_the_drain_and_the_next_start_runs_what_was_left()
     assert!(outputs(dir.path()).len() < UPLOADS);
 
     let _server = start(dir.path());
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while outputs(dir.path()).len() < UPLOADS {
-        assert!(Instant::now() < deadline, "{:?}", outputs(dir.path()));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    all_outputs(dir.path()).await;
 }
