@@ -448,12 +448,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
     };
     let host = Host::bind(config, store).await?;
+    let keep_journal = host.journal_keeper();
     host.run(async {
         shutdown_signal().await;
         // A second signal while the work drains stops the process at once:
         // what did not finish stays in the journal.
-        tokio::spawn(async {
+        tokio::spawn(async move {
             shutdown_signal().await;
+            keep_journal();
             tracing::warn!(
                 "a second signal: stopping now; unfinished invocations stay in the journal \
                  and run at the next start"

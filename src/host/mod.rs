@@ -213,6 +213,18 @@ impl Host {
 
     /// Serves until `shutdown` completes, then stops taking requests and
     /// finishes the queued and running work (and its notifications).
+    /// Writes down, at once, what a process stopped now leaves: the done
+    /// marks gathered so far, and the starts of jobs that did not stop it
+    /// themselves (see [`journal`]). For a stop that skips the shutdown's
+    /// own (a second signal).
+    pub fn journal_keeper(&self) -> impl Fn() + Send + Sync + 'static {
+        let journal = self.state.queue.journal.clone();
+        move || {
+            journal.unstart_running();
+            journal.flush();
+        }
+    }
+
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,

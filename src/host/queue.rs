@@ -488,15 +488,17 @@ async fn run_job(
                     return false;
                 }
             };
-            // Waits while the deliveries under way are at their bound; a
-            // shutdown that stops this worker meanwhile keeps the payload.
-            let registered = state.notifier.register(&url, &payload).await;
-            let state = state.clone();
+            // Waits while the deliveries under way are at their bound. The
+            // job counts as delivering before that wait: a drain timeout
+            // that stops this worker meanwhile keeps the payload in the
+            // dead-letter file, and the job is then done.
             let resumed = job.starts.is_some();
             let (id, delivering) = (job.id.clone(), delivering.clone());
+            lock(&delivering).insert(id.clone(), resumed);
+            let registered = state.notifier.register(&url, &payload).await;
+            let state = state.clone();
             if let Ok(mut set) = deliveries.lock() {
                 while set.try_join_next().is_some() {}
-                lock(&delivering).insert(id.clone(), resumed);
                 set.spawn(
                     async move {
                         let delivered = state
@@ -514,6 +516,7 @@ async fn run_job(
                 );
                 return true;
             }
+            lock(&delivering).remove(&job.id);
         }
         false
     }

@@ -344,8 +344,9 @@ fn json_files(dir: &Path) -> Result<Vec<PathBuf>, RuleBookError> {
         let path = entry.map_err(io_error)?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         // A link to a missing file is read (and its error names it), not
-        // skipped unseen; only folders are passed over.
-        if name.ends_with(".json") && !name.starts_with('.') && !path.is_dir() {
+        // skipped unseen. Folders, FIFOs and the like are passed over.
+        let link = path.symlink_metadata().is_ok_and(|m| m.is_symlink());
+        if name.ends_with(".json") && !name.starts_with('.') && (path.is_file() || link) {
             files.push(path);
         }
     }
@@ -635,8 +636,19 @@ mod tests {
             functions.path().join("thumbs.json"),
         )
         .unwrap();
-        // A folder with the extension is no rule file.
+        // A folder or a FIFO with the extension is no rule file (a FIFO
+        // would hang the start, waiting for a writer).
         fs::create_dir(functions.path().join("old.json")).unwrap();
+        let fifo = std::ffi::CString::new(
+            functions
+                .path()
+                .join("pipe.json")
+                .as_os_str()
+                .as_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         let err = RuleBook::open(state.path(), Some(functions.path())).unwrap_err();
         assert!(err.to_string().contains("thumbs.json"), "{err}");
         fs::remove_file(functions.path().join("thumbs.json")).unwrap();
