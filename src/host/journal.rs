@@ -317,6 +317,18 @@ impl Journal {
         self.mark(&mut inner, "start", id);
     }
 
+    /// Takes back the start of job `id`, marked started in this run, once
+    /// its work is done and only its result's delivery is left: a stop
+    /// during the delivery is not the job's doing.
+    pub fn work_done(&self, id: &str) {
+        let mut inner = self.lock();
+        if let Some(before) = inner.started.remove(id)
+            && Self::count_in_line(&mut inner, id, before)
+        {
+            self.mark(&mut inner, "unstart", id);
+        }
+    }
+
     /// Takes back the starts of the jobs marked started in this run and
     /// not finished: a shutdown's drain timeout stopped them, not they
     /// themselves.
@@ -529,6 +541,10 @@ mod tests {
         journal.started("1", 0);
         journal.started("2", 0);
         assert_eq!(starts(&path), [("1".into(), 1), ("2".into(), 1)]);
+        // Job 1's work is done: its start is taken back while its result
+        // is delivered.
+        journal.work_done("1");
+        assert_eq!(starts(&path), [("1".into(), 0), ("2".into(), 1)]);
         // Job 1 finishes (its mark at once); a drain timeout stops job 2,
         // whose start is taken back.
         journal.done_now("1");

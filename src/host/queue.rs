@@ -458,6 +458,11 @@ async fn run_job(
         )
         .await;
         result.queue_ms = (waited.as_secs_f64() * 1e5).round() / 100.0;
+        // Its work is done; a stop while its result is delivered does not
+        // count against it.
+        if job.starts.is_some() {
+            state.queue.journal.work_done(&job.id);
+        }
         match result.status {
             Status::Ok => tracing::info!(
                 outputs = result.outputs.len(),
