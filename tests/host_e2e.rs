@@ -808,3 +808,90 @@ async fn a_watermark_host_that_hangs_does_not_hold_up_other_rules() {
     host.stop().await;
     mark.server.abort();
 }
+
+/// A TCP proxy to `upstream` (`http://HOST:PORT`) that drops every
+/// connection until it is opened: an S3 server that is down. Its endpoint,
+/// its switch, and the connections it dropped.
+async fn closed_proxy(
+    upstream: &str,
+) -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let (open, dropped) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (is_open, drops) = (open.clone(), dropped.clone());
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            if !is_open.load(Ordering::SeqCst) {
+                drops.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), open, dropped)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invocation_the_store_failed_runs_again_once_the_store_is_back() {
+    use std::sync::atomic::Ordering;
+    let s3 = start_s3().await;
+    s3.create_bucket("photos").await;
+    let original = fixture("images/storm.jpg");
+    s3.client()
+        .put_object()
+        .bucket("photos")
+        .key("a.jpg")
+        .body(ByteStream::from(original.clone()))
+        .send()
+        .await
+        .unwrap();
+    // The host reaches the server through a proxy that is down for 4 s.
+    // Its first run fails within about 3 s (the S3 client's own three
+    // attempts), and it runs again 5 s after that, once the proxy is up.
+    let (endpoint, open, dropped) = closed_proxy(&s3.endpoint).await;
+    let store = imgfunc::store::S3Store::new(
+        common::s3::s3_client(&endpoint, &s3.access_key, &s3.secret_key),
+        endpoint.clone(),
+    );
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.embedded = false;
+    config.backend_retries = vec![Duration::from_secs(5)];
+    let host = TestHost::start(config, std::sync::Arc::new(store)).await;
+    let rules = image_rule("thumbs", "*.jpg", "resize:w_100", &receiver.url);
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    let event = minio_put_event("photos", "a.jpg", original.len(), "x");
+    assert_eq!(host.post_events(&event).await.status(), 202);
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        dropped.load(Ordering::SeqCst) > 0,
+        "the store was not asked"
+    );
+    assert!(receiver.bodies().is_empty(), "{:?}", receiver.bodies());
+    open.store(true, Ordering::SeqCst);
+
+    // One result, the run that succeeded.
+    let bodies = receiver.wait_for(1).await;
+    assert_eq!(bodies[0]["status"], "ok", "{}", bodies[0]);
+    assert_eq!(bodies[0]["outputs"][0]["key"], "gen_a.jpg", "{}", bodies[0]);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(receiver.bodies().len(), 1, "{:?}", receiver.bodies());
+    host.stop().await;
+}

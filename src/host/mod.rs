@@ -58,6 +58,10 @@ pub struct HostConfig {
     pub body_memory: usize,
     /// How long shutdown waits for queued and running work.
     pub drain_timeout: Duration,
+    /// An invocation the store failed (`backend`: an S3 server down,
+    /// refusing or failing) runs again after each of these waits in turn;
+    /// its result is delivered once it succeeds or they are used up.
+    pub backend_retries: Vec<Duration>,
     /// Client connections open at once; more wait to be accepted.
     pub max_connections: usize,
     /// How long a client may take to send a request's headers, sit idle
@@ -84,6 +88,7 @@ impl HostConfig {
             max_object_bytes: 256 * 1024 * 1024,
             body_memory: 1 << 30,
             drain_timeout: Duration::from_secs(60),
+            backend_retries: [5, 30, 120].map(Duration::from_secs).to_vec(),
             max_connections: 1024,
             client_timeout: Duration::from_secs(30),
         }

@@ -35,6 +35,9 @@ pub struct Job {
     /// never finished) before; its start is written down (see
     /// [`Journal::started`]). One that started before runs alone.
     pub starts: Option<u32>,
+    /// Runs before this one that failed with the store's own error
+    /// (`backend`): see [`HostConfig::backend_retries`](super::HostConfig).
+    pub retried: usize,
 }
 
 impl Job {
@@ -60,6 +63,9 @@ pub struct Queue {
     /// Held shared by every job while it runs, and alone by a job that
     /// must run with no other queued job beside it (see [`resume`]).
     turns: Arc<tokio::sync::RwLock<()>>,
+    /// Cancelled when the shutdown begins: jobs waiting to run again after
+    /// a store failure stop waiting and are left to the journal.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 /// Room reserved in the queue for jobs not built yet.
@@ -122,6 +128,7 @@ impl Queue {
                 unfinished: Arc::default(),
                 journal,
                 turns: Arc::default(),
+                closing: tokio_util::sync::CancellationToken::new(),
             },
             rx,
         )
@@ -213,6 +220,7 @@ pub fn jobs_for(state: &AppState, event: Event) -> Vec<Job> {
             event: event.clone(),
             enqueued: Instant::now(),
             starts: None,
+            retried: 0,
         })
         .collect()
 }
@@ -314,8 +322,8 @@ impl Workers {
                     let (id, rule) = (job.id.clone(), job.rule.id.clone());
                     let run =
                         AssertUnwindSafe(run_job(&state, &deliveries, &delivering, job, slot));
-                    let handed = match run.catch_unwind().await {
-                        Ok(handed) => handed,
+                    let ran = match run.catch_unwind().await {
+                        Ok(ran) => ran,
                         Err(panic) => {
                             let message = panic
                                 .downcast_ref::<&str>()
@@ -328,14 +336,17 @@ impl Workers {
                                 panic = message,
                                 "the invocation stopped unexpectedly (a panic); its result is lost"
                             );
-                            false
+                            Ran::Finished
                         }
                     };
-                    // A job whose result is being delivered is marked done
-                    // when its delivery ends: one killed meanwhile runs
-                    // again at the next start, so its result is not lost.
-                    if !handed {
-                        mark_done(&state.queue.journal, &id, resumed);
+                    match ran {
+                        // Marked done when its delivery ends: one killed
+                        // meanwhile runs again at the next start, so its
+                        // result is not lost.
+                        Ran::Handed => {}
+                        Ran::Finished => mark_done(&state.queue.journal, &id, resumed),
+                        // Still pending, and still unfinished.
+                        Ran::Retrying => continue,
                     }
                     state.queue.unfinished.fetch_sub(1, Ordering::SeqCst);
                 }
@@ -356,6 +367,8 @@ impl Workers {
         // Notifications being waited for; kept out here so that a timeout
         // can stop them.
         let mut delivering = JoinSet::new();
+        // Jobs waiting to run again stop waiting: the journal keeps them.
+        self.state.queue.closing.cancel();
         let wait = async {
             while !self.state.queue.idle() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -419,15 +432,26 @@ fn take(deliveries: &Mutex<JoinSet<()>>) -> JoinSet<()> {
         .unwrap_or_default()
 }
 
-/// Runs `job`; `true` when its result was handed to a delivery, which
-/// marks the job done in the journal when it ends.
+/// What became of a job [`run_job`] ran.
+enum Ran {
+    /// Done; its done mark is the worker's to write.
+    Finished,
+    /// Its result was handed to a delivery, which marks the job done in
+    /// the journal when it ends.
+    Handed,
+    /// The store failed it (`backend`): it runs again later (see
+    /// [`retry_later`]), still pending and unfinished.
+    Retrying,
+}
+
+/// Runs `job`; see [`Ran`].
 async fn run_job(
     state: &Arc<AppState>,
     deliveries: &Arc<Mutex<JoinSet<()>>>,
     delivering: &Delivering,
-    job: Job,
+    mut job: Job,
     slot: cloudfunc::ImageSlot,
-) -> bool {
+) -> Ran {
     let span = tracing::info_span!(
         "invocation",
         id = %job.id,
@@ -463,6 +487,18 @@ async fn run_job(
         if job.starts.is_some() {
             state.queue.journal.work_done(&job.id);
         }
+        let store_failed = result.status == Status::Error
+            && result.error.as_ref().is_some_and(|e| e.code == "backend");
+        if store_failed && let Some(&delay) = state.config.backend_retries.get(job.retried) {
+            tracing::warn!(
+                error = result.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""),
+                retry_in = ?delay,
+                "the store failed; the invocation runs again later"
+            );
+            job.retried += 1;
+            retry_later(state, job, delay);
+            return Ran::Retrying;
+        }
         match result.status {
             Status::Ok => tracing::info!(
                 outputs = result.outputs.len(),
@@ -490,7 +526,7 @@ async fn run_job(
                 Ok(payload) => payload,
                 Err(e) => {
                     tracing::error!("cannot serialise result: {e}");
-                    return false;
+                    return Ran::Finished;
                 }
             };
             // Waits while the deliveries under way are at their bound. The
@@ -519,11 +555,11 @@ async fn run_job(
                     }
                     .in_current_span(),
                 );
-                return true;
+                return Ran::Handed;
             }
             lock(&delivering).remove(&job.id);
         }
-        false
+        Ran::Finished
     }
     .instrument(span)
     .await
@@ -531,6 +567,30 @@ async fn run_job(
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Queues `job` again after `delay`, behind what is queued then. It stays
+/// pending in the journal and counted unfinished meanwhile; a shutdown that
+/// begins meanwhile ends the wait, and the job runs at the next start.
+fn retry_later(state: &Arc<AppState>, job: Job, delay: Duration) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let queued = async {
+            tokio::time::sleep(delay).await;
+            let permit = state.queue.sender()?.reserve_owned().await.ok()?;
+            permit.send(job);
+            Some(())
+        };
+        let closing = state.queue.closing.clone();
+        let queued = tokio::select! {
+            queued = queued => queued.is_some(),
+            () = closing.cancelled() => false,
+        };
+        if !queued {
+            state.queue.unfinished.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("shutting down: a job waiting to run again is left in the journal");
+        }
+    });
 }
 
 /// Objects written to the embedded store fire `create_object` like uploads
@@ -627,6 +687,7 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
                 event: p.event,
                 enqueued: Instant::now(),
                 starts: Some(p.starts),
+                retried: 0,
             }),
             None => {
                 tracing::warn!(
