@@ -862,7 +862,8 @@ async fn an_invocation_the_store_failed_runs_again_once_the_store_is_back() {
         .unwrap();
     // The host reaches the server through a proxy that is down for 4 s.
     // Its first run fails within about 3 s (the S3 client's own three
-    // attempts), and it runs again 5 s after that, once the proxy is up.
+    // attempts), and it runs again 8 s after that, once the proxy is up:
+    // a result before 8 s would be the first run's.
     let (endpoint, open, dropped) = closed_proxy(&s3.endpoint).await;
     let store = imgfunc::store::S3Store::new(
         common::s3::s3_client(&endpoint, &s3.access_key, &s3.secret_key),
@@ -872,12 +873,13 @@ async fn an_invocation_the_store_failed_runs_again_once_the_store_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.embedded = false;
-    config.backend_retries = vec![Duration::from_secs(5)];
+    config.backend_retries = vec![Duration::from_secs(8)];
     let host = TestHost::start(config, std::sync::Arc::new(store)).await;
     let rules = image_rule("thumbs", "*.jpg", "resize:w_100", &receiver.url);
     assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
     let event = minio_put_event("photos", "a.jpg", original.len(), "x");
     assert_eq!(host.post_events(&event).await.status(), 202);
+    let posted = std::time::Instant::now();
 
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
@@ -889,8 +891,18 @@ async fn an_invocation_the_store_failed_runs_again_once_the_store_is_back() {
 
     // One result, the run that succeeded.
     let bodies = receiver.wait_for(1).await;
+    assert!(
+        posted.elapsed() >= Duration::from_secs(8),
+        "not a second run"
+    );
     assert_eq!(bodies[0]["status"], "ok", "{}", bodies[0]);
     assert_eq!(bodies[0]["outputs"][0]["key"], "gen_a.jpg", "{}", bodies[0]);
+    // Its times are the second run's.
+    assert!(
+        bodies[0]["queue_ms"].as_f64().unwrap() < 4000.0,
+        "{}",
+        bodies[0]
+    );
     tokio::time::sleep(QUIET).await;
     assert_eq!(receiver.bodies().len(), 1, "{:?}", receiver.bodies());
     host.stop().await;

@@ -422,6 +422,14 @@ async fn s3_wrong_credentials_are_a_backend_error() {
     assert!(message.starts_with("s3 get_object bkt/k:"), "{message}");
     assert!(message.contains("SignatureDoesNotMatch"), "{message}");
     assert!(message.contains("(HTTP 403)"), "{message}");
+    // A refusal, not worth trying again.
+    assert!(matches!(
+        err,
+        StoreError::Backend {
+            transient: false,
+            ..
+        }
+    ));
     // The code and the server's message, not the raw response the SDK
     // would print (headers, request ids, the XML body).
     assert!(message.len() < 300, "{message}");
@@ -444,6 +452,14 @@ async fn a_refused_connection_is_named_in_a_short_message() {
         store.head("bkt", "k").await.unwrap_err(),
     ] {
         assert_eq!(err.code(), "backend", "{err:?}");
+        // Worth trying again later.
+        assert!(matches!(
+            err,
+            StoreError::Backend {
+                transient: true,
+                ..
+            }
+        ));
         let message = err.to_string();
         assert!(message.contains("Connection refused"), "{message}");
         // The causes' own words, not the SDK's debug dump of its connector.

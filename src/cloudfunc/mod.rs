@@ -151,6 +151,10 @@ pub struct InvocationResult {
     pub duration_ms: f64,
     /// Time spent waiting in the host's queue before running, in milliseconds.
     pub queue_ms: f64,
+    /// The store failed in a way that may pass: the host may run the
+    /// invocation again before it reports it.
+    #[serde(skip)]
+    pub transient: bool,
 }
 
 /// The event a result answers: its object, its type, and the object's size
@@ -209,6 +213,18 @@ pub enum InvokeError {
 }
 
 impl InvokeError {
+    /// Whether the store failed in a way that may pass (see
+    /// [`StoreError::Backend`]).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            InvokeError::Store(StoreError::Backend {
+                transient: true,
+                ..
+            })
+        )
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             InvokeError::Store(e) => e.code(),
@@ -249,6 +265,7 @@ pub async fn invoke(
         error: None,
         duration_ms: 0.0,
         queue_ms: 0.0,
+        transient: false,
     };
     match &rule.cloudfunc {
         CloudFunc::Notifier => drop(slot),
@@ -267,6 +284,7 @@ pub async fn invoke(
                 }
                 Err(e) => {
                     result.status = Status::Error;
+                    result.transient = e.is_transient();
                     result.error = Some(ErrorBody {
                         code: e.code().into(),
                         message: e.to_string(),

@@ -487,9 +487,9 @@ async fn run_job(
         if job.starts.is_some() {
             state.queue.journal.work_done(&job.id);
         }
-        let store_failed = result.status == Status::Error
-            && result.error.as_ref().is_some_and(|e| e.code == "backend");
-        if store_failed && let Some(&delay) = state.config.backend_retries.get(job.retried) {
+        if result.transient
+            && let Some(&delay) = state.config.backend_retries.get(job.retried)
+        {
             tracing::warn!(
                 error = result.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""),
                 retry_in = ?delay,
@@ -572,12 +572,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Queues `job` again after `delay`, behind what is queued then. It stays
 /// pending in the journal and counted unfinished meanwhile; a shutdown that
 /// begins meanwhile ends the wait, and the job runs at the next start.
-fn retry_later(state: &Arc<AppState>, job: Job, delay: Duration) {
+fn retry_later(state: &Arc<AppState>, mut job: Job, delay: Duration) {
     let state = state.clone();
     tokio::spawn(async move {
         let queued = async {
             tokio::time::sleep(delay).await;
             let permit = state.queue.sender()?.reserve_owned().await.ok()?;
+            // Its result reports the time this run waited.
+            job.enqueued = Instant::now();
             permit.send(job);
             Some(())
         };

@@ -38,6 +38,10 @@ pub enum StoreError {
         op: &'static str,
         target: String,
         message: String,
+        /// Worth trying again later: the server could not be reached, did
+        /// not answer in time, broke off, or failed (5xx, 408, 429), as
+        /// opposed to refusing (403, 400).
+        transient: bool,
     },
 }
 

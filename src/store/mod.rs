@@ -328,6 +328,7 @@ fn read_error(name: String, e: std::io::Error) -> StoreError {
             op: "get_object",
             target: name,
             message: remote.0.clone(),
+            transient: true,
         },
         None => StoreError::io("read", name, e),
     }

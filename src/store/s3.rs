@@ -207,6 +207,7 @@ fn check_endpoint(endpoint: &str) -> Result<(), StoreError> {
         op: "configure",
         target: endpoint.to_owned(),
         message: "the endpoint must start with http:// or https://".into(),
+        transient: false,
     })
 }
 
@@ -266,6 +267,9 @@ where
                 format!("{bucket}/{key}")
             },
             message: backend_message(&err, status),
+            // No answer at all (a refused connection, a timeout), or the
+            // server's own failure.
+            transient: status.is_none_or(|s| s >= 500 || s == 408 || s == 429),
         },
     }
 }
@@ -367,6 +371,7 @@ impl ObjectStore for S3Store {
                 op: "get_object",
                 target: format!("{bucket}/{key}"),
                 message,
+                transient: true,
             };
             let mut bytes = Vec::new();
             // Each chunk within the read timeout: the SDK's own timeouts end
