@@ -860,10 +860,10 @@ async fn an_invocation_the_store_failed_runs_again_once_the_store_is_back() {
         .send()
         .await
         .unwrap();
-    // The host reaches the server through a proxy that is down for 4 s.
+    // The host reaches the server through a proxy that is down for 6 s.
     // Its first run fails within about 3 s (the S3 client's own three
-    // attempts), and it runs again 8 s after that, once the proxy is up:
-    // a result before 8 s would be the first run's.
+    // attempts), and it runs again 10 s after that, once the proxy is up:
+    // a result before 10 s would be the first run's.
     let (endpoint, open, dropped) = closed_proxy(&s3.endpoint).await;
     let store = imgfunc::store::S3Store::new(
         common::s3::s3_client(&endpoint, &s3.access_key, &s3.secret_key),
@@ -873,7 +873,7 @@ async fn an_invocation_the_store_failed_runs_again_once_the_store_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.embedded = false;
-    config.backend_retries = vec![Duration::from_secs(8)];
+    config.backend_retries = vec![Duration::from_secs(10)];
     let host = TestHost::start(config, std::sync::Arc::new(store)).await;
     let rules = image_rule("thumbs", "*.jpg", "resize:w_100", &receiver.url);
     assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
@@ -881,7 +881,7 @@ async fn an_invocation_the_store_failed_runs_again_once_the_store_is_back() {
     assert_eq!(host.post_events(&event).await.status(), 202);
     let posted = std::time::Instant::now();
 
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(
         dropped.load(Ordering::SeqCst) > 0,
         "the store was not asked"
@@ -892,7 +892,7 @@ async fn an_invocation_the_store_failed_runs_again_once_the_store_is_back() {
     // One result, the run that succeeded.
     let bodies = receiver.wait_for(1).await;
     assert!(
-        posted.elapsed() >= Duration::from_secs(8),
+        posted.elapsed() >= Duration::from_secs(10),
         "not a second run"
     );
     assert_eq!(bodies[0]["status"], "ok", "{}", bodies[0]);
