@@ -58,9 +58,10 @@ pub struct HostConfig {
     pub body_memory: usize,
     /// How long shutdown waits for queued and running work.
     pub drain_timeout: Duration,
-    /// An invocation the store failed (`backend`: an S3 server down,
-    /// refusing or failing) runs again after each of these waits in turn;
-    /// its result is delivered once it succeeds or they are used up.
+    /// An invocation the store failed in a way that may pass (`backend`
+    /// with no answer, a timeout, or a 5xx, 408 or 429; not a refusal)
+    /// runs again after each of these waits in turn; its result is
+    /// delivered once it succeeds or they are used up.
     pub backend_retries: Vec<Duration>,
     /// Client connections open at once; more wait to be accepted.
     pub max_connections: usize,

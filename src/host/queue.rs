@@ -35,8 +35,8 @@ pub struct Job {
     /// never finished) before; its start is written down (see
     /// [`Journal::started`]). One that started before runs alone.
     pub starts: Option<u32>,
-    /// Runs before this one that failed with the store's own error
-    /// (`backend`): see [`HostConfig::backend_retries`](super::HostConfig).
+    /// Runs before this one that the store failed in a way that may pass:
+    /// see [`HostConfig::backend_retries`](super::HostConfig).
     pub retried: usize,
 }
 
@@ -439,8 +439,8 @@ enum Ran {
     /// Its result was handed to a delivery, which marks the job done in
     /// the journal when it ends.
     Handed,
-    /// The store failed it (`backend`): it runs again later (see
-    /// [`retry_later`]), still pending and unfinished.
+    /// The store failed it in a way that may pass: it runs again later
+    /// (see [`retry_later`]), still pending and unfinished.
     Retrying,
 }
 
