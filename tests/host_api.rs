@@ -1509,15 +1509,20 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
     );
     assert!(started.elapsed() >= Duration::from_millis(900));
 
+    // A PUT of `length` bytes to /slow/`key` whose body starts with `first`.
+    let start_put = |key: &'static str, length: usize, first: &'static [u8]| async move {
+        let mut stream = TcpStream::connect(host.addr).await.unwrap();
+        let head = format!(
+            "PUT /slow/{key} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+             Content-Length: {length}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(first).await.unwrap();
+        stream
+    };
+
     // A body that stops coming: 408 naming the wait.
-    let mut trickle = TcpStream::connect(host.addr).await.unwrap();
-    trickle
-        .write_all(
-            b"PUT /slow/a.bin HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
-              Content-Length: 100\r\n\r\n0123456789",
-        )
-        .await
-        .unwrap();
+    let mut trickle = start_put("a.bin", 100, b"0123456789").await;
     let answer = read_until_closed(&mut trickle, Duration::from_secs(10))
         .await
         .expect("the connection ends");
@@ -1527,14 +1532,7 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
 
     // A body that trickles in, a byte well within the timeout each time:
     // once the timeout has passed it must come at 16 KiB a second.
-    let mut trickle = TcpStream::connect(host.addr).await.unwrap();
-    trickle
-        .write_all(
-            b"PUT /slow/b.bin HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
-              Content-Length: 100000\r\n\r\n0",
-        )
-        .await
-        .unwrap();
+    let mut trickle = start_put("b.bin", 100_000, b"0").await;
     let started = std::time::Instant::now();
     let sender = tokio::spawn(async move {
         for _ in 0..40 {

@@ -465,10 +465,11 @@ async fn run_job(
         // image work begins, not before: a start that stopped the process
         // is one that ran the image work (a store that hangs at every start
         // does not set a job aside).
-        let journal = state.queue.journal.clone();
-        let (id, starts) = (job.id.clone(), job.starts);
+        let start = job
+            .starts
+            .map(|n| (state.queue.journal.clone(), job.id.clone(), n));
         let before_image_work = move || {
-            if let Some(starts) = starts {
+            if let Some((journal, id, starts)) = start {
                 journal.started(&id, starts);
             }
         };
