@@ -1685,6 +1685,53 @@ async fn queued_events_of_a_removed_rule_are_not_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_events_a_replaced_rule_no_longer_takes_are_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.workers = 1;
+    let host = TestHost::local(config).await;
+    let rule = |filter: &str, save: &str| {
+        one_rule(json!({
+            "id": "big", "event_types": ["create_object"], "object_filters": [filter],
+            "cloudfunc": "image",
+            "cloudfunc_args": {"action": "resize:w_2400|format:t_webp,q_90", "save_bucket": save}}))
+    };
+    assert_eq!(
+        host.set_rules("photos", &rule("*.jpg", "out"))
+            .await
+            .status(),
+        200
+    );
+    let made = host.put_object("other", "note.txt", b"kept".to_vec(), "text/plain");
+    assert_eq!(made.await.status(), 201);
+    let photo = fixture("images/wood.jpg");
+    host.put_jpegs("photos", (0..12).map(|n| format!("{n:02}.jpg")), &photo)
+        .await;
+    // The same id now takes only PNGs, and saves elsewhere.
+    assert_eq!(
+        host.set_rules("photos", &rule("*.png", "other"))
+            .await
+            .status(),
+        200
+    );
+    eventually("the queue drained", || async {
+        (host.queue_depth().await == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Those already taken from the queue finish under the old rule; the rest
+    // are skipped, not run with the new rule's arguments.
+    let written = host.list_keys("out").await.len();
+    assert!(
+        (1..=5).contains(&written),
+        "{written} outputs of the old rule"
+    );
+    let other = host.list_keys("other").await;
+    assert_eq!(other, ["note.txt"], "the new rule ran on JPEGs");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_past_its_page_says_so_and_pages_on() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::local(test_config(dir.path())).await;

@@ -277,18 +277,16 @@ impl Workers {
                     let Some(mut job) = job else { break };
                     // The rule as it is now: one removed since the event was
                     // queued no longer applies, one replaced applies as it
-                    // now reads.
-                    let current = state
-                        .rules
-                        .rules(&job.event.bucket)
-                        .into_iter()
-                        .find(|r| r.id == job.rule.id);
+                    // now reads, so only to events its new event types and
+                    // filters still take.
+                    let current = current_rule(&state.rules, &job.rule.id, &job.event);
                     let Some(rule) = current else {
                         tracing::info!(
                             rule = %job.rule.id,
                             bucket = %job.event.bucket,
                             key = %job.event.key,
-                            "skipped: the rule was removed after the event was queued"
+                            "skipped: the rule was removed or no longer takes this event \
+                             after the event was queued"
                         );
                         state.queue.journal.done(&job.id);
                         state.queue.unfinished.fetch_sub(1, Ordering::SeqCst);
@@ -677,12 +675,7 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
             state.queue.journal.drop_job(&p);
             continue;
         }
-        let rule = state
-            .rules
-            .rules(&p.event.bucket)
-            .into_iter()
-            .find(|r| r.id == p.rule);
-        match rule {
+        match current_rule(&state.rules, &p.rule, &p.event) {
             // One that started once and never finished runs alone, first.
             Some(rule) => (if p.starts > 0 { &mut alone } else { &mut jobs }).push(Job {
                 id: p.id,
@@ -697,7 +690,8 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
                     rule = %p.rule,
                     bucket = %p.event.bucket,
                     key = %p.event.key,
-                    "a job left from the last run is dropped: its rule is gone"
+                    "a job left from the last run is dropped: its rule is gone or no longer takes \
+                     this event"
                 );
                 state.queue.journal.done(&p.id);
             }
@@ -710,4 +704,14 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
     );
     alone.append(&mut jobs);
     send_when_room(state, alone);
+}
+
+/// The rule `id` of the event's bucket as it reads now, if it still takes
+/// the event: a rule replaced under the same id runs with its new
+/// arguments, and only on events its new event types and filters match.
+fn current_rule(rules: &crate::rules::RuleBook, id: &str, event: &Event) -> Option<Arc<Rule>> {
+    rules
+        .rules(&event.bucket)
+        .into_iter()
+        .find(|r| r.id == id && r.matches(event.event_type, &event.key))
 }
