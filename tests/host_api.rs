@@ -170,6 +170,58 @@ async fn rules_are_validated_when_set_and_survive_a_restart() {
     host.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watermark_urls_are_judged_when_the_rule_is_set() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.sources.allow_hosts = vec!["cdn.example.com".into()];
+    let host = TestHost::local(config).await;
+    let rule = |url: &str| {
+        let u = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(url);
+        one_rule(json!({
+            "id": "marked", "event_types": ["create_object"], "cloudfunc": "image",
+            "cloudfunc_args": {"action": format!("resize:w_100|watermark_image:u_{u}"),
+                               "save_bucket": "out"}}))
+    };
+    for (url, why) in [
+        (
+            "ftp://cdn.example.com/logo.png",
+            "scheme ftp is not supported",
+        ),
+        ("logo.png", "not a URL"),
+        (
+            "https://example.com/logo.png",
+            "host example.com is not on the watermark allow-list",
+        ),
+        ("s3://marks", "does not name"),
+        ("s3://Bad_Bucket/logo.png", "Bad_Bucket"),
+    ] {
+        assert_error(
+            host.set_rules("photos", &rule(url)).await,
+            400,
+            "invalid_rule",
+            &[
+                "notifications[0].cloudfunc_args.action",
+                "watermark_image",
+                url,
+                why,
+            ],
+        )
+        .await;
+    }
+    assert_eq!(host.get_rules("photos").await, json!({"notifications": []}));
+    // What this server can read is taken: a store object, an allowed host.
+    for url in ["s3://marks/logo.png", "https://CDN.example.com/a/logo.png"] {
+        assert_eq!(
+            host.set_rules("photos", &rule(url)).await.status(),
+            200,
+            "{url}"
+        );
+    }
+    host.stop().await;
+}
+
 /// Three S3 records for `bucket`, which a queue of one cannot take at once.
 /// A host configuration with one image thread and room for one waiting job.
 fn one_job_queue(dir: &std::path::Path) -> imgfunc::host::HostConfig {

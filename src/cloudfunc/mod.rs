@@ -7,7 +7,7 @@ mod sources;
 
 pub use pool::CpuPool;
 pub use sources::{
-    MAX_WATERMARK_BYTES, SourceConfig, WatermarkSources, allow_list_entry, s3_url_object,
+    MAX_WATERMARK_BYTES, Source, SourceConfig, WatermarkSources, allow_list_entry, s3_url_object,
 };
 
 use std::collections::{BTreeMap, HashMap};

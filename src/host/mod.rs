@@ -25,10 +25,10 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
-use crate::cloudfunc::{Runtime, SourceConfig, WatermarkSources};
+use crate::cloudfunc::{Runtime, Source, SourceConfig, WatermarkSources};
 use crate::imaging::Limits;
 use crate::notify::{Notifier, NotifyConfig};
-use crate::rules::RuleBook;
+use crate::rules::{RuleBook, WatermarkCheck};
 use crate::store::ObjectStore;
 
 /// Everything `serve` is configured with.
@@ -181,10 +181,19 @@ impl Host {
         // Rules are read once the journal's lock is held: a second server
         // on the same folder stops before it clears the rule folder's
         // temporary files, which may be a running server's write.
+        // A `watermark_image` URL is judged when its rule is set, as it
+        // would be at every event: what it names, without fetching it.
+        let marks = WatermarkSources::new(config.sources.clone());
+        let bucket_check = store.bucket_check();
+        let watermark_check = WatermarkCheck::new(move |url| match marks.classify(url)? {
+            Source::Object { bucket, .. } => bucket_check(&bucket).map_err(|e| e.to_string()),
+            Source::Remote(_) => Ok(()),
+        });
         let rules = RuleBook::open_for(
             &config.data_dir.join(".imgfunc").join("rules"),
             config.functions_dir.as_deref(),
-            store.bucket_check(),
+            bucket_check,
+            Some(watermark_check),
         )?;
         let (queue, receiver) = queue::Queue::new(config.queue_bound, Arc::new(journal));
         let body_units =

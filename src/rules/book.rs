@@ -46,9 +46,32 @@ pub struct RuleBook {
     state_dir: Option<PathBuf>,
     /// The store's check of bucket names (see [`RuleBook::open_for`]).
     bucket_check: Option<crate::store::BucketCheck>,
+    /// The server's check of `watermark_image` URLs (see
+    /// [`RuleBook::open_for`]).
+    watermark_check: Option<WatermarkCheck>,
     buckets: RwLock<HashMap<String, BucketRules>>,
     /// Orders writes to the state directory with the updates they belong to.
     saving: Mutex<()>,
+}
+
+/// Says whether this server can read the image a `watermark_image` URL
+/// names (a store object, or a host it may fetch from), without any I/O;
+/// the error says why not.
+#[derive(Clone)]
+pub struct WatermarkCheck(Arc<UrlCheck>);
+
+type UrlCheck = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+impl WatermarkCheck {
+    pub fn new(check: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static) -> Self {
+        WatermarkCheck(Arc::new(check))
+    }
+}
+
+impl std::fmt::Debug for WatermarkCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WatermarkCheck")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -69,18 +92,25 @@ impl RuleBook {
     /// rules, which replace file-loaded ones bucket by bucket. Any invalid
     /// file is an error: rules are never dropped silently.
     pub fn open(state_dir: &Path, functions_dir: Option<&Path>) -> Result<RuleBook, RuleBookError> {
-        RuleBook::open_for(state_dir, functions_dir, crate::store::validate_bucket)
+        RuleBook::open_for(
+            state_dir,
+            functions_dir,
+            crate::store::validate_bucket,
+            None,
+        )
     }
 
     /// [`RuleBook::open`] for a store whose bucket names `bucket_check`
     /// accepts ([`crate::store::ObjectStore::bucket_check`]): rules set or
     /// loaded from `functions/` are refused when their bucket, `save_bucket`
-    /// or a `save:` target is a name the store refuses, instead of failing
+    /// or a `save:` target is a name the store refuses, or when
+    /// `watermark_check` refuses a `watermark_image` URL, instead of failing
     /// at every event. (Rules saved earlier are loaded as they are.)
     pub fn open_for(
         state_dir: &Path,
         functions_dir: Option<&Path>,
         bucket_check: crate::store::BucketCheck,
+        watermark_check: Option<WatermarkCheck>,
     ) -> Result<RuleBook, RuleBookError> {
         fs::create_dir_all(state_dir).map_err(|source| RuleBookError::Io {
             op: "create",
@@ -90,6 +120,7 @@ impl RuleBook {
         let book = RuleBook {
             state_dir: Some(state_dir.to_path_buf()),
             bucket_check: Some(bucket_check),
+            watermark_check,
             ..RuleBook::default()
         };
         if let Some(dir) = functions_dir {
@@ -167,7 +198,8 @@ impl RuleBook {
 
     /// Holds the buckets the `image` rules among `rules` read and write
     /// (`bucket` itself, `save_bucket`, `save:` targets) to the store's
-    /// bucket names; the error names the field. Notifier rules do not touch
+    /// bucket names, and their `watermark_image` URLs to the watermark
+    /// check; the error names the field. Notifier rules do not touch
     /// the store, so they take any bucket name an event may carry.
     ///
     /// Also refuses image rules on events that leave no object
@@ -191,14 +223,22 @@ impl RuleBook {
                     )
                 })?;
             }
+            let field = || format!("notifications[{i}].cloudfunc_args.action");
             for op in &args.action.ops {
-                if let crate::action::Op::Save(save) = op {
-                    check(&save.bucket).map_err(|e| {
-                        RuleError::new(
-                            format!("notifications[{i}].cloudfunc_args.action"),
-                            format!("save: {e}"),
-                        )
-                    })?;
+                match op {
+                    crate::action::Op::Save(save) => check(&save.bucket)
+                        .map_err(|e| RuleError::new(field(), format!("save: {e}")))?,
+                    crate::action::Op::WatermarkImage(mark) => {
+                        if let Some(WatermarkCheck(ok)) = &self.watermark_check {
+                            ok(&mark.url).map_err(|e| {
+                                RuleError::new(
+                                    field(),
+                                    format!("watermark_image: {}: {e}", crate::shown(&mark.url)),
+                                )
+                            })?;
+                        }
+                    }
+                    _ => {}
                 }
             }
         }

@@ -13,7 +13,7 @@ pub mod model;
 mod rule;
 mod validate;
 
-pub use book::{RuleBook, RuleBookError};
+pub use book::{RuleBook, RuleBookError, WatermarkCheck};
 pub use error::RuleError;
 pub use event_type::{EventType, UnknownEventType};
 pub use rule::{
