@@ -740,6 +740,29 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_rule_takes_photos_whatever_the_case_of_their_extension() {
+        let state = tempfile::tempdir().unwrap();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("functions");
+        let book = RuleBook::open(state.path(), Some(&shipped)).unwrap();
+        for key in [
+            "a.jpg",
+            "IMG_0001.JPG",
+            "b/c.jpeg",
+            "D.JPEG",
+            "e.png",
+            "F.PNG",
+            "g.WEBP",
+        ] {
+            let rules = book.matching("photos", EventType::CreateObject, key);
+            assert_eq!(rules.len(), 1, "{key}");
+        }
+        assert!(
+            book.matching("photos", EventType::CreateObject, "notes.txt")
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn open_creates_the_state_dir() {
         let root = tempfile::tempdir().unwrap();
         let state = root.path().join("state/rules");

@@ -12,7 +12,7 @@ use super::model::{RawCloudFuncArgs, RawNotification};
 use super::rule::{
     CloudFunc, DEFAULT_KEY_PREFIX, DEFAULT_KEY_SEPRATE, ImageArgs, ObjectFilters, Rule,
 };
-use crate::action::Action;
+use crate::action::{Action, Op};
 
 /// Validates a QingStor notification body, `{"notifications": [...]}`, for
 /// `bucket`. Field paths in errors start at the body:
@@ -361,7 +361,10 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
         ));
     }
     let output_bucket = save_bucket.as_deref().unwrap_or(bucket);
-    if key_prefix.is_empty() && key_seprate.is_empty() && output_bucket == bucket {
+    // A pipeline that ends with `info` writes no output object (a `save:`
+    // naming the original is refused at event time).
+    let writes_output = !matches!(action.ops.last(), Some(Op::Info));
+    if writes_output && key_prefix.is_empty() && key_seprate.is_empty() && output_bucket == bucket {
         return Err(RuleError::new(
             "cloudfunc_args.key_prefix",
             format!(
@@ -805,6 +808,20 @@ mod tests {
             );
         });
         assert_eq!(err.field, "notifications[0].cloudfunc_args.key_prefix");
+
+        // `info` elsewhere than at the end leaves an image to write.
+        let err = error_with(|r| {
+            r.insert(
+                "cloudfunc_args".into(),
+                json!({"action": "info|rotate:a_90", "key_prefix": "", "key_seprate": ""}),
+            );
+        });
+        assert_eq!(err.field, "notifications[0].cloudfunc_args.key_prefix");
+        // A pipeline that ends with `info` writes no output object.
+        let mut body = example();
+        body["notifications"][0]["cloudfunc_args"] =
+            json!({"action": "rotate:a_90|info", "key_prefix": "", "key_seprate": ""});
+        assert_eq!(parse(&body).unwrap().len(), 1);
 
         let mut body = example();
         body["notifications"][0]["cloudfunc_args"] = json!({"action": "rotate:a_90", "key_prefix": "", "key_seprate": "",
