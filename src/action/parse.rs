@@ -115,6 +115,10 @@ impl<'a> Params<'a> {
                         op,
                         param: shown(param),
                     })?;
+            // `w _100` and `w_ 100` read as `w_100`. (A base64 value never
+            // starts with a `+` that form decoding made a space: no UTF-8
+            // text or URL starts with the bytes that encode to it.)
+            let (key, value) = (key.trim(), value.trim());
             if !keys.contains(&key) {
                 return Err(ActionError::UnknownKey {
                     op,
@@ -201,13 +205,15 @@ impl<'a> Params<'a> {
     }
 }
 
-/// Accepts the standard and URL-safe alphabets, padded or not. A space is
+/// Accepts the standard and URL-safe alphabets, padded or not, and unused
+/// low bits in the last character set (as most decoders do). A space is
 /// read as `+`, which form-encoded query strings turn into spaces.
 fn decode_base64(raw: &str) -> Option<Vec<u8>> {
     let raw = raw.replace(' ', "+");
     let raw = raw.as_str();
-    const LENIENT: GeneralPurposeConfig =
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true);
     const STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
     const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
     STANDARD.decode(raw).or_else(|_| URL_SAFE.decode(raw)).ok()

@@ -161,6 +161,26 @@ fn base64_accepts_both_alphabets_with_or_without_padding() {
         panic!()
     };
     assert_eq!(w.color, Color { r: 255, g: 0, b: 0 });
+    // Unused low bits set in the last character ("YR" for "YQ").
+    let a = Action::parse("watermark:t_YR").unwrap();
+    let Op::Watermark(w) = &a.ops[0] else {
+        panic!()
+    };
+    assert_eq!(w.text, "a");
+}
+
+#[test]
+fn spaces_around_keys_and_values_are_ignored() {
+    let plain = Action::parse("resize:w_100,h_50|watermark:t_YQ").unwrap();
+    for spaced in [
+        "resize: w _100 , h_ 50 | watermark: t _ YQ",
+        " resize:w _ 100,h _50|watermark:t_ YQ ",
+    ] {
+        assert_eq!(Action::parse(spaced).unwrap(), plain, "{spaced}");
+    }
+    // Inside a key or a number a space is still an error.
+    assert!(err("resize:w w_100").contains("unknown key"));
+    assert!(err("resize:w_1 00").contains("w must be"));
 }
 
 #[test]
