@@ -53,17 +53,19 @@ pub fn encode(
             super::webp_anim::encode(frames, &webp_config(quality)?, loop_count)
                 .map_err(|e| encode_error(format, e))?
         }
-        // Other formats take the first frame, copied alone.
+        // Other formats take the first frame, copied alone: RGB when it is
+        // opaque, as a one-frame GIF would be.
         (Pixels::Animated(frames), _) => {
             let first = frames
                 .first()
                 .ok_or_else(|| encode_error(format, "the animation has no frames"))?;
-            encode_still(
-                &DynamicImage::ImageRgba8(first.buffer().clone()),
-                format,
-                quality,
-                grey,
-            )?
+            let buffer = first.buffer();
+            let still = if buffer.pixels().all(|p| p.0[3] == u8::MAX) {
+                DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(buffer.clone()).into_rgb8())
+            } else {
+                DynamicImage::ImageRgba8(buffer.clone())
+            };
+            encode_still(&still, format, quality, grey)?
         }
         (Pixels::Still(img), _) => encode_still(img, format, quality, grey)?,
     };

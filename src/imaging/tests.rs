@@ -1539,6 +1539,26 @@ fn an_opaque_animation_pads_white_and_a_transparent_one_clear() {
 }
 
 #[test]
+fn an_animation_saved_as_a_still_has_alpha_only_when_its_first_frame_needs_it() {
+    for (transparent, colour) in [
+        (false, image::ColorType::Rgb8),
+        (true, image::ColorType::Rgba8),
+    ] {
+        let gif = two_frame_gif(gif::Repeat::Infinite, transparent);
+        for format in ["png", "tiff"] {
+            let out = run(&gif, &format!("resize:w_16,h_8|format:t_{format}")).unwrap();
+            let decoded = image::load_from_memory(&out.image.unwrap().bytes).unwrap();
+            assert_eq!(
+                decoded.color(),
+                colour,
+                "{format}, transparent {transparent}"
+            );
+            assert_eq!(decoded.dimensions(), (16, 8));
+        }
+    }
+}
+
+#[test]
 fn tiff_output_is_deflate_compressed_with_its_predictor_and_lossless() {
     let photo = fixture("wood.jpg");
     let (out, decoded) = run_image(&photo, "format:t_tiff");
