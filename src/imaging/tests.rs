@@ -1086,16 +1086,13 @@ fn a_gif_frame_the_size_of_its_screen_plus_the_slack_decodes() {
 }
 
 #[test]
-fn a_still_gif_is_quantised_at_the_speed_animations_use() {
-    // More than 256 colours, so the quantiser runs; at `image`'s default
-    // for a still (speed 1) it trains on every pixel, minutes of a thread
-    // for an output at the pixel limit.
-    let img = RgbImage::from_fn(300, 200, |x, y| {
-        Rgb([x as u8, y as u8, (x * y % 251) as u8])
-    });
-    let still = Pixels::Still(DynamicImage::ImageRgb8(img.clone()));
-    let out = encode::encode(&still, ImageFormat::Gif, None, Repeat::Infinite, false).unwrap();
-    let at_speed = |speed| {
+fn a_gif_is_quantised_on_every_pixel_up_to_256_ki_pixels_and_sampled_beyond() {
+    // More than 256 colours, so the quantiser runs; on every pixel of an
+    // output at the pixel limit it would take minutes of a thread.
+    let still = |w: u32, h: u32| {
+        RgbImage::from_fn(w, h, |x, y| Rgb([x as u8, y as u8, (x * y % 251) as u8]))
+    };
+    let at_speed = |img: &RgbImage, speed| {
         let mut gif = Vec::new();
         image::codecs::gif::GifEncoder::new_with_speed(&mut gif, speed)
             .encode_frame(image::Frame::new(
@@ -1104,10 +1101,24 @@ fn a_still_gif_is_quantised_at_the_speed_animations_use() {
             .unwrap();
         gif
     };
-    assert!(out.bytes == at_speed(10), "quantised at speed 10");
-    assert!(out.bytes != at_speed(1), "the speed shows in the output");
-    let back = image::load_from_memory(&out.bytes).unwrap();
-    assert_eq!(back.dimensions(), (300, 200));
+    // 300x200: every pixel. 1024x600 (600 Ki pixels): every third.
+    for (w, h, speed) in [(300, 200, 1), (1024, 600, 3)] {
+        let img = still(w, h);
+        let pixels = Pixels::Still(DynamicImage::ImageRgb8(img.clone()));
+        let out = encode::encode(&pixels, ImageFormat::Gif, None, Repeat::Infinite, false).unwrap();
+        assert!(
+            out.bytes == at_speed(&img, speed),
+            "{w}x{h} at speed {speed}"
+        );
+        if speed > 1 {
+            assert!(
+                out.bytes != at_speed(&img, 1),
+                "the speed shows in the output"
+            );
+        }
+        let back = image::load_from_memory(&out.bytes).unwrap();
+        assert_eq!(back.dimensions(), (w, h));
+    }
 }
 
 #[test]
