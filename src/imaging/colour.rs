@@ -108,6 +108,55 @@ pub fn to_srgb(img: &mut DynamicImage, profile: &[u8]) {
 
 type Transform = std::sync::Arc<moxcms::Transform8BitExecutor>;
 
+/// Converts CMYK pixels (4 bytes each, `inverted` when stored as Adobe's
+/// files keep them, 255 for no ink) to sRGB through a CMYK `profile`, in
+/// place: pixel i's RGB lands on bytes 3i..3i+3, and the buffer is cut to
+/// 3 bytes a pixel. Gives `Ok(false)`, the pixels untouched, when the
+/// profile does not parse, is not a CMYK profile or gives no transform, and
+/// an error if the transform fails part of the way.
+pub fn cmyk_to_srgb(pixels: &mut Vec<u8>, profile: &[u8], inverted: bool) -> Result<bool, String> {
+    if profile.len() > MAX_PROFILE_BYTES {
+        return Ok(false);
+    }
+    let Some(source) = ColorProfile::new_from_slice(profile).ok() else {
+        return Ok(false);
+    };
+    if source.color_space != DataColorSpace::Cmyk {
+        return Ok(false);
+    }
+    let srgb = ColorProfile::new_srgb();
+    let Ok(transform) = source.create_transform_8bit(
+        Layout::Rgba,
+        &srgb,
+        Layout::Rgb,
+        TransformOptions::default(),
+    ) else {
+        return Ok(false);
+    };
+    // In runs through a small buffer: a run's RGB ends at or before its own
+    // CMYK does, so it never covers CMYK not yet read.
+    const RUN: usize = 4096;
+    let count = pixels.len() / 4;
+    let (mut cmyk, mut rgb) = (vec![0u8; RUN * 4], vec![0u8; RUN * 3]);
+    for start in (0..count).step_by(RUN) {
+        let n = RUN.min(count - start);
+        let (cmyk, rgb) = (&mut cmyk[..n * 4], &mut rgb[..n * 3]);
+        cmyk.copy_from_slice(&pixels[start * 4..(start + n) * 4]);
+        if inverted {
+            cmyk.iter_mut().for_each(|v| *v = 255 - *v);
+        }
+        if let Err(e) = transform.transform(cmyk, rgb) {
+            if start == 0 {
+                return Ok(false);
+            }
+            return Err(format!("the CMYK profile's transform failed: {e}"));
+        }
+        pixels[start * 3..(start + n) * 3].copy_from_slice(rgb);
+    }
+    pixels.truncate(count * 3);
+    Ok(true)
+}
+
 /// The transform from an RGB `profile` to sRGB, or `None` where the pixels
 /// stay as they are: a profile that does not parse or is not RGB, or one
 /// that moves no colour of a 5x5x5 grid by more than a level (an embedded

@@ -461,11 +461,13 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
 
 /// A CMYK or YCCK JPEG in RGB. libjpeg-turbo gives the CMYK values as
 /// stored (converting YCCK to CMYK), which Adobe's files, nearly all CMYK
-/// JPEGs, keep inverted: each of C, M and Y is then scaled by K (`x * k /
-/// 255`), the conversion the image crate's decoder made, in place (4 bytes
-/// a pixel at most). That decoder also filled a file cut short with grey
-/// and called it decoded; libjpeg-turbo refuses it, as it does every other
-/// damaged JPEG.
+/// JPEGs, keep inverted. With an embedded CMYK profile the pixels go
+/// through it to sRGB (inverted back first when the file has Adobe's
+/// marker), as libvips and sharp do. Without one, each of C, M and Y is
+/// scaled by K (`x * k / 255`), the conversion the image crate's decoder
+/// made. Either is done in place (4 bytes a pixel at most). That decoder
+/// also filled a file cut short with grey and called it decoded;
+/// libjpeg-turbo refuses it, as it does every other damaged JPEG.
 fn decode_cmyk(
     d: &mut Decompressor,
     input: &[u8],
@@ -482,13 +484,24 @@ fn decode_cmyk(
     };
     d.decompress(input, cmyk.as_deref_mut())
         .map_err(|e| decode_error(format, e))?;
+    let mut pixels = cmyk.pixels;
+    if let Some(profile) = super::colour::jpeg_profile(input) {
+        let inverted = has_adobe_marker(input);
+        if super::colour::cmyk_to_srgb(&mut pixels, &profile, inverted)
+            .map_err(|e| decode_error(format, e))?
+        {
+            return image::RgbImage::from_raw(width, height, pixels)
+                .map(DynamicImage::ImageRgb8)
+                .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"));
+        }
+    }
     let scale = |x: u8, k: u8| {
         let t = u32::from(x) * u32::from(k) + 128;
         ((t + (t >> 8)) >> 8) as u8
     };
     // In place, pixel i's RGB over bytes 3i..3i+3, which its own CMYK (at
     // 4i) and the pixels before it have already given up.
-    let mut rgb = cmyk.pixels;
+    let mut rgb = pixels;
     for i in 0..w * h {
         let [c, m, y, k] = [rgb[4 * i], rgb[4 * i + 1], rgb[4 * i + 2], rgb[4 * i + 3]];
         rgb[3 * i..3 * i + 3].copy_from_slice(&[scale(c, k), scale(m, k), scale(y, k)]);
@@ -497,6 +510,21 @@ fn decode_cmyk(
     image::RgbImage::from_raw(width, height, rgb)
         .map(DynamicImage::ImageRgb8)
         .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"))
+}
+
+/// Whether a JPEG carries Adobe's APP14 segment, whose CMYK samples are
+/// stored inverted (255 for no ink), as libjpeg and libvips take it.
+fn has_adobe_marker(jpeg: &[u8]) -> bool {
+    let mut at = 2;
+    while let Some((marker, start, end)) = super::jpeg_dc::segment(jpeg, at) {
+        match marker {
+            0xda | 0xd9 => return false,
+            0xee if jpeg[start + 4..end].starts_with(b"Adobe") => return true,
+            _ => {}
+        }
+        at = end;
+    }
+    false
 }
 
 /// The pipeline's first geometric operation, which the JPEG decoder can

@@ -251,6 +251,77 @@ fn grayscale_cmyk_and_16_bit_decode_to_the_same_picture() {
     assert!(mean_abs_diff(&small, &reference) < 6.0, "cmyk tiff");
 }
 
+/// A print profile Debian ships (libgs-common, which `./dev` installs).
+const CMYK_PROFILE: &str = "/usr/share/color/icc/ghostscript/default_cmyk.icc";
+
+/// `rgb` as a CMYK JPEG of `profile`'s inks, stored inverted with Adobe's
+/// marker as Photoshop writes them, with the profile embedded when `embed`.
+fn cmyk_jpeg(rgb: &RgbImage, profile: &[u8], embed: bool) -> Vec<u8> {
+    use moxcms::{ColorProfile, Layout, TransformOptions};
+    let cmyk_profile = ColorProfile::new_from_slice(profile).unwrap();
+    let to_cmyk = ColorProfile::new_srgb()
+        .create_transform_8bit(
+            Layout::Rgb,
+            &cmyk_profile,
+            Layout::Rgba,
+            TransformOptions::default(),
+        )
+        .unwrap();
+    let mut inks = vec![0u8; rgb.as_raw().len() / 3 * 4];
+    to_cmyk.transform(rgb.as_raw(), &mut inks).unwrap();
+    inks.iter_mut().for_each(|v| *v = 255 - *v);
+    let mut c = turbojpeg::Compressor::new().unwrap();
+    c.set_quality(95).unwrap();
+    c.set_subsamp(turbojpeg::Subsamp::None).unwrap();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let jpeg = c
+        .compress_to_vec(turbojpeg::Image {
+            pixels: inks.as_slice(),
+            width: w,
+            pitch: w * 4,
+            height: h,
+            format: turbojpeg::PixelFormat::CMYK,
+        })
+        .unwrap();
+    assert!(jpeg.windows(5).any(|w| w == b"Adobe"), "Adobe's marker");
+    if !embed {
+        return jpeg;
+    }
+    // The profile in APP2 chunks of at most 65519 bytes, after SOI.
+    let chunks: Vec<&[u8]> = profile.chunks(65519).collect();
+    let mut out = jpeg[..2].to_vec();
+    for (i, chunk) in chunks.iter().enumerate() {
+        out.extend_from_slice(&[0xff, 0xe2]);
+        out.extend_from_slice(&((chunk.len() + 16) as u16).to_be_bytes());
+        out.extend_from_slice(b"ICC_PROFILE\0");
+        out.extend_from_slice(&[i as u8 + 1, chunks.len() as u8]);
+        out.extend_from_slice(chunk);
+    }
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+#[test]
+fn a_cmyk_jpeg_with_a_profile_is_converted_through_it() {
+    let profile = std::fs::read(CMYK_PROFILE)
+        .unwrap_or_else(|e| panic!("{CMYK_PROFILE}: {e} (the libgs-common package has it)"));
+    let (_, original) = run_image(&fixture("storm.jpg"), "format:t_png");
+    let rgb = original.to_rgb8();
+    let (_, through) = run_image(&cmyk_jpeg(&rgb, &profile, true), "format:t_png");
+    let (_, naive) = run_image(&cmyk_jpeg(&rgb, &profile, false), "format:t_png");
+    let (good, bad) = (psnr(&through, &original), psnr(&naive, &original));
+    // A print profile's inks, read as plain CMYK, come out dark and blue.
+    assert!(
+        good > 33.0 && bad < 22.0,
+        "with the profile {good:.2} dB, without {bad:.2} dB"
+    );
+    let info = run(&cmyk_jpeg(&rgb, &profile, true), "info")
+        .unwrap()
+        .info
+        .unwrap();
+    assert_eq!(info["space"], "cmyk");
+}
+
 #[test]
 fn a_cmyk_jpeg_cut_short_or_damaged_is_refused_not_filled_with_grey() {
     let cmyk = fixture("storm-cmyk.jpg");
