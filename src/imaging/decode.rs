@@ -464,8 +464,8 @@ fn decode_jpeg(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded,
 /// JPEGs, keep inverted. With an embedded CMYK profile the pixels go
 /// through it to sRGB (inverted back first when the file has Adobe's
 /// marker), as libvips and sharp do. Without one, each of C, M and Y is
-/// scaled by K (`x * k / 255`), the conversion the image crate's decoder
-/// made. Either is done in place (4 bytes a pixel at most). That decoder
+/// scaled by K (`x * k / 255`, after inverting a file without Adobe's
+/// marker), the conversion the image crate's decoder made. Either is done in place (4 bytes a pixel at most). That decoder
 /// also filled a file cut short with grey and called it decoded;
 /// libjpeg-turbo refuses it, as it does every other damaged JPEG.
 fn decode_cmyk(
@@ -485,18 +485,20 @@ fn decode_cmyk(
     d.decompress(input, cmyk.as_deref_mut())
         .map_err(|e| decode_error(format, e))?;
     let mut pixels = cmyk.pixels;
-    if let Some(profile) = super::colour::jpeg_profile(input) {
-        let inverted = has_adobe_marker(input);
-        if super::colour::cmyk_to_srgb(&mut pixels, &profile, inverted)
+    let inverted = has_adobe_marker(input);
+    let profile = super::colour::jpeg_profile(input);
+    if let Some(profile) = profile
+        && super::colour::cmyk_to_srgb(&mut pixels, &profile, inverted)
             .map_err(|e| decode_error(format, e))?
-        {
-            return image::RgbImage::from_raw(width, height, pixels)
-                .map(DynamicImage::ImageRgb8)
-                .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"));
-        }
+    {
+        return image::RgbImage::from_raw(width, height, pixels)
+            .map(DynamicImage::ImageRgb8)
+            .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"));
     }
+    // Stored inverted (Adobe's marker) 255 is no ink; otherwise 0 is.
+    let flip = if inverted { 0 } else { 255 };
     let scale = |x: u8, k: u8| {
-        let t = u32::from(x) * u32::from(k) + 128;
+        let t = u32::from(x ^ flip) * u32::from(k ^ flip) + 128;
         ((t + (t >> 8)) >> 8) as u8
     };
     // In place, pixel i's RGB over bytes 3i..3i+3, which its own CMYK (at
@@ -514,9 +516,22 @@ fn decode_cmyk(
 
 /// Whether a JPEG carries Adobe's APP14 segment, whose CMYK samples are
 /// stored inverted (255 for no ink), as libjpeg and libvips take it.
+/// Markers without a length (TEM, restart markers) are stepped over, as
+/// libjpeg-turbo steps over them.
 fn has_adobe_marker(jpeg: &[u8]) -> bool {
     let mut at = 2;
-    while let Some((marker, start, end)) = super::jpeg_dc::segment(jpeg, at) {
+    loop {
+        if jpeg.get(at) == Some(&0xff)
+            && jpeg
+                .get(at + 1)
+                .is_some_and(|&m| m != 0xd8 && super::jpeg_dc::stands_alone(m))
+        {
+            at += 2;
+            continue;
+        }
+        let Some((marker, start, end)) = super::jpeg_dc::segment(jpeg, at) else {
+            return false;
+        };
         match marker {
             0xda | 0xd9 => return false,
             0xee if jpeg[start + 4..end].starts_with(b"Adobe") => return true,
@@ -524,7 +539,6 @@ fn has_adobe_marker(jpeg: &[u8]) -> bool {
         }
         at = end;
     }
-    false
 }
 
 /// The pipeline's first geometric operation, which the JPEG decoder can
@@ -2025,6 +2039,48 @@ mod tests {
         // Garbage.
         assert!(dc_eighth(b"\xff\xd8\xff", EXACT).is_none());
         assert!(dc_eighth(b"", EXACT).is_none());
+    }
+
+    #[test]
+    fn adobe_markers_are_found_past_markers_without_a_length() {
+        let jpeg = std::fs::read(format!(
+            "{}/fixtures/images/storm-cmyk.jpg",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        assert!(has_adobe_marker(&jpeg));
+        // TEM and a restart marker before the first segment, which
+        // libjpeg-turbo steps over.
+        let mut tem = jpeg[..2].to_vec();
+        tem.extend_from_slice(&[0xff, 0x01, 0xff, 0xd3]);
+        tem.extend_from_slice(&jpeg[2..]);
+        assert!(has_adobe_marker(&tem));
+        // Without the segment: not inverted.
+        let at = jpeg.windows(7).position(|w| &w[2..] == b"Adobe").unwrap() - 2;
+        let len = usize::from(u16::from_be_bytes([jpeg[at + 2], jpeg[at + 3]]));
+        let mut without = jpeg[..at].to_vec();
+        without.extend_from_slice(&jpeg[at + 2 + len..]);
+        assert!(!has_adobe_marker(&without));
+        // Read the other way round, the colours turn to their negative.
+        let decode = |bytes: &[u8]| {
+            crate::imaging::process(
+                bytes,
+                &crate::action::Action::parse("format:t_png").unwrap(),
+                &crate::imaging::Limits::default(),
+                &crate::imaging::NoWatermarks,
+            )
+            .map(|out| {
+                image::load_from_memory(&out.image.unwrap().bytes)
+                    .unwrap()
+                    .to_rgb8()
+            })
+        };
+        let (with, plain) = (decode(&jpeg).unwrap(), decode(&without).unwrap());
+        let (a, b) = (with.get_pixel(10, 10).0, plain.get_pixel(10, 10).0);
+        assert!(
+            a.iter().zip(b).any(|(x, y)| x.abs_diff(y) > 40),
+            "{a:?} {b:?}"
+        );
     }
 
     #[test]

@@ -13,16 +13,22 @@ fn encode_error(format: ImageFormat, e: impl std::fmt::Display) -> ImagingError 
     }
 }
 
-/// NeuQuant's sampling factor for a GIF of `width` x `height`: it trains
-/// on every `speed`-th pixel. Every pixel (speed 1) up to 256 Ki pixels a
-/// frame, then about that many. Speed 10 for every size, as before, cost
-/// 4 dB against speed 1 on the corpus animation at 320x200 and turned a
-/// logo's pure red into (187, 29, 2); on a photo of 990x556 speeds 1 to 10
-/// differed by 0.4 dB, while speed 1 took 4.5 times as long as 10, and on
-/// an image at the pixel limit it would take minutes of a thread.
-fn gif_speed(width: u32, height: u32) -> i32 {
+/// NeuQuant's sampling factor for a GIF of `frames` frames of `width` x
+/// `height`: it trains on every `speed`-th pixel. Every pixel (speed 1)
+/// up to 256 Ki pixels a frame and 8 Mi pixels in all, then about that
+/// many. Speed 10 for every size, as before, cost 4 dB against speed 1 on
+/// the corpus animation at 320x200 and turned a logo's pure red into (187,
+/// 29, 2); on a photo of 990x556 speeds 1 to 10 differed by 0.4 dB, while
+/// speed 1 took 4.5 times as long as 10. Without the bound on the whole,
+/// 300 frames of 512x512 noise took 122 s of a thread (speed 10: about
+/// 25 s, as now).
+fn gif_speed(width: u32, height: u32, frames: usize) -> i32 {
     let pixels = u64::from(width) * u64::from(height);
-    pixels.div_ceil(1 << 18).clamp(1, 30) as i32
+    let all = pixels.saturating_mul(frames as u64);
+    pixels
+        .div_ceil(1 << 18)
+        .max(all.div_ceil(8 << 20))
+        .clamp(1, 30) as i32
 }
 
 /// Encodes `pixels` as `format`. `quality` applies to jpeg and webp (defaults
@@ -43,7 +49,8 @@ pub fn encode(
         (Pixels::Animated(frames), ImageFormat::Gif) => {
             let mut out = Vec::new();
             {
-                let mut enc = GifEncoder::new_with_speed(&mut out, gif_speed(width, height));
+                let mut enc =
+                    GifEncoder::new_with_speed(&mut out, gif_speed(width, height, frames.len()));
                 enc.set_repeat(repeat)
                     .map_err(|e| encode_error(format, e))?;
                 enc.encode_frames(frames.iter().map(|f| {
@@ -65,14 +72,18 @@ pub fn encode(
             super::webp_anim::encode(frames, &webp_config(quality)?, loop_count)
                 .map_err(|e| encode_error(format, e))?
         }
-        // Other formats take the first frame, copied alone: RGB when it is
-        // opaque, as a one-frame GIF would be.
+        // Other formats take the first frame, copied alone: RGB when the
+        // animation is opaque, as a one-frame GIF would be (and as `info`
+        // reports it).
         (Pixels::Animated(frames), _) => {
             let first = frames
                 .first()
                 .ok_or_else(|| encode_error(format, "the animation has no frames"))?;
             let buffer = first.buffer();
-            let still = if buffer.pixels().all(|p| p.0[3] == u8::MAX) {
+            let opaque = frames
+                .iter()
+                .all(|f| f.buffer().pixels().all(|p| p.0[3] == u8::MAX));
+            let still = if opaque {
                 DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(buffer.clone()).into_rgb8())
             } else {
                 DynamicImage::ImageRgba8(buffer.clone())
@@ -207,7 +218,7 @@ fn encode_still(
             let mut out = Vec::new();
             {
                 let mut enc =
-                    GifEncoder::new_with_speed(&mut out, gif_speed(img.width(), img.height()));
+                    GifEncoder::new_with_speed(&mut out, gif_speed(img.width(), img.height(), 1));
                 let mut rgba = img.to_rgba8();
                 binary_alpha(&mut rgba);
                 enc.encode_frame(image::Frame::new(rgba))

@@ -1670,6 +1670,27 @@ fn gif_palettes_keep_small_areas_of_colour() {
 }
 
 #[test]
+fn an_animation_saved_as_a_still_keeps_alpha_when_a_later_frame_is_clear() {
+    // The first frame opaque, the second half clear: the still is the
+    // first frame, with the alpha channel `info` reports.
+    let mut gif = Vec::new();
+    {
+        let mut enc = image::codecs::gif::GifEncoder::new(&mut gif);
+        let opaque = RgbaImage::from_pixel(8, 8, Rgba([255, 0, 0, 255]));
+        let clear = RgbaImage::from_fn(8, 8, |x, _| Rgba([0, 0, 255, if x < 4 { 0 } else { 255 }]));
+        for buffer in [opaque, clear] {
+            enc.encode_frame(image::Frame::new(buffer)).unwrap();
+        }
+    }
+    let out = run(&gif, "format:t_png").unwrap();
+    let decoded = image::load_from_memory(&out.image.unwrap().bytes).unwrap();
+    assert_eq!(decoded.color(), image::ColorType::Rgba8);
+    assert_eq!(decoded.get_pixel(0, 0).0, [255, 0, 0, 255]);
+    let info = run(&gif, "format:t_png|info").unwrap().info.unwrap();
+    assert_eq!(info["alpha"], true);
+}
+
+#[test]
 fn an_animation_saved_as_a_still_has_alpha_only_when_its_first_frame_needs_it() {
     for (transparent, colour) in [
         (false, image::ColorType::Rgb8),
