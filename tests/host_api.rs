@@ -1934,6 +1934,207 @@ async fn objects_answer_conditional_and_range_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processed_images_carry_validators_and_revalidate_without_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let photo = fixture("images/storm.jpg");
+    let put = host.put_object("photos", "storm.jpg", photo.clone(), "image/jpeg");
+    assert_eq!(put.await.status(), 201);
+    let get = |action: &str, tag: Option<&str>| {
+        let url = format!(
+            "{}?image&action={action}",
+            host.object_url("photos", "storm.jpg")
+        );
+        let mut request = host.http.get(url);
+        if let Some(tag) = tag {
+            request = request.header("if-none-match", tag);
+        }
+        request.send()
+    };
+    let first = get("resize:w_40", None).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["cache-control"], "no-cache");
+    assert!(first.headers().contains_key("last-modified"));
+    let tag = first.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(tag.starts_with('"') && tag.len() == 34, "{tag}");
+    let (_, width, _) = decoded(&first.bytes().await.unwrap());
+    assert_eq!(width, 40);
+    // The same source and action: 304, no body.
+    let again = get("resize:w_40", Some(&tag)).await.unwrap();
+    assert_eq!(again.status(), 304);
+    assert_eq!(again.headers()["etag"], tag.as_str());
+    assert!(again.bytes().await.unwrap().is_empty());
+    // Another action is another image.
+    let other = get("resize:w_41", Some(&tag)).await.unwrap();
+    assert_eq!(other.status(), 200);
+    assert_ne!(other.headers()["etag"], tag.as_str());
+    // A new source under the key: the old tag no longer holds.
+    let put = host.put_object(
+        "photos",
+        "storm.jpg",
+        fixture("images/wood.jpg"),
+        "image/jpeg",
+    );
+    assert_eq!(put.await.status(), 201);
+    let changed = get("resize:w_40", Some(&tag)).await.unwrap();
+    assert_eq!(changed.status(), 200);
+    assert_ne!(changed.headers()["etag"], tag.as_str());
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_and_reads_honour_their_preconditions_and_digests() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let url = host.object_url("files", "a.txt");
+    let put = |body: &'static str, headers: &[(&str, &str)]| {
+        let mut request = host.http.put(&url).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+    let stored = || async {
+        host.http
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+
+    // Create only if absent.
+    assert_eq!(
+        put("v1", &[("if-none-match", "*")]).await.unwrap().status(),
+        201
+    );
+    let refused = put("v2", &[("if-none-match", "*")]).await.unwrap();
+    assert_error(
+        refused,
+        412,
+        "precondition_failed",
+        &["files/a.txt", "If-Match"],
+    )
+    .await;
+    assert_eq!(stored().await, "v1");
+    // Replace only the version read.
+    let etag = host.http.head(&url).send().await.unwrap().headers()["etag"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        put("v2", &[("if-match", "\"other\"")])
+            .await
+            .unwrap()
+            .status(),
+        412
+    );
+    assert_eq!(stored().await, "v1");
+    assert_eq!(
+        put("v2", &[("if-match", &etag)]).await.unwrap().status(),
+        201
+    );
+    assert_eq!(stored().await, "v2");
+    // A weak tag never matches If-Match; a write after a date is refused.
+    let weak = format!("W/{etag}");
+    assert_eq!(
+        put("v3", &[("if-match", &weak)]).await.unwrap().status(),
+        412
+    );
+    let old = "Thu, 01 Jan 1970 00:00:00 GMT";
+    assert_eq!(
+        put("v3", &[("if-unmodified-since", old)])
+            .await
+            .unwrap()
+            .status(),
+        412
+    );
+    assert_eq!(stored().await, "v2");
+
+    // Reads: If-Match and If-Unmodified-Since give 412; an If-Modified-Since
+    // in the future is ignored.
+    let get = |headers: &[(&str, &str)]| {
+        let mut request = host.http.get(&url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+    assert_eq!(
+        get(&[("if-match", "\"other\"")]).await.unwrap().status(),
+        412
+    );
+    assert_eq!(
+        get(&[("if-unmodified-since", old)]).await.unwrap().status(),
+        412
+    );
+    let future = "Fri, 01 Jan 2100 00:00:00 GMT";
+    assert_eq!(
+        get(&[("if-modified-since", future)])
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // HEAD answers a range as GET does.
+    let head = host
+        .http
+        .head(&url)
+        .header("range", "bytes=0-0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 206);
+    assert_eq!(head.headers()["content-range"], "bytes 0-0/2");
+    assert_eq!(head.headers()["content-length"], "1");
+
+    // Delete only the version read.
+    let delete = host
+        .http
+        .delete(&url)
+        .header("if-match", "\"other\"")
+        .send();
+    assert_eq!(delete.await.unwrap().status(), 412);
+    assert_eq!(stored().await, "v2");
+
+    // Content-MD5: a body changed on the way is refused, nothing stored.
+    let md5 = |text: &str| {
+        use md5::Digest;
+        base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(text.as_bytes()))
+    };
+    let wrong = put("v4", &[("content-md5", &md5("v5"))]).await.unwrap();
+    assert_error(wrong, 400, "bad_digest", &["Content-MD5"]).await;
+    let garbage = put("v4", &[("content-md5", "not base64!")]).await.unwrap();
+    assert_error(garbage, 400, "invalid_digest", &["Content-MD5"]).await;
+    assert_eq!(stored().await, "v2");
+    assert_eq!(
+        put("v4", &[("content-md5", &md5("v4"))])
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    assert_eq!(stored().await, "v4");
+
+    // S3's signed chunks would be stored with their framing: refused.
+    let chunked = put(
+        "2;chunk-signature=abc\r\nv5\r\n0;chunk-signature=def\r\n\r\n",
+        &[
+            ("content-encoding", "aws-chunked"),
+            ("x-amz-decoded-content-length", "2"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_error(chunked, 501, "not_supported", &["aws-chunked"]).await;
+    assert_eq!(stored().await, "v4");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_of_objects_on_s3_skip_what_the_stream_cannot_seek() {
     let s3 = common::s3::start_s3().await;
     s3.create_bucket("files").await;

@@ -427,7 +427,7 @@ pub async fn get_object(
     let q = query(&raw);
     if q.contains_key("image") {
         let action = image_action(&raw)?;
-        return process(&state, &bucket, &key, action.as_deref()).await;
+        return process(&state, &bucket, &key, action.as_deref(), &request).await;
     }
     let object = if method == Method::HEAD {
         None
@@ -751,15 +751,40 @@ fn set_object_headers(
     }
 }
 
+/// A processed image's validators: a tag made from the source's tag, the
+/// action and this build (whose output for them may differ from another's),
+/// and the source's time. With `Cache-Control: no-cache` a cache keeps the
+/// image and asks each time, and an unchanged source answers 304 without
+/// being read or processed again.
+fn processed_validators(source: &store::ObjectMeta, action: &str) -> Validators {
+    use md5::Digest;
+    let of_source = Validators::of(source);
+    let etag = of_source.etag.map(|tag| {
+        let mut hash = md5::Md5::new();
+        for part in [tag.as_str(), action, env!("CARGO_PKG_VERSION")] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        format!("\"{hex}\"")
+    });
+    Validators {
+        etag,
+        modified: of_source.modified,
+    }
+}
+
 async fn process(
     state: &Arc<AppState>,
     bucket: &str,
     key: &str,
     action: Option<&str>,
+    request: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let action = action.ok_or_else(|| {
         ApiError::bad_request("invalid_action", "missing `action` in ?image&action=...")
     })?;
+    let action_text = action;
     let action = Action::parse(action)?;
     if action.ops.iter().any(|op| {
         matches!(
@@ -771,6 +796,16 @@ async fn process(
             "invalid_action",
             "save and watermark_image run in rules (cloudfunc image), not in ?image requests",
         ));
+    }
+    let validators = processed_validators(&state.store.head(bucket, key).await?, action_text);
+    let cache = |headers: &mut HeaderMap| {
+        validators.set(headers);
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    };
+    if validators.not_modified(request) {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        cache(response.headers_mut());
+        return Ok(response);
     }
     // Like an invocation: a slot bounds the sources in memory at once, and
     // an object over the input limit is refused unread. The read and the
@@ -804,17 +839,21 @@ async fn process(
         Ok(output)
     })
     .await?;
-    match (output.image, output.info) {
-        (Some(image), _) => Ok((
+    let mut response = match (output.image, output.info) {
+        (Some(image), _) => (
             [(header::CONTENT_TYPE, image.format.content_type())],
             image.bytes,
         )
-            .into_response()),
-        (None, Some(info)) => Ok(Json(info).into_response()),
-        (None, None) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "no output",
-        )),
-    }
+            .into_response(),
+        (None, Some(info)) => Json(info).into_response(),
+        (None, None) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "no output",
+            ));
+        }
+    };
+    cache(response.headers_mut());
+    Ok(response)
 }
