@@ -108,7 +108,14 @@ fn main() {
     let start = Instant::now();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
     let mut cases = 0u64;
-    std::panic::set_hook(Box::new(|_| {}));
+    // The first panic's message, printed with the case that made it.
+    static PANIC: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+    std::panic::set_hook(Box::new(|info| {
+        let mut first = PANIC.lock().unwrap_or_else(|e| e.into_inner());
+        if first.is_empty() {
+            *first = info.to_string();
+        }
+    }));
     while start.elapsed() < Duration::from_secs(seconds) {
         let seed = &seeds[rng.below(seeds.len())];
         let data = mutate(&mut rng, seed);
@@ -122,7 +129,8 @@ fn main() {
             Ok(true) => {}
             Ok(false) => {
                 std::fs::write("fuzz-case.bin", &data).expect("write case");
-                eprintln!("panic after {cases} cases; input in fuzz-case.bin");
+                let message = PANIC.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                eprintln!("panic after {cases} cases: {message}; input in fuzz-case.bin");
                 std::process::exit(1);
             }
             Err(_) => {
