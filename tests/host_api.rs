@@ -1956,7 +1956,7 @@ async fn processed_images_carry_validators_and_revalidate_without_work() {
     assert_eq!(first.headers()["cache-control"], "no-cache");
     assert!(first.headers().contains_key("last-modified"));
     let tag = first.headers()["etag"].to_str().unwrap().to_owned();
-    assert!(tag.starts_with('"') && tag.len() == 34, "{tag}");
+    assert!(tag.starts_with("W/\"") && tag.len() == 36, "{tag}");
     let (_, width, _) = decoded(&first.bytes().await.unwrap());
     assert_eq!(width, 40);
     // The same source and action: 304, no body.
@@ -1979,6 +1979,26 @@ async fn processed_images_carry_validators_and_revalidate_without_work() {
     let changed = get("resize:w_40", Some(&tag)).await.unwrap();
     assert_eq!(changed.status(), 200);
     assert_ne!(changed.headers()["etag"], tag.as_str());
+    // A file dated before 1970, which no HTTP date can say: no
+    // Last-Modified, and the request still answered.
+    let file = std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("photos/storm.jpg"))
+        .unwrap();
+    let before_1970 = std::time::UNIX_EPOCH - Duration::from_secs(10 * 365 * 86_400);
+    file.set_modified(before_1970).unwrap();
+    for url in [
+        host.object_url("photos", "storm.jpg"),
+        format!(
+            "{}?image&action=resize:w_40",
+            host.object_url("photos", "storm.jpg")
+        ),
+    ] {
+        let response = host.http.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+        assert!(!response.headers().contains_key("last-modified"), "{url}");
+        assert!(decoded(&response.bytes().await.unwrap()).1 > 0, "{url}");
+    }
     host.stop().await;
 }
 
@@ -2083,13 +2103,20 @@ async fn writes_and_reads_honour_their_preconditions_and_digests() {
     assert_eq!(head.headers()["content-range"], "bytes 0-0/2");
     assert_eq!(head.headers()["content-length"], "1");
 
-    // Delete only the version read.
+    // Delete only the version read; in a missing bucket, 404 either way.
     let delete = host
         .http
         .delete(&url)
         .header("if-match", "\"other\"")
         .send();
     assert_eq!(delete.await.unwrap().status(), 412);
+    assert_eq!(stored().await, "v2");
+    let elsewhere = host.object_url("nobucket", "a.txt");
+    let delete = host.http.delete(&elsewhere).header("if-match", "*").send();
+    assert_error(delete.await.unwrap(), 404, "no_such_bucket", &[]).await;
+    // A list over two header lines counts whole.
+    let two_lines = put("v3", &[("if-none-match", "\"x\""), ("if-none-match", "*")]);
+    assert_eq!(two_lines.await.unwrap().status(), 412);
     assert_eq!(stored().await, "v2");
 
     // Content-MD5: a body changed on the way is refused, nothing stored.

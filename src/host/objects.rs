@@ -218,7 +218,7 @@ pub async fn put_object(
     if let Some(digest) = headers.get("content-md5") {
         check_md5(digest, &body).await?;
     }
-    check_write_preconditions(&state, &bucket, &key, &headers).await?;
+    check_write_preconditions(&state, &bucket, &key, &headers, false).await?;
     let (jobs, reservation) = reserve_events(&state, event)?;
     // The write and its event run to the end even if the client goes away
     // meanwhile: a stored object always fires its event.
@@ -303,6 +303,7 @@ async fn check_write_preconditions(
     bucket: &str,
     key: &str,
     request: &HeaderMap,
+    deleting: bool,
 ) -> Result<(), ApiError> {
     let conditional = [
         header::IF_MATCH,
@@ -316,17 +317,19 @@ async fn check_write_preconditions(
     }
     let current = match state.store.head(bucket, key).await {
         Ok(meta) => Some(Validators::of(&meta)),
+        // A DELETE in a missing bucket is a 404 with or without conditions
+        // (a PUT makes the bucket).
+        Err(e @ StoreError::NoSuchBucket { .. }) if deleting => return Err(e.into()),
         Err(e) if e.is_not_found() => None,
         Err(e) => return Err(e.into()),
     };
-    let none_match = request
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
+    let none_match = header_list(request, header::IF_NONE_MATCH)
+        .filter(|_| request.contains_key(header::IF_NONE_MATCH))
         .is_some_and(|tags| {
             current.as_ref().is_some_and(|c| {
                 tags.split(',')
                     .map(str::trim)
-                    .any(|tag| tag == "*" || c.etag_is(tag.trim_start_matches("W/")))
+                    .any(|tag| tag == "*" || c.etag_weakly_is(tag))
             })
         });
     if Validators::preconditions_fail(current.as_ref(), request) || none_match {
@@ -399,7 +402,7 @@ pub async fn delete_object(
 ) -> Result<StatusCode, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
-    check_write_preconditions(&state, &bucket, &key, &headers).await?;
+    check_write_preconditions(&state, &bucket, &key, &headers, true).await?;
     let (jobs, reservation) = reserve_events(
         &state,
         Event::internal(EventType::DeleteObject, &bucket, &key),
@@ -558,12 +561,28 @@ impl Validators {
         }
     }
 
+    /// The time as an HTTP date; none for a time before 1970 or after 9999,
+    /// which HTTP dates cannot hold (a file's time can be either).
     fn last_modified(&self) -> Option<String> {
-        self.modified.map(httpdate::fmt_http_date)
+        const YEAR_10000: u64 = 253_402_300_800;
+        self.modified
+            .filter(|t| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .is_ok_and(|d| d.as_secs() < YEAR_10000)
+            })
+            .map(httpdate::fmt_http_date)
     }
 
     fn etag_is(&self, tag: &str) -> bool {
         self.etag.as_deref() == Some(tag)
+    }
+
+    /// RFC 9110's weak comparison: the tags equal once `W/` is dropped.
+    fn etag_weakly_is(&self, tag: &str) -> bool {
+        let opaque = |t: &str| t.trim_start_matches("W/").to_owned();
+        self.etag
+            .as_deref()
+            .is_some_and(|etag| opaque(etag) == opaque(tag))
     }
 
     /// RFC 9110's first two preconditions on the object as it is (`None`:
@@ -571,8 +590,8 @@ impl Validators {
     /// matches; `*` needs the object), or, without `If-Match`, the object
     /// changed after `If-Unmodified-Since`.
     fn preconditions_fail(current: Option<&Validators>, request: &HeaderMap) -> bool {
-        if let Some(tags) = request.get(header::IF_MATCH) {
-            let Ok(tags) = tags.to_str() else {
+        if request.contains_key(header::IF_MATCH) {
+            let Some(tags) = header_list(request, header::IF_MATCH) else {
                 return true;
             };
             let Some(current) = current else {
@@ -597,17 +616,14 @@ impl Validators {
     /// the ETag (or `*`); without it, `If-Modified-Since` at or after the
     /// object's time (in whole seconds, as HTTP dates are).
     fn not_modified(&self, request: &HeaderMap) -> bool {
-        if let Some(tags) = request.get(header::IF_NONE_MATCH) {
-            let Ok(tags) = tags.to_str() else {
+        if request.contains_key(header::IF_NONE_MATCH) {
+            let Some(tags) = header_list(request, header::IF_NONE_MATCH) else {
                 return false;
             };
-            return tags.split(',').map(str::trim).any(|tag| {
-                tag == "*"
-                    || self
-                        .etag
-                        .as_deref()
-                        .is_some_and(|etag| tag.trim_start_matches("W/") == etag)
-            });
+            return tags
+                .split(',')
+                .map(str::trim)
+                .any(|tag| tag == "*" || self.etag_weakly_is(tag));
         }
         let since = request
             .get(header::IF_MODIFIED_SINCE)
@@ -685,6 +701,17 @@ impl Validators {
         }
         Ok(Some(range))
     }
+}
+
+/// A list header's values, its lines joined as HTTP joins them; `None`
+/// when a line is not text.
+fn header_list(request: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    let lines: Option<Vec<&str>> = request
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().ok())
+        .collect();
+    lines.map(|lines| lines.join(","))
 }
 
 /// Whole seconds since 1970, as HTTP dates count.
@@ -766,7 +793,8 @@ fn processed_validators(source: &store::ObjectMeta, action: &str) -> Validators 
             hash.update([0]);
         }
         let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        format!("\"{hex}\"")
+        // Weak: the same pixels, not promised byte for byte elsewhere.
+        format!("W/\"{hex}\"")
     });
     Validators {
         etag,
@@ -797,15 +825,20 @@ async fn process(
             "save and watermark_image run in rules (cloudfunc image), not in ?image requests",
         ));
     }
-    let validators = processed_validators(&state.store.head(bucket, key).await?, action_text);
-    let cache = |headers: &mut HeaderMap| {
+    let cache = |headers: &mut HeaderMap, validators: &Validators| {
         validators.set(headers);
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     };
-    if validators.not_modified(request) {
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
-        cache(response.headers_mut());
-        return Ok(response);
+    // A revalidation asks the store for the source's tag alone first.
+    if request.contains_key(header::IF_NONE_MATCH)
+        || request.contains_key(header::IF_MODIFIED_SINCE)
+    {
+        let validators = processed_validators(&state.store.head(bucket, key).await?, action_text);
+        if validators.not_modified(request) {
+            let mut response = StatusCode::NOT_MODIFIED.into_response();
+            cache(response.headers_mut(), &validators);
+            return Ok(response);
+        }
     }
     // Like an invocation: a slot bounds the sources in memory at once, and
     // an object over the input limit is refused unread. The read and the
@@ -836,9 +869,12 @@ async fn process(
             })
             .await
             .map_err(internal)??;
-        Ok(output)
+        Ok((meta, output))
     })
     .await?;
+    let (meta, output) = output;
+    // The tag of the source that was read.
+    let validators = processed_validators(&meta, action_text);
     let mut response = match (output.image, output.info) {
         (Some(image), _) => (
             [(header::CONTENT_TYPE, image.format.content_type())],
@@ -854,6 +890,6 @@ async fn process(
             ));
         }
     };
-    cache(response.headers_mut());
+    cache(response.headers_mut(), &validators);
     Ok(response)
 }
