@@ -1964,6 +1964,22 @@ async fn processed_images_carry_validators_and_revalidate_without_work() {
     assert_eq!(again.status(), 304);
     assert_eq!(again.headers()["etag"], tag.as_str());
     assert!(again.bytes().await.unwrap().is_empty());
+    // If-Match: a weak tag never matches (RFC 9110's strong comparison),
+    // `*` does while the source is there.
+    let url = format!(
+        "{}?image&action=resize:w_40",
+        host.object_url("photos", "storm.jpg")
+    );
+    for (tag, status) in [("\"nope\"", 412), (tag.as_str(), 412), ("*", 200)] {
+        let response = host
+            .http
+            .get(&url)
+            .header("if-match", tag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "If-Match: {tag}");
+    }
     // Another action is another image.
     let other = get("resize:w_41", Some(&tag)).await.unwrap();
     assert_eq!(other.status(), 200);

@@ -829,11 +829,21 @@ async fn process(
         validators.set(headers);
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     };
-    // A revalidation asks the store for the source's tag alone first.
-    if request.contains_key(header::IF_NONE_MATCH)
-        || request.contains_key(header::IF_MODIFIED_SINCE)
-    {
+    // A conditional request asks the store for the source's tag alone
+    // first.
+    let conditional = [
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+    ]
+    .iter()
+    .any(|h| request.contains_key(h));
+    if conditional {
         let validators = processed_validators(&state.store.head(bucket, key).await?, action_text);
+        if Validators::preconditions_fail(Some(&validators), request) {
+            return Err(precondition_failed(bucket, key));
+        }
         if validators.not_modified(request) {
             let mut response = StatusCode::NOT_MODIFIED.into_response();
             cache(response.headers_mut(), &validators);
