@@ -20,22 +20,13 @@ pub fn jpeg_profile(jpeg: &[u8]) -> Option<Vec<u8>> {
     const TAG: &[u8] = b"ICC_PROFILE\0";
     let mut chunks: Vec<(u8, &[u8])> = Vec::new();
     let mut count = 0;
-    let mut at = 2;
-    while let Some((marker, start, end)) = super::jpeg_dc::segment(jpeg, at) {
-        match marker {
-            // Start of scan or end of image: the profile comes before either.
-            0xda | 0xd9 => break,
-            0xe2 => {
-                if let Some(body) = jpeg[start + 4..end].strip_prefix(TAG)
-                    && let [seq, total, data @ ..] = body
-                {
-                    count = *total;
-                    chunks.push((*seq, data));
-                }
-            }
-            _ => {}
+    for (marker, body) in super::jpeg_dc::header_segments(jpeg) {
+        if marker == 0xe2
+            && let Some([seq, total, data @ ..]) = body.strip_prefix(TAG)
+        {
+            count = *total;
+            chunks.push((*seq, data));
         }
-        at = end;
     }
     if chunks.is_empty() || chunks.len() != usize::from(count) {
         return None;

@@ -516,29 +516,9 @@ fn decode_cmyk(
 
 /// Whether a JPEG carries Adobe's APP14 segment, whose CMYK samples are
 /// stored inverted (255 for no ink), as libjpeg and libvips take it.
-/// Markers without a length (TEM, restart markers) are stepped over, as
-/// libjpeg-turbo steps over them.
 fn has_adobe_marker(jpeg: &[u8]) -> bool {
-    let mut at = 2;
-    loop {
-        if jpeg.get(at) == Some(&0xff)
-            && jpeg
-                .get(at + 1)
-                .is_some_and(|&m| m != 0xd8 && super::jpeg_dc::stands_alone(m))
-        {
-            at += 2;
-            continue;
-        }
-        let Some((marker, start, end)) = super::jpeg_dc::segment(jpeg, at) else {
-            return false;
-        };
-        match marker {
-            0xda | 0xd9 => return false,
-            0xee if jpeg[start + 4..end].starts_with(b"Adobe") => return true,
-            _ => {}
-        }
-        at = end;
-    }
+    super::jpeg_dc::header_segments(jpeg)
+        .any(|(marker, body)| marker == 0xee && body.starts_with(b"Adobe"))
 }
 
 /// The pipeline's first geometric operation, which the JPEG decoder can

@@ -397,6 +397,29 @@ pub(super) fn segment(jpeg: &[u8], mut at: usize) -> Option<(u8, usize, usize)> 
     (len >= 2 && end <= jpeg.len()).then_some((marker, at, end))
 }
 
+/// The segments before the first scan, as (marker, body), stepping over
+/// markers without a length (TEM, restart markers) as libjpeg-turbo does:
+/// for reading metadata such as profiles and Adobe's marker, not for
+/// decoding, where [`segment`] leaves such files to libjpeg-turbo.
+pub(super) fn header_segments(jpeg: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut at = 2;
+    std::iter::from_fn(move || {
+        while jpeg.get(at) == Some(&0xff)
+            && jpeg
+                .get(at + 1)
+                .is_some_and(|&m| m != 0xd8 && stands_alone(m))
+        {
+            at += 2;
+        }
+        let (marker, start, end) = segment(jpeg, at)?;
+        if marker == 0xda || marker == 0xd9 {
+            return None;
+        }
+        at = end;
+        Some((marker, &jpeg[start + 4..end]))
+    })
+}
+
 /// Markers without a length: TEM, the restart markers and SOI.
 pub(super) fn stands_alone(marker: u8) -> bool {
     marker == 0x01 || (0xd0..=0xd8).contains(&marker)
