@@ -323,15 +323,13 @@ async fn check_write_preconditions(
         Err(e) if e.is_not_found() => None,
         Err(e) => return Err(e.into()),
     };
-    let none_match = header_list(request, header::IF_NONE_MATCH)
-        .filter(|_| request.contains_key(header::IF_NONE_MATCH))
-        .is_some_and(|tags| {
-            current.as_ref().is_some_and(|c| {
-                tags.split(',')
-                    .map(str::trim)
-                    .any(|tag| tag == "*" || c.etag_weakly_is(tag))
-            })
-        });
+    let none_match = header_list(request, header::IF_NONE_MATCH).is_some_and(|tags| {
+        current.as_ref().is_some_and(|c| {
+            tags.split(',')
+                .map(str::trim)
+                .any(|tag| tag == "*" || c.etag_weakly_is(tag))
+        })
+    });
     if Validators::preconditions_fail(current.as_ref(), request) || none_match {
         return Err(precondition_failed(bucket, key));
     }
@@ -704,14 +702,16 @@ impl Validators {
 }
 
 /// A list header's values, its lines joined as HTTP joins them; `None`
-/// when a line is not text.
+/// when it is absent or a line is not text.
 fn header_list(request: &HeaderMap, name: header::HeaderName) -> Option<String> {
     let lines: Option<Vec<&str>> = request
         .get_all(name)
         .iter()
         .map(|v| v.to_str().ok())
         .collect();
-    lines.map(|lines| lines.join(","))
+    lines
+        .filter(|lines| !lines.is_empty())
+        .map(|lines| lines.join(","))
 }
 
 /// Whole seconds since 1970, as HTTP dates count.
