@@ -1056,7 +1056,7 @@ impl ObjectStore for StalledWrites {
         key: &str,
         bytes: Bytes,
         opts: PutOptions,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<String>, StoreError>> {
         let held = bucket == self.bucket;
         assert!(bucket != self.panics, "a write to {bucket}");
         let put = self.inner.put(bucket, key, bytes, opts);
@@ -2042,11 +2042,11 @@ async fn writes_and_reads_honour_their_preconditions_and_digests() {
             .unwrap()
     };
 
+    let tag_of =
+        |response: &reqwest::Response| response.headers()["etag"].to_str().unwrap().to_owned();
     // Create only if absent.
-    assert_eq!(
-        put("v1", &[("if-none-match", "*")]).await.unwrap().status(),
-        201
-    );
+    let created = put("v1", &[("if-none-match", "*")]).await.unwrap();
+    assert_eq!(created.status(), 201);
     let refused = put("v2", &[("if-none-match", "*")]).await.unwrap();
     assert_error(
         refused,
@@ -2056,11 +2056,10 @@ async fn writes_and_reads_honour_their_preconditions_and_digests() {
     )
     .await;
     assert_eq!(stored().await, "v1");
-    // Replace only the version read.
-    let etag = host.http.head(&url).send().await.unwrap().headers()["etag"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    // Replace only the version written: the PUT's tag is the one a read
+    // gives.
+    let etag = tag_of(&created);
+    assert_eq!(tag_of(&host.http.head(&url).send().await.unwrap()), etag);
     assert_eq!(
         put("v2", &[("if-match", "\"other\"")])
             .await
@@ -2069,11 +2068,17 @@ async fn writes_and_reads_honour_their_preconditions_and_digests() {
         412
     );
     assert_eq!(stored().await, "v1");
-    assert_eq!(
-        put("v2", &[("if-match", &etag)]).await.unwrap().status(),
-        201
-    );
+    let replaced = put("v2", &[("if-match", &etag)]).await.unwrap();
+    assert_eq!(replaced.status(), 201);
     assert_eq!(stored().await, "v2");
+    let new_tag = tag_of(&replaced);
+    assert_ne!(new_tag, etag, "a new version, a new tag");
+    assert_eq!(tag_of(&host.http.get(&url).send().await.unwrap()), new_tag);
+    assert_eq!(
+        put("v3", &[("if-match", &etag)]).await.unwrap().status(),
+        412,
+        "the tag of the version replaced"
+    );
     // A weak tag never matches If-Match; a write after a date is refused.
     let weak = format!("W/{etag}");
     assert_eq!(

@@ -90,8 +90,9 @@ fn kept_bytes(kept: Option<Kept>) -> Bytes {
 async fn conformance(store: &dyn ObjectStore, bucket: &str, missing_bucket: &str) {
     let body = Bytes::from((0..=255u8).cycle().take(10_000).collect::<Vec<u8>>());
 
-    // Round trip: bytes, content type, user metadata (names come back lowercase).
-    store
+    // Round trip: bytes, content type, user metadata (names come back
+    // lowercase), and the ETag the write gave.
+    let written = store
         .put(
             bucket,
             "photos/a.jpg",
@@ -104,6 +105,8 @@ async fn conformance(store: &dyn ObjectStore, bucket: &str, missing_bucket: &str
         .await
         .unwrap();
     let object = store.get(bucket, "photos/a.jpg").await.unwrap();
+    assert!(written.is_some(), "a write gives its tag");
+    assert_eq!(object.meta.etag, written);
     assert_eq!(object.bytes, body);
     assert_eq!(object.meta.content_type, "image/jpeg");
     assert_eq!(object.meta.size, body.len() as u64);

@@ -222,15 +222,21 @@ pub async fn put_object(
     let (jobs, reservation) = reserve_events(&state, event)?;
     // The write and its event run to the end even if the client goes away
     // meanwhile: a stored object always fires its event.
-    detach(&state.clone(), async move {
-        state.store.put(&bucket, &key, body, opts).await?;
+    let etag = detach(&state.clone(), async move {
+        let etag = state.store.put(&bucket, &key, body, opts).await?;
         // The body's memory is counted until it is stored.
         drop(share);
         reservation.send(jobs);
-        Ok(())
+        Ok(etag)
     })
     .await?;
-    Ok(StatusCode::CREATED.into_response())
+    let mut response = StatusCode::CREATED.into_response();
+    // The tag a later GET gives, for a client's `If-Match` on its next
+    // write.
+    if let Some(tag) = etag.and_then(|tag| HeaderValue::from_str(&tag).ok()) {
+        response.headers_mut().insert(header::ETAG, tag);
+    }
+    Ok(response)
 }
 
 /// S3 clients that sign each chunk (`Content-Encoding: aws-chunked`, a

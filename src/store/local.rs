@@ -291,7 +291,7 @@ impl ObjectStore for LocalStore {
         key: &str,
         bytes: Bytes,
         opts: PutOptions,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<String>, StoreError>> {
         let target = self.target(bucket, key);
         let lock = self.lock(bucket, key);
         let place = self.place;
@@ -438,14 +438,23 @@ fn open_object(target: &Target) -> Result<(std::fs::File, ObjectMeta), StoreErro
         size: stat.len(),
         user_metadata: stored.user_metadata,
         last_modified: modified,
-        etag: modified
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|t| {
-                use std::os::unix::fs::MetadataExt;
-                format!("\"{:x}-{:x}-{:x}\"", stat.ino(), stat.len(), t.as_nanos())
-            }),
+        etag: etag_of(&stat),
     };
     Ok((file, meta))
+}
+
+/// An object file's ETag: its inode, size and modification time, which a
+/// rewrite changes (a new file each time). None without a time.
+fn etag_of(stat: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let modified = stat.modified().ok()?;
+    let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some(format!(
+        "\"{:x}-{:x}-{:x}\"",
+        stat.ino(),
+        stat.len(),
+        since_epoch.as_nanos()
+    ))
 }
 
 /// The metadata attribute of an open object file, if it has one.
@@ -637,7 +646,7 @@ fn write_object(
     opts: PutOptions,
     place: MetadataPlace,
     flush: &GroupFlush,
-) -> Result<(), StoreError> {
+) -> Result<Option<String>, StoreError> {
     check_not_shadowed(target, true)?;
     let stored = StoredMeta {
         content_type: opts.content_type,
@@ -684,12 +693,12 @@ fn write_object(
         }
         Err(e) => return Err(e),
     };
-    if written {
+    if written.attribute {
         // The new file carries its metadata; an older sidecar would only
         // confuse a later reader of the folder.
-        return remove_file_if_present(&target.sidecar, "remove the old sidecar").map(drop);
+        remove_file_if_present(&target.sidecar, "remove the old sidecar")?;
     }
-    Ok(())
+    Ok(etag_of(&written.stat))
 }
 
 /// Whether a failed write may have met a write of a longer or shorter key
@@ -863,7 +872,7 @@ fn write_atomic(
     sidecar: Option<&dyn Fn() -> Result<(), StoreError>>,
     flush: &GroupFlush,
     made: &mut Vec<PathBuf>,
-) -> Result<bool, StoreError> {
+) -> Result<Written, StoreError> {
     write_staged(
         path,
         bytes,
@@ -875,6 +884,15 @@ fn write_atomic(
     )
 }
 
+/// A file written and named.
+struct Written {
+    /// Whether the metadata attribute went on the file (else to a sidecar,
+    /// or there was none).
+    attribute: bool,
+    /// The file as written, for its ETag.
+    stat: std::fs::Metadata,
+}
+
 /// [`write_atomic`] with unnamed files (`unnamed`) or named ones.
 fn write_staged(
     path: &Path,
@@ -884,14 +902,14 @@ fn write_staged(
     unnamed: bool,
     flush: &GroupFlush,
     made: &mut Vec<PathBuf>,
-) -> Result<bool, StoreError> {
+) -> Result<Written, StoreError> {
     use xattr::FileExt;
     let dir = path
         .parent()
         .ok_or_else(|| StoreError::io("write", path, ErrorKind::InvalidInput.into()))?;
     let mut staged = stage(dir, unnamed, made)?;
     let mut sidecar_failed = None;
-    let mut write = || -> io::Result<bool> {
+    let mut write = || -> io::Result<Written> {
         staged.file.write_all(bytes)?;
         let stored = match attribute {
             Some(value) => match staged.file.set_xattr(META_XATTR, value) {
@@ -925,10 +943,15 @@ fn write_staged(
                 flush_folder(folder, flush)?;
             }
         }
-        Ok(stored)
+        // Naming and flushing leave its time and size as written.
+        let stat = staged.file.metadata()?;
+        Ok(Written {
+            attribute: stored,
+            stat,
+        })
     };
     match write() {
-        Ok(stored) => Ok(stored),
+        Ok(written) => Ok(written),
         // Linking through /proc can be refused where unnamed files are
         // allowed (a sandbox, /proc mounted with restrictions): the process
         // goes back to named temporary files, and this write starts over.
@@ -2259,7 +2282,8 @@ mod tests {
                 &flush,
                 &mut Vec::new(),
             )
-            .unwrap();
+            .unwrap()
+            .attribute;
             assert_eq!(std::fs::read(&path).unwrap(), b"first", "unnamed {unnamed}");
             if stored {
                 assert_eq!(

@@ -248,14 +248,15 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Reads an object's metadata without its bytes.
     fn head(&self, bucket: &str, key: &str) -> BoxFuture<'_, Result<ObjectMeta, StoreError>>;
 
-    /// Writes an object, replacing any object with the same key.
+    /// Writes an object, replacing any object with the same key. Gives the
+    /// new object's ETag, as a read of it would, when the store has one.
     fn put(
         &self,
         bucket: &str,
         key: &str,
         bytes: Bytes,
         opts: PutOptions,
-    ) -> BoxFuture<'_, Result<(), StoreError>>;
+    ) -> BoxFuture<'_, Result<Option<String>, StoreError>>;
 
     /// Announces a write on its way: an invocation takes this while its
     /// image is made, and calls [`WriteIntent::writing`] just before it puts

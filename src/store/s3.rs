@@ -438,14 +438,15 @@ impl ObjectStore for S3Store {
         key: &str,
         bytes: Bytes,
         opts: PutOptions,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<String>, StoreError>> {
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
         Box::pin(async move {
             check_target(&bucket, &key)?;
             let opts = normalize_put_options(opts)?;
             let metadata: HashMap<String, String> = opts.user_metadata.into_iter().collect();
             let timeouts = put_timeouts(bytes.len());
-            self.client
+            let resp = self
+                .client
                 .put_object()
                 .bucket(&bucket)
                 .key(&key)
@@ -457,7 +458,7 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map_err(|e| map_error("put_object", &bucket, &key, Missing::Bucket, e))?;
-            Ok(())
+            Ok(resp.e_tag().map(str::to_owned))
         })
     }
 
