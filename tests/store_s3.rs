@@ -520,8 +520,55 @@ async fn a_server_that_never_answers_is_a_backend_error_in_bounded_time() {
         .unwrap_err();
     assert_eq!(err.code(), "backend", "{err:?}");
     assert!(err.to_string().contains("timeout"), "{err}");
+    assert!(matches!(
+        err,
+        StoreError::Backend {
+            transient: true,
+            ..
+        }
+    ));
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    // A PUT gets longer timeouts for its body, but not over the ones the
+    // configuration set.
+    let started = std::time::Instant::now();
+    let put = store.put("bkt", "k", Bytes::from_static(b"x"), PutOptions::default());
+    let err = tokio::time::timeout(std::time::Duration::from_secs(20), put)
+        .await
+        .expect("the PUT ends by itself")
+        .unwrap_err();
+    assert!(err.to_string().contains("timeout"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(15));
     silent.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_client_cannot_make_is_not_worth_trying_again() {
+    // Credentials from a profile that no configuration file has: the
+    // request is never sent, and sending it again later would fail the same
+    // way.
+    let s3 = start_s3().await;
+    let provider = aws_config::profile::ProfileFileCredentialsProvider::builder()
+        .profile_name("imgfunc-test-no-such-profile")
+        .build();
+    let config = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(provider))
+        .build();
+    let store = S3Store::from_sdk_config(&config, &s3.endpoint, true).unwrap();
+    let err = store.get("bkt", "k").await.unwrap_err();
+    assert_eq!(err.code(), "backend", "{err:?}");
+    assert!(
+        matches!(
+            err,
+            StoreError::Backend {
+                transient: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("credential"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 //!
 //! The shape is AWS's, which MinIO, Ceph RGW and RustFS copy. Only
 //! `Records[].eventName`, `Records[].s3.bucket.name`, `Records[].s3.object.key`
-//! and, when present, `size` and `eTag` are read; MinIO's top-level
+//! and, when present, `size` and `eTag` (`etag` in older Ceph RGW) are read; MinIO's top-level
 //! `EventName` and `Key` repeat the first record and are ignored.
 
 use percent_encoding::percent_decode_str;
@@ -106,7 +106,11 @@ fn parse_record(record: At<'_>, event_type: EventType) -> Result<Event, EventErr
         bucket: bucket.string("name")?.to_string(),
         key,
         size: object.optional_size("size")?,
-        etag: etag(object.optional_string("eTag")?),
+        // Older Ceph RGW releases spell it `etag`.
+        etag: etag(match object.optional_string("eTag")? {
+            Some(tag) => Some(tag),
+            None => object.optional_string("etag")?,
+        }),
         source: EventSource::S3Record,
     })
 }
@@ -472,5 +476,15 @@ mod tests {
         let event = &parse(&body).unwrap().events[0];
         assert_eq!(event.etag.as_deref(), Some("abc"));
         assert_eq!(event.size, Some(12));
+    }
+
+    #[test]
+    fn ceph_s_lower_case_etag_is_read() {
+        let mut body = minio("s3:ObjectCreated:Put", "a.jpg");
+        let object = body["Records"][0]["s3"]["object"].as_object_mut().unwrap();
+        object.remove("eTag");
+        object.insert("etag".into(), json!("def"));
+        let event = &parse(&body).unwrap().events[0];
+        assert_eq!(event.etag.as_deref(), Some("def"));
     }
 }

@@ -33,6 +33,9 @@ pub struct S3Store {
     list_page_size: Option<i32>,
     /// How long reading a body may wait for its next chunk.
     body_timeout: Duration,
+    /// The timeouts the AWS configuration set, which a PUT's longer ones
+    /// (for its body) do not replace.
+    configured_timeouts: Option<TimeoutConfig>,
 }
 
 /// How long a request may wait for the next byte of its answer (the
@@ -76,6 +79,7 @@ impl S3Store {
             endpoint: endpoint_description,
             list_page_size: None,
             body_timeout: S3_READ_TIMEOUT,
+            configured_timeouts: None,
         }
     }
 
@@ -144,10 +148,10 @@ impl S3Store {
             builder = builder.endpoint_url(endpoint);
             endpoint.to_owned()
         };
-        Ok(S3Store::new(
-            Client::from_conf(builder.build()),
-            description,
-        ))
+        Ok(S3Store {
+            configured_timeouts: sdk_config.timeout_config().cloned(),
+            ..S3Store::new(Client::from_conf(builder.build()), description)
+        })
     }
 
     /// Asks for at most `n` keys per `ListObjectsV2` page instead of the
@@ -267,9 +271,26 @@ where
                 format!("{bucket}/{key}")
             },
             message: backend_message(&err, status),
-            // No answer at all (a refused connection, a timeout), or the
-            // server's own failure.
-            transient: status.is_none_or(|s| s >= 500 || s == 408 || s == 429),
+            transient: transient(&err, status),
+        },
+    }
+}
+
+/// Whether a failed request may succeed if sent again: the server's own
+/// failure or throttling, S3's `RequestTimeout` (400), a timeout, or a
+/// connection that failed. Not a request the client could not make (no
+/// credentials, an endpoint that does not resolve to a URL), which fails
+/// the same way every time.
+fn transient<E>(err: &SdkError<E>, status: Option<u16>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    match status {
+        Some(s) => s >= 500 || s == 408 || s == 429 || err.code() == Some("RequestTimeout"),
+        None => match err {
+            SdkError::TimeoutError(_) => true,
+            SdkError::DispatchFailure(failure) => failure.is_io() || failure.is_timeout(),
+            _ => false,
         },
     }
 }
@@ -348,14 +369,19 @@ fn object_meta(
             })
             .unwrap_or_default(),
         last_modified: to_system_time(last_modified),
-        etag: etag.filter(|e| !e.is_empty()).map(|e| {
-            if e.starts_with('"') || e.starts_with("W/") {
-                e.to_owned()
-            } else {
-                format!("\"{e}\"")
-            }
-        }),
+        etag: normalize_etag(etag),
     }
+}
+
+/// An ETag as HTTP writes it: some servers leave out the quotes.
+fn normalize_etag(etag: Option<&str>) -> Option<String> {
+    etag.filter(|e| !e.is_empty()).map(|e| {
+        if e.starts_with('"') || e.starts_with("W/") {
+            e.to_owned()
+        } else {
+            format!("\"{e}\"")
+        }
+    })
 }
 
 fn non_negative(n: Option<i64>) -> u64 {
@@ -444,7 +470,13 @@ impl ObjectStore for S3Store {
             check_target(&bucket, &key)?;
             let opts = normalize_put_options(opts)?;
             let metadata: HashMap<String, String> = opts.user_metadata.into_iter().collect();
-            let timeouts = put_timeouts(bytes.len());
+            let timeouts = match &self.configured_timeouts {
+                Some(set) => set
+                    .to_builder()
+                    .take_unset_from(put_timeouts(bytes.len()).to_builder())
+                    .build(),
+                None => put_timeouts(bytes.len()),
+            };
             let resp = self
                 .client
                 .put_object()
@@ -458,7 +490,8 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map_err(|e| map_error("put_object", &bucket, &key, Missing::Bucket, e))?;
-            Ok(resp.e_tag().map(str::to_owned))
+            // Quoted as a read gives it, for a client's next `If-Match`.
+            Ok(normalize_etag(resp.e_tag()))
         })
     }
 
@@ -585,6 +618,18 @@ impl std::io::Read for StreamReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etags_are_quoted_as_http_writes_them() {
+        assert_eq!(normalize_etag(Some("abc")).as_deref(), Some("\"abc\""));
+        assert_eq!(normalize_etag(Some("\"abc\"")).as_deref(), Some("\"abc\""));
+        assert_eq!(
+            normalize_etag(Some("W/\"abc\"")).as_deref(),
+            Some("W/\"abc\"")
+        );
+        assert_eq!(normalize_etag(Some("")), None);
+        assert_eq!(normalize_etag(None), None);
+    }
 
     #[test]
     fn a_large_put_gets_time_to_send_its_body() {
