@@ -1147,9 +1147,10 @@ async fn stalled_output_writes_do_not_hold_back_image_work() {
     host.stop().await;
 }
 
-/// An invocation that panics (here in a store's client) ends alone: the
-/// worker that ran it goes on with the next job, and the job counts as
-/// finished, so the host still drains and stops at once.
+/// An invocation that panics (here in a store's client) ends alone, with
+/// an `internal` result delivered like any other: the worker that ran it
+/// goes on with the next job, and the job counts as finished, so the host
+/// still drains and stops at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invocation_that_panics_leaves_its_worker_running() {
     let dir = tempfile::tempdir().unwrap();
@@ -1163,9 +1164,10 @@ async fn an_invocation_that_panics_leaves_its_worker_running() {
         std::fs::create_dir(dir.path().join(bucket)).unwrap();
     }
     let host = TestHost::start(config, store.clone()).await;
+    let receiver = Receiver::start(Behaviour::Accept).await;
     let rules = json!({"notifications": [
         {"id": "boom", "event_types": ["create_object"], "object_filters": ["boom/*"],
-         "cloudfunc": "image",
+         "cloudfunc": "image", "notify_url": receiver.url,
          "cloudfunc_args": {"action": "resize:w_40", "save_bucket": "boom"}},
         {"id": "thumbs", "event_types": ["create_object"], "object_filters": ["ok/*"],
          "cloudfunc": "image",
@@ -1189,6 +1191,13 @@ async fn an_invocation_that_panics_leaves_its_worker_running() {
     })
     .await;
     assert_eq!(written[0].key, "gen_ok/a.jpg");
+    let results = receiver.wait_for(6).await;
+    for result in &results {
+        assert_eq!(result["status"], "error", "{result}");
+        assert_eq!(result["error"]["code"], "internal", "{result}");
+        let message = result["error"]["message"].as_str().unwrap();
+        assert!(message.contains("a write to boom"), "{message}");
+    }
     assert_eq!(host.queue_depth().await, 0);
     // Well inside the drain timeout (15 s): nothing is left counted.
     let started = std::time::Instant::now();

@@ -272,8 +272,18 @@ pub async fn invoke(
         // Outputs written before a later write failed stay in the result:
         // they are in the store, and their events fire.
         CloudFunc::Image(args) => {
+            use futures_util::FutureExt;
             let outputs = &mut result.outputs;
-            match run_image(rt, rule, args, event, slot, outputs, before_image_work).await {
+            let run = run_image(rt, rule, args, event, slot, outputs, before_image_work);
+            // A panic on the way (the store's client, say) fails this
+            // invocation with a result like any other, not the host.
+            let ran = std::panic::AssertUnwindSafe(run)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(InvokeError::Internal(panic_message(panic.as_ref()).into()))
+                });
+            match ran {
                 Ok(ImageOutcome::Done { info }) => result.info = info,
                 Ok(ImageOutcome::Skipped(reason)) => {
                     result.status = Status::Skipped;
@@ -295,6 +305,15 @@ pub async fn invoke(
     }
     result.duration_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
     result
+}
+
+/// What a panic said, when it said it with a string.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 enum ImageOutcome {

@@ -141,7 +141,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let request_id = super::new_id();
         if self.status.is_server_error() {
-            tracing::warn!(code = %self.code, request_id = %request_id, "{}", self.message);
+            // A field, which the log quotes with its control characters
+            // escaped: a message can hold a key, and a key a line break.
+            tracing::warn!(
+                code = %self.code,
+                request_id = %request_id,
+                error = self.message.as_str(),
+                "answered with a server error"
+            );
         }
         let body = json!({"code": self.code, "message": self.message, "request_id": request_id});
         let mut response = (self.status, Json(body)).into_response();

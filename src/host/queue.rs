@@ -282,9 +282,9 @@ impl Workers {
                     let current = current_rule(&state.rules, &job.rule.id, &job.event);
                     let Some(rule) = current else {
                         tracing::info!(
-                            rule = %job.rule.id,
-                            bucket = %job.event.bucket,
-                            key = %job.event.key,
+                            rule = ?job.rule.id,
+                            bucket = ?job.event.bucket,
+                            key = ?job.event.key,
                             "skipped: the rule was removed or no longer takes this event \
                              after the event was queued"
                         );
@@ -323,14 +323,10 @@ impl Workers {
                     let ran = match run.catch_unwind().await {
                         Ok(ran) => ran,
                         Err(panic) => {
-                            let message = panic
-                                .downcast_ref::<&str>()
-                                .copied()
-                                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                                .unwrap_or("no message");
+                            let message = cloudfunc::panic_message(panic.as_ref());
                             tracing::error!(
                                 invocation = %id,
-                                rule = %rule,
+                                rule = ?rule,
                                 panic = message,
                                 "the invocation stopped unexpectedly (a panic); its result is lost"
                             );
@@ -453,9 +449,9 @@ async fn run_job(
     let span = tracing::info_span!(
         "invocation",
         id = %job.id,
-        rule = %job.rule.id,
-        bucket = %job.event.bucket,
-        key = %job.event.key,
+        rule = ?job.rule.id,
+        bucket = ?job.event.bucket,
+        key = ?job.event.key,
     );
     async {
         let waited = job.enqueued.elapsed();
@@ -615,7 +611,7 @@ fn fire_output_events(state: &Arc<AppState>, result: &InvocationResult) {
             }
             Err(_) => jobs,
         };
-        tracing::info!(bucket = %out.bucket, key = %out.key,
+        tracing::info!(bucket = ?out.bucket, key = ?out.key,
             "queue full: output event waits for room");
         // Journaled now: a restart runs them if this process cannot (an
         // error is logged, and they still run).
@@ -644,7 +640,7 @@ fn send_when_room(state: &AppState, jobs: Vec<Job>) {
                 Ok(permit) => permit.send(job),
                 Err(_) => {
                     unfinished.fetch_sub(1, Ordering::SeqCst);
-                    tracing::warn!(key = %job.event.key,
+                    tracing::warn!(key = ?job.event.key,
                         "shutting down: job left in the journal for the next start");
                 }
             }
@@ -663,9 +659,9 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
     for p in pending {
         if p.starts >= super::journal::MAX_STARTS {
             tracing::error!(
-                rule = %p.rule,
-                bucket = %p.event.bucket,
-                key = %p.event.key,
+                rule = ?p.rule,
+                bucket = ?p.event.bucket,
+                key = ?p.event.key,
                 starts = p.starts,
                 "a job left from the last runs is dropped, not run again: it started \
                  after {} restarts and never finished, so it may be what stopped the \
@@ -687,9 +683,9 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
             }),
             None => {
                 tracing::warn!(
-                    rule = %p.rule,
-                    bucket = %p.event.bucket,
-                    key = %p.event.key,
+                    rule = ?p.rule,
+                    bucket = ?p.event.bucket,
+                    key = ?p.event.key,
                     "a job left from the last run is dropped: its rule is gone or no longer takes \
                      this event"
                 );
