@@ -430,3 +430,47 @@ async fn a_second_signal_stops_the_drain_and_the_next_start_runs_what_was_left()
     let _server = start(dir.path());
     all_outputs(dir.path()).await;
 }
+
+/// A key may hold a line break (S3 keys can, and an event sends it as
+/// `%0A`): the log quotes it with the break escaped, so no key can write a
+/// line of its own into the server's log.
+#[tokio::test]
+async fn a_key_cannot_forge_a_line_of_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let forged = "FORGED 2026-01-01T00:00:00Z INFO done";
+    let key = format!("up/a.jpg%0A{}", forged.replace(' ', "+"));
+    let event = serde_json::json!({"Records": [{
+        "eventName": "s3:ObjectCreated:Put",
+        "s3": {"bucket": {"name": "photos"}, "object": {"key": key, "size": 10}}
+    }]});
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/events", server.base))
+        .json(&event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    // The object is missing, so the invocation fails, and says so with its
+    // key in the log.
+    wait_until(
+        60,
+        || format!("the failure logged: {:?}", server.log_lines()),
+        || {
+            server
+                .log_lines()
+                .iter()
+                .any(|l| l.contains("not_found") || l.contains("failed"))
+        },
+    )
+    .await;
+    let lines = server.log_lines();
+    assert!(
+        lines.iter().any(|l| l.contains(r"a.jpg\nFORGED")),
+        "the key escaped: {lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("FORGED")),
+        "a line of the key's: {lines:?}"
+    );
+}

@@ -40,6 +40,8 @@ pub fn serve_command(
 pub struct Served {
     pub child: std::process::Child,
     pub base: String,
+    /// Every line of its log so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Served {
@@ -47,8 +49,15 @@ impl Served {
     /// and waits for the address it listens on.
     pub fn spawn(command: &mut std::process::Command) -> std::io::Result<Served> {
         let mut child = command.spawn()?;
-        let base = served_base(&mut child);
-        Ok(Served { child, base })
+        let log = std::sync::Arc::default();
+        let base = served_base(&mut child, std::sync::Arc::clone(&log));
+        Ok(Served { child, base, log })
+    }
+
+    /// The log's lines so far.
+    #[allow(dead_code)]
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -62,14 +71,20 @@ impl Drop for Served {
 /// The address a spawned `imgfunc serve` listens on, from the "serving"
 /// line of its log (RUST_LOG at info, stderr piped), as `http://ADDR`. The
 /// whole log is read, so that the server never blocks on a full pipe, and
-/// passed on to the test's output, shown when it fails.
-fn served_base(child: &mut std::process::Child) -> String {
+/// passed on to the test's output, shown when it fails, and kept in `log`.
+fn served_base(
+    child: &mut std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> String {
     use std::io::{BufRead, BufReader};
     let stderr = child.stderr.take().expect("piped stderr");
     let (found, addr) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("imgfunc serve: {line}");
+            log.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(line.clone());
             if let Some(rest) = line.split("addr=").nth(1) {
                 let addr = rest.split_whitespace().next().unwrap_or("").to_string();
                 let _ = found.send(addr);
