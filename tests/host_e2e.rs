@@ -730,6 +730,82 @@ async fn put_photos(
     }
 }
 
+/// A watermark host that fails (503) for a moment: the invocation runs
+/// again later, as for a store that fails, and reports the run that
+/// succeeded, not the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermark_host_that_fails_for_a_moment_costs_no_result() {
+    use base64::Engine as _;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut png = Vec::new();
+    image::RgbaImage::from_pixel(8, 8, image::Rgba([255, 0, 0, 255]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let gets = Arc::new(AtomicUsize::new(0));
+    let counted = gets.clone();
+    let app = axum::Router::new().route(
+        "/logo.png",
+        axum::routing::get(move || {
+            let (counted, png) = (counted.clone(), png.clone());
+            async move {
+                // The first answer is the host's own failure.
+                if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Err(axum::http::StatusCode::SERVICE_UNAVAILABLE)
+                } else {
+                    Ok(png)
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mark_url = format!("http://{}/logo.png", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.sources.allow_hosts = vec!["127.0.0.1".into()];
+    config.sources.allow_private = true;
+    // Past the time a failed fetch is remembered.
+    config.backend_retries = vec![imgfunc::cloudfunc::FAILURE_TTL + Duration::from_secs(1)];
+    let host = TestHost::local(config).await;
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&mark_url);
+    let rules = json!({"notifications": [{
+        "id": "marked",
+        "event_types": ["create_object"],
+        "object_filters": ["*"],
+        "cloudfunc": "image",
+        "notify_url": receiver.url,
+        "cloudfunc_args": {"action": format!("watermark_image:u_{url},p_1|format:t_png"),
+                           "save_bucket": "out"},
+    }]});
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    let photo = fixture("images/storm.jpg");
+    put_photos(&host, "photos", "m", 0..1, &photo).await;
+
+    let bodies = receiver.wait_for(1).await;
+    assert_eq!(bodies[0]["status"], "ok", "{}", bodies[0]);
+    assert_eq!(
+        gets.load(Ordering::SeqCst),
+        2,
+        "fetched again for the second run"
+    );
+    let got = host.object_bytes("out", "gen_m00.jpg").await;
+    let marked = image::load_from_memory(&got).unwrap().to_rgba8();
+    assert_eq!(
+        marked.get_pixel(0, 0).0,
+        [255, 0, 0, 255],
+        "the mark at (0, 0)"
+    );
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(receiver.bodies().len(), 1, "{:?}", receiver.bodies());
+    host.stop().await;
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watermark_host_that_hangs_does_not_hold_up_other_rules() {
     use base64::Engine as _;

@@ -7,7 +7,8 @@ mod sources;
 
 pub use pool::CpuPool;
 pub use sources::{
-    MAX_WATERMARK_BYTES, Source, SourceConfig, WatermarkSources, allow_list_entry, s3_url_object,
+    FAILURE_TTL, FetchError, MAX_WATERMARK_BYTES, Source, SourceConfig, WatermarkSources,
+    allow_list_entry, s3_url_object,
 };
 
 use std::collections::{BTreeMap, HashMap};
@@ -210,6 +211,9 @@ pub enum InvokeError {
     NoObject { event: &'static str },
     #[error("processing stopped unexpectedly: {0}")]
     Internal(String),
+    /// A watermark's store or host failed in a way that may pass.
+    #[error("watermark_image: cannot read watermark {url}: {message}")]
+    WatermarkFetch { url: String, message: String },
 }
 
 impl InvokeError {
@@ -221,7 +225,7 @@ impl InvokeError {
             InvokeError::Store(StoreError::Backend {
                 transient: true,
                 ..
-            })
+            }) | InvokeError::WatermarkFetch { .. }
         )
     }
 
@@ -231,6 +235,7 @@ impl InvokeError {
             InvokeError::Imaging(e) => e.code(),
             InvokeError::NoObject { .. } => "no_object",
             InvokeError::Internal(_) => "internal",
+            InvokeError::WatermarkFetch { .. } => "watermark_unavailable",
         }
     }
 }
@@ -362,6 +367,9 @@ async fn run_image(
             (watermarks, slot)
         }
     };
+    if let Some(failure) = watermarks.passing_failure() {
+        return Err(failure);
+    }
     // An object this rule wrote is left unread.
     let action = args.action.clone();
     let limits = rt.limits.clone();
@@ -620,13 +628,28 @@ fn source_meta(source: &str, max: usize) -> String {
 /// Watermark bytes fetched before the CPU work starts, keyed by URL; a
 /// failed fetch is kept as its message so imaging reports it in context.
 #[derive(Default)]
-struct Prefetched(HashMap<String, Result<Arc<[u8]>, String>>);
+struct Prefetched(HashMap<String, Result<Arc<[u8]>, FetchError>>);
+
+impl Prefetched {
+    /// The first watermark whose fetch failed in a way that may pass, as
+    /// the invocation's error: it runs again later instead of reporting a
+    /// store's or host's passing failure as final.
+    fn passing_failure(&self) -> Option<InvokeError> {
+        self.0.iter().find_map(|(url, fetched)| match fetched {
+            Err(e) if e.transient => Some(InvokeError::WatermarkFetch {
+                url: url.clone(),
+                message: e.message.clone(),
+            }),
+            _ => None,
+        })
+    }
+}
 
 impl WatermarkResolver for Prefetched {
     fn resolve(&self, url: &str) -> Result<Vec<u8>, String> {
         match self.0.get(url) {
             Some(Ok(bytes)) => Ok(bytes.to_vec()),
-            Some(Err(e)) => Err(e.clone()),
+            Some(Err(e)) => Err(e.message.clone()),
             None => Err(format!("{url} was not fetched")),
         }
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Url;
 
-use crate::store::{Body, Kept, ObjectStore, ReadBody};
+use crate::store::{Body, Kept, ObjectStore, ReadBody, StoreError};
 
 /// How watermark URLs may be fetched.
 /// The default cap on a watermark image, fetched or read: 10 MiB.
@@ -70,7 +70,41 @@ const MAX_ENTRIES: usize = 32;
 const MAX_CACHED_BYTES: usize = 64 << 20;
 
 /// A finished fetch of one URL: when it finished, and its outcome.
-type Fetched = (Instant, Result<Arc<[u8]>, String>);
+type Fetched = (Instant, Result<Arc<[u8]>, FetchError>);
+
+/// Why a watermark could not be read, and whether that may pass (a store
+/// or host that failed or did not answer in time, rather than a missing
+/// object, a refusal or a URL that names nothing readable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchError {
+    pub message: String,
+    pub transient: bool,
+}
+
+impl FetchError {
+    fn passing(message: String) -> FetchError {
+        FetchError {
+            message,
+            transient: true,
+        }
+    }
+}
+
+/// A lasting failure.
+impl From<String> for FetchError {
+    fn from(message: String) -> FetchError {
+        FetchError {
+            message,
+            transient: false,
+        }
+    }
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
 
 struct Entry {
     started: Instant,
@@ -133,7 +167,7 @@ impl WatermarkSources {
 
     /// The watermark behind `url` if the cache has a fresh outcome for it
     /// (bytes or a recent failure), without waiting for anything.
-    pub fn cached(&self, url: &str) -> Option<Result<Arc<[u8]>, String>> {
+    pub fn cached(&self, url: &str) -> Option<Result<Arc<[u8]>, FetchError>> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let entry = cache.get(url)?;
         let (_, fetched) = entry.cell.get()?;
@@ -145,7 +179,7 @@ impl WatermarkSources {
     /// Reads the watermark behind `url`, or takes it from the cache; the
     /// error says why it cannot be read. A read takes at most the fetch
     /// timeout, from the store too.
-    pub async fn fetch(&self, store: &dyn ObjectStore, url: &str) -> Result<Arc<[u8]>, String> {
+    pub async fn fetch(&self, store: &dyn ObjectStore, url: &str) -> Result<Arc<[u8]>, FetchError> {
         let ttl = self.config.cache_ttl;
         if ttl.is_zero() {
             return self.fetch_timed(store, url).await;
@@ -182,16 +216,22 @@ impl WatermarkSources {
         fetched
     }
 
-    async fn fetch_timed(&self, store: &dyn ObjectStore, url: &str) -> Result<Arc<[u8]>, String> {
+    async fn fetch_timed(
+        &self,
+        store: &dyn ObjectStore,
+        url: &str,
+    ) -> Result<Arc<[u8]>, FetchError> {
         let timeout = self.config.timeout;
         match tokio::time::timeout(timeout, self.fetch_now(store, url)).await {
             Ok(fetched) => fetched.map(Arc::from),
-            Err(_) => Err(format!("reading {url} took longer than {timeout:?}")),
+            Err(_) => Err(FetchError::passing(format!(
+                "reading {url} took longer than {timeout:?}"
+            ))),
         }
     }
 
     /// Reads the watermark behind `url`, past the cache.
-    async fn fetch_now(&self, store: &dyn ObjectStore, url: &str) -> Result<Vec<u8>, String> {
+    async fn fetch_now(&self, store: &dyn ObjectStore, url: &str) -> Result<Vec<u8>, FetchError> {
         match self.classify(url)? {
             Source::Object { bucket, key } => {
                 // The same cap as a download, checked before reading.
@@ -211,16 +251,27 @@ impl WatermarkSources {
                         }
                     })))
                 });
-                let (meta, bytes) = store
-                    .open_with(&bucket, &key, read)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let (meta, bytes) =
+                    store
+                        .open_with(&bucket, &key, read)
+                        .await
+                        .map_err(|e| FetchError {
+                            message: e.to_string(),
+                            transient: matches!(
+                                e,
+                                StoreError::Backend {
+                                    transient: true,
+                                    ..
+                                }
+                            ),
+                        })?;
                 match bytes {
                     Some(Kept::Bytes(bytes)) if bytes.len() <= limit => Ok(bytes.to_vec()),
                     _ => Err(format!(
                         "{bucket}/{key} is {} bytes, over the {limit}-byte watermark cap",
                         meta.size
-                    )),
+                    )
+                    .into()),
                 }
             }
             Source::Remote(url) => self.fetch_remote(url).await,
@@ -290,7 +341,7 @@ impl WatermarkSources {
         ))
     }
 
-    async fn fetch_remote(&self, url: Url) -> Result<Vec<u8>, String> {
+    async fn fetch_remote(&self, url: Url) -> Result<Vec<u8>, FetchError> {
         let host = url.host_str().unwrap_or_default().to_string();
         let port = url.port_or_known_default().unwrap_or(443);
         // An address in the URL (`[::1]` for IPv6) is used as it is.
@@ -307,8 +358,13 @@ impl WatermarkSources {
                 tokio::net::lookup_host((host.as_str(), port)),
             )
             .await
-            .map_err(|_| format!("cannot resolve {host} within {:?}", self.config.timeout))?
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .map_err(|_| {
+                FetchError::passing(format!(
+                    "cannot resolve {host} within {:?}",
+                    self.config.timeout
+                ))
+            })?
+            .map_err(|e| FetchError::passing(format!("cannot resolve {host}: {e}")))?
             .collect(),
         };
         let addr = addrs
@@ -328,26 +384,33 @@ impl WatermarkSources {
             .resolve(&host, addr)
             .build()
             .map_err(|e| e.to_string())?;
+        // No answer, or the host's own failure, may pass.
         let mut response = client
             .get(url.clone())
             .send()
             .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        if !response.status().is_success() {
-            return Err(format!("GET {url}: status {}", response.status()));
+            .map_err(|e| FetchError::passing(format!("GET {url}: {e}")))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(FetchError {
+                message: format!("GET {url}: status {status}"),
+                transient: status.is_server_error()
+                    || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                    || status == reqwest::StatusCode::TOO_MANY_REQUESTS,
+            });
         }
         let limit = self.config.max_bytes;
         let mut body = Vec::new();
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| format!("GET {url}: {e}"))?
+            .map_err(|e| FetchError::passing(format!("GET {url}: {e}")))?
         {
             body.extend_from_slice(&chunk);
             if body.len() > limit {
-                return Err(format!(
-                    "GET {url}: larger than the {limit}-byte watermark cap"
-                ));
+                return Err(
+                    format!("GET {url}: larger than the {limit}-byte watermark cap").into(),
+                );
             }
         }
         Ok(body)
@@ -583,9 +646,13 @@ mod tests {
         );
         let err = s.fetch(&store, "s3://marks/big.png").await.unwrap_err();
         assert_eq!(
-            err,
+            err.message,
             "marks/big.png is 1001 bytes, over the 1000-byte watermark cap"
         );
+        assert!(!err.transient);
+        // A missing object does not come by itself: not worth a retry.
+        let err = s.fetch(&store, "s3://marks/none.png").await.unwrap_err();
+        assert!(!err.transient, "{err}");
     }
 
     #[test]
@@ -669,7 +736,8 @@ mod tests {
             .fetch(&store, "http://localhost:1/x.png")
             .await
             .unwrap_err();
-        assert!(err.contains("private, loopback"), "{err}");
+        assert!(err.message.contains("private, loopback"), "{err}");
+        assert!(!err.transient, "a refusal of ours");
     }
 
     /// A server on 127.0.0.1 for watermark tests: `/ok/{n}` answers
@@ -796,7 +864,8 @@ mod tests {
         assert_eq!(&*kept.cached(&ok).unwrap().unwrap(), b"mark");
         for _ in 0..2 {
             let err = kept.fetch(store.as_ref(), &bad).await.unwrap_err();
-            assert!(err.contains("status 500"), "{err}");
+            assert!(err.message.contains("status 500"), "{err}");
+            assert!(err.transient, "the host's own failure may pass");
         }
         assert_eq!(marks.count(1), 1, "a failure is kept for {FAILURE_TTL:?}");
         assert!(kept.cached(&bad).unwrap().is_err());

@@ -114,6 +114,9 @@ impl From<InvokeError> for ApiError {
             e @ InvokeError::Internal(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.code(), e.to_string())
             }
+            e @ InvokeError::WatermarkFetch { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, e.code(), e.to_string())
+            }
         }
     }
 }
