@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
-use super::queue::jobs_for;
+use super::queue::{Refused, jobs_for};
 use super::{ApiError, AppState, JsonBody, detach, new_id};
 use crate::cloudfunc;
 use crate::events::parse_body;
@@ -24,12 +24,28 @@ pub async fn post_events(
         parse_body(&body).map_err(|e| ApiError::bad_request("invalid_event", e.to_string()))?;
     let mut jobs = Vec::new();
     let mut unmatched = 0;
-    for event in parsed.events {
+    let bound = state.config.queue_bound;
+    let mut events = parsed.events.into_iter();
+    for event in events.by_ref() {
         let fired = jobs_for(&state, event);
         if fired.is_empty() {
             unmatched += 1;
         }
         jobs.extend(fired);
+        if jobs.len() > bound {
+            break;
+        }
+    }
+    // Past the queue's bound the request is refused whole: the rest is
+    // counted, not built.
+    if jobs.len() > bound {
+        let rest: usize = events
+            .map(|e| state.rules.matching(&e.bucket, e.event_type, &e.key).len())
+            .sum();
+        return Err(ApiError::queue_refused(Refused::TooMany {
+            asked: jobs.len() + rest,
+            bound,
+        }));
     }
     let invocations: Vec<Value> = jobs
         .iter()
