@@ -28,6 +28,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -138,8 +139,9 @@ struct Inner {
     written: u64,
     /// Done marks not written yet.
     done: String,
-    /// Jobs marked started in this run, with their count before.
-    started: HashMap<String, u32>,
+    /// Jobs marked started in this run, with their count before and when
+    /// they started.
+    started: HashMap<String, (u32, Instant)>,
     /// The last write failed part-way: the next starts a line of its own.
     broken: bool,
 }
@@ -313,7 +315,9 @@ impl Journal {
         if !Self::count_in_line(&mut inner, id, starts.saturating_add(1)) {
             return;
         }
-        inner.started.insert(id.to_owned(), starts);
+        inner
+            .started
+            .insert(id.to_owned(), (starts, Instant::now()));
         self.mark(&mut inner, "start", id);
     }
 
@@ -322,7 +326,7 @@ impl Journal {
     /// during the delivery is not the job's doing.
     pub fn work_done(&self, id: &str) {
         let mut inner = self.lock();
-        if let Some(before) = inner.started.remove(id)
+        if let Some((before, _)) = inner.started.remove(id)
             && Self::count_in_line(&mut inner, id, before)
         {
             self.mark(&mut inner, "unstart", id);
@@ -331,14 +335,18 @@ impl Journal {
 
     /// Takes back the starts of the jobs marked started in this run and
     /// not finished: a shutdown's drain timeout stopped them, not they
-    /// themselves.
-    pub fn unstart_running(&self) {
+    /// themselves. Except for one that ran alone (nothing else ran beside
+    /// it) or has run for `hung_after` (the whole drain): those keep their
+    /// start, or one that hangs would be run again at every start and
+    /// never set aside.
+    pub fn unstart_running(&self, hung_after: Duration) {
         let mut inner = self.lock();
         let started = std::mem::take(&mut inner.started);
-        for (id, before) in started {
-            // One that ran alone keeps its start: nothing else ran beside
-            // it, and one that hangs would otherwise never be set aside.
-            if before == 0 && Self::count_in_line(&mut inner, &id, before) {
+        for (id, (before, at)) in started {
+            if before == 0
+                && at.elapsed() < hung_after
+                && Self::count_in_line(&mut inner, &id, before)
+            {
                 self.mark(&mut inner, "unstart", &id);
             }
         }
@@ -567,7 +575,7 @@ mod tests {
         // Job 1 finishes (its mark at once); a drain timeout stops job 2,
         // whose start is taken back.
         journal.done_now("1");
-        journal.unstart_running();
+        journal.unstart_running(Duration::from_secs(60));
         assert_eq!(starts(&path), [("2".into(), 0)]);
         drop(journal);
 
@@ -580,7 +588,7 @@ mod tests {
         // One running alone (started before) keeps its start through a
         // drain timeout: a job that hangs is set aside in the end.
         journal.started("2", 1);
-        journal.unstart_running();
+        journal.unstart_running(Duration::from_secs(60));
         assert_eq!(starts(&path), [("2".into(), 2)]);
         assert!(
             std::fs::read_to_string(&path)
@@ -597,6 +605,26 @@ mod tests {
             "{dropped}"
         );
         assert!(starts(&path).is_empty());
+    }
+
+    #[test]
+    fn a_job_that_ran_through_the_whole_drain_keeps_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pending.jsonl");
+        let (journal, _) = Journal::open(&path).unwrap();
+        let (a, b) = (event("a.jpg"), event("b.jpg"));
+        journal
+            .added([("1", "r", &a), ("2", "r", &b)].into_iter())
+            .unwrap();
+        journal.started("1", 0);
+        std::thread::sleep(Duration::from_millis(60));
+        journal.started("2", 0);
+        // A drain of 50 ms: job 1 ran through it (it hangs), job 2 was
+        // cut short.
+        journal.unstart_running(Duration::from_millis(50));
+        let (_, pending) = Journal::open_copy(&path);
+        let starts: Vec<(&str, u32)> = pending.iter().map(|p| (p.id.as_str(), p.starts)).collect();
+        assert_eq!(starts, [("1", 1), ("2", 0)]);
     }
 
     #[test]

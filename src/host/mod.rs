@@ -234,8 +234,9 @@ impl Host {
     /// own (a second signal).
     pub fn journal_keeper(&self) -> impl Fn() + Send + Sync + 'static {
         let journal = self.state.queue.journal.clone();
+        let drain = self.state.config.drain_timeout;
         move || {
-            journal.unstart_running();
+            journal.unstart_running(drain);
             journal.flush();
         }
     }

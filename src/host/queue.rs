@@ -380,7 +380,7 @@ impl Workers {
             self.tasks.shutdown().await;
             // Stopped by the timeout, not by themselves: their starts do
             // not count against them.
-            self.state.queue.journal.unstart_running();
+            self.state.queue.journal.unstart_running(timeout);
             delivering.shutdown().await;
             take(&self.deliveries).shutdown().await;
             let kept = self.state.notifier.abandon_pending().await;
