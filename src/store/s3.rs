@@ -289,7 +289,11 @@ where
         Some(s) => s >= 500 || s == 408 || s == 429 || err.code() == Some("RequestTimeout"),
         None => match err {
             SdkError::TimeoutError(_) => true,
-            SdkError::DispatchFailure(failure) => failure.is_io() || failure.is_timeout(),
+            // As the SDK's own retries judge it: a connection that failed
+            // or broke off (an answer cut short is `other` with a kind).
+            SdkError::DispatchFailure(failure) => {
+                failure.is_io() || failure.is_timeout() || failure.as_other().is_some()
+            }
             _ => false,
         },
     }
