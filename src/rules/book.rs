@@ -168,6 +168,15 @@ impl RuleBook {
             }
             entry.items.extend(items);
         }
+        // Files of one bucket together.
+        for (bucket, file) in &loaded {
+            super::validate::check_rule_count(file.rules.len()).map_err(|source| {
+                RuleBookError::InvalidFile {
+                    path: dir.join(format!("{bucket}: its files together")),
+                    source,
+                }
+            })?;
+        }
         let count = loaded.values().map(|file| file.rules.len()).sum();
         let mut buckets = self.buckets.write().unwrap_or_else(PoisonError::into_inner);
         for (bucket, FileRules { items, rules, .. }) in loaded {
@@ -202,10 +211,12 @@ impl RuleBook {
     /// check; the error names the field. Notifier rules do not touch
     /// the store, so they take any bucket name an event may carry.
     ///
-    /// Also refuses image rules on events that leave no object
+    /// Also refuses more than [`super::validate::MAX_RULES_PER_BUCKET`]
+    /// rules, and image rules on events that leave no object
     /// ([`super::validate::check_image_events`]). Made when rules are set or
     /// read from `functions/`; rules saved earlier are loaded as they are.
     pub fn check_buckets(&self, bucket: &str, rules: &[Rule]) -> Result<(), RuleError> {
+        super::validate::check_rule_count(rules.len())?;
         super::validate::check_image_events(rules)?;
         let check = self.bucket_check.unwrap_or(crate::store::validate_bucket);
         if rules.iter().any(|rule| rule.image_args().is_some()) {
@@ -737,6 +748,55 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`abort_multipart` leaves no object"), "{err}");
+    }
+
+    #[test]
+    fn a_bucket_takes_a_bounded_number_of_rules_when_set_not_when_saved() {
+        use super::super::validate::MAX_RULES_PER_BUCKET;
+        let rules = |n: usize| {
+            let list: Vec<Value> = (0..n)
+                .map(|i| {
+                    json!({"id": format!("r{i}"), "event_types": ["create_object"],
+                           "cloudfunc": "notifier", "notify_url": "http://127.0.0.1:1/hook"})
+                })
+                .collect();
+            json!({"notifications": list})
+        };
+        let state = tempfile::tempdir().unwrap();
+        // Saved by a version that took more: loaded as they are.
+        fs::write(
+            state.path().join("photos.json"),
+            rules(MAX_RULES_PER_BUCKET + 1).to_string(),
+        )
+        .unwrap();
+        let book = RuleBook::open(state.path(), None).unwrap();
+        assert_eq!(book.rules("photos").len(), MAX_RULES_PER_BUCKET + 1);
+        // Set now: at most the bound.
+        let at_most = rules(MAX_RULES_PER_BUCKET).to_string();
+        book.set("marks", at_most.as_bytes()).unwrap();
+        let over = rules(MAX_RULES_PER_BUCKET + 1).to_string();
+        let err = book.set("marks", over.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("at most 100"), "{err}");
+        // In functions/, counted over all the files of a bucket.
+        let functions = tempfile::tempdir().unwrap();
+        for (name, range) in [("a.json", 0..60), ("b.json", 60..120)] {
+            let list: Vec<Value> = range
+                .map(|i| {
+                    json!({"id": format!("r{i}"), "event_types": ["create_object"],
+                           "cloudfunc": "notifier", "notify_url": "http://127.0.0.1:1/hook"})
+                })
+                .collect();
+            fs::write(
+                functions.path().join(name),
+                json!({"bucket": "photos", "notifications": list}).to_string(),
+            )
+            .unwrap();
+        }
+        let other = tempfile::tempdir().unwrap();
+        let err = RuleBook::open(other.path(), Some(functions.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("120 rules") && err.contains("photos"), "{err}");
     }
 
     #[test]
