@@ -367,9 +367,6 @@ async fn run_image(
             (watermarks, slot)
         }
     };
-    if let Some(failure) = watermarks.passing_failure() {
-        return Err(failure);
-    }
     // An object this rule wrote is left unread.
     let action = args.action.clone();
     let limits = rt.limits.clone();
@@ -380,6 +377,11 @@ async fn run_image(
     .await?;
     if let Some(skipped) = screen(&meta, event, rule, &limits)? {
         return Ok(skipped);
+    }
+    // Once the source is known to be one to process: a skip or a lasting
+    // failure of its own is reported as such.
+    if let Some(failure) = watermarks.passing_failure() {
+        return Err(failure);
     }
     let chain = chain_of(&meta).to_string();
     let Some(input) = input else {

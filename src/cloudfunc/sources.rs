@@ -364,7 +364,8 @@ impl WatermarkSources {
                     self.config.timeout
                 ))
             })?
-            .map_err(|e| FetchError::passing(format!("cannot resolve {host}: {e}")))?
+            // A name that does not resolve is lasting (a typo, most often).
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
             .collect(),
         };
         let addr = addrs
@@ -384,12 +385,16 @@ impl WatermarkSources {
             .resolve(&host, addr)
             .build()
             .map_err(|e| e.to_string())?;
-        // No answer, or the host's own failure, may pass.
+        // No answer in time, a connection refused or broken, or the host's
+        // own failure may pass.
         let mut response = client
             .get(url.clone())
             .send()
             .await
-            .map_err(|e| FetchError::passing(format!("GET {url}: {e}")))?;
+            .map_err(|e| FetchError {
+                message: format!("GET {url}: {e}"),
+                transient: e.is_timeout() || e.is_connect() || e.is_body(),
+            })?;
         let status = response.status();
         if !status.is_success() {
             return Err(FetchError {
