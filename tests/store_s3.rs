@@ -569,6 +569,42 @@ async fn a_request_the_client_cannot_make_is_not_worth_trying_again() {
         "{err:?}"
     );
     assert!(err.to_string().contains("credential"), "{err}");
+
+    // A provider that did not answer in time (instance metadata, STS) may
+    // next time.
+    #[derive(Debug)]
+    struct TimedOut;
+    impl aws_sdk_s3::config::ProvideCredentials for TimedOut {
+        fn provide_credentials<'a>(
+            &'a self,
+        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            aws_credential_types::provider::future::ProvideCredentials::ready(Err(
+                aws_credential_types::provider::error::CredentialsError::provider_timed_out(
+                    std::time::Duration::from_secs(1),
+                ),
+            ))
+        }
+    }
+    let config = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(TimedOut))
+        .build();
+    let store = S3Store::from_sdk_config(&config, &s3.endpoint, true).unwrap();
+    let err = store.get("bkt", "k").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Backend {
+                transient: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

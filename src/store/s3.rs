@@ -283,12 +283,24 @@ where
 /// the same way every time.
 fn transient<E>(err: &SdkError<E>, status: Option<u16>) -> bool
 where
-    E: ProvideErrorMetadata,
+    E: ProvideErrorMetadata + std::error::Error + 'static,
 {
+    use aws_credential_types::provider::error::CredentialsError;
     match status {
         Some(s) => s >= 500 || s == 408 || s == 429 || err.code() == Some("RequestTimeout"),
         None => match err {
             SdkError::TimeoutError(_) => true,
+            // A credential provider that timed out or failed (instance
+            // metadata, STS) may answer next time; credentials that are
+            // not there, or configured wrong, will not be.
+            SdkError::DispatchFailure(_) if let Some(failure) = cause::<CredentialsError>(err) => {
+                matches!(
+                    failure,
+                    CredentialsError::ProviderTimedOut(_)
+                        | CredentialsError::ProviderError(_)
+                        | CredentialsError::Unhandled(_)
+                )
+            }
             // As the SDK's own retries judge it: a connection that failed
             // or broke off (an answer cut short is `other` with a kind).
             SdkError::DispatchFailure(failure) => {
@@ -297,6 +309,20 @@ where
             _ => false,
         },
     }
+}
+
+/// The first error of type `T` in `err`'s chain of causes.
+fn cause<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// The server's error code and message, with the HTTP status, where it
