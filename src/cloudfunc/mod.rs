@@ -243,14 +243,15 @@ impl InvokeError {
 /// Runs `rule`'s cloudfunc for `event`, holding `slot` until its image
 /// work is done. `before_image_work` is called once the source has been
 /// read, just before its image work is handed to an image thread (not at
-/// all when the invocation ends sooner).
-pub async fn invoke(
+/// all when the invocation ends sooner); what it returns is dropped when
+/// the image work ends, before the outputs are written.
+pub async fn invoke<G>(
     rt: &Runtime,
     invocation_id: &str,
     rule: &Rule,
     event: &Event,
     slot: ImageSlot,
-    before_image_work: impl FnOnce(),
+    before_image_work: impl FnOnce() -> G,
 ) -> InvocationResult {
     let started = Instant::now();
     let mut result = InvocationResult {
@@ -326,14 +327,14 @@ enum ImageOutcome {
     Skipped(String),
 }
 
-async fn run_image(
+async fn run_image<G>(
     rt: &Runtime,
     rule: &Rule,
     args: &ImageArgs,
     event: &Event,
     slot: ImageSlot,
     outputs: &mut Vec<WrittenObject>,
-    before_image_work: impl FnOnce(),
+    before_image_work: impl FnOnce() -> G,
 ) -> Result<ImageOutcome, InvokeError> {
     use crate::rules::EventType;
     if matches!(
@@ -388,7 +389,7 @@ async fn run_image(
         return Err(ImagingError::input_too_large(meta.size, &limits).into());
     };
     let (size, name) = (meta.size, format!("{}/{}", event.bucket, event.key));
-    before_image_work();
+    let in_image_work = before_image_work();
     let output = rt
         .run_cpu(slot, move || -> Result<_, InvokeError> {
             let input = read_kept(input, size, &action, &limits, &name)?;
@@ -396,6 +397,7 @@ async fn run_image(
         })
         .await
         .map_err(InvokeError::Internal)??;
+    drop(in_image_work);
 
     let link = chain_link(&event.bucket, &rule.id);
     let chain = if chain.is_empty() {

@@ -139,9 +139,9 @@ struct Inner {
     written: u64,
     /// Done marks not written yet.
     done: String,
-    /// Jobs marked started in this run, with their count before and when
-    /// they started.
-    started: HashMap<String, (u32, Instant)>,
+    /// Jobs marked started in this run, with their count before and,
+    /// while their image work runs, when it started.
+    started: HashMap<String, (u32, Option<Instant>)>,
     /// The last write failed part-way: the next starts a line of its own.
     broken: bool,
 }
@@ -317,8 +317,16 @@ impl Journal {
         }
         inner
             .started
-            .insert(id.to_owned(), (starts, Instant::now()));
+            .insert(id.to_owned(), (starts, Some(Instant::now())));
         self.mark(&mut inner, "start", id);
+    }
+
+    /// Notes that the image work of job `id`, marked started in this run,
+    /// has ended (its outputs are being written).
+    pub fn image_work_ended(&self, id: &str) {
+        if let Some((_, at)) = self.lock().started.get_mut(id) {
+            *at = None;
+        }
     }
 
     /// Takes back the start of job `id`, marked started in this run, once
@@ -336,17 +344,16 @@ impl Journal {
     /// Takes back the starts of the jobs marked started in this run and
     /// not finished: a shutdown's drain timeout stopped them, not they
     /// themselves. Except for one that ran alone (nothing else ran beside
-    /// it) or has run for `hung_after` (the whole drain): those keep their
-    /// start, or one that hangs would be run again at every start and
-    /// never set aside.
+    /// it) or whose image work has run for `hung_after` (the whole drain):
+    /// those keep their start, or one that hangs would be run again at
+    /// every start and never set aside. (A store that hangs while the
+    /// outputs are written is not the job's doing.)
     pub fn unstart_running(&self, hung_after: Duration) {
         let mut inner = self.lock();
         let started = std::mem::take(&mut inner.started);
         for (id, (before, at)) in started {
-            if before == 0
-                && at.elapsed() < hung_after
-                && Self::count_in_line(&mut inner, &id, before)
-            {
+            let hung = at.is_some_and(|at| at.elapsed() >= hung_after);
+            if before == 0 && !hung && Self::count_in_line(&mut inner, &id, before) {
                 self.mark(&mut inner, "unstart", &id);
             }
         }
@@ -616,15 +623,27 @@ mod tests {
         journal
             .added([("1", "r", &a), ("2", "r", &b)].into_iter())
             .unwrap();
-        journal.started("1", 0);
-        std::thread::sleep(Duration::from_millis(60));
-        journal.started("2", 0);
-        // A drain of 50 ms: job 1 ran through it (it hangs), job 2 was
-        // cut short.
-        journal.unstart_running(Duration::from_millis(50));
+        let (c, d) = (event("c.jpg"), event("d.jpg"));
+        journal
+            .added([("3", "r", &c), ("4", "r", &d)].into_iter())
+            .unwrap();
+        for id in ["1", "2", "3", "4"] {
+            journal.started(id, 0);
+        }
+        // Jobs 1 and 3 began their image work two minutes ago; job 3's
+        // ended (its outputs are being written, to a store that hangs).
+        let long_ago = Instant::now() - Duration::from_secs(120);
+        for id in ["1", "3"] {
+            journal.lock().started.get_mut(id).unwrap().1 = Some(long_ago);
+        }
+        journal.image_work_ended("3");
+        journal.image_work_ended("4");
+        // A drain of 60 s: job 1's image work ran through it (it hangs);
+        // the others were cut short.
+        journal.unstart_running(Duration::from_secs(60));
         let (_, pending) = Journal::open_copy(&path);
         let starts: Vec<(&str, u32)> = pending.iter().map(|p| (p.id.as_str(), p.starts)).collect();
-        assert_eq!(starts, [("1", 1), ("2", 0)]);
+        assert_eq!(starts, [("1", 1), ("2", 0), ("3", 0), ("4", 0)]);
     }
 
     #[test]
