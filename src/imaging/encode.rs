@@ -45,6 +45,7 @@ pub fn encode(
     grey: bool,
 ) -> Result<Encoded, ImagingError> {
     let (width, height) = pixels.dimensions();
+    check_side(format, width, height)?;
     let bytes = match (pixels, format) {
         (Pixels::Animated(frames), ImageFormat::Gif) => {
             let mut out = Vec::new();
@@ -63,7 +64,6 @@ pub fn encode(
             out
         }
         (Pixels::Animated(frames), ImageFormat::Webp) => {
-            check_webp_size(width, height)?;
             // WebP counts plays (0: forever), a GIF's extension repeats.
             let loop_count = match repeat {
                 Repeat::Infinite => 0,
@@ -100,19 +100,30 @@ pub fn encode(
     })
 }
 
-/// The widest and tallest image a WebP file can hold.
-const WEBP_MAX_SIDE: u32 = 16383;
+/// The widest and tallest image a file of `format` can hold, where that is
+/// less than any image here: WebP's 16383, libjpeg-turbo's 65500 and GIF's
+/// 65535.
+fn max_side(format: ImageFormat) -> Option<u32> {
+    match format {
+        ImageFormat::Webp => Some(16383),
+        ImageFormat::Jpeg => Some(65500),
+        ImageFormat::Gif => Some(65535),
+        _ => None,
+    }
+}
 
-fn check_webp_size(w: u32, h: u32) -> Result<(), ImagingError> {
-    if w > WEBP_MAX_SIDE || h > WEBP_MAX_SIDE {
-        return Err(ImagingError::OutputTooLarge {
+/// An image too wide or tall for `format` is `output_too_large`, found
+/// before the encoder is started, not an encoder's failure.
+fn check_side(format: ImageFormat, w: u32, h: u32) -> Result<(), ImagingError> {
+    match max_side(format) {
+        Some(max) if w > max || h > max => Err(ImagingError::OutputTooLarge {
             op: "format",
             width: w.into(),
             height: h.into(),
-            limit: format!("{WEBP_MAX_SIDE} px per side, the most WebP can hold"),
-        });
+            limit: format!("{max} px per side, the most {} can hold", format.name()),
+        }),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Lossy at `quality` (80 by default) and method 4, sharp's default effort.
@@ -171,7 +182,7 @@ fn encode_still(
             .map_err(|e| encode_error(format, e))
         }
         ImageFormat::Webp => {
-            check_webp_size(w, h)?;
+            check_side(format, w, h)?;
             let enc = match img {
                 DynamicImage::ImageRgba8(b) => webp::Encoder::from_rgba(b.as_raw(), w, h),
                 DynamicImage::ImageRgb8(b) => webp::Encoder::from_rgb(b.as_raw(), w, h),

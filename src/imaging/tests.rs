@@ -1087,6 +1087,18 @@ fn resize_limits_hold_the_output_not_what_is_never_made() {
             .contains("format: output would be 16384x1, over the limit of 16383 px per side"),
         "{err}"
     );
+    // So does JPEG (65500): a wide strip within every input limit is
+    // `output_too_large`, not an encoder's failure.
+    for (action, limit) in [("format:t_jpeg", 65500)] {
+        let err = run(&png(65536, 1), action).err().unwrap();
+        assert_eq!(err.code(), "output_too_large", "{action}");
+        assert!(
+            err.to_string().contains(&format!(
+                "output would be 65536x1, over the limit of {limit} px per side"
+            )),
+            "{err}"
+        );
+    }
     let err = run(&png(1, 1), "resize:w_16385").err().unwrap();
     assert!(
         err.to_string()
