@@ -1089,16 +1089,13 @@ fn resize_limits_hold_the_output_not_what_is_never_made() {
     );
     // So does JPEG (65500): a wide strip within every input limit is
     // `output_too_large`, not an encoder's failure.
-    for (action, limit) in [("format:t_jpeg", 65500)] {
-        let err = run(&png(65536, 1), action).err().unwrap();
-        assert_eq!(err.code(), "output_too_large", "{action}");
-        assert!(
-            err.to_string().contains(&format!(
-                "output would be 65536x1, over the limit of {limit} px per side"
-            )),
-            "{err}"
-        );
-    }
+    let err = run(&png(65536, 1), "format:t_jpeg").err().unwrap();
+    assert_eq!(err.code(), "output_too_large");
+    assert!(
+        err.to_string()
+            .contains("output would be 65536x1, over the limit of 65500 px per side"),
+        "{err}"
+    );
     let err = run(&png(1, 1), "resize:w_16385").err().unwrap();
     assert!(
         err.to_string()
