@@ -43,6 +43,10 @@ pub struct Limits {
     pub max_animation_pixels: u64,
 }
 
+/// The largest watermark image decoded, in pixels (4096x4096): it is
+/// decoded for every invocation that lays it on, as RGBA.
+pub const MAX_WATERMARK_PIXELS: u64 = 1 << 24;
+
 /// How many times the pixel limit the operations of one action may make
 /// in all.
 const PIPELINE_FACTOR: u64 = 4;
@@ -283,8 +287,13 @@ pub fn process(
                             url: w.url.clone(),
                             message,
                         })?;
-                // In RGBA once, not for every frame it is laid on.
-                let overlay = decode::decode_first_frame(&bytes, limits)
+                // In RGBA once, not for every frame it is laid on; a logo
+                // is held to a logo's size, whatever the input limit.
+                let overlay_limits = Limits {
+                    max_pixels: limits.max_pixels.min(MAX_WATERMARK_PIXELS),
+                    ..limits.clone()
+                };
+                let overlay = decode::decode_first_frame(&bytes, &overlay_limits)
                     .map_err(|e| ImagingError::Watermark {
                         url: w.url.clone(),
                         message: e.to_string(),

@@ -770,6 +770,10 @@ impl WatermarkResolver for FixtureResolver {
                     }
                 },
             )))),
+            // One column over the watermark limit (small as a PNG).
+            "s3://marks/huge.png" => Ok(png(&DynamicImage::ImageLuma8(image::GrayImage::new(
+                4097, 4096,
+            )))),
             _ => Err(format!("no such object {url}")),
         }
     }
@@ -848,6 +852,21 @@ fn watermark_image_composites_at_the_offset_with_opacity() {
     .err()
     .unwrap();
     assert!(err.to_string().contains("s3://no/such"), "{err}");
+    // A logo is held to a logo's size, under the input limit.
+    let u = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("s3://marks/huge.png")
+    };
+    let err = process(
+        &white,
+        &Action::parse(&format!("watermark_image:u_{u}")).unwrap(),
+        &Limits::default(),
+        &FixtureResolver,
+    )
+    .err()
+    .unwrap();
+    assert_eq!(err.code(), "watermark_unavailable");
+    assert!(err.to_string().contains("16777216"), "{err}");
 }
 
 #[test]
