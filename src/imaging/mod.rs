@@ -43,6 +43,10 @@ pub struct Limits {
     pub max_animation_pixels: u64,
 }
 
+/// Why a text watermark is refused when none of its characters is drawn.
+pub const NO_MARK: &str =
+    "the text has no character the font draws (only spaces, or characters it lacks)";
+
 /// The largest watermark image decoded, in pixels (4096x4096): it is
 /// decoded for every invocation that lays it on, as RGBA.
 pub const MAX_WATERMARK_PIXELS: u64 = 1 << 24;
@@ -307,6 +311,13 @@ pub fn process(
                 })?;
             }
             Op::Watermark(w) => {
+                // An image said to be marked is marked, or the action fails.
+                if !watermark::draws_something(&w.text) {
+                    return Err(ImagingError::Operation {
+                        op: "watermark",
+                        message: NO_MARK.into(),
+                    });
+                }
                 // Laid out and rendered once for all the frames of an
                 // animation, which share one size.
                 let mut stamp: Option<((u32, u32), Option<watermark::TextStamp>)> = None;

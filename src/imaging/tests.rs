@@ -870,6 +870,26 @@ fn watermark_image_composites_at_the_offset_with_opacity() {
 }
 
 #[test]
+fn a_text_watermark_that_would_draw_nothing_fails() {
+    let white = png(&DynamicImage::ImageRgb8(RgbImage::from_pixel(
+        60,
+        40,
+        Rgb([255, 255, 255]),
+    )));
+    // A space, a line break, an emoji the font lacks.
+    for text in ["IA", "Cg", "8J-YgA"] {
+        let err = run(&white, &format!("watermark:t_{text}")).err().unwrap();
+        assert_eq!(err.code(), "operation_failed", "{text}");
+        assert!(
+            err.to_string().contains("no character the font draws"),
+            "{err}"
+        );
+    }
+    // A character it has beside one it lacks still marks.
+    run(&white, "watermark:t_QfCfmIA").unwrap();
+}
+
+#[test]
 fn text_watermark_changes_pixels_over_the_whole_image() {
     let white = png(&DynamicImage::ImageRgb8(RgbImage::from_pixel(
         600,

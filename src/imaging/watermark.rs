@@ -282,6 +282,13 @@ impl TextMask {
 /// em size is converted with the font's own metrics:
 /// `scale = em_px × height_unscaled / units_per_em` (what `pt_to_px_scale`
 /// does, without its fixed 96 dpi).
+/// Whether `text` has a character the bundled font draws: a text of
+/// spaces, or only of characters it lacks (emoji), would leave no mark.
+pub fn draws_something(text: &str) -> bool {
+    FONT.as_ref()
+        .is_some_and(|font| !layout(font, text, 16.0).is_empty())
+}
+
 fn layout(font: &FontRef<'static>, text: &str, em_px: f32) -> Vec<OutlinedGlyph> {
     let scale = match font.units_per_em() {
         Some(upem) if upem > 0.0 => PxScale::from(em_px * font.height_unscaled() / upem),
