@@ -212,7 +212,8 @@ impl RuleBook {
     /// the store, so they take any bucket name an event may carry.
     ///
     /// Also refuses more than [`super::validate::MAX_RULES_PER_BUCKET`]
-    /// rules, and image rules on events that leave no object
+    /// rules, text watermarks that would draw nothing, and image rules on
+    /// events that leave no object
     /// ([`super::validate::check_image_events`]). Made when rules are set or
     /// read from `functions/`; rules saved earlier are loaded as they are.
     pub fn check_buckets(&self, bucket: &str, rules: &[Rule]) -> Result<(), RuleError> {
@@ -248,6 +249,14 @@ impl RuleBook {
                                 )
                             })?;
                         }
+                    }
+                    crate::action::Op::Watermark(mark)
+                        if !crate::imaging::watermark::draws_something(&mark.text) =>
+                    {
+                        return Err(RuleError::new(
+                            field(),
+                            format!("watermark: {}", crate::imaging::NO_MARK),
+                        ));
                     }
                     _ => {}
                 }
@@ -797,6 +806,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("120 rules") && err.contains("photos"), "{err}");
+    }
+
+    #[test]
+    fn a_text_watermark_that_would_draw_nothing_is_refused_when_set_not_when_saved() {
+        // An emoji the font lacks.
+        let rule = br#"{"notifications": [{"id": "t", "event_types": ["create_object"],
+            "cloudfunc": "image", "cloudfunc_args": {"action": "watermark:t_8J-YgA"}}]}"#;
+        let state = tempfile::tempdir().unwrap();
+        fs::write(state.path().join("photos.json"), rule).unwrap();
+        let book = RuleBook::open(state.path(), None).unwrap();
+        assert_eq!(book.rules("photos").len(), 1);
+        let err = book.set("marks", rule).unwrap_err().to_string();
+        assert!(
+            err.contains("notifications[0].cloudfunc_args.action")
+                && err.contains("no character the font draws"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -337,16 +337,7 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
     // segments), so a rule behaves the same on either store.
     check_save_targets(&action)
         .map_err(|e| RuleError::new("cloudfunc_args.action", format!("save: {e}")))?;
-    for op in &action.ops {
-        if let Op::Watermark(w) = op
-            && !crate::imaging::watermark::draws_something(&w.text)
-        {
-            return Err(RuleError::new(
-                "cloudfunc_args.action",
-                format!("watermark: {}", crate::imaging::NO_MARK),
-            ));
-        }
-    }
+
     // An explicit "" is kept (no prefix, or no separator); only an absent
     // field takes the default.
     let key_prefix = raw
@@ -686,18 +677,6 @@ mod tests {
         let err = parse(&body).unwrap_err();
         assert_eq!(err.field, "notifications[1].id");
         assert!(err.message.starts_with("duplicate id `thumbs`"), "{err}");
-    }
-
-    #[test]
-    fn a_text_watermark_that_would_draw_nothing_is_refused() {
-        let err = error_with(|r| {
-            r.insert(
-                "cloudfunc_args".into(),
-                json!({"action": "resize:w_100|watermark:t_8J-YgA"}),
-            );
-        });
-        assert_eq!(err.field, "notifications[0].cloudfunc_args.action");
-        assert!(err.message.contains("no character the font draws"), "{err}");
     }
 
     #[test]
