@@ -541,6 +541,30 @@ async fn a_server_that_never_answers_is_a_backend_error_in_bounded_time() {
     silent.abort();
 }
 
+/// A GET through a store whose credentials come from `provider`: its
+/// error, and whether it may pass.
+async fn get_with_credentials(
+    endpoint: &str,
+    provider: impl aws_sdk_s3::config::ProvideCredentials + 'static,
+) -> (StoreError, bool) {
+    let config = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(provider))
+        .build();
+    let store = S3Store::from_sdk_config(&config, endpoint, true).unwrap();
+    let err = store.get("bkt", "k").await.unwrap_err();
+    assert_eq!(err.code(), "backend", "{err:?}");
+    let transient = matches!(
+        err,
+        StoreError::Backend {
+            transient: true,
+            ..
+        }
+    );
+    (err, transient)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_client_cannot_make_is_not_worth_trying_again() {
     // Credentials from a profile that no configuration file has: the
@@ -550,24 +574,8 @@ async fn a_request_the_client_cannot_make_is_not_worth_trying_again() {
     let provider = aws_config::profile::ProfileFileCredentialsProvider::builder()
         .profile_name("imgfunc-test-no-such-profile")
         .build();
-    let config = aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(provider))
-        .build();
-    let store = S3Store::from_sdk_config(&config, &s3.endpoint, true).unwrap();
-    let err = store.get("bkt", "k").await.unwrap_err();
-    assert_eq!(err.code(), "backend", "{err:?}");
-    assert!(
-        matches!(
-            err,
-            StoreError::Backend {
-                transient: false,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    let (err, transient) = get_with_credentials(&s3.endpoint, provider).await;
+    assert!(!transient, "{err:?}");
     assert!(err.to_string().contains("credential"), "{err}");
 
     // A provider that did not answer in time (instance metadata, STS) may
@@ -588,23 +596,8 @@ async fn a_request_the_client_cannot_make_is_not_worth_trying_again() {
             ))
         }
     }
-    let config = aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(TimedOut))
-        .build();
-    let store = S3Store::from_sdk_config(&config, &s3.endpoint, true).unwrap();
-    let err = store.get("bkt", "k").await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::Backend {
-                transient: true,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    let (err, transient) = get_with_credentials(&s3.endpoint, TimedOut).await;
+    assert!(transient, "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
