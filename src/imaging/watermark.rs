@@ -170,13 +170,14 @@ pub fn composite(
     });
 }
 
-/// The text rendered once: per-pixel coverage in [0, 1], clipped to at most
-/// the image's size (no copy can show more than that).
+/// The text rendered once: per-pixel coverage in 255ths (a byte a pixel,
+/// for a mask that may be as large as the image), clipped to at most the
+/// image's size (no copy can show more than that).
 struct TextMask {
     /// Size of the stored (possibly clipped) coverage.
     width: usize,
     height: usize,
-    coverage: Vec<f32>,
+    coverage: Vec<u8>,
     /// Size of the whole text's ink box, before clipping.
     full_width: u32,
     full_height: u32,
@@ -212,7 +213,7 @@ impl TextMask {
             return None;
         }
 
-        let mut coverage = vec![0.0f32; width * height];
+        let mut coverage = vec![0u8; width * height];
         for g in &glyphs {
             let b = g.px_bounds();
             let gx = (b.min.x - origin_x).round() as usize;
@@ -226,7 +227,8 @@ impl TextMask {
                     // Summing lets antialiased edges of touching glyphs add
                     // up to full coverage, as one path would.
                     let cell = &mut coverage[y * width + x];
-                    *cell = (*cell + c).min(1.0);
+                    let add = (c.clamp(0.0, 1.0) * 255.0).round() as u16;
+                    *cell = (u16::from(*cell) + add).min(255) as u8;
                 }
             });
         }
@@ -266,13 +268,21 @@ impl TextMask {
             let row = &mut buf[y as usize * stride..(y as usize + 1) * stride];
             for x in x0..x1 {
                 let c = self.coverage[mask_row + (x - left) as usize];
-                if c > 0.0 {
+                if c > 0 {
                     let at = x as usize * channels;
-                    blend_over(&mut row[at..at + channels], color, c * opacity);
+                    let alpha = f32::from(c) / 255.0 * opacity;
+                    blend_over(&mut row[at..at + channels], color, alpha);
                 }
             }
         }
     }
+}
+
+/// Whether `text` has a character the bundled font draws: a text of
+/// spaces, or only of characters it lacks (emoji), would leave no mark.
+pub fn draws_something(text: &str) -> bool {
+    FONT.as_ref()
+        .is_some_and(|font| !layout(font, text, 16.0).is_empty())
 }
 
 /// Positions the outlined glyphs of `text`; the first line's baseline is at
@@ -282,13 +292,6 @@ impl TextMask {
 /// em size is converted with the font's own metrics:
 /// `scale = em_px × height_unscaled / units_per_em` (what `pt_to_px_scale`
 /// does, without its fixed 96 dpi).
-/// Whether `text` has a character the bundled font draws: a text of
-/// spaces, or only of characters it lacks (emoji), would leave no mark.
-pub fn draws_something(text: &str) -> bool {
-    FONT.as_ref()
-        .is_some_and(|font| !layout(font, text, 16.0).is_empty())
-}
-
 fn layout(font: &FontRef<'static>, text: &str, em_px: f32) -> Vec<OutlinedGlyph> {
     let scale = match font.units_per_em() {
         Some(upem) if upem > 0.0 => PxScale::from(em_px * font.height_unscaled() / upem),
