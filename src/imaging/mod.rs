@@ -256,6 +256,7 @@ pub fn process(
     // included: see [`Limits::pipeline_pixels`].
     let mut made: u64 = 0;
     for (index, op) in action.ops.iter().enumerate() {
+        let dims_before = state.pixels.dimensions();
         if Some(index) == skip {
             continue;
         }
@@ -340,11 +341,18 @@ pub fn process(
             }
         }
         // The operations that make a new image (a watermark draws on the
-        // one there is).
-        if matches!(
-            op,
-            Op::Crop(_) | Op::Rotate(_) | Op::Resize(_) | Op::Save(_)
-        ) {
+        // one there is; a crop of the whole image and `rotate:a_0` keep it).
+        let kept = match op {
+            Op::Crop(_) => state.pixels.dimensions() == dims_before,
+            Op::Rotate(r) => *r == crate::action::Rotation::R0,
+            _ => false,
+        };
+        if !kept
+            && matches!(
+                op,
+                Op::Crop(_) | Op::Rotate(_) | Op::Resize(_) | Op::Save(_)
+            )
+        {
             made = made.saturating_add(state.pixels.all_pixels());
             let budget = limits.pipeline_pixels();
             if made > budget {

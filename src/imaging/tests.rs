@@ -1873,4 +1873,10 @@ fn the_operations_of_one_action_make_at_most_four_times_the_pixel_limit() {
     // Four such steps are within it.
     let out = run(&ops[..4].join("|")).unwrap().image.unwrap();
     assert_eq!((out.width, out.height), (990, 990));
+    // A crop of the whole image and `rotate:a_0` make nothing, and do not
+    // count; `rotate:a_180` makes a new image of the same size, and does.
+    let kept = format!("{}|crop:w_5000,h_5000|rotate:a_0", ops[..4].join("|"));
+    assert!(run(&kept).is_ok());
+    let turned = format!("{}|rotate:a_180", ops[..4].join("|"));
+    assert_eq!(run(&turned).unwrap_err().code(), "output_too_large");
 }
