@@ -243,15 +243,15 @@ impl InvokeError {
 /// Runs `rule`'s cloudfunc for `event`, holding `slot` until its image
 /// work is done. `before_image_work` is called once the source has been
 /// read, just before its image work is handed to an image thread (not at
-/// all when the invocation ends sooner); what it returns is dropped when
-/// the image work ends, before the outputs are written.
-pub async fn invoke<G>(
+/// all when the invocation ends sooner); what it returns is called when the
+/// image work has ended, before the outputs are written.
+pub async fn invoke<E: FnOnce()>(
     rt: &Runtime,
     invocation_id: &str,
     rule: &Rule,
     event: &Event,
     slot: ImageSlot,
-    before_image_work: impl FnOnce() -> G,
+    before_image_work: impl FnOnce() -> E,
 ) -> InvocationResult {
     let started = Instant::now();
     let mut result = InvocationResult {
@@ -327,14 +327,14 @@ enum ImageOutcome {
     Skipped(String),
 }
 
-async fn run_image<G>(
+async fn run_image<E: FnOnce()>(
     rt: &Runtime,
     rule: &Rule,
     args: &ImageArgs,
     event: &Event,
     slot: ImageSlot,
     outputs: &mut Vec<WrittenObject>,
-    before_image_work: impl FnOnce() -> G,
+    before_image_work: impl FnOnce() -> E,
 ) -> Result<ImageOutcome, InvokeError> {
     use crate::rules::EventType;
     if matches!(
@@ -379,25 +379,27 @@ async fn run_image<G>(
     if let Some(skipped) = screen(&meta, event, rule, &limits)? {
         return Ok(skipped);
     }
+    let chain = chain_of(&meta).to_string();
+    let Some(input) = input else {
+        return Err(ImagingError::input_too_large(meta.size, &limits).into());
+    };
     // Once the source is known to be one to process: a skip or a lasting
     // failure of its own is reported as such.
     if let Some(failure) = watermarks.passing_failure() {
         return Err(failure);
     }
-    let chain = chain_of(&meta).to_string();
-    let Some(input) = input else {
-        return Err(ImagingError::input_too_large(meta.size, &limits).into());
-    };
     let (size, name) = (meta.size, format!("{}/{}", event.bucket, event.key));
-    let in_image_work = before_image_work();
+    let image_work_ended = before_image_work();
     let output = rt
         .run_cpu(slot, move || -> Result<_, InvokeError> {
             let input = read_kept(input, size, &action, &limits, &name)?;
             Ok(imaging::process(&input, &action, &limits, &watermarks)?)
         })
-        .await
-        .map_err(InvokeError::Internal)??;
-    drop(in_image_work);
+        .await;
+    // Called when the image work ends, not when this future is dropped
+    // (a shutdown that stops it leaves the image thread at work).
+    image_work_ended();
+    let output = output.map_err(InvokeError::Internal)??;
 
     let link = chain_link(&event.bucket, &rule.id);
     let chain = if chain.is_empty() {

@@ -364,8 +364,9 @@ impl WatermarkSources {
                     self.config.timeout
                 ))
             })?
-            // A name that does not resolve is lasting (a typo, most often).
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            // The host is on the allow-list: a name that does not resolve
+            // is most often the resolver's passing failure.
+            .map_err(|e| FetchError::passing(format!("cannot resolve {host}: {e}")))?
             .collect(),
         };
         let addr = addrs
@@ -385,16 +386,12 @@ impl WatermarkSources {
             .resolve(&host, addr)
             .build()
             .map_err(|e| e.to_string())?;
-        // No answer in time, a connection refused or broken, or the host's
-        // own failure may pass.
+        // No answer (in time), or the host's own failure, may pass.
         let mut response = client
             .get(url.clone())
             .send()
             .await
-            .map_err(|e| FetchError {
-                message: format!("GET {url}: {e}"),
-                transient: e.is_timeout() || e.is_connect() || e.is_body(),
-            })?;
+            .map_err(|e| FetchError::passing(format!("GET {url}: {e}")))?;
         let status = response.status();
         if !status.is_success() {
             return Err(FetchError {

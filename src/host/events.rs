@@ -119,7 +119,7 @@ pub async fn invoke(
     // goes away: its outputs are all written, or its result says which.
     let result = detach(&state.clone(), async move {
         let _turn = turn;
-        Ok(cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event, slot, || {}).await)
+        Ok(cloudfunc::invoke(&state.runtime, &new_id(), &rule, &event, slot, || || {}).await)
     })
     .await?;
     Ok(Json(result))

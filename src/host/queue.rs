@@ -438,19 +438,6 @@ enum Ran {
     Retrying,
 }
 
-/// A resumed job's image work under way: the journal is told when it
-/// ends (see [`Journal::unstart_running`]).
-struct InImageWork {
-    journal: Arc<Journal>,
-    id: String,
-}
-
-impl Drop for InImageWork {
-    fn drop(&mut self) {
-        self.journal.image_work_ended(&self.id);
-    }
-}
-
 /// Runs `job`; see [`Ran`].
 async fn run_job(
     state: &Arc<AppState>,
@@ -476,10 +463,15 @@ async fn run_job(
             .starts
             .map(|n| (state.queue.journal.clone(), job.id.clone(), n));
         let before_image_work = move || {
-            start.map(|(journal, id, starts)| {
+            let started = start.map(|(journal, id, starts)| {
                 journal.started(&id, starts);
-                InImageWork { journal, id }
-            })
+                (journal, id)
+            });
+            move || {
+                if let Some((journal, id)) = started {
+                    journal.image_work_ended(&id);
+                }
+            }
         };
         let mut result = cloudfunc::invoke(
             &state.runtime,

@@ -170,10 +170,10 @@ impl RuleBook {
         }
         // Files of one bucket together.
         for (bucket, file) in &loaded {
-            super::validate::check_rule_count(file.rules.len()).map_err(|source| {
+            super::validate::check_rule_count(file.rules.len()).map_err(|e| {
                 RuleBookError::InvalidFile {
-                    path: dir.join(format!("{bucket}: its files together")),
-                    source,
+                    path: dir.to_path_buf(),
+                    source: e.renamed(format!("the files of bucket `{bucket}`")),
                 }
             })?;
         }

@@ -236,10 +236,6 @@ fn rule_from_raw(raw: RawNotification, bucket: &str) -> Result<Rule, RuleError> 
     })
 }
 
-/// Refuses an `image` rule on an event that leaves no object to read
-/// (`delete_object`, `abort_multipart`): it would fail at every event.
-/// Checked when rules are set or read from `functions/`, not when rules
-/// saved by an earlier version are loaded (see [`super::RuleBook`]).
 /// The most rules one bucket takes: every event is matched against each,
 /// and fires one invocation per match.
 pub const MAX_RULES_PER_BUCKET: usize = 100;
@@ -255,6 +251,10 @@ pub fn check_rule_count(count: usize) -> Result<(), RuleError> {
     Ok(())
 }
 
+/// Refuses an `image` rule on an event that leaves no object to read
+/// (`delete_object`, `abort_multipart`): it would fail at every event.
+/// Checked when rules are set or read from `functions/`, not when rules
+/// saved by an earlier version are loaded (see [`super::RuleBook`]).
 pub fn check_image_events(rules: &[Rule]) -> Result<(), RuleError> {
     for (i, rule) in rules.iter().enumerate() {
         if !matches!(rule.cloudfunc, CloudFunc::Image(_)) {

@@ -290,22 +290,19 @@ where
         Some(s) => s >= 500 || s == 408 || s == 429 || err.code() == Some("RequestTimeout"),
         None => match err {
             SdkError::TimeoutError(_) => true,
-            // A credential provider that timed out or failed (instance
-            // metadata, STS) may answer next time; credentials that are
-            // not there, or configured wrong, will not be.
-            SdkError::DispatchFailure(_) if let Some(failure) = cause::<CredentialsError>(err) => {
-                matches!(
-                    failure,
-                    CredentialsError::ProviderTimedOut(_)
-                        | CredentialsError::ProviderError(_)
-                        | CredentialsError::Unhandled(_)
-                )
-            }
-            // As the SDK's own retries judge it: a connection that failed
-            // or broke off (an answer cut short is `other` with a kind).
-            SdkError::DispatchFailure(failure) => {
-                failure.is_io() || failure.is_timeout() || failure.as_other().is_some()
-            }
+            // A request that could not be sent may go next time (a
+            // connection refused or cut short, a credential provider or
+            // its cache that timed out or failed), unless it is one the
+            // client could never make: credentials not there or configured
+            // wrong, a request it cannot build.
+            SdkError::DispatchFailure(failure) => match cause::<CredentialsError>(err) {
+                Some(
+                    CredentialsError::CredentialsNotLoaded(_)
+                    | CredentialsError::InvalidConfiguration(_),
+                ) => false,
+                Some(_) => true,
+                None => !failure.is_user(),
+            },
             _ => false,
         },
     }
