@@ -978,7 +978,17 @@ fn decode_webp_animation(input: &[u8], limits: &Limits) -> Result<Decoded, Imagi
     };
     let frames = std::iter::from_fn(|| decoder.next_frame().transpose())
         .map(|frame| frame.map_err(|e| decode_error(format, e)));
-    collect_frames(frames, format, (width, height), repeat, limits)
+    let mut decoded = collect_frames(frames, format, (width, height), repeat, limits)?;
+    // Its EXIF orientation, as for a still WebP, on every frame.
+    let orientation = exif_orientation(input);
+    if let Some(o) = Orientation::from_exif(orientation).filter(|_| orientation != 1) {
+        decoded.pixels.for_each_frame(|img| {
+            img.apply_orientation(o);
+            Ok(())
+        })?;
+        decoded.meta.orientation = orientation;
+    }
+    Ok(decoded)
 }
 
 /// Whether a TIFF's alpha is associated (its colours premultiplied by it,

@@ -1485,6 +1485,34 @@ fn an_animated_webp_stays_animated_with_its_delays_and_loop_count() {
 }
 
 #[test]
+fn an_animated_webp_is_turned_by_its_exif_orientation() {
+    // The three-frame animation (32x24) with an EXIF chunk saying
+    // orientation 6: turned a quarter clockwise, as a still WebP would be.
+    let mut webp = fixture("three-frames.webp");
+    let exif: [u8; 26] = [
+        0x49, 0x49, 0x2a, 0x00, 0x08, 0x00, 0x00, 0x00, // TIFF header, IFD at 8
+        0x01, 0x00, // one entry
+        0x12, 0x01, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00,
+        0x00, // Orientation 6
+        0x00, 0x00, 0x00, 0x00, // no next IFD
+    ];
+    webp[20] |= 0x08; // VP8X: has EXIF
+    webp.extend_from_slice(b"EXIF");
+    webp.extend_from_slice(&(exif.len() as u32).to_le_bytes());
+    webp.extend_from_slice(&exif);
+    let riff = (webp.len() - 8) as u32;
+    webp[4..8].copy_from_slice(&riff.to_le_bytes());
+
+    let info = run(&webp, "info").unwrap().info.unwrap();
+    assert_eq!(info["orientation"], 6);
+    assert_eq!(info["frames"], 3);
+    let (out, _) = run_image(&webp, "resize:w_12");
+    assert_eq!(out.format, ImageFormat::Webp);
+    assert_eq!((out.width, out.height), (12, 16), "turned, then resized");
+    assert_eq!(webp_animation_facts(&out.bytes).0, 3);
+}
+
+#[test]
 fn an_animated_gif_converts_to_an_animated_webp() {
     let gif = fixture("ladybird-animated.gif");
     let decoded = decode(&gif, &Limits::default(), Lead::Nothing).unwrap();
