@@ -1475,8 +1475,10 @@ async fn a_shutdown_waits_for_a_put_whose_client_gave_up() {
         }
     });
     host.stop().await;
-    release.await.unwrap();
+    // Stored before the stop returned, which was after the disk moved on.
+    assert!(release.is_finished(), "the stop did not wait for the write");
     assert!(store.inner.head("uploads", "a.jpg").await.is_ok());
+    release.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1738,11 +1740,15 @@ async fn queued_events_of_a_removed_rule_are_not_run() {
     })
     .await;
     // Those already taken from the queue (one image slot each, four for the
-    // one image thread) finish; the rest are skipped.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let written = host.list_keys("out").await.len();
-    assert!(written <= 5, "{written} outputs after the rule was removed");
+    // one image thread) finish; the rest are skipped. A stop waits for them.
     host.stop().await;
+    let written = std::fs::read_dir(dir.path().join("out"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert!(
+        (1..=5).contains(&written),
+        "{written} outputs after the rule was removed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1775,21 +1781,24 @@ async fn queued_events_a_replaced_rule_no_longer_takes_are_not_run() {
             .status(),
         200
     );
-    eventually("the queue drained", || async {
-        (host.queue_depth().await == 0).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
     // Those already taken from the queue finish under the old rule; the rest
-    // are skipped, not run with the new rule's arguments.
-    let written = host.list_keys("out").await.len();
+    // are skipped, not run with the new rule's arguments. A stop waits for
+    // them all.
+    host.stop().await;
+    let names = |bucket: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path().join(bucket))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let written = names("out").len();
     assert!(
         (1..=5).contains(&written),
         "{written} outputs of the old rule"
     );
-    let other = host.list_keys("other").await;
-    assert_eq!(other, ["note.txt"], "the new rule ran on JPEGs");
-    host.stop().await;
+    assert_eq!(names("other"), ["note.txt"], "the new rule ran on JPEGs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2249,14 +2258,11 @@ async fn rules_saving_into_each_others_buckets_never_replace_an_original() {
             .then_some(())
     })
     .await;
-    eventually("the queue drained", || async {
-        (host.queue_depth().await == 0).then_some(())
-    })
-    .await;
-    tokio::time::sleep(QUIET).await;
-    let kept = host.object_bytes("paa", "o.jpg").await;
-    assert!(kept == original, "the original was replaced");
+    // A stop waits for every job queued or running, and for the events
+    // their outputs fire.
     host.stop().await;
+    let kept = std::fs::read(dir.path().join("paa/o.jpg")).unwrap();
+    assert!(kept == original, "the original was replaced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1510,6 +1510,44 @@ fn an_animated_webp_is_turned_by_its_exif_orientation() {
     assert_eq!(out.format, ImageFormat::Webp);
     assert_eq!((out.width, out.height), (12, 16), "turned, then resized");
     assert_eq!(webp_animation_facts(&out.bytes).0, 3);
+
+    // Every frame is the source's frame turned a quarter clockwise (a
+    // quarter the other way, or a transpose, has the same size): compared
+    // with the source's frames turned by the image crate.
+    let frames = |bytes: &[u8]| -> Vec<image::RgbaImage> {
+        let mut decoder = super::webp_anim::Decoder::new(bytes).unwrap();
+        std::iter::from_fn(|| decoder.next_frame().unwrap())
+            .map(|f| f.into_buffer())
+            .collect()
+    };
+    let (turned, _) = run_image(&webp, "format:t_webp,q_100");
+    let source = frames(&fixture("three-frames.webp"));
+    let got = frames(&turned.bytes);
+    assert_eq!(got.len(), 3);
+    for (i, (src, got)) in source.iter().zip(&got).enumerate() {
+        let want = image::imageops::rotate90(src);
+        assert_eq!(got.dimensions(), want.dimensions(), "frame {i}");
+        let off = want
+            .pixels()
+            .zip(got.pixels())
+            .filter(|(a, b)| a.0.iter().zip(b.0).any(|(x, y)| x.abs_diff(y) > 48))
+            .count();
+        assert!(
+            off < 20,
+            "frame {i}: {off} pixels off the source turned clockwise"
+        );
+        let wrong_way = image::imageops::rotate270(src);
+        let off_wrong = wrong_way
+            .pixels()
+            .zip(got.pixels())
+            .filter(|(a, b)| a.0.iter().zip(b.0).any(|(x, y)| x.abs_diff(y) > 48))
+            .count();
+        // A frame that looks the same both ways (the box in the middle)
+        // cannot tell them apart.
+        if image::imageops::rotate90(src) != wrong_way {
+            assert!(off_wrong > off, "frame {i}: as close turned the other way");
+        }
+    }
 }
 
 #[test]

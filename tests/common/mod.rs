@@ -48,10 +48,15 @@ impl Served {
     /// Spawns `command` (`imgfunc serve` logging at info to a piped stderr)
     /// and waits for the address it listens on.
     pub fn spawn(command: &mut std::process::Command) -> std::io::Result<Served> {
-        let mut child = command.spawn()?;
-        let log = std::sync::Arc::default();
-        let base = served_base(&mut child, std::sync::Arc::clone(&log));
-        Ok(Served { child, base, log })
+        // Made first, so that a server that never says where it listens is
+        // killed when the wait for it panics.
+        let mut served = Served {
+            child: command.spawn()?,
+            base: String::new(),
+            log: std::sync::Arc::default(),
+        };
+        served.base = served_base(&mut served.child, std::sync::Arc::clone(&served.log));
+        Ok(served)
     }
 
     /// The log's lines so far.
