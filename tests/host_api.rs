@@ -2074,6 +2074,15 @@ async fn writes_and_reads_honour_their_preconditions_and_digests() {
     )
     .await;
     assert_eq!(stored().await, "v1");
+    // No Content-Type sent: the key's extension says it, else
+    // application/octet-stream.
+    let head = host.http.head(&url).send().await.unwrap();
+    assert_eq!(head.headers()["content-type"], "text/plain");
+    let raw = host.object_url("files", "raw");
+    let put_raw = host.http.put(&raw).body("x").send().await.unwrap();
+    assert_eq!(put_raw.status(), 201);
+    let head = host.http.head(&raw).send().await.unwrap();
+    assert_eq!(head.headers()["content-type"], "application/octet-stream");
     // Replace only the version written: the PUT's tag is the one a read
     // gives.
     let etag = tag_of(&created);

@@ -848,7 +848,6 @@ mod tests {
             let kept = kept.unwrap();
             assert!(matches!(kept, Kept::Bytes(_)), "{name}");
             assert_eq!(read(kept), wanted, "{name}");
-
         }
     }
 

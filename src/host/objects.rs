@@ -214,7 +214,7 @@ pub async fn put_object(
     refuse_aws_chunked(&headers)?;
     let mut event = Event::internal(EventType::CreateObject, &bucket, &key);
     event.size = Some(body.len() as u64);
-    let opts = put_options(&headers)?;
+    let opts = put_options(&headers, &key)?;
     if let Some(digest) = headers.get("content-md5") {
         check_md5(digest, &body).await?;
     }
@@ -358,7 +358,7 @@ fn precondition_failed(bucket: &str, key: &str) -> ApiError {
 /// The content type and `x-amz-meta-*` fields of a PUT. A value that is not
 /// printable ASCII, or a field given twice, is refused with its name rather
 /// than dropped.
-fn put_options(headers: &HeaderMap) -> Result<PutOptions, ApiError> {
+fn put_options(headers: &HeaderMap, key: &str) -> Result<PutOptions, ApiError> {
     let text = |name: &str, value: &header::HeaderValue| {
         value.to_str().map(str::to_string).map_err(|_| {
             ApiError::from(StoreError::InvalidMetadata {
@@ -369,7 +369,9 @@ fn put_options(headers: &HeaderMap) -> Result<PutOptions, ApiError> {
     };
     let content_type = match headers.get(header::CONTENT_TYPE) {
         Some(value) => text("content-type", value)?,
-        None => "application/octet-stream".to_string(),
+        // As MinIO does: an upload that names none (`curl -T`) is served
+        // back with the type its key's extension says.
+        None => crate::store::guess_content_type(key).to_string(),
     };
     let mut user_metadata = BTreeMap::new();
     for (name, value) in headers {

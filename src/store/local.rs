@@ -54,8 +54,8 @@ use super::flush::GroupFlush;
 use super::validate::{normalize_put_options, validate_local_key};
 use super::{
     Body, BoxFuture, DEFAULT_CONTENT_TYPE, Kept, LIST_LIMIT, ListEntry, ListPage, Object,
-    ObjectMeta, ObjectReader, ObjectStore, PutOptions, ReadBody, StoreError, run_blocking,
-    validate_bucket,
+    ObjectMeta, ObjectReader, ObjectStore, PutOptions, ReadBody, StoreError, guess_content_type,
+    run_blocking, validate_bucket,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -618,25 +618,6 @@ fn cached_pages(file: &std::fs::File, size: u64) -> io::Result<u64> {
         Ok(stat.nr_cache)
     } else {
         Err(io::Error::last_os_error())
-    }
-}
-
-fn guess_content_type(key: &str) -> &'static str {
-    let ext = key
-        .rsplit_once('.')
-        .map(|(_, ext)| ext.to_ascii_lowercase())
-        .unwrap_or_default();
-    match ext.as_str() {
-        "jpg" | "jpeg" => "image/jpeg",
-        "png" => "image/png",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "tif" | "tiff" => "image/tiff",
-        "bmp" => "image/bmp",
-        "avif" => "image/avif",
-        "json" => "application/json",
-        "txt" => "text/plain",
-        _ => DEFAULT_CONTENT_TYPE,
     }
 }
 

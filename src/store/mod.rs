@@ -337,3 +337,25 @@ fn read_error(name: String, e: std::io::Error) -> StoreError {
 
 /// See [`ObjectStore::bucket_check`].
 pub type BucketCheck = fn(&str) -> Result<(), StoreError>;
+
+/// The content type a key's extension suggests, for an object stored
+/// without one (a file put in the store's folder by hand, an upload that
+/// sent none); [`DEFAULT_CONTENT_TYPE`] for others.
+pub fn guess_content_type(key: &str) -> &'static str {
+    let ext = key
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "tif" | "tiff" => "image/tiff",
+        "bmp" => "image/bmp",
+        "avif" => "image/avif",
+        "json" => "application/json",
+        "txt" => "text/plain",
+        _ => DEFAULT_CONTENT_TYPE,
+    }
+}
