@@ -53,9 +53,9 @@ use super::attribute;
 use super::flush::GroupFlush;
 use super::validate::{normalize_put_options, validate_local_key};
 use super::{
-    Body, BoxFuture, DEFAULT_CONTENT_TYPE, Kept, LIST_LIMIT, ListEntry, ListPage, Object,
-    ObjectMeta, ObjectReader, ObjectStore, PutOptions, ReadBody, StoreError, guess_content_type,
-    run_blocking, validate_bucket,
+    Body, BoxFuture, Kept, LIST_LIMIT, ListEntry, ListPage, Object, ObjectMeta, ObjectReader,
+    ObjectStore, PutOptions, ReadBody, StoreError, guess_content_type, run_blocking,
+    validate_bucket,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -1373,6 +1373,7 @@ fn list_objects(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::DEFAULT_CONTENT_TYPE;
     use crate::store::validate::RESERVED_SEGMENT_PREFIX;
 
     fn store() -> (tempfile::TempDir, LocalStore) {
