@@ -158,8 +158,8 @@ impl<'a> Params<'a> {
         let Some(raw) = self.raw(key) else {
             return Ok(None);
         };
-        match raw.parse::<u32>() {
-            Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+        match decimal(raw) {
+            Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
             _ => Err(self.invalid(key, raw, format!("an integer from {min} to {max}"))),
         }
     }
@@ -254,12 +254,19 @@ fn parse_crop(params: &str) -> Result<Op, ActionError> {
     }))
 }
 
+/// A number as the action language writes it: decimal digits only (Rust's
+/// own parse would take a leading `+`).
+fn decimal(raw: &str) -> Option<u32> {
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    raw.parse().ok()
+}
+
 fn parse_rotate(params: &str) -> Result<Op, ActionError> {
     let p = Params::new("rotate", "a", &["a"], params)?;
     let raw = p.required("a", "a in 0, 90, 180, 270", p.raw("a"))?;
-    let rotation = raw
-        .parse::<u32>()
-        .ok()
+    let rotation = decimal(raw)
         .and_then(Rotation::from_degrees)
         .ok_or_else(|| p.invalid("a", raw, "one of 0, 90, 180, 270"))?;
     p.finish(Op::Rotate(rotation))
@@ -271,9 +278,7 @@ fn parse_resize(params: &str) -> Result<Op, ActionError> {
     let height = p.uint("h", 1, MAX_SIDE)?;
     let mode = match p.raw("m") {
         None => ResizeMode::Pad,
-        Some(raw) => raw
-            .parse::<u32>()
-            .ok()
+        Some(raw) => decimal(raw)
             .and_then(ResizeMode::from_number)
             .ok_or_else(|| p.invalid("m", raw, "one of 0 (pad), 1 (fit), 2 (cover)"))?,
     };

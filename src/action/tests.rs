@@ -82,6 +82,26 @@ fn rotate_error_names_op_key_value_and_allowed() {
 }
 
 #[test]
+fn numbers_are_decimal_digits_only() {
+    for action in [
+        "resize:w_+100",
+        "resize:w_-1",
+        "resize:w_1e2",
+        "resize:w_0x10",
+        "rotate:a_+90",
+        "resize:w_10,m_+1",
+        "crop:w_+10",
+    ] {
+        assert!(Action::parse(action).is_err(), "{action}");
+    }
+    // Leading zeros are still the number.
+    assert_eq!(
+        Action::parse("resize:w_0100").unwrap(),
+        Action::parse("resize:w_100").unwrap()
+    );
+}
+
+#[test]
 fn unknown_operations_and_keys_are_errors() {
     assert!(err("blur:r_3").contains("unknown operation `blur`"));
     assert!(err("resize:w_10,x_3").contains("resize: unknown key `x`"));
