@@ -93,15 +93,16 @@ struct ServeArgs {
     workers: Option<usize>,
     /// Invocations that may wait before events are answered 503.
     #[arg(long, env = "IMGFUNC_QUEUE", default_value_t = 1024,
-          value_parser = at_least_one)]
+          value_parser = queue_bound)]
     queue: usize,
     /// Client connections open at once; more wait to be accepted. The
     /// process's open-file limit is raised to its hard limit at start.
     #[arg(long, env = "IMGFUNC_MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = at_least_one)]
     max_connections: usize,
-    /// Delivery attempts per notification.
-    #[arg(long, env = "IMGFUNC_NOTIFY_ATTEMPTS", default_value_t = 3)]
+    /// Delivery attempts per notification (at most 100).
+    #[arg(long, env = "IMGFUNC_NOTIFY_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
     notify_attempts: u32,
     /// Hosts `watermark_image` may fetch from over http(s), comma-separated.
     #[arg(long, env = "IMGFUNC_WATERMARK_HOSTS", value_delimiter = ',')]
@@ -156,6 +157,17 @@ fn workers(value: &str) -> Result<usize, String> {
 
 /// A count or size that 0 would make useless (every image refused, a queue
 /// that holds nothing): refused at start instead.
+/// The most invocations the queue may hold: each waiting one is a few
+/// hundred bytes in memory and a line in the journal.
+const MAX_QUEUE: usize = 1 << 20;
+
+fn queue_bound(value: &str) -> Result<usize, String> {
+    match at_least_one(value)? {
+        n if n > MAX_QUEUE => Err(format!("must be at most {MAX_QUEUE}")),
+        n => Ok(n),
+    }
+}
+
 fn at_least_one(value: &str) -> Result<usize, String> {
     match value.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -304,8 +316,20 @@ fn process(args: ProcessArgs) -> Result<()> {
     if saves && args.store.is_none() {
         bail!("bad --action: save needs --store DIR to write to");
     }
-    // As in `serve`, a `save` never replaces its source: checked before
+    // As in `serve`, the output never replaces its source: checked before
     // any work, by file identity (the same file under another path too).
+    if let (Ok(input), Ok(output)) = (
+        std::fs::metadata(&args.input),
+        std::fs::metadata(&args.output),
+    ) {
+        use std::os::unix::fs::MetadataExt;
+        if (output.dev(), output.ino()) == (input.dev(), input.ino()) {
+            bail!(
+                "-o {} is the input file; process never overwrites its input",
+                args.output.display()
+            );
+        }
+    }
     if let (Some(store), Ok(input)) = (&args.store, std::fs::metadata(&args.input)) {
         use std::os::unix::fs::MetadataExt;
         for op in &action.ops {
@@ -336,7 +360,8 @@ fn process(args: ProcessArgs) -> Result<()> {
             .context("save: needs --store DIR to write to")?;
         let path = store.join(&save.bucket).join(&save.key);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("save: cannot create folder {}", dir.display()))?;
         }
         write_whole(&path, &save.image.bytes)?;
     }

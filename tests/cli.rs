@@ -150,6 +150,15 @@ fn saves_stay_inside_the_store() {
     );
     assert_eq!(std::fs::read(&source).unwrap(), before);
     assert!(!dir.path().join("again.jpg").exists());
+    // So is an output that names it.
+    let out = process_into(&store, "resize:w_20", &source, &source);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is the input file"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&source).unwrap(), before);
 }
 
 #[test]
@@ -346,6 +355,8 @@ fn serve_refuses_settings_that_would_make_it_useless() {
     // each refused saying what is wanted (the threads were an abort).
     for (flag, value, says) in [
         ("--workers", "20000", "at most 1024"),
+        ("--queue", "2305843009213693952", "at most 1048576"),
+        ("--notify-attempts", "4000000000", "100"),
         ("--listen", "localhost:8080", "127.0.0.1:8080"),
     ] {
         let out = imgfunc(&["serve", "--data", data, flag, value], None);
