@@ -318,7 +318,9 @@ async fn deliveries_under_way_are_bounded_and_the_rest_wait_their_turn() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.notify.attempts = 1;
-    config.notify.timeout = Duration::from_millis(700);
+    // Long enough that the two first requests are seen, and the check
+    // below made, well before they time out on a busy machine.
+    config.notify.timeout = Duration::from_millis(1500);
     config.notify.max_in_flight = 2;
     let host = TestHost::local(config).await;
     five_notifications_two_at_a_time(&host, &receiver).await;
