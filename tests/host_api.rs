@@ -1228,8 +1228,10 @@ async fn image_requests_whose_clients_hang_up_keep_their_slots() {
         .await;
     assert_eq!(put.status(), 201);
     let url = format!("{}?image&action=info", host.object_url("photos", "a.jpg"));
+    // Time enough for three of them to reach the held read on a busy
+    // machine before they give up.
     let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(300))
+        .timeout(Duration::from_millis(1000))
         .build()
         .unwrap();
     // A failed assertion opens the gate, or the test would wait for ever
@@ -1243,7 +1245,7 @@ async fn image_requests_whose_clients_hang_up_keep_their_slots() {
     let _open = OpenOnDrop(store.reads.clone());
     // One image thread: four slots, one of them held by the idle queue
     // worker that waits for a job. Two waves of eight clients that give up
-    // after 300 ms, the second once the first has gone.
+    // after a second, the second once the first has gone.
     for _ in 0..2 {
         let requests: Vec<_> = (0..8)
             .map(|_| tokio::spawn(impatient.get(&url).send()))
