@@ -732,6 +732,61 @@ async fn put_photos(
     }
 }
 
+/// A logo written or replaced through the object API is used from the next
+/// invocation on: the watermark cache (60 s for a logo read, 2 s for a
+/// failure) forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logo_written_through_the_api_shows_at_the_next_invocation() {
+    use base64::Engine as _;
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("s3://marks/logo.png");
+    let rules = json!({"notifications": [{
+        "id": "marked",
+        "event_types": ["create_object"],
+        "object_filters": ["*"],
+        "cloudfunc": "image",
+        "notify_url": receiver.url,
+        "cloudfunc_args": {"action": format!("watermark_image:u_{url},p_1|format:t_png"),
+                           "save_bucket": "out"},
+    }]});
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    let logo = |rgb: [u8; 3]| {
+        let mut png = Vec::new();
+        image::RgbaImage::from_pixel(8, 8, image::Rgba([rgb[0], rgb[1], rgb[2], 255]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        png
+    };
+    let photo = fixture("images/storm.jpg");
+    // No logo yet: a lasting failure, remembered for a moment.
+    put_photos(&host, "photos", "m", 0..1, &photo).await;
+    let first = receiver.wait_for(1).await;
+    assert_eq!(
+        first[0]["error"]["code"], "watermark_unavailable",
+        "{}",
+        first[0]
+    );
+    for (n, rgb) in [(1, [255, 0, 0]), (2, [0, 0, 255])] {
+        let put = host
+            .put_object("marks", "logo.png", logo(rgb), "image/png")
+            .await;
+        assert_eq!(put.status(), 201);
+        put_photos(&host, "photos", "m", n..n + 1, &photo).await;
+        let results = receiver.wait_for(n + 1).await;
+        assert_eq!(results[n]["status"], "ok", "{}", results[n]);
+        let got = host.object_bytes("out", &format!("gen_m{n:02}.jpg")).await;
+        let marked = image::load_from_memory(&got).unwrap().to_rgba8();
+        assert_eq!(
+            marked.get_pixel(0, 0).0,
+            [rgb[0], rgb[1], rgb[2], 255],
+            "logo {n}"
+        );
+    }
+    host.stop().await;
+}
+
 /// A watermark host that fails (503) for a moment: the invocation runs
 /// again later, as for a store that fails, and reports the run that
 /// succeeded, not the failure.

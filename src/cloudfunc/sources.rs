@@ -165,6 +165,20 @@ impl WatermarkSources {
         }
     }
 
+    /// Drops what the cache holds for the store object `bucket/key` (under
+    /// any URL naming it): the object was just written or deleted through
+    /// this server, so a logo replaced, or uploaded after a failed read,
+    /// shows at the next invocation instead of after the cache's time.
+    pub fn forget_object(&self, bucket: &str, key: &str) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|url, _| {
+            !matches!(
+                self.classify(url),
+                Ok(Source::Object { bucket: b, key: k }) if b == bucket && k == key
+            )
+        });
+    }
+
     /// The watermark behind `url` if the cache has a fresh outcome for it
     /// (bytes or a recent failure), without waiting for anything.
     pub fn cached(&self, url: &str) -> Option<Result<Arc<[u8]>, FetchError>> {

@@ -224,6 +224,7 @@ pub async fn put_object(
     // meanwhile: a stored object always fires its event.
     let etag = detach(&state.clone(), async move {
         let etag = state.store.put(&bucket, &key, body, opts).await?;
+        state.runtime.sources.forget_object(&bucket, &key);
         // The body's memory is counted until it is stored.
         drop(share);
         reservation.send(jobs);
@@ -415,6 +416,7 @@ pub async fn delete_object(
     )?;
     detach(&state.clone(), async move {
         state.store.delete(&bucket, &key).await?;
+        state.runtime.sources.forget_object(&bucket, &key);
         reservation.send(jobs);
         Ok(())
     })
