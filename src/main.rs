@@ -155,8 +155,6 @@ fn workers(value: &str) -> Result<usize, String> {
     }
 }
 
-/// A count or size that 0 would make useless (every image refused, a queue
-/// that holds nothing): refused at start instead.
 /// The most invocations the queue may hold: each waiting one is a few
 /// hundred bytes in memory and a line in the journal.
 const MAX_QUEUE: usize = 1 << 20;
@@ -168,6 +166,8 @@ fn queue_bound(value: &str) -> Result<usize, String> {
     }
 }
 
+/// A count or size that 0 would make useless (every image refused, a queue
+/// that holds nothing): refused at start instead.
 fn at_least_one(value: &str) -> Result<usize, String> {
     match value.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -318,10 +318,13 @@ fn process(args: ProcessArgs) -> Result<()> {
     }
     // As in `serve`, the output never replaces its source: checked before
     // any work, by file identity (the same file under another path too).
-    if let (Ok(input), Ok(output)) = (
-        std::fs::metadata(&args.input),
-        std::fs::metadata(&args.output),
-    ) {
+    // `-` is stdin or stdout, not a file of that name.
+    let file = |path: &std::path::Path| {
+        (path.as_os_str() != "-")
+            .then(|| std::fs::metadata(path).ok())
+            .flatten()
+    };
+    if let (Some(input), Some(output)) = (file(&args.input), file(&args.output)) {
         use std::os::unix::fs::MetadataExt;
         if (output.dev(), output.ino()) == (input.dev(), input.ino()) {
             bail!(

@@ -168,9 +168,15 @@ impl<'a> Params<'a> {
         let Some(raw) = self.raw(key) else {
             return Ok(Opacity::DEFAULT);
         };
-        // Read as f64 first: 1e39 is above 1, not an f32 overflow to infinity.
-        raw.parse::<f64>()
-            .ok()
+        // Decimal digits with at most one point (no sign, no exponent),
+        // read as f64 first: a long run of digits is above 1, not an f32
+        // overflow to infinity.
+        let decimal = raw.bytes().any(|b| b.is_ascii_digit())
+            && raw.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            && raw.bytes().filter(|&b| b == b'.').count() <= 1;
+        decimal
+            .then(|| raw.parse::<f64>().ok())
+            .flatten()
             .filter(|v| v.is_finite())
             .and_then(|v| Opacity::new(v.min(1.0) as f32))
             .ok_or_else(|| self.invalid(key, raw, "a number above 0 (values above 1 mean 1)"))

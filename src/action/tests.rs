@@ -129,8 +129,17 @@ fn unknown_operations_and_keys_are_errors() {
     let fits = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("水".repeat(1000));
     assert!(Action::parse(&format!("watermark:t_{fits}")).is_ok());
     // Past f32's range is still a number above 1.
-    assert!(Action::parse("watermark_image:u_YQ,p_1e39").is_ok());
-    for p in ["inf", "-inf", "infinity", "NaN"] {
+    assert!(Action::parse(&format!("watermark_image:u_YQ,p_{}", "9".repeat(60))).is_ok());
+    // Decimal digits with one point at most: no sign, exponent or bare point.
+    for p in [".5", "0.5", "1.", "1"] {
+        assert!(
+            Action::parse(&format!("watermark_image:u_YQ,p_{p}")).is_ok(),
+            "{p}"
+        );
+    }
+    for p in [
+        "inf", "-inf", "infinity", "NaN", "+0.5", "5e-1", "1e39", ".", "1.2.3",
+    ] {
         let e = err(&format!("watermark_image:u_YQ,p_{p}"));
         assert!(
             e.contains(&format!(

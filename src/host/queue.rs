@@ -120,11 +120,14 @@ impl Reservation {
 
 impl Queue {
     pub fn new(bound: usize, journal: Arc<Journal>) -> (Queue, mpsc::Receiver<Job>) {
-        let (tx, rx) = mpsc::channel(bound.max(1));
+        // Within what the channel can count (the command line holds it
+        // far lower).
+        let bound = bound.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        let (tx, rx) = mpsc::channel(bound);
         (
             Queue {
                 sender: Mutex::new(Some(tx)),
-                bound: bound.max(1),
+                bound,
                 unfinished: Arc::default(),
                 journal,
                 turns: Arc::default(),
