@@ -51,15 +51,7 @@ fn str_at<'a>(value: &'a Value, field: &str) -> Result<&'a str, String> {
 }
 
 fn content_type_for(name: &str) -> &'static str {
-    match name.rsplit('.').next().unwrap_or("") {
-        "jpg" | "jpeg" => "image/jpeg",
-        "png" => "image/png",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "tif" | "tiff" => "image/tiff",
-        "bmp" => "image/bmp",
-        _ => "application/octet-stream",
-    }
+    imgfunc::store::guess_content_type(name)
 }
 
 /// True when `actual` has every field of `expected` with a matching value:

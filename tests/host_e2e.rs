@@ -732,25 +732,32 @@ async fn put_photos(
     }
 }
 
+/// Rules for bucket `photos`: every upload gets the watermark at
+/// `mark_url` laid at (0, 0), saved as PNG to `out`, the result sent to
+/// `notify_url`.
+fn marked_rule(mark_url: &str, notify_url: &str) -> Value {
+    use base64::Engine as _;
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mark_url);
+    json!({"notifications": [{
+        "id": "marked",
+        "event_types": ["create_object"],
+        "object_filters": ["*"],
+        "cloudfunc": "image",
+        "notify_url": notify_url,
+        "cloudfunc_args": {"action": format!("watermark_image:u_{url},p_1|format:t_png"),
+                           "save_bucket": "out"},
+    }]})
+}
+
 /// A logo written or replaced through the object API is used from the next
 /// invocation on: the watermark cache (60 s for a logo read, 2 s for a
 /// failure) forgets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logo_written_through_the_api_shows_at_the_next_invocation() {
-    use base64::Engine as _;
     let receiver = Receiver::start(Behaviour::Accept).await;
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::local(test_config(dir.path())).await;
-    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("s3://marks/logo.png");
-    let rules = json!({"notifications": [{
-        "id": "marked",
-        "event_types": ["create_object"],
-        "object_filters": ["*"],
-        "cloudfunc": "image",
-        "notify_url": receiver.url,
-        "cloudfunc_args": {"action": format!("watermark_image:u_{url},p_1|format:t_png"),
-                           "save_bucket": "out"},
-    }]});
+    let rules = marked_rule("s3://marks/logo.png", &receiver.url);
     assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
     let logo = |rgb: [u8; 3]| {
         let mut png = Vec::new();
@@ -792,7 +799,6 @@ async fn a_logo_written_through_the_api_shows_at_the_next_invocation() {
 /// succeeded, not the failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watermark_host_that_fails_for_a_moment_costs_no_result() {
-    use base64::Engine as _;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let mut png = Vec::new();
@@ -829,16 +835,7 @@ async fn a_watermark_host_that_fails_for_a_moment_costs_no_result() {
     // Past the time a failed fetch is remembered.
     config.backend_retries = vec![imgfunc::cloudfunc::FAILURE_TTL + Duration::from_secs(1)];
     let host = TestHost::local(config).await;
-    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&mark_url);
-    let rules = json!({"notifications": [{
-        "id": "marked",
-        "event_types": ["create_object"],
-        "object_filters": ["*"],
-        "cloudfunc": "image",
-        "notify_url": receiver.url,
-        "cloudfunc_args": {"action": format!("watermark_image:u_{url},p_1|format:t_png"),
-                           "save_bucket": "out"},
-    }]});
+    let rules = marked_rule(&mark_url, &receiver.url);
     assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
     let photo = fixture("images/storm.jpg");
     put_photos(&host, "photos", "m", 0..1, &photo).await;
