@@ -616,7 +616,23 @@ fn tune_allocator() {
     }
 }
 
+/// Takes an `IMGFUNC_*` variable set to nothing (`IMGFUNC_WORKERS=` in an
+/// env file) as unset, as shells and most programs do, rather than as a
+/// value the setting cannot parse.
+fn drop_empty_settings() {
+    let empty: Vec<std::ffi::OsString> = std::env::vars_os()
+        .filter(|(name, value)| name.to_string_lossy().starts_with("IMGFUNC_") && value.is_empty())
+        .map(|(name, _)| name)
+        .collect();
+    for name in empty {
+        // SAFETY: called first in `main`, before any other thread exists
+        // to read the environment.
+        unsafe { std::env::remove_var(name) };
+    }
+}
+
 fn main() -> ExitCode {
+    drop_empty_settings();
     tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {

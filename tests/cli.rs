@@ -363,6 +363,17 @@ fn serve_refuses_settings_that_would_make_it_useless() {
     let out = serve_once(data, &["--functions", functions]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("not a folder"), "{}", stderr(&out));
+    // A setting's variable set to nothing is unset, as in a shell: the
+    // settings are taken, and the start goes on to the same stop.
+    let out = Command::new(env!("CARGO_BIN_EXE_imgfunc"))
+        .args(["serve", "--data", data, "--functions", functions])
+        .env("IMGFUNC_WORKERS", "")
+        .env("IMGFUNC_NO_PAGE_CACHE_CHECK", "")
+        .env("IMGFUNC_MAX_PIXELS", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not a folder"), "{}", stderr(&out));
     // An address in use is named.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
