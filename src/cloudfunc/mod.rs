@@ -115,6 +115,29 @@ impl Runtime {
         }
     }
 
+    /// Writes an object through the store, and drops what the watermark
+    /// cache holds for it: a logo written (by a client or an invocation)
+    /// is used from the next invocation on. Gives the store's ETag.
+    pub async fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: Bytes,
+        opts: PutOptions,
+    ) -> Result<Option<String>, StoreError> {
+        let etag = self.store.put(bucket, key, bytes, opts).await?;
+        self.sources.forget_object(bucket, key);
+        Ok(etag)
+    }
+
+    /// Deletes an object through the store, and drops what the watermark
+    /// cache holds for it.
+    pub async fn delete(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
+        self.store.delete(bucket, key).await?;
+        self.sources.forget_object(bucket, key);
+        Ok(())
+    }
+
     /// Runs image work on the CPU pool, holding `slot` until the work is
     /// done: a caller that goes away (a client that hangs up) cannot free
     /// the slot while its work still waits or runs, so queued work stays
@@ -220,13 +243,11 @@ impl InvokeError {
     /// Whether the store failed in a way that may pass (see
     /// [`StoreError::Backend`]).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            InvokeError::Store(StoreError::Backend {
-                transient: true,
-                ..
-            }) | InvokeError::WatermarkFetch { .. }
-        )
+        match self {
+            InvokeError::Store(e) => e.is_transient(),
+            InvokeError::WatermarkFetch { .. } => true,
+            _ => false,
+        }
     }
 
     pub fn code(&self) -> &'static str {
@@ -586,8 +607,7 @@ async fn write(
         content_type: content_type.to_string(),
         user_metadata: meta,
     };
-    rt.store
-        .put(bucket, key, Bytes::from(image.bytes.clone()), opts)
+    rt.put(bucket, key, Bytes::from(image.bytes.clone()), opts)
         .await?;
     Ok(WrittenObject {
         bucket: bucket.to_string(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Url;
 
-use crate::store::{Body, Kept, ObjectStore, ReadBody, StoreError};
+use crate::store::{Body, Kept, ObjectStore, ReadBody};
 
 /// How watermark URLs may be fetched.
 /// The default cap on a watermark image, fetched or read: 10 MiB.
@@ -271,13 +271,7 @@ impl WatermarkSources {
                         .await
                         .map_err(|e| FetchError {
                             message: e.to_string(),
-                            transient: matches!(
-                                e,
-                                StoreError::Backend {
-                                    transient: true,
-                                    ..
-                                }
-                            ),
+                            transient: e.is_transient(),
                         })?;
                 match bytes {
                     Some(Kept::Bytes(bytes)) if bytes.len() <= limit => Ok(bytes.to_vec()),

@@ -223,8 +223,7 @@ pub async fn put_object(
     // The write and its event run to the end even if the client goes away
     // meanwhile: a stored object always fires its event.
     let etag = detach(&state.clone(), async move {
-        let etag = state.store.put(&bucket, &key, body, opts).await?;
-        state.runtime.sources.forget_object(&bucket, &key);
+        let etag = state.runtime.put(&bucket, &key, body, opts).await?;
         // The body's memory is counted until it is stored.
         drop(share);
         reservation.send(jobs);
@@ -415,8 +414,7 @@ pub async fn delete_object(
         Event::internal(EventType::DeleteObject, &bucket, &key),
     )?;
     detach(&state.clone(), async move {
-        state.store.delete(&bucket, &key).await?;
-        state.runtime.sources.forget_object(&bucket, &key);
+        state.runtime.delete(&bucket, &key).await?;
         reservation.send(jobs);
         Ok(())
     })

@@ -60,6 +60,17 @@ impl StoreError {
         }
     }
 
+    /// True for a failure that may pass (see [`StoreError::Backend`]).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Backend {
+                transient: true,
+                ..
+            }
+        )
+    }
+
     /// True when the object is not there: the key or its whole bucket is
     /// missing.
     pub fn is_not_found(&self) -> bool {
