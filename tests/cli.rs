@@ -1,7 +1,7 @@
 //! The `imgfunc process` command line, run as a user runs it: the real
 //! binary, real files, its exit status and messages.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! (`?notification`), back-pressure (503 with `Retry-After`), the
 //! `?image&action=` process API, hostile keys and direct invocation.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

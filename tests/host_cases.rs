@@ -1,7 +1,7 @@
 //! Runs every case in `fixtures/cases/` (see its README) against a host on
 //! the embedded local store and against a host on an S3-protocol server.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

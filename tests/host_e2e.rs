@@ -3,7 +3,7 @@
 //! POSTed to a real HTTP receiver, retries, dead letters, the loop guard
 //! and a graceful shutdown.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

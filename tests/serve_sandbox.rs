@@ -10,7 +10,7 @@
     any(target_arch = "x86_64", target_arch = "aarch64")
 ))]
 
-mod common;
+use crate::common;
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;

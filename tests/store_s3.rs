@@ -2,7 +2,7 @@
 //! `LocalStore` over a temporary folder and on an `S3Store` talking to an
 //! in-process S3 server over TCP.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::s3::{S3Server, s3_client, start_s3};

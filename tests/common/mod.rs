@@ -1,6 +1,4 @@
-//! Helpers shared by the integration tests. Each test binary uses only some
-//! of them, so unused ones are not warnings.
-#![allow(dead_code)]
+//! Helpers shared by the integration tests.
 
 pub mod host;
 pub mod s3;
@@ -60,7 +58,6 @@ impl Served {
     }
 
     /// The log's lines so far.
-    #[allow(dead_code)]
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
