@@ -742,9 +742,11 @@ async fn hostile_keys_never_reach_outside_the_data_dir() {
         "/photos/..%2F..%2Fetc%2Fpasswd?image&action=info",
     ] {
         let url = host.url(path);
+        // A write takes no query: `?image` there is refused as such (501).
+        let write_url = host.url(path.split('?').next().unwrap());
         let put = host
             .http
-            .put(&url)
+            .put(&write_url)
             .body(fixture("images/storm.jpg"))
             .send()
             .await
@@ -758,7 +760,7 @@ async fn hostile_keys_never_reach_outside_the_data_dir() {
         )
         .await;
         assert_error(
-            host.http.delete(&url).send().await.unwrap(),
+            host.http.delete(&write_url).send().await.unwrap(),
             400,
             "invalid_key",
             &[".."],
@@ -1910,6 +1912,8 @@ async fn objects_answer_conditional_and_range_requests() {
         ("bytes=-7", 599_993, 599_999),
         ("bytes=0-0", 0, 0),
         ("bytes=599000-700000", 599_000, 599_999),
+        // The unit in any case.
+        ("Bytes=10-19", 10, 19),
     ] {
         let part = get(&[("range", range)]).await.unwrap();
         assert_eq!(part.status(), 206, "{range}");
@@ -1937,6 +1941,25 @@ async fn objects_answer_conditional_and_range_requests() {
         .await
         .unwrap();
     assert_eq!(current.status(), 206);
+    // A date cannot tell two writes in one second apart: never a part.
+    let dated = get(&[("range", "bytes=0-1"), ("if-range", &modified)])
+        .await
+        .unwrap();
+    assert_eq!(dated.status(), 200);
+    // Ranges not understood are ignored, as RFC 9110 says; `-0` asks for
+    // no byte.
+    for range in [
+        "bytes=-",
+        "bytes=-x",
+        "bytes=+0-+1",
+        "bytes=1-0",
+        "items=0-1",
+    ] {
+        let whole = get(&[("range", range)]).await.unwrap();
+        assert_eq!(whole.status(), 200, "{range}");
+        assert_eq!(whole.bytes().await.unwrap().len(), 600_000, "{range}");
+    }
+    assert_eq!(get(&[("range", "bytes=-0")]).await.unwrap().status(), 416);
 
     // A new write is a new version, one of the same size at once after too.
     let mut tag = etag;
@@ -1950,6 +1973,21 @@ async fn objects_answer_conditional_and_range_requests() {
         tag = fresh.headers()["etag"].to_str().unwrap().to_owned();
         assert_eq!(fresh.bytes().await.unwrap(), body);
     }
+
+    // The last bytes of an empty object: the (empty) whole, not a 416.
+    let put = host
+        .put_object("files", "empty.bin", Vec::new(), "application/octet-stream")
+        .await;
+    assert_eq!(put.status(), 201);
+    let empty = host
+        .http
+        .get(host.object_url("files", "empty.bin"))
+        .header("range", "bytes=-5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty.status(), 200);
+    assert!(empty.bytes().await.unwrap().is_empty());
     host.stop().await;
 }
 
@@ -2304,4 +2342,129 @@ async fn bodies_held_at_once_are_capped_and_their_memory_comes_back() {
         assert_eq!(stored.status(), 201, "{key}");
         assert_eq!(host.object_bytes("docs", &key).await.len(), 600 << 10);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_operations_the_api_lacks_are_refused_and_change_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let original = b"the original bytes".to_vec();
+    let put = host
+        .put_object(
+            "files",
+            "a.bin",
+            original.clone(),
+            "application/octet-stream",
+        )
+        .await;
+    assert_eq!(put.status(), 201);
+    let url = |path: &str| format!("{}{path}", host.base);
+
+    // A server-side copy (S3's CopyObject) would have stored nothing as b.
+    let copy = host
+        .http
+        .put(url("/files/b.bin"))
+        .header("x-amz-copy-source", "/files/a.bin")
+        .send()
+        .await
+        .unwrap();
+    assert_error(copy, 501, "not_supported", &["x-amz-copy-source"]).await;
+    // Tags put, then deleted: the object itself is neither overwritten nor
+    // deleted.
+    let tag = host
+        .http
+        .put(url("/files/a.bin?tagging"))
+        .body("<Tagging><TagSet/></Tagging>")
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        tag,
+        501,
+        "not_supported",
+        &["`?tagging`", "PUT /{bucket}/{key}"],
+    )
+    .await;
+    for path in ["/files/a.bin?tagging", "/files/a.bin?uploadId=7"] {
+        let delete = host.http.delete(url(path)).send().await.unwrap();
+        assert_error(delete, 501, "not_supported", &["DELETE /{bucket}/{key}"]).await;
+    }
+    for (path, route) in [
+        ("/files/a.bin?acl", "GET /{bucket}/{key}"),
+        ("/files?location", "GET /{bucket}"),
+        ("/files?delimiter=/", "GET /{bucket}"),
+        ("/files?marker=a.bin", "GET /{bucket}"),
+    ] {
+        let get = host.http.get(url(path)).send().await.unwrap();
+        assert_error(get, 501, "not_supported", &[route]).await;
+    }
+    let policy = host
+        .http
+        .put(url("/files?policy"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_error(policy, 501, "not_supported", &["`?policy`"]).await;
+
+    // A cache buster on a read changes nothing; a signed URL's keys are
+    // taken on a write.
+    let busted = host.http.get(url("/files/a.bin?v=2")).send().await.unwrap();
+    assert_eq!(busted.status(), 200);
+    assert_eq!(busted.bytes().await.unwrap(), original);
+    let signed = host
+        .http
+        .put(url(
+            "/files/c.bin?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=00",
+        ))
+        .body("signed")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 201);
+
+    // What the headers refuse is refused before the body: a client waiting
+    // for `100 Continue` gets the answer instead, and sends nothing.
+    for (request, status) in [
+        (
+            "PUT /files/a.bin HTTP/1.1\r\nIf-None-Match: *\r\n",
+            "HTTP/1.1 412",
+        ),
+        ("PUT /files/a.bin?tagging HTTP/1.1\r\n", "HTTP/1.1 501"),
+        ("PUT /Files/a.bin HTTP/1.1\r\n", "HTTP/1.1 400"),
+        (
+            "PUT /files/a.bin HTTP/1.1\r\nContent-Encoding: aws-chunked\r\n",
+            "HTTP/1.1 501",
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(host.addr).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "{request}Host: x\r\nExpect: 100-continue\r\nContent-Length: 100000000\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut head))
+            .await
+            .expect("an answer before the body")
+            .unwrap();
+        assert_eq!(
+            &head,
+            status.as_bytes(),
+            "{request}: {}",
+            String::from_utf8_lossy(&head)
+        );
+    }
+
+    let mut keys = host.list_keys("files").await;
+    keys.sort();
+    assert_eq!(keys, ["a.bin", "c.bin"]);
+    host.stop().await;
+    let kept = std::fs::read(dir.path().join("files/a.bin")).unwrap();
+    assert_eq!(kept, original);
 }

@@ -68,6 +68,100 @@ fn check_bucket(bucket: &str) -> Result<(), ApiError> {
     validate_bucket(bucket).map_err(ApiError::from)
 }
 
+/// S3's sub-resources of buckets and objects (`?tagging`, `?acl`,
+/// `?uploads`, ...), operations of their own that this API does not have,
+/// and the listing parameters it does not take. Taken as the plain request
+/// they would read or overwrite the object itself.
+const S3_OPERATIONS: &[&str] = &[
+    "accelerate",
+    "acl",
+    "analytics",
+    "attributes",
+    "continuation-token",
+    "cors",
+    "delete",
+    "delimiter",
+    "encoding-type",
+    "encryption",
+    "intelligent-tiering",
+    "inventory",
+    "legal-hold",
+    "lifecycle",
+    "location",
+    "logging",
+    "marker",
+    "metrics",
+    "object-lock",
+    "ownershipControls",
+    "partNumber",
+    "policy",
+    "policyStatus",
+    "publicAccessBlock",
+    "replication",
+    "requestPayment",
+    "restore",
+    "retention",
+    "select",
+    "tagging",
+    "torrent",
+    "uploadId",
+    "uploads",
+    "versionId",
+    "versioning",
+    "versions",
+    "website",
+];
+
+/// Which query keys a route takes besides its own.
+#[derive(Clone, Copy)]
+enum Others {
+    /// Any but [`S3_OPERATIONS`]: a read, whose URL may carry a cache
+    /// buster (`?v=2`) that changes nothing.
+    Ignored,
+    /// None but a signature's: a write, where a key not understood may
+    /// have asked for another operation.
+    Refused,
+}
+
+/// 501 `not_supported` for a query key that asks for something `route`
+/// does not do: an S3 sub-resource anywhere, or on a write any key but
+/// `own` and the ones an S3 client signs a URL with (`X-Amz-*`,
+/// `AWSAccessKeyId`, `Signature`, `Expires`). `?tagging` on a `PUT` would
+/// otherwise store the tag document as the object, and on a `DELETE`
+/// delete it.
+fn refuse_operations(
+    raw: &Option<String>,
+    route: &str,
+    own: &[&str],
+    others: Others,
+) -> Result<(), ApiError> {
+    let signature = |key: &str| {
+        key.get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case("x-amz-"))
+            || matches!(key, "AWSAccessKeyId" | "Signature" | "Expires")
+    };
+    let refused = query(raw).into_keys().find(|key| {
+        !own.contains(&key.as_str())
+            && match others {
+                Others::Ignored => S3_OPERATIONS.contains(&key.as_str()),
+                Others::Refused => !signature(key),
+            }
+    });
+    match refused {
+        Some(key) => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_supported",
+            format!(
+                "`?{}` is not supported on {route}: this API has no S3 sub-resources (tags, \
+                 ACLs, multipart uploads, versions) and lists with ?prefix= and ?start-after= \
+                 only; nothing was read or changed",
+                crate::shown(&key)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The bucket of a `?notification` request, held to the rule book's names:
 /// a notifier rule takes any bucket an event may name (a rule file's
 /// included), so its rules are read and removed under that name too. An
@@ -89,6 +183,12 @@ pub async fn get_bucket(
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
+    refuse_operations(
+        &raw,
+        "GET /{bucket}",
+        &["notification", "prefix", "start-after"],
+        Others::Ignored,
+    )?;
     let q = query(&raw);
     if q.contains_key("notification") {
         check_rules_bucket(&bucket)?;
@@ -141,6 +241,7 @@ pub async fn put_bucket(
     RawQuery(raw): RawQuery,
     JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
+    refuse_operations(&raw, "PUT /{bucket}", &["notification"], Others::Refused)?;
     if query(&raw).contains_key("notification") {
         check_rules_bucket(&bucket)?;
         let book = Arc::clone(&state);
@@ -171,6 +272,7 @@ pub async fn delete_bucket(
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<StatusCode, ApiError> {
+    refuse_operations(&raw, "DELETE /{bucket}", &["notification"], Others::Refused)?;
     if query(&raw).contains_key("notification") {
         check_rules_bucket(&bucket)?;
         let book = Arc::clone(&state);
@@ -202,22 +304,32 @@ fn reserve_events(state: &AppState, event: Event) -> Result<(Vec<Job>, Reservati
 }
 
 /// `PUT /{bucket}/{key}` stores the body (content type and `x-amz-meta-*`
-/// kept) and fires `create_object`.
+/// kept) and fires `create_object`. What the headers and the object as it
+/// is can refuse is refused before the body is read: a client that waits
+/// for `100 Continue` sends none of it, and none is held meanwhile.
 pub async fn put_object(
     State(state): State<Arc<AppState>>,
     Path((bucket, key)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
-    ObjectBody(body, share): ObjectBody,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
+    refuse_operations(&raw, "PUT /{bucket}/{key}", &[], Others::Refused)?;
     refuse_aws_chunked(&headers)?;
+    refuse_copy(&headers)?;
+    let opts = put_options(&headers, &key)?;
+    check_write_preconditions(&state, &bucket, &key, &headers, false).await?;
+    let ObjectBody(body, share) =
+        <ObjectBody as axum::extract::FromRequest<_>>::from_request(request, &state).await?;
     let mut event = Event::internal(EventType::CreateObject, &bucket, &key);
     event.size = Some(body.len() as u64);
-    let opts = put_options(&headers, &key)?;
     if let Some(digest) = headers.get("content-md5") {
         check_md5(digest, &body).await?;
     }
+    // Again, now that the body is here: the object may have changed while
+    // it came.
     check_write_preconditions(&state, &bucket, &key, &headers, false).await?;
     let (jobs, reservation) = reserve_events(&state, event)?;
     // The write and its event run to the end even if the client goes away
@@ -260,6 +372,20 @@ fn refuse_aws_chunked(headers: &HeaderMap) -> Result<(), ApiError> {
             "aws-chunked uploads (signed or checksummed chunks) are not decoded; send the \
              body whole (an S3 SDK: turn off request checksums or chunked signing, or use \
              UNSIGNED-PAYLOAD)",
+        ));
+    }
+    Ok(())
+}
+
+/// S3's CopyObject is a PUT with `x-amz-copy-source` and no body; taken as
+/// a plain PUT it would replace the object with nothing.
+fn refuse_copy(headers: &HeaderMap) -> Result<(), ApiError> {
+    if headers.contains_key("x-amz-copy-source") {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_supported",
+            "x-amz-copy-source (a copy made by the server) is not supported; GET the object \
+             and PUT its bytes; nothing was stored",
         ));
     }
     Ok(())
@@ -404,10 +530,12 @@ fn put_options(headers: &HeaderMap, key: &str) -> Result<PutOptions, ApiError> {
 pub async fn delete_object(
     State(state): State<Arc<AppState>>,
     Path((bucket, key)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
+    refuse_operations(&raw, "DELETE /{bucket}/{key}", &[], Others::Refused)?;
     check_write_preconditions(&state, &bucket, &key, &headers, true).await?;
     let (jobs, reservation) = reserve_events(
         &state,
@@ -433,6 +561,12 @@ pub async fn get_object(
 ) -> Result<Response, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
+    refuse_operations(
+        &raw,
+        "GET /{bucket}/{key}",
+        &["image", "action"],
+        Others::Ignored,
+    )?;
     let q = query(&raw);
     if q.contains_key("image") {
         let action = image_action(&raw)?;
@@ -667,22 +801,30 @@ impl Validators {
     }
 
     /// The one byte range a `Range` header asks of `size` bytes, first and
-    /// last inclusive: `bytes=A-B`, `bytes=A-` or `bytes=-N`. `None` (the
-    /// whole object, as RFC 9110 allows) without the header, for several
-    /// ranges, a unit other than bytes or a syntax not understood, or when
-    /// `If-Range` names another version. `Err` when no byte of the object
-    /// is in the range (416).
+    /// last inclusive: `bytes=A-B`, `bytes=A-` or `bytes=-N` (the unit in
+    /// any case, the numbers decimal digits). `None` (the whole object, as
+    /// RFC 9110 allows) without the header, for several ranges, a unit
+    /// other than bytes or a syntax not understood, for a suffix of an
+    /// empty object, or when `If-Range` does not name this version by its
+    /// strong tag. `Err` when no byte of the object is in the range (416).
     fn range(&self, request: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()> {
         let Some(spec) = request
             .get(header::RANGE)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().strip_prefix("bytes="))
+            .and_then(|v| v.trim().split_once('='))
+            .filter(|(unit, _)| unit.trim().eq_ignore_ascii_case("bytes"))
+            .map(|(_, spec)| spec.trim())
         else {
             return Ok(None);
         };
-        if let Some(if_range) = request.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
-            let current = self.etag.as_deref() == Some(if_range)
-                || self.last_modified().as_deref() == Some(if_range);
+        if let Some(if_range) = request.get(header::IF_RANGE) {
+            // Only a strong tag: a date (`Last-Modified`, to the second)
+            // cannot tell two versions written in one second apart, and a
+            // range of the newer spliced onto the older corrupts a resumed
+            // download; the whole object is sent instead.
+            let current = if_range.to_str().ok().is_some_and(|tag| {
+                tag.starts_with('"') && self.etag.as_deref() == Some(tag.trim())
+            });
             if !current {
                 return Ok(None);
             }
@@ -690,15 +832,25 @@ impl Validators {
         if spec.contains(',') {
             return Ok(None);
         }
-        let Some((first, last)) = spec.trim().split_once('-') else {
+        let Some((first, last)) = spec.split_once('-') else {
             return Ok(None);
         };
-        let number = |s: &str| s.trim().parse::<u64>().ok();
-        let range = match (first.trim().is_empty(), number(first), number(last)) {
-            // The last N bytes.
-            (true, _, Some(n)) if n > 0 => (size.saturating_sub(n), size.checked_sub(1).ok_or(())?),
-            (true, _, _) => return Err(()),
-            (false, Some(a), None) if last.trim().is_empty() => (a, size.saturating_sub(1)),
+        let (first, last) = (first.trim(), last.trim());
+        let number = |s: &str| {
+            (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse::<u64>().ok())
+                .flatten()
+        };
+        let range = match (first.is_empty(), number(first), number(last)) {
+            // The last N bytes; of an empty object, none, which the whole
+            // (empty) object gives.
+            (true, _, Some(n)) if n > 0 => match size.checked_sub(1) {
+                Some(end) => (size.saturating_sub(n), end),
+                None => return Ok(None),
+            },
+            // `bytes=-0` asks for no byte at all.
+            (true, _, Some(_)) => return Err(()),
+            (false, Some(a), None) if last.is_empty() => (a, size.saturating_sub(1)),
             (false, Some(a), Some(b)) if a <= b => (a, b.min(size.saturating_sub(1))),
             _ => return Ok(None),
         };
