@@ -194,6 +194,7 @@ impl Host {
             config.functions_dir.as_deref(),
             bucket_check,
             Some(watermark_check),
+            config.limits.clone(),
         )?;
         let (queue, receiver) = queue::Queue::new(config.queue_bound, Arc::new(journal));
         let body_units =

@@ -192,6 +192,39 @@ fn check_side(op: &'static str, (w, h): (u64, u64), limit: u32) -> Result<(), Im
     Ok(())
 }
 
+/// The error a resize gives whatever its source: a side it writes out
+/// that its output takes exactly (one side given alone, or both in the pad
+/// and cover modes) over `limits`, or, in fit mode, both sides over the
+/// side limit (one of them is met). A rule holding such a resize is
+/// refused when it is set, rather than failing at every event.
+pub fn resize_fails_for_every_source(r: &Resize, limits: &super::Limits) -> Option<ImagingError> {
+    let side_limit = || format!("{} px per side", limits.max_output_side);
+    match (r.width, r.height, r.mode) {
+        (Some(w), Some(h), ResizeMode::Pad | ResizeMode::Cover) => {
+            check_output_pixels("resize", (w.into(), h.into()), limits).err()
+        }
+        (Some(w), Some(h), ResizeMode::Fit) => {
+            (w.min(h) > limits.max_output_side).then(|| ImagingError::OutputTooLarge {
+                op: "resize",
+                width: w.into(),
+                height: h.into(),
+                limit: side_limit(),
+            })
+        }
+        (Some(side), None, _) | (None, Some(side), _) => {
+            (side > limits.max_output_side).then(|| ImagingError::Operation {
+                op: "resize",
+                message: format!(
+                    "{}_{side} is over the limit of {}",
+                    if r.width.is_some() { "w" } else { "h" },
+                    side_limit()
+                ),
+            })
+        }
+        (None, None, _) => None,
+    }
+}
+
 /// A resize's output is held to the pixel limit its input was: each side
 /// within bounds can still make 268 million pixels.
 fn check_output_pixels(

@@ -20,7 +20,7 @@ mod webp_anim;
 pub use decode::{Decoded, Lead, LeadFrame, Pixels, SourceMeta, decode, probe};
 pub use encode::encode;
 pub use error::ImagingError;
-pub use geometry::{crop_rect, scaled_size};
+pub use geometry::{crop_rect, resize_fails_for_every_source, scaled_size};
 
 use image::codecs::gif::Repeat;
 use image::{DynamicImage, Frame};

@@ -49,6 +49,9 @@ pub struct RuleBook {
     /// The server's check of `watermark_image` URLs (see
     /// [`RuleBook::open_for`]).
     watermark_check: Option<WatermarkCheck>,
+    /// The server's image limits: a resize that exceeds them for every
+    /// source is refused (see [`RuleBook::open_for`]).
+    limits: crate::imaging::Limits,
     buckets: RwLock<HashMap<String, BucketRules>>,
     /// Orders writes to the state directory with the updates they belong to.
     saving: Mutex<()>,
@@ -97,6 +100,7 @@ impl RuleBook {
             functions_dir,
             crate::store::validate_bucket,
             None,
+            crate::imaging::Limits::default(),
         )
     }
 
@@ -104,13 +108,15 @@ impl RuleBook {
     /// accepts ([`crate::store::ObjectStore::bucket_check`]): rules set or
     /// loaded from `functions/` are refused when their bucket, `save_bucket`
     /// or a `save:` target is a name the store refuses, or when
-    /// `watermark_check` refuses a `watermark_image` URL, instead of failing
-    /// at every event. (Rules saved earlier are loaded as they are.)
+    /// `watermark_check` refuses a `watermark_image` URL, or when a resize
+    /// is over `limits` whatever its source, instead of failing at every
+    /// event. (Rules saved earlier are loaded as they are.)
     pub fn open_for(
         state_dir: &Path,
         functions_dir: Option<&Path>,
         bucket_check: crate::store::BucketCheck,
         watermark_check: Option<WatermarkCheck>,
+        limits: crate::imaging::Limits,
     ) -> Result<RuleBook, RuleBookError> {
         fs::create_dir_all(state_dir).map_err(|source| RuleBookError::Io {
             op: "create",
@@ -121,6 +127,7 @@ impl RuleBook {
             state_dir: Some(state_dir.to_path_buf()),
             bucket_check: Some(bucket_check),
             watermark_check,
+            limits,
             ..RuleBook::default()
         };
         if let Some(dir) = functions_dir {
@@ -248,6 +255,16 @@ impl RuleBook {
                                     format!("watermark_image: {}: {e}", crate::shown(&mark.url)),
                                 )
                             })?;
+                        }
+                    }
+                    crate::action::Op::Resize(resize) => {
+                        if let Some(e) =
+                            crate::imaging::resize_fails_for_every_source(resize, &self.limits)
+                        {
+                            return Err(RuleError::new(
+                                field(),
+                                format!("{e}, whatever the source"),
+                            ));
                         }
                     }
                     crate::action::Op::Watermark(mark)
@@ -823,6 +840,50 @@ mod tests {
                 && err.contains("no character the font draws"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_resize_over_the_limits_for_every_source_is_refused_when_set() {
+        let state = tempfile::tempdir().unwrap();
+        let book = RuleBook::open(state.path(), None).unwrap();
+        let rule = |action: &str| {
+            json!({"notifications": [{"id": "r", "event_types": ["create_object"],
+                "cloudfunc": "image", "cloudfunc_args": {"action": action}}]})
+            .to_string()
+        };
+        for (action, says) in [
+            (
+                "resize:w_20000",
+                "w_20000 is over the limit of 16384 px per side",
+            ),
+            (
+                "crop:w_10|resize:h_16385",
+                "h_16385 is over the limit of 16384 px per side",
+            ),
+            ("resize:w_16385,h_10,m_2", "16384 px per side"),
+            ("resize:w_20000,h_20000,m_1", "20000x20000"),
+            ("resize:w_10001,h_10000,m_0", "100000000 pixels"),
+        ] {
+            let err = book
+                .set("photos", rule(action).as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("notifications[0].cloudfunc_args.action")
+                    && err.contains(says)
+                    && err.contains("whatever the source"),
+                "{action}: {err}"
+            );
+        }
+        // Sides that some source can have.
+        for action in [
+            "resize:w_16384",
+            "resize:w_20000,h_300,m_1",
+            "resize:w_10000,h_10000,m_2",
+        ] {
+            book.set("photos", rule(action).as_bytes())
+                .unwrap_or_else(|e| panic!("{action}: {e}"));
+        }
     }
 
     #[test]
