@@ -40,8 +40,5 @@ pub enum ActionError {
         count: usize,
     },
     #[error("{op}: {message}")]
-    Conflict {
-        op: &'static str,
-        message: &'static str,
-    },
+    Conflict { op: &'static str, message: String },
 }

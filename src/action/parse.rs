@@ -164,6 +164,20 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// [`Params::uint`], with an empty value (`l_`) taken as not given:
+    /// QingStor's crop and `watermark_image` give such a key its default.
+    fn uint_or_empty(
+        &self,
+        key: &'static str,
+        min: u32,
+        max: u32,
+    ) -> Result<Option<u32>, ActionError> {
+        match self.raw(key) {
+            Some("") => Ok(None),
+            _ => self.uint(key, min, max),
+        }
+    }
+
     fn opacity(&self, key: &'static str) -> Result<Opacity, ActionError> {
         let Some(raw) = self.raw(key) else {
             return Ok(Opacity::DEFAULT);
@@ -227,21 +241,26 @@ fn decode_base64(raw: &str) -> Option<Vec<u8>> {
 
 fn parse_crop(params: &str) -> Result<Op, ActionError> {
     let p = Params::new("crop", "w, h, g, l, t", &["w", "h", "g", "l", "t"], params)?;
-    // QingStor: an empty width or height is the image's own.
-    let side = |key| match p.raw(key) {
-        Some("") => Ok(None),
-        _ => p.uint(key, 1, MAX_SIDE),
-    };
-    let width = side("w")?;
-    let height = side("h")?;
-    let gravity = p.uint("g", 0, 9)?;
-    let left = p.uint("l", 0, MAX_SIDE)?;
-    let top = p.uint("t", 0, MAX_SIDE)?;
+    // QingStor: an empty value is the key's default (the image's side,
+    // offset 0, gravity 0), as if the key were not given.
+    let width = p.uint_or_empty("w", 1, MAX_SIDE)?;
+    let height = p.uint_or_empty("h", 1, MAX_SIDE)?;
+    let gravity = p.uint_or_empty("g", 0, 9)?;
+    let left = p.uint_or_empty("l", 0, MAX_SIDE)?;
+    let top = p.uint_or_empty("t", 0, MAX_SIDE)?;
     let anchor = match (gravity, left, top) {
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+        (Some(g), Some(_), _) | (Some(g), _, Some(_)) => {
+            let offset = [("l", left), ("t", top)]
+                .iter()
+                .filter_map(|(key, value)| value.map(|v| format!("{key}_{v}")))
+                .collect::<Vec<_>>()
+                .join(",");
             return Err(ActionError::Conflict {
                 op: "crop",
-                message: "g cannot be combined with l or t; use either gravity or an offset",
+                message: format!(
+                    "g_{g} cannot be combined with {offset}; use either gravity (g) or an \
+                     offset (l, t)"
+                ),
             });
         }
         (Some(g), None, None) => {
@@ -342,8 +361,8 @@ fn parse_watermark_image(params: &str) -> Result<Op, ActionError> {
         params,
     )?;
     let url = p.required("u", "u is the image URL in base64", p.base64_text("u")?)?;
-    let left = p.uint("l", 0, MAX_SIDE)?.unwrap_or(0);
-    let top = p.uint("t", 0, MAX_SIDE)?.unwrap_or(0);
+    let left = p.uint_or_empty("l", 0, MAX_SIDE)?.unwrap_or(0);
+    let top = p.uint_or_empty("t", 0, MAX_SIDE)?.unwrap_or(0);
     let opacity = p.opacity("p")?;
     p.finish(Op::WatermarkImage(ImageWatermark {
         url,

@@ -113,7 +113,8 @@ fn unknown_operations_and_keys_are_errors() {
         err("format:t_gif").contains("format: t must be one of jpeg, png, webp, tiff, got gif")
     );
     assert!(err("format:t_jpeg,q_101").contains("q must be an integer from 1 to 100"));
-    assert!(err("crop:g_1,l_3").contains("g cannot be combined"));
+    assert!(err("crop:g_1,l_3").contains("crop: g_1 cannot be combined with l_3;"));
+    assert!(err("crop:l_0,g_2,t_4").contains("g_2 cannot be combined with l_0,t_4;"));
     assert!(err("crop:g_10").contains("crop: g must be an integer from 0 to 9, got 10"));
     assert!(err("watermark:p_0.5").contains("missing required key `t`"));
     assert!(err("watermark:t_!!!").contains("watermark: t must be non-empty UTF-8 text"));
@@ -154,11 +155,29 @@ fn unknown_operations_and_keys_are_errors() {
     assert!(
         err("resize:w_").contains("resize: w must be an integer from 1 to 1048576, got nothing")
     );
-    // QingStor: an empty crop width or height is the image's own.
-    assert_eq!(
-        Action::parse("crop:w_,h_100").unwrap(),
-        Action::parse("crop:h_100").unwrap()
-    );
+    // QingStor: an empty crop key, or watermark_image offset, is its
+    // default.
+    for (empty, plain) in [
+        ("crop:w_,h_100", "crop:h_100"),
+        ("crop:l_,t_100", "crop:t_100"),
+        ("crop:g_,w_100", "crop:w_100"),
+        (
+            "watermark_image:u_YS5wbmc,l_,t_5",
+            "watermark_image:u_YS5wbmc,t_5",
+        ),
+    ] {
+        assert_eq!(
+            Action::parse(empty).unwrap(),
+            Action::parse(plain).unwrap(),
+            "{empty}"
+        );
+    }
+    // Every crop key empty: the whole image, centred.
+    let Op::Crop(all) = &Action::parse("crop:g_,l_,t_,w_,h_").unwrap().ops[0] else {
+        panic!("not a crop")
+    };
+    assert_eq!((all.width, all.height), (None, None));
+    assert_eq!(all.anchor, CropAnchor::Gravity(Gravity::Center));
     assert!(err("info:x_1").contains("info: unknown key"));
 }
 
