@@ -48,14 +48,45 @@ pub(super) fn describe(
                     .then(|| exif.get_field(exif::Tag::DateTime, exif::In::PRIMARY))
                     .flatten()
             });
-            if let Some(f) = field {
-                let text = f.display_value().to_string();
-                let text = text.trim_matches('"').trim().to_string();
-                if !text.is_empty() {
-                    out.insert(name.into(), json!(text));
-                }
+            if let Some(text) = field.and_then(exif_text) {
+                out.insert(name.into(), json!(text));
             }
         }
     }
     Value::Object(out)
+}
+
+/// A field's value as text the way EXIF stores it, as exiftool, libvips and
+/// Pillow give it: strings as written (`2008:04:20 19:12:06`, the version
+/// as `0221`), one rational as a decimal number (`18`, `5.4`), GPS degrees,
+/// minutes and seconds as decimal degrees (`39.9065`), the altitude
+/// reference in words. `None` for an empty or unreadable value.
+fn exif_text(field: &exif::Field) -> Option<String> {
+    use exif::Value as V;
+    let decimal = |v: f64| {
+        let text = format!("{v:.6}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        (v.is_finite()).then(|| text.to_string())
+    };
+    let text = match (&field.value, field.tag) {
+        (V::Ascii(strings), _) => strings
+            .first()
+            .map(|s| String::from_utf8_lossy(s).into_owned())?,
+        (V::Undefined(bytes, _), _) => String::from_utf8_lossy(bytes).into_owned(),
+        (V::Rational(parts), exif::Tag::GPSLatitude | exif::Tag::GPSLongitude) => {
+            let [d, m, s] = parts.as_slice() else {
+                return None;
+            };
+            decimal(d.to_f64() + m.to_f64() / 60.0 + s.to_f64() / 3600.0)?
+        }
+        (V::Rational(parts), _) => decimal(parts.first()?.to_f64())?,
+        (V::Byte(bytes), exif::Tag::GPSAltitudeRef) => match bytes.first()? {
+            0 => "above sea level".to_string(),
+            1 => "below sea level".to_string(),
+            _ => return None,
+        },
+        _ => field.display_value().to_string(),
+    };
+    let text = text.trim_matches(|c: char| c == '\0' || c.is_whitespace());
+    (!text.is_empty()).then(|| text.to_string())
 }

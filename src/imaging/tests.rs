@@ -1946,3 +1946,61 @@ fn the_operations_of_one_action_make_at_most_four_times_the_pixel_limit() {
     let turned = format!("{}|rotate:a_180", ops[..4].join("|"));
     assert_eq!(run(&turned).unwrap_err().code(), "output_too_large");
 }
+
+#[test]
+fn info_gives_exif_values_as_stored() {
+    use exif::{Field, In, Rational, Tag, Value};
+    let field = |tag, value| Field {
+        tag,
+        ifd_num: In::PRIMARY,
+        value,
+    };
+    let ratios = |parts: &[(u32, u32)]| {
+        Value::Rational(
+            parts
+                .iter()
+                .map(|&(num, denom)| Rational { num, denom })
+                .collect(),
+        )
+    };
+    let fields = [
+        field(Tag::Make, Value::Ascii(vec![b"Caf\xc3\xa9 \"Q\"".to_vec()])),
+        field(
+            Tag::DateTimeOriginal,
+            Value::Ascii(vec![b"2021:07:04 10:20:30".to_vec()]),
+        ),
+        field(Tag::ExifVersion, Value::Undefined(b"0232".to_vec(), 0)),
+        field(Tag::FocalLength, ratios(&[(54, 10)])),
+        field(Tag::GPSLatitudeRef, Value::Ascii(vec![b"N".to_vec()])),
+        field(Tag::GPSLatitude, ratios(&[(39, 1), (54, 1), (234, 10)])),
+        field(Tag::GPSLongitude, ratios(&[(116, 1), (23, 1), (0, 0)])),
+        field(Tag::GPSAltitudeRef, Value::Byte(vec![1])),
+        field(Tag::GPSAltitude, ratios(&[(1234, 10)])),
+    ];
+    let mut writer = exif::experimental::Writer::new();
+    for f in &fields {
+        writer.push_field(f);
+    }
+    let mut tiff = std::io::Cursor::new(Vec::new());
+    writer.write(&mut tiff, false).unwrap();
+    let tiff = tiff.into_inner();
+    // The EXIF segment first, right after the JPEG's start.
+    let jpeg = fixture("storm-3x1.jpg");
+    let mut marked = jpeg[..2].to_vec();
+    marked.extend([0xFF, 0xE1]);
+    marked.extend(u16::try_from(tiff.len() + 8).unwrap().to_be_bytes());
+    marked.extend(b"Exif\0\0");
+    marked.extend(&tiff);
+    marked.extend(&jpeg[2..]);
+    let info = run(&marked, "info").unwrap().info.unwrap();
+    assert_eq!(info["make"], "Café \"Q\"");
+    assert_eq!(info["datetime"], "2021:07:04 10:20:30");
+    assert_eq!(info["exifversion"], "0232");
+    assert_eq!(info["focallength"], "5.4");
+    assert_eq!(info["gpslatituderef"], "N");
+    assert_eq!(info["gpslatitude"], "39.9065");
+    // A rational of 0/0 is no value: the longitude is left out.
+    assert!(info.get("gpslongitude").is_none(), "{info}");
+    assert_eq!(info["gpsaltitude"], "123.4");
+    assert_eq!(info["gpsaltituderef"], "below sea level");
+}
