@@ -2012,6 +2012,29 @@ async fn processed_images_carry_validators_and_revalidate_without_work() {
     let first = get("resize:w_40", None).await.unwrap();
     assert_eq!(first.status(), 200);
     assert_eq!(first.headers()["cache-control"], "no-cache");
+    assert_eq!(
+        first.headers()["content-disposition"],
+        "inline; filename=\"storm.jpg\"; filename*=UTF-8''storm.jpg"
+    );
+    // Saved under the extension of the format made, the name in UTF-8.
+    let key = "dir/照片 \"1\".jpg";
+    let put = host.put_object("photos", key, photo.clone(), "image/jpeg");
+    assert_eq!(put.await.status(), 201);
+    let webp = host
+        .http
+        .get(format!(
+            "{}?image&action=format:t_webp",
+            host.object_url("photos", key)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(webp.status(), 200);
+    assert_eq!(webp.headers()["content-type"], "image/webp");
+    assert_eq!(
+        webp.headers()["content-disposition"],
+        "inline; filename=\"__ _1_.webp\"; filename*=UTF-8''%E7%85%A7%E7%89%87%20%221%22.webp"
+    );
     assert!(first.headers().contains_key("last-modified"));
     let tag = first.headers()["etag"].to_str().unwrap().to_owned();
     assert!(tag.starts_with("W/\"") && tag.len() == 36, "{tag}");

@@ -287,6 +287,40 @@ pub async fn delete_bucket(
     ))
 }
 
+/// `Content-Disposition` of a processed image: shown in place, and saved
+/// under the key's last part with the extension of the format made
+/// (`a.jpg` through `format:t_webp` saves as `a.webp`, not as a `.jpg`
+/// holding WebP). The name is given as UTF-8 (RFC 6266's `filename*`) and,
+/// for older clients, as ASCII with `_` for the rest.
+fn disposition(key: &str, format: imaging::ImageFormat) -> String {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    let stem = match name.rsplit_once('.') {
+        Some((stem, _)) if !stem.is_empty() => stem,
+        _ => name,
+    };
+    let extension = match format {
+        imaging::ImageFormat::Jpeg => "jpg",
+        other => other.name(),
+    };
+    let name = format!("{stem}.{extension}");
+    let ascii: String = name
+        .chars()
+        .map(|c| match c {
+            ' '..='~' if c != '"' && c != '\\' => c,
+            _ => '_',
+        })
+        .collect();
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    format!(
+        "inline; filename=\"{ascii}\"; filename*=UTF-8''{}",
+        percent_encoding::utf8_percent_encode(&name, KEEP)
+    )
+}
+
 /// The jobs a change to the embedded store fires, with queue room reserved
 /// for them before anything is changed: a full queue refuses the request
 /// instead of losing its events.
@@ -1020,6 +1054,7 @@ async fn process(
     let turn = state.queue.shared_turn().await;
     let slot = state.runtime.image_slot().await;
     let limits = state.config.limits.clone();
+    let named = key.to_owned();
     let (bucket, key) = (bucket.to_owned(), key.to_owned());
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     let task = state.clone();
@@ -1046,11 +1081,19 @@ async fn process(
     // The tag of the source that was read.
     let validators = processed_validators(&meta, action_text);
     let mut response = match (output.image, output.info) {
-        (Some(image), _) => (
-            [(header::CONTENT_TYPE, image.format.content_type())],
-            image.bytes,
-        )
-            .into_response(),
+        (Some(image), _) => {
+            let mut response = (
+                [(header::CONTENT_TYPE, image.format.content_type())],
+                image.bytes,
+            )
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&disposition(&named, image.format)) {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_DISPOSITION, v);
+            }
+            response
+        }
         (None, Some(info)) => Json(info).into_response(),
         (None, None) => {
             return Err(ApiError::new(
