@@ -742,8 +742,10 @@ async fn hostile_keys_never_reach_outside_the_data_dir() {
         "/photos/..%2F..%2Fetc%2Fpasswd?image&action=info",
     ] {
         let url = host.url(path);
-        // A write takes no query: `?image` there is refused as such (501).
-        let write_url = host.url(path.split('?').next().unwrap());
+        // A write with a query is refused for the query first (501, as
+        // `s3_operations_the_api_lacks_are_refused_and_change_nothing`
+        // shows): its key is tried without it.
+        let write_url = host.url(path.split('?').next().unwrap_or(path));
         let put = host
             .http
             .put(&write_url)
@@ -2409,12 +2411,21 @@ async fn s3_operations_the_api_lacks_are_refused_and_change_nothing() {
         &["`?tagging`", "PUT /{bucket}/{key}"],
     )
     .await;
+    // The copy's source in a presigned URL, and `?image` on a write.
+    for path in [
+        "/files/b.bin?x-amz-copy-source=%2Ffiles%2Fa.bin&X-Amz-Signature=00",
+        "/files/b.bin?image&action=info",
+    ] {
+        let put = host.http.put(url(path)).send().await.unwrap();
+        assert_error(put, 501, "not_supported", &[]).await;
+    }
     for path in ["/files/a.bin?tagging", "/files/a.bin?uploadId=7"] {
         let delete = host.http.delete(url(path)).send().await.unwrap();
         assert_error(delete, 501, "not_supported", &["DELETE /{bucket}/{key}"]).await;
     }
     for (path, route) in [
         ("/files/a.bin?acl", "GET /{bucket}/{key}"),
+        ("/files/a.bin?partNumber=2", "GET /{bucket}/{key}"),
         ("/files?location", "GET /{bucket}"),
         ("/files?delimiter=/", "GET /{bucket}"),
         ("/files?marker=a.bin", "GET /{bucket}"),
@@ -2431,21 +2442,48 @@ async fn s3_operations_the_api_lacks_are_refused_and_change_nothing() {
         .unwrap();
     assert_error(policy, 501, "not_supported", &["`?policy`"]).await;
 
-    // A cache buster on a read changes nothing; a signed URL's keys are
-    // taken on a write.
-    let busted = host.http.get(url("/files/a.bin?v=2")).send().await.unwrap();
-    assert_eq!(busted.status(), 200);
-    assert_eq!(busted.bytes().await.unwrap(), original);
-    let signed = host
+    // A bad bucket is named first.
+    let bad = host.http.get(url("/Files?acl")).send().await.unwrap();
+    assert_error(bad, 400, "invalid_bucket", &[]).await;
+
+    // A cache buster on a read changes nothing, nor do the plain object's
+    // own part and version that SDKs ask for.
+    for query in ["v=2", "partNumber=1", "versionId=null", "x-id=GetObject"] {
+        let read = host
+            .http
+            .get(url(&format!("/files/a.bin?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), 200, "{query}");
+        assert_eq!(read.bytes().await.unwrap(), original, "{query}");
+    }
+    // The keys of signed URLs (AWS's, old and new, and QingStor's) and
+    // the SDKs' `x-id` are taken on a write.
+    for query in [
+        "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=00",
+        "AWSAccessKeyId=K&Signature=S&Expires=1",
+        "access_key_id=K&signature=S&expires=1",
+        "x-id=PutObject",
+    ] {
+        let signed = host
+            .http
+            .put(url(&format!("/files/c.bin?{query}")))
+            .body("signed")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(signed.status(), 201, "{query}");
+    }
+    let put = host.put_object("files", "d.bin", b"d".to_vec(), "text/plain");
+    assert_eq!(put.await.status(), 201);
+    let delete = host
         .http
-        .put(url(
-            "/files/c.bin?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=00",
-        ))
-        .body("signed")
+        .delete(url("/files/d.bin?x-id=DeleteObject"))
         .send()
         .await
         .unwrap();
-    assert_eq!(signed.status(), 201);
+    assert_eq!(delete.status(), 204);
 
     // What the headers refuse is refused before the body: a client waiting
     // for `100 Continue` gets the answer instead, and sends nothing.
@@ -2455,6 +2493,7 @@ async fn s3_operations_the_api_lacks_are_refused_and_change_nothing() {
             "HTTP/1.1 412",
         ),
         ("PUT /files/a.bin?tagging HTTP/1.1\r\n", "HTTP/1.1 501"),
+        ("PUT /files?lifecycle HTTP/1.1\r\n", "HTTP/1.1 501"),
         ("PUT /Files/a.bin HTTP/1.1\r\n", "HTTP/1.1 400"),
         (
             "PUT /files/a.bin HTTP/1.1\r\nContent-Encoding: aws-chunked\r\n",
@@ -2490,4 +2529,70 @@ async fn s3_operations_the_api_lacks_are_refused_and_change_nothing() {
     host.stop().await;
     let kept = std::fs::read(dir.path().join("files/a.bin")).unwrap();
     assert_eq!(kept, original);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_with_s3_checksums_are_checked_against_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    let body = "checked bytes";
+    // The body's checksums, as S3 SDKs send them (made with Python's zlib
+    // and hashlib).
+    let crc32 = "wJMHWA==";
+    let sha256 = "wkB1kAjlkhAHKBKSjYvskHS7sMKAFemJI0eLiAJJS2U=";
+    let sha256_hex = "c240759008e59210072812928d8bec9074bbb0c28015e98923478b8802494b65";
+    let sha1 = "JtaGkQ/shKZwAi09ilLwT/14zPg=";
+    let put = |key: &str, headers: &[(&str, &str)]| {
+        let mut request = host.http.put(host.object_url("files", key)).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+    for (key, headers) in [
+        ("crc32", vec![("x-amz-checksum-crc32", crc32)]),
+        (
+            "sha",
+            vec![
+                ("x-amz-checksum-sha256", sha256),
+                ("x-amz-checksum-sha1", sha1),
+                ("x-amz-content-sha256", sha256_hex),
+                ("x-amz-checksum-algorithm", "SHA256"),
+            ],
+        ),
+        (
+            "unsigned",
+            vec![("x-amz-content-sha256", "UNSIGNED-PAYLOAD")],
+        ),
+    ] {
+        assert_eq!(put(key, &headers).await.unwrap().status(), 201, "{key}");
+    }
+    // A checksum of other bytes, or of an algorithm S3 lacks: nothing is
+    // stored.
+    let other = "AAAAAA==";
+    for (key, header, value, code) in [
+        ("bad-crc", "x-amz-checksum-crc32", other, "bad_digest"),
+        ("bad-crc32c", "x-amz-checksum-crc32c", other, "bad_digest"),
+        ("bad-sha", "x-amz-checksum-sha256", crc32, "bad_digest"),
+        (
+            "bad-hex",
+            "x-amz-content-sha256",
+            &"0".repeat(64),
+            "bad_digest",
+        ),
+        ("bad-md5", "x-amz-checksum-md5", crc32, "invalid_digest"),
+        (
+            "bad-b64",
+            "x-amz-checksum-crc32",
+            "not base64!",
+            "invalid_digest",
+        ),
+    ] {
+        let response = put(key, &[(header, value)]).await.unwrap();
+        assert_error(response, 400, code, &[header]).await;
+    }
+    let mut keys = host.list_keys("files").await;
+    keys.sort();
+    assert_eq!(keys, ["crc32", "sha", "unsigned"]);
+    host.stop().await;
 }

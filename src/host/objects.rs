@@ -124,28 +124,49 @@ enum Others {
 }
 
 /// 501 `not_supported` for a query key that asks for something `route`
-/// does not do: an S3 sub-resource anywhere, or on a write any key but
-/// `own` and the ones an S3 client signs a URL with (`X-Amz-*`,
-/// `AWSAccessKeyId`, `Signature`, `Expires`). `?tagging` on a `PUT` would
-/// otherwise store the tag document as the object, and on a `DELETE`
-/// delete it.
+/// does not do: an S3 sub-resource anywhere (but the plain object's own
+/// `partNumber=1` and `versionId=null`, which S3 SDKs ask for), a copy's
+/// source given in the URL, or on a write any key but `own` and the ones
+/// that carry no operation: any `x-` key (S3 ignores them; SDKs add
+/// `x-id=PutObject`, and presigned URLs their `X-Amz-*` fields) and the
+/// signature fields of AWS's older URLs and QingStor's, in any case.
+/// `?tagging` on a `PUT` would otherwise store the tag document as the
+/// object, and on a `DELETE` delete it.
 fn refuse_operations(
     raw: &Option<String>,
     route: &str,
     own: &[&str],
     others: Others,
 ) -> Result<(), ApiError> {
-    let signature = |key: &str| {
-        key.get(..6)
-            .is_some_and(|p| p.eq_ignore_ascii_case("x-amz-"))
-            || matches!(key, "AWSAccessKeyId" | "Signature" | "Expires")
+    let prefixed = |key: &str, prefix: &str| {
+        key.get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
     };
-    let refused = query(raw).into_keys().find(|key| {
-        !own.contains(&key.as_str())
-            && match others {
-                Others::Ignored => S3_OPERATIONS.contains(&key.as_str()),
-                Others::Refused => !signature(key),
-            }
+    let inert = |key: &str| {
+        (prefixed(key, "x-") && !prefixed(key, "x-amz-copy-source"))
+            || [
+                "AWSAccessKeyId",
+                "Signature",
+                "Expires",
+                "access_key_id",
+                "signature",
+                "expires",
+            ]
+            .iter()
+            .any(|name| name.eq_ignore_ascii_case(key))
+    };
+    let refused = query(raw).into_iter().find_map(|(key, value)| {
+        let plain_object = matches!(
+            (key.as_str(), value.as_str()),
+            ("partNumber", "1") | ("versionId", "null")
+        );
+        let refused = !own.contains(&key.as_str())
+            && (prefixed(&key, "x-amz-copy-source")
+                || match others {
+                    Others::Ignored => S3_OPERATIONS.contains(&key.as_str()) && !plain_object,
+                    Others::Refused => !inert(&key),
+                });
+        refused.then_some(key)
     });
     match refused {
         Some(key) => Err(ApiError::new(
@@ -159,6 +180,17 @@ fn refuse_operations(
             ),
         )),
         None => Ok(()),
+    }
+}
+
+/// A bucket route's bucket, held to the rule book's names for
+/// `?notification` and to the store's otherwise: a bad name is a 400
+/// before anything else is looked at.
+fn check_any_bucket(bucket: &str, raw: &Option<String>) -> Result<(), ApiError> {
+    if query(raw).contains_key("notification") {
+        check_rules_bucket(bucket)
+    } else {
+        check_bucket(bucket)
     }
 }
 
@@ -183,6 +215,7 @@ pub async fn get_bucket(
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
+    check_any_bucket(&bucket, &raw)?;
     refuse_operations(
         &raw,
         "GET /{bucket}",
@@ -239,9 +272,13 @@ pub async fn put_bucket(
     State(state): State<Arc<AppState>>,
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
-    JsonBody(body): JsonBody,
+    request: axum::extract::Request,
 ) -> Result<StatusCode, ApiError> {
+    // Refused before the body is read, as an object's PUT is.
+    check_any_bucket(&bucket, &raw)?;
     refuse_operations(&raw, "PUT /{bucket}", &["notification"], Others::Refused)?;
+    let JsonBody(body) =
+        <JsonBody as axum::extract::FromRequest<_>>::from_request(request, &state).await?;
     if query(&raw).contains_key("notification") {
         check_rules_bucket(&bucket)?;
         let book = Arc::clone(&state);
@@ -272,6 +309,7 @@ pub async fn delete_bucket(
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<StatusCode, ApiError> {
+    check_any_bucket(&bucket, &raw)?;
     refuse_operations(&raw, "DELETE /{bucket}", &["notification"], Others::Refused)?;
     if query(&raw).contains_key("notification") {
         check_rules_bucket(&bucket)?;
@@ -362,6 +400,7 @@ pub async fn put_object(
     if let Some(digest) = headers.get("content-md5") {
         check_md5(digest, &body).await?;
     }
+    check_checksums(&headers, &body).await?;
     // Again, now that the body is here: the object may have changed while
     // it came.
     check_write_preconditions(&state, &bucket, &key, &headers, false).await?;
@@ -409,6 +448,84 @@ fn refuse_aws_chunked(headers: &HeaderMap) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// A PUT's S3 checksums against the body: each `x-amz-checksum-ALGORITHM`
+/// (the body's CRC32, CRC32C, CRC64NVME, SHA-1 or SHA-256 in base64, as
+/// S3 SDKs send by default) and a hex `x-amz-content-sha256`. A body
+/// changed on the way is refused (400 `bad_digest`), as S3 refuses it,
+/// and so is an algorithm S3 does not have (400 `invalid_digest`).
+async fn check_checksums(headers: &HeaderMap, body: &bytes::Bytes) -> Result<(), ApiError> {
+    use base64::Engine;
+    use std::str::FromStr;
+    const NAMES: &str = "crc32, crc32c, crc64nvme, sha1 or sha256";
+    let invalid = |message: String| ApiError::bad_request("invalid_digest", message);
+    // (header, algorithm, the value sent, whether it is hex)
+    let mut wanted = Vec::new();
+    for (name, value) in headers {
+        let Some(algorithm) = name.as_str().strip_prefix("x-amz-checksum-") else {
+            continue;
+        };
+        // How a checksum is asked for, not a checksum.
+        if matches!(algorithm, "algorithm" | "type" | "mode") {
+            continue;
+        }
+        let known = ["crc32", "crc32c", "crc64nvme", "sha1", "sha256"].contains(&algorithm);
+        let parsed = aws_smithy_checksums::ChecksumAlgorithm::from_str(algorithm)
+            .ok()
+            .filter(|_| known)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{name}: {} is not a checksum S3 has; use {NAMES}",
+                    crate::shown(algorithm)
+                ))
+            })?;
+        let sent = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(v.trim())
+                    .ok()
+            })
+            .ok_or_else(|| invalid(format!("{name} must be the body's {algorithm} in base64")))?;
+        wanted.push((name.as_str().to_owned(), parsed, sent));
+    }
+    if let Some(hex) = headers
+        .get("x-amz-content-sha256")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        let sent = (0..32)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| invalid("x-amz-content-sha256 must be hex".into()))?;
+        wanted.push((
+            "x-amz-content-sha256".into(),
+            aws_smithy_checksums::ChecksumAlgorithm::Sha256,
+            sent,
+        ));
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let body = body.clone();
+    let failed = tokio::task::spawn_blocking(move || {
+        wanted.into_iter().find_map(|(name, algorithm, sent)| {
+            let mut checksum = algorithm.into_impl();
+            checksum.update(&body);
+            (checksum.finalize()[..] != sent[..]).then_some(name)
+        })
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match failed {
+        Some(name) => Err(ApiError::bad_request(
+            "bad_digest",
+            format!("{name} does not match the body received; nothing was stored"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// S3's CopyObject is a PUT with `x-amz-copy-source` and no body; taken as
