@@ -1332,7 +1332,12 @@ fn list_objects(
             };
             if file_type.is_dir() {
                 let sub_key = format!("{key}/");
-                if sub_key.starts_with(prefix) || prefix.starts_with(&sub_key) {
+                // Every key under a folder sorts as the folder's own does,
+                // unless `start_after` runs into it: a folder wholly before
+                // `start_after` is not read again for each later page.
+                let all_before =
+                    sub_key.as_str() < start_after && !start_after.starts_with(&sub_key);
+                if (sub_key.starts_with(prefix) || prefix.starts_with(&sub_key)) && !all_before {
                     pending.push((entry.path(), sub_key));
                 }
                 continue;
@@ -2162,6 +2167,32 @@ mod tests {
             .await
             .unwrap();
         store.delete("b", "own/x.txt").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn pages_after_a_key_skip_the_folders_before_it() {
+        let (_dir, store) = store();
+        let keys = [
+            "a/1", "a/2", "a.txt", "b/1", "b/2", "b/c/1", "b0", "c/1", "c-d/1",
+        ];
+        for key in keys {
+            let put = store.put("b", key, Bytes::from_static(b"x"), opts("text/plain", &[]));
+            put.await.unwrap();
+        }
+        let mut sorted = keys.to_vec();
+        sorted.sort();
+        for start_after in [
+            "", "a", "a/", "a/2", "a.txt", "b/1", "b/c", "b/c/1", "b0", "c", "c-",
+        ] {
+            let page = store.list_page("b", "", start_after).await.unwrap();
+            let listed: Vec<&str> = page.entries.iter().map(|e| e.key.as_str()).collect();
+            let expected: Vec<&str> = sorted
+                .iter()
+                .copied()
+                .filter(|k| *k > start_after)
+                .collect();
+            assert_eq!(listed, expected, "after {start_after:?}");
+        }
     }
 
     #[tokio::test]
