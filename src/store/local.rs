@@ -1266,29 +1266,125 @@ fn prune_empty_folders(path: &Path, stop: &Path) {
     }
 }
 
-/// A listing entry ordered by its key alone.
-struct ByKey(ListEntry);
+/// A folder's entry in a listing's walk: a file's key, or a folder's key
+/// with its `/`, which sorts where every key under it does.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Item {
+    key: String,
+    is_dir: bool,
+    path: PathBuf,
+}
 
-impl PartialEq for ByKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.key == other.0.key
+/// A folder being walked in key order: the smallest of its entries not yet
+/// walked, last first, whether it holds more than were kept, and the key of
+/// the last entry walked.
+struct Level {
+    dir: PathBuf,
+    dir_key: String,
+    items: Vec<Item>,
+    more: bool,
+    walked: Option<String>,
+}
+
+/// What a listing walks: its bucket's folder, prefix and `start_after`.
+struct Walk<'a> {
+    bucket_dir: &'a Path,
+    prefix: &'a str,
+    start_after: &'a str,
+}
+
+impl Walk<'_> {
+    /// The `room` smallest entries of `dir` that may hold keys of the page:
+    /// under the prefix, after `start_after` (a folder `start_after` runs
+    /// into is walked), and after `walked`, the last entry of this folder
+    /// a walk has taken. Files named like our temporary files, names that
+    /// are not UTF-8 and keys the store refuses are left out.
+    fn level(
+        &self,
+        dir: &Path,
+        dir_key: &str,
+        walked: Option<&str>,
+        room: usize,
+    ) -> Result<Level, StoreError> {
+        let mut level = Level {
+            dir: dir.to_path_buf(),
+            dir_key: dir_key.to_string(),
+            items: Vec::new(),
+            more: false,
+            walked: walked.map(str::to_string),
+        };
+        let reader = match std::fs::read_dir(dir) {
+            Ok(reader) => reader,
+            // Pruned by a concurrent delete.
+            Err(e) if is_missing_path(&e) => return Ok(level),
+            // A subfolder the server may not read (a mount point's
+            // `lost+found`) holds no objects it could serve: skipped, as
+            // unreadable files are. The bucket folder itself must be read.
+            Err(e) if dir != self.bucket_dir && e.kind() == ErrorKind::PermissionDenied => {
+                tracing::warn!(folder = %dir.display(), "listing skips a folder it may not read");
+                return Ok(level);
+            }
+            Err(e) => return Err(StoreError::io("list", dir, e)),
+        };
+        // The smallest `room`, in a heap whose top is the greatest.
+        let mut kept: BinaryHeap<Item> = BinaryHeap::new();
+        for entry in reader {
+            let entry = entry.map_err(|e| StoreError::io("list", dir, e))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if name.starts_with(TMP_PREFIX) {
+                continue;
+            }
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
+            let is_dir = file_type.is_dir();
+            let key = match is_dir {
+                true => format!("{dir_key}{name}/"),
+                false => format!("{dir_key}{name}"),
+            };
+            let wanted = if is_dir {
+                // Every key under a folder sorts as the folder's own does,
+                // unless the prefix or `start_after` runs into it.
+                (key.starts_with(self.prefix) || self.prefix.starts_with(&key))
+                    && (key.as_str() > self.start_after || self.start_after.starts_with(&key))
+            } else {
+                key.starts_with(self.prefix)
+                    && key.as_str() > self.start_after
+                    && validate_local_key(&key).is_ok()
+            };
+            if !wanted || walked.is_some_and(|w| key.as_str() <= w) {
+                continue;
+            }
+            if kept.len() == room && kept.peek().is_some_and(|top| top.key <= key) {
+                level.more = true;
+                continue;
+            }
+            kept.push(Item {
+                key,
+                is_dir,
+                path: entry.path(),
+            });
+            if kept.len() > room {
+                kept.pop();
+                level.more = true;
+            }
+        }
+        // Greatest first, so that the smallest is popped first.
+        level.items = kept.into_sorted_vec();
+        level.items.reverse();
+        Ok(level)
     }
 }
 
-impl Eq for ByKey {}
-
-impl PartialOrd for ByKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ByKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.key.cmp(&other.0.key)
-    }
-}
-
+/// The first [`LIST_LIMIT`] keys of `bucket` under `prefix` after
+/// `start_after`, found by walking its folders in key order and stopping at
+/// the first key past the page: a page costs its own keys' `stat` calls and
+/// the folders on its way, however many keys follow it. A folder is read
+/// whole but only its smallest entries are kept (read again for more when
+/// its subfolders held too few keys), so memory stays bounded however many
+/// files a folder has.
 fn list_objects(
     bucket: &str,
     bucket_dir: &Path,
@@ -1298,88 +1394,49 @@ fn list_objects(
     if !bucket_dir.is_dir() {
         return Err(StoreError::no_such_bucket(bucket));
     }
-    // The first LIST_LIMIT keys in order, kept in a heap whose top is the
-    // greatest, so memory stays bounded however many files the folder has.
-    let mut kept: BinaryHeap<ByKey> = BinaryHeap::new();
-    let mut found = 0usize;
-    // Folders still to read, with their key prefix ("" or ending in '/').
-    let mut pending = vec![(bucket_dir.to_path_buf(), String::new())];
-    while let Some((dir, dir_key)) = pending.pop() {
-        let reader = match std::fs::read_dir(&dir) {
-            Ok(reader) => reader,
-            // Pruned by a concurrent delete.
-            Err(e) if is_missing_path(&e) => continue,
-            // A subfolder the server may not read (a mount point's
-            // `lost+found`) holds no objects it could serve: skipped, as
-            // unreadable files are. The bucket folder itself must be read.
-            Err(e) if dir != bucket_dir && e.kind() == ErrorKind::PermissionDenied => {
-                tracing::warn!(folder = %dir.display(), "listing skips a folder it may not read");
-                continue;
+    let walk = Walk {
+        bucket_dir,
+        prefix,
+        start_after,
+    };
+    let mut entries: Vec<ListEntry> = Vec::new();
+    // One more than the page, to tell whether the page is the last.
+    let room = |entries: &Vec<ListEntry>| LIST_LIMIT + 1 - entries.len();
+    let mut stack = vec![walk.level(bucket_dir, "", None, room(&entries))?];
+    let mut truncated = false;
+    while let Some(level) = stack.last_mut() {
+        let Some(item) = level.items.pop() else {
+            // A folder with entries left unkept is read again after the
+            // last one walked.
+            if let Some(done) = stack.pop().filter(|done| done.more) {
+                let walked = done.walked.as_deref();
+                stack.push(walk.level(&done.dir, &done.dir_key, walked, room(&entries))?);
             }
-            Err(e) => return Err(StoreError::io("list", &dir, e)),
+            continue;
         };
-        for entry in reader {
-            let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
-            if name.starts_with(TMP_PREFIX) {
-                continue;
-            }
-            let key = format!("{dir_key}{name}");
-            let Ok(file_type) = entry.file_type() else {
-                continue;
-            };
-            if file_type.is_dir() {
-                let sub_key = format!("{key}/");
-                // Every key under a folder sorts as the folder's own does,
-                // unless `start_after` runs into it: a folder wholly before
-                // `start_after` is not read again for each later page.
-                let all_before =
-                    sub_key.as_str() < start_after && !start_after.starts_with(&sub_key);
-                if (sub_key.starts_with(prefix) || prefix.starts_with(&sub_key)) && !all_before {
-                    pending.push((entry.path(), sub_key));
-                }
-                continue;
-            }
-            if !key.starts_with(prefix)
-                || key.as_str() <= start_after
-                || validate_local_key(&key).is_err()
-            {
-                continue;
-            }
-            // A key after the page's last is only counted, by the type the
-            // folder gives (a link is taken for a file): a page then costs
-            // about as many `stat` calls as it has keys, not one for every
-            // key after `start_after`.
-            if kept.len() == LIST_LIMIT && kept.peek().is_some_and(|top| top.0.key <= key) {
-                if file_type.is_file() || file_type.is_symlink() {
-                    found += 1;
-                }
-                continue;
-            }
-            // Follows symbolic links, so a linked file lists like a copy.
-            let Ok(stat) = std::fs::metadata(entry.path()) else {
-                continue;
-            };
-            if stat.is_file() {
-                found += 1;
-                kept.push(ByKey(ListEntry {
-                    key,
-                    size: stat.len(),
-                    last_modified: stat.modified().ok(),
-                }));
-                if kept.len() > LIST_LIMIT {
-                    kept.pop();
-                }
-            }
+        level.walked = Some(item.key.clone());
+        if item.is_dir {
+            stack.push(walk.level(&item.path, &item.key, None, room(&entries))?);
+            continue;
         }
+        // Follows symbolic links, so a linked file lists like a copy.
+        let Ok(stat) = std::fs::metadata(&item.path) else {
+            continue;
+        };
+        if !stat.is_file() {
+            continue;
+        }
+        if entries.len() == LIST_LIMIT {
+            truncated = true;
+            break;
+        }
+        entries.push(ListEntry {
+            key: item.key,
+            size: stat.len(),
+            last_modified: stat.modified().ok(),
+        });
     }
-    let entries = kept.into_sorted_vec().into_iter().map(|e| e.0).collect();
-    Ok(ListPage {
-        entries,
-        truncated: found > LIST_LIMIT,
-    })
+    Ok(ListPage { entries, truncated })
 }
 
 #[cfg(test)]
@@ -2200,6 +2257,24 @@ mod tests {
                 .collect();
             assert_eq!(listed, expected, "after {start_after:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_folder_of_more_entries_than_a_page_is_read_again_past_empty_ones() {
+        let (_dir, store) = store();
+        for key in ["f1", "f2", "g/f3"] {
+            let put = store.put("b", key, Bytes::from_static(b"x"), opts("text/plain", &[]));
+            put.await.unwrap();
+        }
+        // More empty folders than a page holds, all sorting before the keys.
+        let bucket = store.root().join("b");
+        for n in 0..LIST_LIMIT + 3 {
+            std::fs::create_dir(bucket.join(format!("e{n:05}"))).unwrap();
+        }
+        let page = store.list_page("b", "", "").await.unwrap();
+        let keys: Vec<&str> = page.entries.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["f1", "f2", "g/f3"]);
+        assert!(!page.truncated);
     }
 
     #[tokio::test]
