@@ -51,7 +51,7 @@
 
 use super::attribute;
 use super::flush::GroupFlush;
-use super::validate::{normalize_put_options, validate_local_key};
+use super::validate::{RESERVED_SEGMENT_PREFIX, normalize_put_options, validate_local_key};
 use super::{
     Body, BoxFuture, Kept, LIST_LIMIT, ListEntry, ListPage, Object, ObjectMeta, ObjectReader,
     ObjectStore, PutOptions, ReadBody, StoreError, guess_content_type, run_blocking,
@@ -1340,6 +1340,10 @@ impl Walk<'_> {
                 continue;
             };
             let is_dir = file_type.is_dir();
+            // No key under a reserved folder is served.
+            if is_dir && name.starts_with(RESERVED_SEGMENT_PREFIX) {
+                continue;
+            }
             let key = match is_dir {
                 true => format!("{dir_key}{name}/"),
                 false => format!("{dir_key}{name}"),
@@ -1379,17 +1383,29 @@ impl Walk<'_> {
 }
 
 /// The first [`LIST_LIMIT`] keys of `bucket` under `prefix` after
-/// `start_after`, found by walking its folders in key order and stopping at
-/// the first key past the page: a page costs its own keys' `stat` calls and
-/// the folders on its way, however many keys follow it. A folder is read
-/// whole but only its smallest entries are kept (read again for more when
-/// its subfolders held too few keys), so memory stays bounded however many
-/// files a folder has.
+/// `start_after` (see [`list_walk`]).
 fn list_objects(
     bucket: &str,
     bucket_dir: &Path,
     prefix: &str,
     start_after: &str,
+) -> Result<ListPage, StoreError> {
+    list_walk(bucket, bucket_dir, prefix, start_after, LIST_LIMIT)
+}
+
+/// The first `limit` keys of `bucket` under `prefix` after `start_after`,
+/// found by walking its folders in key order and stopping at the first key
+/// past the page: a page costs its own keys' `stat` calls and the folders
+/// on its way, however many keys follow it. A folder is read whole, but
+/// the walk keeps `limit` + 1 entries in all (the smallest of each folder
+/// on its way, the deepest first); a folder whose entries were not all
+/// kept is read again after the last one walked.
+fn list_walk(
+    bucket: &str,
+    bucket_dir: &Path,
+    prefix: &str,
+    start_after: &str,
+    limit: usize,
 ) -> Result<ListPage, StoreError> {
     if !bucket_dir.is_dir() {
         return Err(StoreError::no_such_bucket(bucket));
@@ -1399,10 +1415,12 @@ fn list_objects(
         prefix,
         start_after,
     };
+    // One more than the page, to tell whether the page is the last. Each
+    // folder is read for as many (a folder of entries that give no key,
+    // read for fewer, would be read again and again).
+    let room = limit + 1;
     let mut entries: Vec<ListEntry> = Vec::new();
-    // One more than the page, to tell whether the page is the last.
-    let room = |entries: &Vec<ListEntry>| LIST_LIMIT + 1 - entries.len();
-    let mut stack = vec![walk.level(bucket_dir, "", None, room(&entries))?];
+    let mut stack = vec![walk.level(bucket_dir, "", None, room)?];
     let mut truncated = false;
     while let Some(level) = stack.last_mut() {
         let Some(item) = level.items.pop() else {
@@ -1410,13 +1428,15 @@ fn list_objects(
             // last one walked.
             if let Some(done) = stack.pop().filter(|done| done.more) {
                 let walked = done.walked.as_deref();
-                stack.push(walk.level(&done.dir, &done.dir_key, walked, room(&entries))?);
+                stack.push(walk.level(&done.dir, &done.dir_key, walked, room)?);
+                keep_at_most(&mut stack, room);
             }
             continue;
         };
         level.walked = Some(item.key.clone());
         if item.is_dir {
-            stack.push(walk.level(&item.path, &item.key, None, room(&entries))?);
+            stack.push(walk.level(&item.path, &item.key, None, room)?);
+            keep_at_most(&mut stack, room);
             continue;
         }
         // Follows symbolic links, so a linked file lists like a copy.
@@ -1426,7 +1446,7 @@ fn list_objects(
         if !stat.is_file() {
             continue;
         }
-        if entries.len() == LIST_LIMIT {
+        if entries.len() == limit {
             truncated = true;
             break;
         }
@@ -1439,11 +1459,30 @@ fn list_objects(
     Ok(ListPage { entries, truncated })
 }
 
+/// Holds the walk's kept entries to `budget` in all by dropping the
+/// greatest, which are walked last, from the shallowest folders first; a
+/// folder that lost some is read again for them. Without it, each folder
+/// of a deep path could keep a page's worth.
+fn keep_at_most(stack: &mut [Level], budget: usize) {
+    let mut total: usize = stack.iter().map(|level| level.items.len()).sum();
+    for level in stack.iter_mut() {
+        if total <= budget {
+            break;
+        }
+        // Greatest first in `items`.
+        let cut = (total - budget).min(level.items.len());
+        if cut > 0 {
+            level.items.drain(..cut);
+            level.more = true;
+            total -= cut;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::DEFAULT_CONTENT_TYPE;
-    use crate::store::validate::RESERVED_SEGMENT_PREFIX;
 
     fn store() -> (tempfile::TempDir, LocalStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -2260,21 +2299,115 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_folder_of_more_entries_than_a_page_is_read_again_past_empty_ones() {
+    async fn pages_of_any_size_list_what_a_sorted_filter_lists() {
         let (_dir, store) = store();
-        for key in ["f1", "f2", "g/f3"] {
+        let keys = [
+            "a/1",
+            "a/2",
+            "a.txt",
+            "a-1",
+            "b/1",
+            "b/2",
+            "b/c/1",
+            "b/c/2",
+            "b0",
+            "c/1",
+            "c-d/1",
+            "c-d/2",
+            "d/e/f/g",
+            "d/e/h",
+            "photos/x.jpg",
+            "photos.txt",
+            "ph",
+        ];
+        for key in keys {
             let put = store.put("b", key, Bytes::from_static(b"x"), opts("text/plain", &[]));
             put.await.unwrap();
         }
-        // More empty folders than a page holds, all sorting before the keys.
+        // Folders and files that hold no key.
         let bucket = store.root().join("b");
-        for n in 0..LIST_LIMIT + 3 {
-            std::fs::create_dir(bucket.join(format!("e{n:05}"))).unwrap();
+        std::fs::create_dir(bucket.join("b/empty")).unwrap();
+        std::fs::create_dir_all(bucket.join("d/e/empty/deeper")).unwrap();
+        std::os::unix::fs::symlink("a", bucket.join("link-to-folder")).unwrap();
+        std::os::unix::fs::symlink("missing", bucket.join("broken-link")).unwrap();
+        let reserved = bucket.join(format!("{RESERVED_SEGMENT_PREFIX}x"));
+        std::fs::create_dir(&reserved).unwrap();
+        std::fs::write(reserved.join("y"), b"x").unwrap();
+        let mut sorted = keys.to_vec();
+        sorted.sort();
+        for limit in 1..=4 {
+            for (prefix, start_after) in [
+                ("", ""),
+                ("a", ""),
+                ("b/", ""),
+                ("c", ""),
+                ("ph", ""),
+                ("photos/", ""),
+                ("d/e/", ""),
+                ("zzz", ""),
+                ("", "a"),
+                ("", "a/"),
+                ("", "b/c"),
+                ("", "b/c/1"),
+                ("", "c-"),
+                ("", "d/e/f"),
+                ("", "zz"),
+                ("b/", "b/1"),
+            ] {
+                let mut after = start_after.to_string();
+                let mut listed = Vec::new();
+                loop {
+                    let rest: Vec<&str> = sorted
+                        .iter()
+                        .copied()
+                        .filter(|k| k.starts_with(prefix) && *k > after.as_str())
+                        .collect();
+                    let page = list_walk("b", &bucket, prefix, &after, limit).unwrap();
+                    let got: Vec<&str> = page.entries.iter().map(|e| e.key.as_str()).collect();
+                    let case = format!("limit {limit}, {prefix:?} after {after:?}");
+                    assert_eq!(got, rest[..rest.len().min(limit)], "{case}");
+                    assert_eq!(page.truncated, rest.len() > limit, "{case}");
+                    listed.extend(got.iter().map(|k| k.to_string()));
+                    match page.entries.last() {
+                        Some(last) if page.truncated => after = last.key.clone(),
+                        _ => break,
+                    }
+                }
+                let expected: Vec<&str> = sorted
+                    .iter()
+                    .copied()
+                    .filter(|k| k.starts_with(prefix) && *k > start_after)
+                    .collect();
+                assert_eq!(
+                    listed, expected,
+                    "limit {limit}, {prefix:?} after {start_after:?}"
+                );
+            }
         }
-        let page = store.list_page("b", "", "").await.unwrap();
-        let keys: Vec<&str> = page.entries.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["f1", "f2", "g/f3"]);
-        assert!(!page.truncated);
+    }
+
+    #[tokio::test]
+    async fn a_folder_of_more_entries_than_a_page_is_read_again_past_empty_ones() {
+        let (_dir, store) = store();
+        for key in ["f1", "f2", "g/f3", "g/f4"] {
+            let put = store.put("b", key, Bytes::from_static(b"x"), opts("text/plain", &[]));
+            put.await.unwrap();
+        }
+        // More empty folders than a page of two holds, all sorting before
+        // the keys, in the bucket's folder and in a subfolder.
+        let bucket = store.root().join("b");
+        for n in 0..7 {
+            std::fs::create_dir(bucket.join(format!("e{n}"))).unwrap();
+            std::fs::create_dir(bucket.join(format!("g/e{n}"))).unwrap();
+        }
+        let first = list_walk("b", &bucket, "", "", 2).unwrap();
+        let keys: Vec<&str> = first.entries.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["f1", "f2"]);
+        assert!(first.truncated);
+        let next = list_walk("b", &bucket, "", "f2", 2).unwrap();
+        let keys: Vec<&str> = next.entries.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["g/f3", "g/f4"]);
+        assert!(!next.truncated);
     }
 
     #[tokio::test]
