@@ -456,7 +456,6 @@ fn refuse_aws_chunked(headers: &HeaderMap) -> Result<(), ApiError> {
 /// changed on the way is refused (400 `bad_digest`), as S3 refuses it,
 /// and so is an algorithm S3 does not have (400 `invalid_digest`).
 async fn check_checksums(headers: &HeaderMap, body: &bytes::Bytes) -> Result<(), ApiError> {
-    use base64::Engine;
     use std::str::FromStr;
     const NAMES: &str = "crc32, crc32c, crc64nvme, sha1 or sha256";
     let invalid = |message: String| ApiError::bad_request("invalid_digest", message);
@@ -480,14 +479,7 @@ async fn check_checksums(headers: &HeaderMap, body: &bytes::Bytes) -> Result<(),
                     crate::shown(algorithm)
                 ))
             })?;
-        let sent = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(v.trim())
-                    .ok()
-            })
+        let sent = base64_value(value)
             .ok_or_else(|| invalid(format!("{name} must be the body's {algorithm} in base64")))?;
         wanted.push((name.as_str().to_owned(), parsed, sent));
     }
@@ -542,18 +534,19 @@ fn refuse_copy(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A header's value decoded from base64, as digests are sent.
+fn base64_value(value: &HeaderValue) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let text = value.to_str().ok()?;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .ok()
+}
+
 /// A PUT's `Content-MD5` (the body's MD5 in base64) against the body: a
 /// body changed on the way is refused, as S3 refuses it.
 async fn check_md5(digest: &HeaderValue, body: &bytes::Bytes) -> Result<(), ApiError> {
-    use base64::Engine;
-    let sent = digest
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            base64::engine::general_purpose::STANDARD
-                .decode(v.trim())
-                .ok()
-        })
+    let sent = base64_value(digest)
         .filter(|d| d.len() == 16)
         .ok_or_else(|| {
             ApiError::bad_request(
