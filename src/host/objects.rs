@@ -459,7 +459,7 @@ async fn check_checksums(headers: &HeaderMap, body: &bytes::Bytes) -> Result<(),
     use std::str::FromStr;
     const NAMES: &str = "crc32, crc32c, crc64nvme, sha1 or sha256";
     let invalid = |message: String| ApiError::bad_request("invalid_digest", message);
-    // (header, algorithm, the value sent, whether it is hex)
+    // (the header, its algorithm, the checksum sent)
     let mut wanted = Vec::new();
     for (name, value) in headers {
         let Some(algorithm) = name.as_str().strip_prefix("x-amz-checksum-") else {
