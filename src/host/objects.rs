@@ -133,7 +133,7 @@ enum Others {
 /// `?tagging` on a `PUT` would otherwise store the tag document as the
 /// object, and on a `DELETE` delete it.
 fn refuse_operations(
-    raw: &Option<String>,
+    query: &HashMap<String, String>,
     route: &str,
     own: &[&str],
     others: Others,
@@ -155,16 +155,16 @@ fn refuse_operations(
             .iter()
             .any(|name| name.eq_ignore_ascii_case(key))
     };
-    let refused = query(raw).into_iter().find_map(|(key, value)| {
+    let refused = query.iter().find_map(|(key, value)| {
         let plain_object = matches!(
             (key.as_str(), value.as_str()),
             ("partNumber", "1") | ("versionId", "null")
         );
         let refused = !own.contains(&key.as_str())
-            && (prefixed(&key, "x-amz-copy-source")
+            && (prefixed(key, "x-amz-copy-source")
                 || match others {
                     Others::Ignored => S3_OPERATIONS.contains(&key.as_str()) && !plain_object,
-                    Others::Refused => !inert(&key),
+                    Others::Refused => !inert(key),
                 });
         refused.then_some(key)
     });
@@ -176,7 +176,7 @@ fn refuse_operations(
                 "`?{}` is not supported on {route}: this API has no S3 sub-resources (tags, \
                  ACLs, multipart uploads, versions) and lists with ?prefix= and ?start-after= \
                  only; nothing was read or changed",
-                crate::shown(&key)
+                crate::shown(key)
             ),
         )),
         None => Ok(()),
@@ -186,8 +186,8 @@ fn refuse_operations(
 /// A bucket route's bucket, held to the rule book's names for
 /// `?notification` and to the store's otherwise: a bad name is a 400
 /// before anything else is looked at.
-fn check_any_bucket(bucket: &str, raw: &Option<String>) -> Result<(), ApiError> {
-    if query(raw).contains_key("notification") {
+fn check_any_bucket(bucket: &str, query: &HashMap<String, String>) -> Result<(), ApiError> {
+    if query.contains_key("notification") {
         check_rules_bucket(bucket)
     } else {
         check_bucket(bucket)
@@ -215,23 +215,21 @@ pub async fn get_bucket(
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    check_any_bucket(&bucket, &raw)?;
+    let q = query(&raw);
+    check_any_bucket(&bucket, &q)?;
     refuse_operations(
-        &raw,
+        &q,
         "GET /{bucket}",
         &["notification", "prefix", "start-after"],
         Others::Ignored,
     )?;
-    let q = query(&raw);
     if q.contains_key("notification") {
-        check_rules_bucket(&bucket)?;
         let body = state
             .rules
             .get_raw(&bucket)
             .unwrap_or_else(|| json!({"notifications": []}));
         return Ok(Json(body));
     }
-    check_bucket(&bucket)?;
     let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
     let start_after = q.get("start-after").map(String::as_str).unwrap_or("");
     let page = match state.store.list_page(&bucket, prefix, start_after).await {
@@ -275,19 +273,18 @@ pub async fn put_bucket(
     request: axum::extract::Request,
 ) -> Result<StatusCode, ApiError> {
     // Refused before the body is read, as an object's PUT is.
-    check_any_bucket(&bucket, &raw)?;
-    refuse_operations(&raw, "PUT /{bucket}", &["notification"], Others::Refused)?;
+    let q = query(&raw);
+    check_any_bucket(&bucket, &q)?;
+    refuse_operations(&q, "PUT /{bucket}", &["notification"], Others::Refused)?;
     let JsonBody(body) =
         <JsonBody as axum::extract::FromRequest<_>>::from_request(request, &state).await?;
-    if query(&raw).contains_key("notification") {
-        check_rules_bucket(&bucket)?;
+    if q.contains_key("notification") {
         let book = Arc::clone(&state);
         let name = bucket.clone();
         rules_io(move || book.rules.set(&name, &body)).await?;
         tracing::info!(%bucket, "notification rules set");
         return Ok(StatusCode::OK);
     }
-    check_bucket(&bucket)?;
     Ok(StatusCode::OK)
 }
 
@@ -309,15 +306,14 @@ pub async fn delete_bucket(
     Path(bucket): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<StatusCode, ApiError> {
-    check_any_bucket(&bucket, &raw)?;
-    refuse_operations(&raw, "DELETE /{bucket}", &["notification"], Others::Refused)?;
-    if query(&raw).contains_key("notification") {
-        check_rules_bucket(&bucket)?;
+    let q = query(&raw);
+    check_any_bucket(&bucket, &q)?;
+    refuse_operations(&q, "DELETE /{bucket}", &["notification"], Others::Refused)?;
+    if q.contains_key("notification") {
         let book = Arc::clone(&state);
         rules_io(move || book.rules.delete(&bucket)).await?;
         return Ok(StatusCode::NO_CONTENT);
     }
-    check_bucket(&bucket)?;
     Err(ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "not_supported",
@@ -388,7 +384,7 @@ pub async fn put_object(
 ) -> Result<Response, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
-    refuse_operations(&raw, "PUT /{bucket}/{key}", &[], Others::Refused)?;
+    refuse_operations(&query(&raw), "PUT /{bucket}/{key}", &[], Others::Refused)?;
     refuse_aws_chunked(&headers)?;
     refuse_copy(&headers)?;
     let opts = put_options(&headers, &key)?;
@@ -679,7 +675,7 @@ pub async fn delete_object(
 ) -> Result<StatusCode, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
-    refuse_operations(&raw, "DELETE /{bucket}/{key}", &[], Others::Refused)?;
+    refuse_operations(&query(&raw), "DELETE /{bucket}/{key}", &[], Others::Refused)?;
     check_write_preconditions(&state, &bucket, &key, &headers, true).await?;
     let (jobs, reservation) = reserve_events(
         &state,
@@ -705,13 +701,13 @@ pub async fn get_object(
 ) -> Result<Response, ApiError> {
     check_bucket(&bucket)?;
     validate_key(&key)?;
+    let q = query(&raw);
     refuse_operations(
-        &raw,
+        &q,
         "GET /{bucket}/{key}",
         &["image", "action"],
         Others::Ignored,
     )?;
-    let q = query(&raw);
     if q.contains_key("image") {
         let action = image_action(&raw)?;
         return process(&state, &bucket, &key, action.as_deref(), &request).await;
