@@ -262,10 +262,43 @@ pub fn decode(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, 
     Ok(decoded)
 }
 
+/// A file's EXIF block, parsed. A WebP's `EXIF` chunk may start with the
+/// `Exif\0\0` marker that JPEG's APP1 segment carries (as some writers
+/// put it; libvips, sharp and Pillow read both forms), which the EXIF
+/// reader's own WebP support does not skip.
+pub(super) fn read_exif(input: &[u8]) -> Option<exif::Exif> {
+    match webp_chunk(input, b"EXIF") {
+        Some(chunk) => {
+            let tiff = chunk.strip_prefix(b"Exif\0\0").unwrap_or(chunk);
+            exif::Reader::new().read_raw(tiff.to_vec()).ok()
+        }
+        None => exif::Reader::new()
+            .read_from_container(&mut Cursor::new(input))
+            .ok(),
+    }
+}
+
+/// The payload of a WebP file's first chunk named `id`, from its RIFF
+/// container (`None` for any other file, or a WebP without that chunk).
+pub(super) fn webp_chunk<'a>(input: &'a [u8], id: &[u8; 4]) -> Option<&'a [u8]> {
+    if input.get(..4)? != b"RIFF" || input.get(8..12)? != b"WEBP" {
+        return None;
+    }
+    let mut rest = input.get(12..)?;
+    while rest.len() >= 8 {
+        let size = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
+        let payload = rest.get(8..8usize.checked_add(size)?)?;
+        if &rest[..4] == id {
+            return Some(payload);
+        }
+        // Chunks are padded to an even length.
+        rest = rest.get(8 + size + (size & 1)..).unwrap_or(&[]);
+    }
+    None
+}
+
 fn exif_orientation(input: &[u8]) -> u8 {
-    exif::Reader::new()
-        .read_from_container(&mut Cursor::new(input))
-        .ok()
+    read_exif(input)
         .and_then(|e| {
             e.get_field(exif::Tag::Orientation, exif::In::PRIMARY)
                 .and_then(|f| f.value.get_uint(0))
@@ -680,11 +713,15 @@ fn decode_generic(
     let profile = decoder.icc_profile().ok().flatten();
     let (width, height) = decoder.dimensions();
     check_pixels(format, width, height, limits)?;
-    let orientation = decoder
-        .orientation()
-        .ok()
-        .map(orientation_number)
-        .unwrap_or(1);
+    // A WebP's own: the decoder misses an EXIF chunk with a marker.
+    let orientation = match format {
+        ImageFormat::Webp => exif_orientation(input),
+        _ => decoder
+            .orientation()
+            .ok()
+            .map(orientation_number)
+            .unwrap_or(1),
+    };
     // As stored: a CMYK TIFF comes out of the decoder as RGB.
     use image::ExtendedColorType as Stored;
     let space = match decoder.original_color_type() {
@@ -979,7 +1016,14 @@ fn decode_webp_animation(input: &[u8], limits: &Limits) -> Result<Decoded, Imagi
     let frames = std::iter::from_fn(|| decoder.next_frame().transpose())
         .map(|frame| frame.map_err(|e| decode_error(format, e)));
     let mut decoded = collect_frames(frames, format, (width, height), repeat, limits)?;
-    // Its EXIF orientation, as for a still WebP, on every frame.
+    // Its colour profile and EXIF orientation, as for a still WebP, on
+    // every frame.
+    if let Some(profile) = webp_chunk(input, b"ICCP") {
+        decoded.pixels.for_each_frame(|img| {
+            super::colour::to_srgb(img, profile);
+            Ok(())
+        })?;
+    }
     let orientation = exif_orientation(input);
     if let Some(o) = Orientation::from_exif(orientation).filter(|_| orientation != 1) {
         decoded.pixels.for_each_frame(|img| {
@@ -2172,6 +2216,138 @@ mod tests {
             still(decode(&png, &limits, Lead::Nothing).unwrap()) == expected,
             "png"
         );
+    }
+
+    /// `webp` with chunks added: `first` right after its VP8X header (made
+    /// for a simple-format file), `last` at its end, `flags` set in the
+    /// header.
+    fn webp_with(
+        webp: &[u8],
+        flags: u8,
+        first: &[(&[u8; 4], &[u8])],
+        last: &[(&[u8; 4], &[u8])],
+    ) -> Vec<u8> {
+        let chunk = |out: &mut Vec<u8>, id: &[u8; 4], payload: &[u8]| {
+            out.extend_from_slice(id);
+            out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            out.extend_from_slice(payload);
+            if payload.len() % 2 == 1 {
+                out.push(0);
+            }
+        };
+        let mut out = webp[..12].to_vec();
+        let body = if &webp[12..16] == b"VP8X" {
+            out.extend_from_slice(&webp[12..30]);
+            out[20] |= flags;
+            &webp[30..]
+        } else {
+            let img = image::load_from_memory(webp).unwrap();
+            let (w, h) = (img.width(), img.height());
+            let mut header = vec![flags, 0, 0, 0];
+            header.extend_from_slice(&(w - 1).to_le_bytes()[..3]);
+            header.extend_from_slice(&(h - 1).to_le_bytes()[..3]);
+            chunk(&mut out, b"VP8X", &header);
+            &webp[12..]
+        };
+        for (id, payload) in first {
+            chunk(&mut out, id, payload);
+        }
+        out.extend_from_slice(body);
+        for (id, payload) in last {
+            chunk(&mut out, id, payload);
+        }
+        let riff = (out.len() - 8) as u32;
+        out[4..8].copy_from_slice(&riff.to_le_bytes());
+        out
+    }
+
+    fn frames(decoded: Decoded) -> Vec<image::RgbaImage> {
+        match decoded.pixels {
+            Pixels::Animated(frames) => frames.into_iter().map(|f| f.into_buffer()).collect(),
+            Pixels::Still(_) => panic!("a still image"),
+        }
+    }
+
+    #[test]
+    fn an_animated_webp_has_its_profile_applied_to_every_frame() {
+        let limits = Limits::default();
+        let p3 = moxcms::ColorProfile::new_display_p3().encode().unwrap();
+        // Two frames of mid-tones, which P3 and sRGB tell apart.
+        let frame = |colour: [u8; 4]| {
+            image::Frame::from_parts(
+                image::RgbaImage::from_pixel(16, 8, image::Rgba(colour)),
+                0,
+                0,
+                image::Delay::from_numer_denom_ms(100, 1),
+            )
+        };
+        let mut config = webp::WebPConfig::new().unwrap();
+        config.lossless = 1;
+        let plain = super::super::webp_anim::encode(
+            &[frame([60, 128, 200, 255]), frame([200, 100, 50, 128])],
+            &config,
+            0,
+        )
+        .unwrap();
+        let tagged = webp_with(&plain, 0x20, &[(b"ICCP", &p3)], &[]);
+        let plain = frames(decode(&plain, &limits, Lead::Nothing).unwrap());
+        let tagged = frames(decode(&tagged, &limits, Lead::Nothing).unwrap());
+        assert_eq!(tagged.len(), 2);
+        for (i, (plain, tagged)) in plain.into_iter().zip(tagged).enumerate() {
+            let mut expected = DynamicImage::ImageRgba8(plain.clone());
+            super::super::colour::to_srgb(&mut expected, &p3);
+            assert!(
+                expected.to_rgba8() != plain,
+                "frame {i}: P3 moved no colour"
+            );
+            assert!(expected.to_rgba8() == tagged, "frame {i}");
+        }
+    }
+
+    #[test]
+    fn a_webp_exif_chunk_is_read_with_or_without_the_jpeg_marker() {
+        // Make "Abc" and Orientation 6, little-endian, inline values.
+        let tiff: [u8; 38] = [
+            0x49, 0x49, 0x2a, 0x00, 0x08, 0x00, 0x00, 0x00, // header, IFD at 8
+            0x02, 0x00, // two entries
+            0x0f, 0x01, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, b'A', b'b', b'c', 0x00, // Make
+            0x12, 0x01, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00,
+            0x00, // Orientation
+            0x00, 0x00, 0x00, 0x00, // no next IFD
+        ];
+        let marked = [&b"Exif\0\0"[..], &tiff].concat();
+        let mut still_webp = Vec::new();
+        image::RgbImage::from_pixel(30, 20, image::Rgb([10, 200, 30]))
+            .write_with_encoder(image::codecs::webp::WebPEncoder::new_lossless(
+                &mut still_webp,
+            ))
+            .unwrap();
+        let animated = super::super::tests::fixture("three-frames.webp");
+        let limits = Limits::default();
+        for (name, source, turned) in [
+            ("still", &still_webp, (20, 30)),
+            ("animated", &animated, (24, 32)),
+        ] {
+            for exif in [&tiff[..], &marked] {
+                let webp = webp_with(source, 0x08, &[], &[(b"EXIF", exif)]);
+                let marker = exif.len() != tiff.len();
+                assert_eq!(exif_orientation(&webp), 6, "{name}, marker {marker}");
+                assert_eq!(
+                    read_exif(&webp).and_then(|e| e
+                        .get_field(exif::Tag::Make, exif::In::PRIMARY)
+                        .map(|f| f.display_value().to_string())),
+                    Some("\"Abc\"".to_string()),
+                    "{name}, marker {marker}"
+                );
+                let decoded = decode(&webp, &limits, Lead::Nothing).unwrap();
+                assert_eq!(decoded.meta.orientation, 6, "{name}, marker {marker}");
+                let size = match &decoded.pixels {
+                    Pixels::Still(img) => (img.width(), img.height()),
+                    Pixels::Animated(frames) => frames[0].buffer().dimensions(),
+                };
+                assert_eq!(size, turned, "{name}, marker {marker}: turned");
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,5 @@
 //! The `info` operation: what the image is now, plus the source's EXIF.
 
-use std::io::Cursor;
-
 use serde_json::{Map, Value, json};
 
 use super::{ImageFormat, Pixels, SourceMeta};
@@ -28,7 +26,7 @@ pub(super) fn describe(
     if meta.frames > 1 {
         out.insert("frames".into(), json!(meta.frames));
     }
-    if let Ok(exif) = exif::Reader::new().read_from_container(&mut Cursor::new(input)) {
+    if let Some(exif) = super::decode::read_exif(input) {
         let fields = [
             ("make", exif::Tag::Make),
             ("model", exif::Tag::Model),
