@@ -474,3 +474,33 @@ async fn a_key_cannot_forge_a_line_of_the_log() {
         "a line of the key's: {lines:?}"
     );
 }
+
+/// A stop signal is logged when it arrives, not when the open requests
+/// have drained: an upload that never ends holds the stop for the drain
+/// timeout, and the log says meanwhile why the server is still up.
+#[tokio::test]
+async fn a_stop_signal_is_logged_at_once_while_a_request_holds_the_drain() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path());
+    let address = server.base.trim_start_matches("http://").to_string();
+    let mut upload = std::net::TcpStream::connect(&address).unwrap();
+    upload
+        .write_all(b"PUT /photos/slow.jpg HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = i32::try_from(server.child.id()).unwrap();
+    // SAFETY: a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    wait_until(
+        5,
+        || format!("the stop logged: {:?}", server.log_lines()),
+        || server.log_lines().iter().any(|l| l.contains("stopping:")),
+    )
+    .await;
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the open upload holds the drain"
+    );
+    drop(upload);
+}

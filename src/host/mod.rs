@@ -259,6 +259,11 @@ impl Host {
         let shutdown = async move {
             shutdown.await;
             flag.ready.store(false, Ordering::SeqCst);
+            tracing::info!(
+                drain_secs = drain.as_secs_f64(),
+                "stopping: no new connections; open requests get the drain timeout, then \
+                 queued work is finished"
+            );
         };
         // Open requests get the drain timeout to finish: a client that stops
         // reading a download or sending an upload does not hold the
