@@ -550,6 +550,7 @@ async fn shutdown_finishes_queued_work_before_run_returns() {
     let rules = image_rule("big", "in/*", "resize:w_960|format:t_png", &receiver.url);
     assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
     let original = fixture("images/wood.jpg");
+    let first_put = std::time::Instant::now();
     for i in 0..UPLOADS {
         let put = host
             .put_object(
@@ -567,6 +568,7 @@ async fn shutdown_finishes_queued_work_before_run_returns() {
     let data_dir = host.data_dir.clone();
     let addr = host.addr;
     host.stop().await;
+    let wall_ms = first_put.elapsed().as_secs_f64() * 1e3;
 
     // `run` returned: every queued job ran and its notification went out.
     for i in 0..UPLOADS {
@@ -578,6 +580,22 @@ async fn shutdown_finishes_queued_work_before_run_returns() {
     let bodies = receiver.bodies();
     assert_eq!(bodies.len(), UPLOADS, "{bodies:?}");
     assert!(bodies.iter().all(|b| b["status"] == "ok"), "{bodies:?}");
+    // One image thread runs one image at a time, and an invocation that
+    // waits for it counts that as queued, not running: the running times
+    // add up to no more than the whole (four in flight counting their
+    // waits would add up to about four times it).
+    let ms = |b: &Value, field: &str| b[field].as_f64().unwrap();
+    let running: f64 = bodies.iter().map(|b| ms(b, "duration_ms")).sum();
+    assert!(
+        running < wall_ms * 1.3,
+        "{running} ms running in {wall_ms} ms: {bodies:?}"
+    );
+    assert!(
+        bodies
+            .iter()
+            .all(|b| ms(b, "duration_ms") + ms(b, "queue_ms") < wall_ms),
+        "{bodies:?}"
+    );
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "the host no longer accepts connections"

@@ -13,7 +13,7 @@ pub use sources::{
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -171,9 +171,11 @@ pub struct InvocationResult {
     pub info: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
-    /// Time spent running, in milliseconds.
+    /// Time spent running, in milliseconds: reading, image work and
+    /// writing, not waits for an image thread.
     pub duration_ms: f64,
-    /// Time spent waiting in the host's queue before running, in milliseconds.
+    /// Time spent waiting, in milliseconds: in the host's queue before
+    /// running, and for an image thread once the source was read.
     pub queue_ms: f64,
     /// The store failed in a way that may pass: the host may run the
     /// invocation again before it reports it.
@@ -275,6 +277,7 @@ pub async fn invoke<E: FnOnce()>(
     before_image_work: impl FnOnce() -> E,
 ) -> InvocationResult {
     let started = Instant::now();
+    let mut thread_wait = Duration::ZERO;
     let mut result = InvocationResult {
         invocation_id: invocation_id.to_string(),
         rule_id: rule.id.clone(),
@@ -300,8 +303,11 @@ pub async fn invoke<E: FnOnce()>(
         // they are in the store, and their events fire.
         CloudFunc::Image(args) => {
             use futures_util::FutureExt;
-            let outputs = &mut result.outputs;
-            let run = run_image(rt, rule, args, event, slot, outputs, before_image_work);
+            let mut done = Done {
+                outputs: &mut result.outputs,
+                thread_wait: &mut thread_wait,
+            };
+            let run = run_image(rt, rule, args, event, slot, &mut done, before_image_work);
             // A panic on the way (the store's client, say) fails this
             // invocation with a result like any other, not the host.
             let ran = std::panic::AssertUnwindSafe(run)
@@ -330,7 +336,10 @@ pub async fn invoke<E: FnOnce()>(
             }
         }
     }
-    result.duration_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
+    let ran = started.elapsed().saturating_sub(thread_wait);
+    result.duration_ms = (ran.as_secs_f64() * 1e5).round() / 100.0;
+    // The host's queue adds its own wait to this.
+    result.queue_ms = (thread_wait.as_secs_f64() * 1e5).round() / 100.0;
     result
 }
 
@@ -348,13 +357,20 @@ enum ImageOutcome {
     Skipped(String),
 }
 
+/// What an image invocation leaves in its result however it ends: the
+/// outputs it wrote, and how long it waited for an image thread.
+struct Done<'a> {
+    outputs: &'a mut Vec<WrittenObject>,
+    thread_wait: &'a mut Duration,
+}
+
 async fn run_image<E: FnOnce()>(
     rt: &Runtime,
     rule: &Rule,
     args: &ImageArgs,
     event: &Event,
     slot: ImageSlot,
-    outputs: &mut Vec<WrittenObject>,
+    done: &mut Done<'_>,
     before_image_work: impl FnOnce() -> E,
 ) -> Result<ImageOutcome, InvokeError> {
     use crate::rules::EventType;
@@ -411,16 +427,23 @@ async fn run_image<E: FnOnce()>(
     }
     let (size, name) = (meta.size, format!("{}/{}", event.bucket, event.key));
     let image_work_ended = before_image_work();
+    let handed = Instant::now();
     let output = rt
-        .run_cpu(slot, move || -> Result<_, InvokeError> {
-            let input = read_kept(input, size, &action, &limits, &name)?;
-            Ok(imaging::process(&input, &action, &limits, &watermarks)?)
+        .run_cpu(slot, move || {
+            let waited = handed.elapsed();
+            let work = || -> Result<_, InvokeError> {
+                let input = read_kept(input, size, &action, &limits, &name)?;
+                Ok(imaging::process(&input, &action, &limits, &watermarks)?)
+            };
+            (waited, work())
         })
         .await;
     // Called when the image work ends, not when this future is dropped
     // (a shutdown that stops it leaves the image thread at work).
     image_work_ended();
-    let output = output.map_err(InvokeError::Internal)??;
+    let (waited, output) = output.map_err(InvokeError::Internal)?;
+    *done.thread_wait = waited;
+    let output = output?;
 
     let link = chain_link(&event.bucket, &rule.id);
     let chain = if chain.is_empty() {
@@ -486,10 +509,12 @@ async fn run_image<E: FnOnce()>(
     }
     if let Some(image) = &output.image {
         let bucket = args.output_bucket(&event.bucket);
-        outputs.push(write(rt, bucket, &main_key, image, &chain, &source).await?);
+        done.outputs
+            .push(write(rt, bucket, &main_key, image, &chain, &source).await?);
     }
     for save in &output.saves {
-        outputs.push(write(rt, &save.bucket, &save.key, &save.image, &chain, &source).await?);
+        done.outputs
+            .push(write(rt, &save.bucket, &save.key, &save.image, &chain, &source).await?);
     }
     Ok(ImageOutcome::Done { info: output.info })
 }

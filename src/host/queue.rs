@@ -485,7 +485,8 @@ async fn run_job(
             before_image_work,
         )
         .await;
-        result.queue_ms = (waited.as_secs_f64() * 1e5).round() / 100.0;
+        // Its wait for an image thread, from the invocation, and in the queue.
+        result.queue_ms = ((waited.as_secs_f64() * 1e3 + result.queue_ms) * 100.0).round() / 100.0;
         // Its work is done; a stop while its result is delivered does not
         // count against it.
         if job.starts.is_some() {
