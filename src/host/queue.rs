@@ -285,6 +285,7 @@ impl Workers {
                     let current = current_rule(&state.rules, &job.rule.id, &job.event);
                     let Some(rule) = current else {
                         tracing::info!(
+                            id = %job.id,
                             rule = ?job.rule.id,
                             bucket = ?job.event.bucket,
                             key = ?job.event.key,
@@ -693,6 +694,7 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
             }),
             None => {
                 tracing::warn!(
+                    id = %p.id,
                     rule = ?p.rule,
                     bucket = ?p.event.bucket,
                     key = ?p.event.key,
