@@ -504,3 +504,48 @@ async fn a_stop_signal_is_logged_at_once_while_a_request_holds_the_drain() {
     );
     drop(upload);
 }
+
+/// A full queue's 503 is a normal answer: logged once, at `warn`, with its
+/// code, request id and path, and no `ERROR` line (an alert on errors must
+/// not fire on back-pressure).
+#[tokio::test]
+async fn a_full_queue_is_logged_as_a_warning_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let rule = serde_json::json!({
+        "id": "big",
+        "event_types": ["create_object"],
+        "cloudfunc": "image",
+        "cloudfunc_args": {"action": "resize:w_2400|format:t_webp,q_90", "save_bucket": "out"}
+    });
+    let server = start_with(dir.path(), rule, &["--queue", "1"]);
+    let (photo, client) = (photo(), reqwest::Client::new());
+    let mut refused = None;
+    for n in 0..60 {
+        let response = client
+            .put(format!("{}/photos/up/{n:02}.jpg", server.base))
+            .body(photo.clone())
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 503 {
+            refused = Some(n);
+            break;
+        }
+        assert_eq!(response.status(), 201, "{n}");
+    }
+    let n = refused.expect("a PUT refused while the queue is full");
+    let path = format!("path=\"/photos/up/{n:02}.jpg\"");
+    wait_until(
+        5,
+        || format!("the refusal logged: {:?}", server.log_lines()),
+        || {
+            server
+                .log_lines()
+                .iter()
+                .any(|l| l.contains("WARN") && l.contains("queue_full") && l.contains(&path))
+        },
+    )
+    .await;
+    let lines = server.log_lines();
+    assert!(!lines.iter().any(|l| l.contains("ERROR")), "{lines:?}");
+}

@@ -589,8 +589,36 @@ fn router(state: Arc<AppState>) -> Router {
                 .delete(objects::delete_object),
         )
         .fallback(no_route)
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(request_span as fn(&Request) -> tracing::Span)
+                .on_failure(response_failed as fn(_, _, &tracing::Span)),
+        )
         .with_state(state)
+}
+
+/// Each request's log lines carry its method and path (not its query,
+/// where a presigned URL keeps its signature).
+fn request_span(request: &Request) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = ?request.uri().path(),
+    )
+}
+
+/// Answers with a server error are logged by [`ApiError`] itself, at `warn`
+/// with their code and request id (a full queue's 503 is a normal answer,
+/// not an error of the server); what is left to log here is a response
+/// that failed while it was sent.
+fn response_failed(
+    failure: tower_http::classify::ServerErrorsFailureClass,
+    latency: Duration,
+    _: &tracing::Span,
+) {
+    if let tower_http::classify::ServerErrorsFailureClass::Error(error) = failure {
+        tracing::warn!(error, ?latency, "the response failed while it was sent");
+    }
 }
 
 /// Paths no route takes, answered in JSON like every other error: a bucket

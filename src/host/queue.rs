@@ -670,6 +670,7 @@ pub fn resume(state: &AppState, pending: Vec<Pending>) {
     for p in pending {
         if p.starts >= super::journal::MAX_STARTS {
             tracing::error!(
+                id = %p.id,
                 rule = ?p.rule,
                 bucket = ?p.event.bucket,
                 key = ?p.event.key,
