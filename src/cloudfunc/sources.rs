@@ -342,6 +342,18 @@ impl WatermarkSources {
             .iter()
             .any(|h| h.eq_ignore_ascii_case(&host))
         {
+            // An address written in the URL is judged here, so that a rule
+            // naming one that every fetch would refuse is refused when set.
+            let literal = host.trim_start_matches('[').trim_end_matches(']');
+            if let Ok(ip) = literal.parse::<IpAddr>()
+                && !self.config.allow_private
+                && !is_public(ip)
+            {
+                return Err(format!(
+                    "{ip} is a private, loopback or link-local address \
+                     (--watermark-allow-private allows it)"
+                ));
+            }
             return Ok(Source::Remote(url));
         }
         Err(format!(
@@ -733,6 +745,41 @@ mod tests {
         let url = format!("http://[::1]:{}/m.png", addr.port());
         assert_eq!(&*s.fetch(&store, &url).await.unwrap(), b"mark");
         server.abort();
+    }
+
+    #[test]
+    fn an_allow_listed_private_address_in_the_url_is_refused_without_fetching() {
+        // Judged from the URL alone, so that a rule naming one is refused
+        // when it is set, not at every event.
+        let hosts = [
+            "127.0.0.1",
+            "10.1.2.3",
+            "169.254.169.254",
+            "::1",
+            "93.184.216.34",
+        ];
+        let sources = |allow_private| {
+            WatermarkSources::new(SourceConfig {
+                allow_hosts: hosts.iter().map(|h| allow_list_entry(h).unwrap()).collect(),
+                allow_private,
+                ..SourceConfig::default()
+            })
+        };
+        for url in [
+            "http://127.0.0.1:9000/m.png",
+            "https://10.1.2.3/m.png",
+            "http://169.254.169.254/latest/m.png",
+            "http://[::1]/m.png",
+        ] {
+            let err = sources(false).classify(url).unwrap_err();
+            assert!(err.contains("--watermark-allow-private"), "{url}: {err}");
+            assert!(
+                matches!(sources(true).classify(url), Ok(Source::Remote(_))),
+                "{url}"
+            );
+        }
+        let public = sources(false).classify("http://93.184.216.34/m.png");
+        assert!(matches!(public, Ok(Source::Remote(_))), "{public:?}");
     }
 
     #[tokio::test]
