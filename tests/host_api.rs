@@ -2596,3 +2596,63 @@ async fn uploads_with_s3_checksums_are_checked_against_the_body() {
     assert_eq!(keys, ["crc32", "sha", "unsigned"]);
     host.stop().await;
 }
+
+/// Matching events against a bucket's filters can take milliseconds an
+/// event (patterns that run as regular expressions), so it runs off the
+/// async workers: two such requests at once leave the server answering
+/// others. A request is bounded in its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matching_events_leaves_the_server_answering_and_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::local(test_config(dir.path())).await;
+    // The bucket's whole pattern budget in the costliest kind of glob.
+    let filters: Vec<String> = (0..8)
+        .map(|i| format!("*a{}*a{}c", "?".repeat(120 - i), "?".repeat(120 - i)))
+        .collect();
+    let rules = json!({"notifications": [{
+        "id": "hooks", "event_types": ["create_object"], "object_filters": filters,
+        "cloudfunc": "notifier", "notify_url": "http://127.0.0.1:1/hook"}]});
+    assert_eq!(host.set_rules("photos", &rules).await.status(), 200);
+    // Long keys that no pattern matches (none ends in `c`).
+    let mut seed = 7u32;
+    let mut events = |n: usize| -> Value {
+        let list: Vec<Value> = (0..n)
+            .map(|_| {
+                let key: String = (0..1000)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                        if seed >> 31 == 0 { 'a' } else { 'b' }
+                    })
+                    .collect();
+                json!({"event_type": "create_object", "bucket_name": "photos",
+                       "object_key": key})
+            })
+            .collect();
+        Value::Array(list)
+    };
+    let heavy = events(150);
+    let post = |body: Value| {
+        let (http, url) = (host.http.clone(), host.url("/v1/events"));
+        tokio::spawn(async move {
+            let response = http.post(url).json(&body).send().await.unwrap();
+            (response.status(), std::time::Instant::now())
+        })
+    };
+    let (first, second) = (post(heavy.clone()), post(heavy));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let health = host.http.get(host.url("/healthz")).send().await.unwrap();
+    let answered = std::time::Instant::now();
+    assert_eq!(health.status(), 200);
+    for matched in [first, second] {
+        let (status, done) = matched.await.unwrap();
+        assert_eq!(status, 202);
+        assert!(done > answered, "/healthz waited for the matching");
+    }
+    // Over the bound: refused whole, naming it.
+    let response = host.post_events(&events(1001)).await;
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_events", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("1001 events"), "{body}");
+    host.stop().await;
+}

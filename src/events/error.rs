@@ -29,6 +29,12 @@ pub enum EventError {
         field: String,
         source: UnknownEventType,
     },
+    #[error("{field}: {bytes} bytes, at most {limit}")]
+    TooLong {
+        field: String,
+        bytes: usize,
+        limit: usize,
+    },
     #[error("{field}: invalid object key `{key}`: {reason}")]
     InvalidKey {
         field: String,

@@ -108,10 +108,29 @@ pub(crate) fn check_key(key: &str, field: String) -> Result<(), EventError> {
     Ok(())
 }
 
-/// An ETag without the quotes some senders keep around it.
-pub(crate) fn etag(raw: Option<&str>) -> Option<String> {
-    raw.map(|e| e.trim_matches('"').to_string())
-        .filter(|e| !e.is_empty())
+/// The longest ETag taken: S3's are 32 hex digits, or 34-38 characters
+/// for a multipart upload, and other stores' no longer than a digest. An
+/// event carries its ETag into the journal and every result it fires, so
+/// a longer one is refused, not kept.
+pub(crate) const MAX_ETAG_BYTES: usize = 256;
+
+/// An ETag without the quotes some senders keep around it; `field` names
+/// it in the error for one longer than [`MAX_ETAG_BYTES`].
+pub(crate) fn etag(
+    raw: Option<&str>,
+    field: impl FnOnce() -> String,
+) -> Result<Option<String>, EventError> {
+    let Some(tag) = raw.map(|e| e.trim_matches('"')).filter(|e| !e.is_empty()) else {
+        return Ok(None);
+    };
+    if tag.len() > MAX_ETAG_BYTES {
+        return Err(EventError::TooLong {
+            field: field(),
+            bytes: tag.len(),
+            limit: MAX_ETAG_BYTES,
+        });
+    }
+    Ok(Some(tag.to_string()))
 }
 
 /// A JSON value for messages: scalars as written (shortened), others by kind.

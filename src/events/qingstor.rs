@@ -55,7 +55,7 @@ fn parse_event(event: At<'_>) -> Result<Event, EventError> {
         bucket,
         key,
         size: event.optional_size("size")?,
-        etag: etag(event.optional_string("etag")?),
+        etag: etag(event.optional_string("etag")?, || event.field_path("etag"))?,
         source: EventSource::QingStor,
     })
 }

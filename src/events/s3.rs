@@ -107,10 +107,12 @@ fn parse_record(record: At<'_>, event_type: EventType) -> Result<Event, EventErr
         key,
         size: object.optional_size("size")?,
         // Older Ceph RGW releases spell it `etag`.
-        etag: etag(match object.optional_string("eTag")? {
-            Some(tag) => Some(tag),
-            None => object.optional_string("etag")?,
-        }),
+        etag: match object.optional_string("eTag")? {
+            Some(tag) => etag(Some(tag), || object.field_path("eTag"))?,
+            None => etag(object.optional_string("etag")?, || {
+                object.field_path("etag")
+            })?,
+        },
         source: EventSource::S3Record,
     })
 }
@@ -476,6 +478,27 @@ mod tests {
         let event = &parse(&body).unwrap().events[0];
         assert_eq!(event.etag.as_deref(), Some("abc"));
         assert_eq!(event.size, Some(12));
+    }
+
+    #[test]
+    fn an_etag_longer_than_any_store_makes_is_refused_naming_it() {
+        // It would travel into the journal and into every result.
+        let mut body = minio("s3:ObjectCreated:Put", "a.jpg");
+        body["Records"][0]["s3"]["object"]["eTag"] = json!("e".repeat(257));
+        let err = parse(&body).unwrap_err().to_string();
+        assert_eq!(err, "Records[0].s3.object.eTag: 257 bytes, at most 256");
+        body["Records"][0]["s3"]["object"]["eTag"] = json!("e".repeat(256));
+        assert_eq!(
+            parse(&body).unwrap().events[0]
+                .etag
+                .as_ref()
+                .map(String::len),
+            Some(256)
+        );
+        let qingstor = json!({"event_type": "create_object", "bucket_name": "photos",
+                              "object_key": "a.jpg", "etag": "e".repeat(300)});
+        let err = crate::events::parse_body(qingstor.to_string().as_bytes()).unwrap_err();
+        assert_eq!(err.to_string(), "etag: 300 bytes, at most 256");
     }
 
     #[test]

@@ -20,33 +20,14 @@ pub async fn post_events(
     State(state): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let parsed =
-        parse_body(&body).map_err(|e| ApiError::bad_request("invalid_event", e.to_string()))?;
-    let mut jobs = Vec::new();
-    let mut unmatched = 0;
-    let bound = state.config.queue_bound;
-    let mut events = parsed.events.into_iter();
-    for event in events.by_ref() {
-        let fired = jobs_for(&state, event);
-        if fired.is_empty() {
-            unmatched += 1;
-        }
-        jobs.extend(fired);
-        if jobs.len() > bound {
-            break;
-        }
-    }
-    // Past the queue's bound the request is refused whole: the rest is
-    // counted, not built.
-    if jobs.len() > bound {
-        let rest: usize = events
-            .map(|e| state.rules.matching(&e.bucket, e.event_type, &e.key).len())
-            .sum();
-        return Err(ApiError::queue_refused(Refused::TooMany {
-            asked: jobs.len() + rest,
-            bound,
-        }));
-    }
+    // Parsing and matching take up to milliseconds an event (a bucket's
+    // filters may run as regular expressions): off the async workers, so
+    // that other requests are answered meanwhile.
+    let matcher = Arc::clone(&state);
+    let (jobs, unmatched, skipped) = super::finish(tokio::task::spawn_blocking(move || {
+        jobs_of(&matcher, &body)
+    }))
+    .await?;
     let invocations: Vec<Value> = jobs
         .iter()
         .map(|j| {
@@ -68,9 +49,59 @@ pub async fn post_events(
         Json(json!({
             "invocations": invocations,
             "unmatched": unmatched,
-            "skipped": parsed.skipped,
+            "skipped": skipped,
         })),
     ))
+}
+
+/// The most events one request may carry; each is matched against its
+/// bucket's rules (see `MAX_FILTER_BYTES_PER_BUCKET`).
+pub const MAX_EVENTS_PER_REQUEST: usize = 1000;
+
+/// The jobs `body`'s events fire, how many events fired none, and the
+/// records skipped. Refused whole past the queue's bound: the rest is
+/// counted, not built.
+fn jobs_of(
+    state: &AppState,
+    body: &[u8],
+) -> Result<(Vec<super::queue::Job>, usize, Vec<String>), ApiError> {
+    let parsed =
+        parse_body(body).map_err(|e| ApiError::bad_request("invalid_event", e.to_string()))?;
+    if parsed.events.len() > MAX_EVENTS_PER_REQUEST {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!(
+                "the request carries {} events, more than {MAX_EVENTS_PER_REQUEST}; send them \
+                 in smaller batches",
+                parsed.events.len()
+            ),
+        ));
+    }
+    let mut jobs = Vec::new();
+    let mut unmatched = 0;
+    let bound = state.config.queue_bound;
+    let mut events = parsed.events.into_iter();
+    for event in events.by_ref() {
+        let fired = jobs_for(state, event);
+        if fired.is_empty() {
+            unmatched += 1;
+        }
+        jobs.extend(fired);
+        if jobs.len() > bound {
+            break;
+        }
+    }
+    if jobs.len() > bound {
+        let rest: usize = events
+            .map(|e| state.rules.matching(&e.bucket, e.event_type, &e.key).len())
+            .sum();
+        return Err(ApiError::queue_refused(Refused::TooMany {
+            asked: jobs.len() + rest,
+            bound,
+        }));
+    }
+    Ok((jobs, unmatched, parsed.skipped))
 }
 
 /// Runs one event against an inline rule and answers with the result JSON

@@ -45,7 +45,7 @@ impl EventType {
         EventType::ALL
             .into_iter()
             .find(|t| t.as_str() == name)
-            .ok_or_else(|| UnknownEventType(name.to_string()))
+            .ok_or_else(|| UnknownEventType(crate::shown(name)))
     }
 }
 

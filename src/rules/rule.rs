@@ -105,6 +105,11 @@ impl ImageArgs {
     }
 }
 
+/// The longest `object_filters` pattern: a key is at most 1024 bytes, and
+/// a glob compiles to many times its own size (a `{a0,a1,…}` alternation
+/// of a megabyte took 60 MB).
+pub const MAX_PATTERN_BYTES: usize = 256;
+
 /// A rule's `object_filters`, compiled once.
 ///
 /// Patterns are globs matched against the whole object key, case-sensitively
@@ -129,6 +134,17 @@ impl ObjectFilters {
         for (i, pattern) in patterns.iter().enumerate() {
             if pattern.is_empty() {
                 continue;
+            }
+            // Before it is compiled, which would take the memory and time.
+            if pattern.len() > MAX_PATTERN_BYTES {
+                return Err(RuleError::new(
+                    format!("object_filters[{i}]"),
+                    format!(
+                        "a pattern of {} bytes ({}): at most {MAX_PATTERN_BYTES}",
+                        pattern.len(),
+                        crate::shown(pattern)
+                    ),
+                ));
             }
             let glob = GlobBuilder::new(pattern)
                 .literal_separator(false)

@@ -215,7 +215,8 @@ fn rule_from_raw(raw: RawNotification, bucket: &str) -> Result<Rule, RuleError> 
             return Err(RuleError::new(
                 "cloudfunc",
                 format!(
-                    "unknown cloudfunc `{other}`; supported: {}",
+                    "unknown cloudfunc `{}`; supported: {}",
+                    crate::shown(other),
                     CloudFunc::SUPPORTED
                 ),
             ));
@@ -240,12 +241,41 @@ fn rule_from_raw(raw: RawNotification, bucket: &str) -> Result<Rule, RuleError> 
 /// and fires one invocation per match.
 pub const MAX_RULES_PER_BUCKET: usize = 100;
 
-/// Refuses more than [`MAX_RULES_PER_BUCKET`] rules for one bucket.
-pub fn check_rule_count(count: usize) -> Result<(), RuleError> {
+/// The most bytes of `object_filters` patterns one bucket's rules hold in
+/// all. Every event's key is matched against each: a pattern the glob
+/// library cannot match by its prefix, suffix or extension runs as a
+/// regular expression, which on a hostile pattern (`*a??…?*a??…?c`) costs
+/// about 6 µs per pattern byte for a 1 KiB key. At this bound an event
+/// costs at most about 12 ms; a few rules of everyday patterns (`*.jpg`,
+/// `photos/*`) take a few dozen bytes.
+pub const MAX_FILTER_BYTES_PER_BUCKET: usize = 2048;
+
+/// Refuses more than [`MAX_RULES_PER_BUCKET`] rules for one bucket, or
+/// more than [`MAX_FILTER_BYTES_PER_BUCKET`] of filter patterns.
+pub fn check_rule_count<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Result<(), RuleError> {
+    let (mut count, mut bytes) = (0, 0);
+    for rule in rules {
+        count += 1;
+        bytes += rule
+            .filters
+            .patterns()
+            .iter()
+            .map(String::len)
+            .sum::<usize>();
+    }
     if count > MAX_RULES_PER_BUCKET {
         return Err(RuleError::new(
             "notifications",
             format!("{count} rules: a bucket takes at most {MAX_RULES_PER_BUCKET}"),
+        ));
+    }
+    if bytes > MAX_FILTER_BYTES_PER_BUCKET {
+        return Err(RuleError::new(
+            "notifications",
+            format!(
+                "the rules' object_filters hold {bytes} bytes of patterns: a bucket takes at \
+                 most {MAX_FILTER_BYTES_PER_BUCKET} (every event's key is matched against each)"
+            ),
         ));
     }
     Ok(())
@@ -302,20 +332,27 @@ fn notify_url(url: &str) -> Result<String, RuleError> {
     let parsed = reqwest::Url::parse(url).map_err(|e| {
         RuleError::new(
             "notify_url",
-            format!("`{url}` is not a valid URL ({e}); expected http://... or https://..."),
+            format!(
+                "`{}` is not a valid URL ({e}); expected http://... or https://...",
+                crate::shown(url)
+            ),
         )
     })?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(RuleError::new(
             "notify_url",
             format!(
-                "`{url}` has scheme `{}`; only http and https are supported",
-                parsed.scheme()
+                "`{}` has scheme `{}`; only http and https are supported",
+                crate::shown(url),
+                crate::shown(parsed.scheme())
             ),
         ));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(RuleError::new("notify_url", format!("`{url}` has no host")));
+        return Err(RuleError::new(
+            "notify_url",
+            format!("`{}` has no host", crate::shown(url)),
+        ));
     }
     Ok(url.to_string())
 }
@@ -371,8 +408,11 @@ fn image_args(raw: Option<RawCloudFuncArgs>, bucket: &str) -> Result<ImageArgs, 
         return Err(RuleError::new(
             "cloudfunc_args.key_prefix",
             format!(
-                "key_prefix {key_prefix:?} and key_seprate {key_seprate:?} make output keys such \
-                 as {example:?}, which are not valid keys: {reason}"
+                "key_prefix {:?} and key_seprate {:?} make output keys such as {:?}, which are \
+                 not valid keys: {reason}",
+                crate::shown(&key_prefix),
+                crate::shown(&key_seprate),
+                crate::shown(&example)
             ),
         ));
     }
@@ -653,6 +693,25 @@ mod tests {
         });
         assert_eq!(err.field, "notifications[0].cloudfunc");
         assert_eq!(err.message, "required; supported: image, notifier");
+        // A value of megabytes is shown cut, as everywhere.
+        for (field, value) in [
+            ("cloudfunc", json!("x".repeat(1 << 20))),
+            (
+                "notify_url",
+                json!(format!("ftp://{}", "x".repeat(1 << 20))),
+            ),
+            ("event_types", json!(["x".repeat(1 << 20)])),
+        ] {
+            let err = error_with(|r| {
+                r.insert(field.into(), value.clone());
+            });
+            assert!(
+                err.message.len() < 300,
+                "{field}: {} bytes",
+                err.message.len()
+            );
+            assert!(err.message.contains("(1048"), "{field}: {}", err.message);
+        }
     }
 
     #[test]
