@@ -2653,6 +2653,9 @@ async fn matching_events_leaves_the_server_answering_and_is_bounded() {
     assert_eq!(response.status(), 413);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], "too_many_events", "{body}");
-    assert!(body["message"].as_str().unwrap().contains("1001 events"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("1001 events"),
+        "{body}"
+    );
     host.stop().await;
 }

@@ -83,8 +83,20 @@ fn exif_text(field: &exif::Field) -> Option<String> {
             1 => "below sea level".to_string(),
             _ => return None,
         },
-        _ => field.display_value().to_string(),
+        // One integer, as some writers store what should be text or a
+        // rational; a list of them (a hostile file's Make of millions of
+        // shorts) is no value of these fields.
+        (value, _) => match value.iter_uint()?.count() {
+            1 => value.get_uint(0)?.to_string(),
+            _ => return None,
+        },
     };
     let text = text.trim_matches(|c: char| c == '\0' || c.is_whitespace());
-    (!text.is_empty()).then(|| text.to_string())
+    // A camera's make or model is a few dozen characters; a file's EXIF may
+    // hold megabytes in one, which would travel into every result.
+    let text: String = text.chars().take(MAX_TEXT_CHARS).collect();
+    (!text.is_empty()).then_some(text)
 }
+
+/// The most characters of an EXIF value `info` gives.
+const MAX_TEXT_CHARS: usize = 256;

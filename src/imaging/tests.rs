@@ -702,6 +702,38 @@ fn info_gives_the_gps_altitude_with_its_reference() {
 }
 
 #[test]
+fn info_bounds_exif_values_a_file_makes_huge() {
+    // A Make of 100,000 shorts and a Model of 100,000 characters: left out
+    // and cut, not copied into the result. One integer where a rational
+    // belongs is still given.
+    use exif::{Tag, Value};
+    let tiff = exif_tiff(&[
+        (Tag::Make, Value::Short(vec![7; 100_000])),
+        (Tag::Model, Value::Ascii(vec![vec![b'M'; 100_000]])),
+        (Tag::FocalLength, Value::Long(vec![35])),
+    ]);
+    // Too long for one APP1 segment of a JPEG: in a PNG's eXIf chunk.
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(16, 16, image::Rgb([9, 9, 9]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let mut chunk = (tiff.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(b"eXIf");
+    chunk.extend_from_slice(&tiff);
+    let crc = crc32fast::hash(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    let png = [&png[..33], &chunk, &png[33..]].concat();
+    let info = run(&png, "info").unwrap().info.unwrap();
+    assert!(
+        info.get("make").is_none(),
+        "{}",
+        info["make"].to_string().len()
+    );
+    assert_eq!(info["model"], "M".repeat(256));
+    assert_eq!(info["focallength"], "35", "{info}");
+}
+
+#[test]
 fn a_png_is_turned_by_the_orientation_in_its_exif_chunk() {
     let tiff = exif_tiff(&[(exif::Tag::Orientation, exif::Value::Short(vec![6]))]);
     let mut png = Vec::new();
