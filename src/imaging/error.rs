@@ -62,6 +62,25 @@ fn shown_size(size: Option<usize>) -> String {
 }
 
 impl ImagingError {
+    /// The error with its output's sides swapped: that of a resize the
+    /// pipeline moved before a quarter turn, told in the sides asked for.
+    pub(super) fn turned(self) -> ImagingError {
+        match self {
+            ImagingError::OutputTooLarge {
+                op,
+                width,
+                height,
+                limit,
+            } => ImagingError::OutputTooLarge {
+                op,
+                width: height,
+                height: width,
+                limit,
+            },
+            other => other,
+        }
+    }
+
     /// An input of `size` bytes refused for being over `limits`' input
     /// limit; a `size` within the limit is the size it announced, before
     /// reading it found more.

@@ -33,26 +33,38 @@ pub(super) fn lead(action: &Action) -> (usize, Lead<'_>) {
 /// stays where it is: it centres the image rounding down, which a turn
 /// would move by a pixel. So does one after `rotate:a_0`.
 pub(super) fn resize_before_rotate(action: &Action) -> std::borrow::Cow<'_, Action> {
+    reordered(action).0
+}
+
+/// [`resize_before_rotate`], with whether each operation of the result is
+/// a resize moved across an odd number of quarter turns (its sides
+/// swapped): an error it gives names the sides the user asked for by
+/// swapping them back. Empty when nothing moved.
+pub(super) fn reordered(action: &Action) -> (std::borrow::Cow<'_, Action>, Vec<bool>) {
     if next_move(&action.ops).is_none() {
-        return std::borrow::Cow::Borrowed(action);
+        return (std::borrow::Cow::Borrowed(action), Vec::new());
     }
     let mut ops = action.ops.clone();
+    let mut turned = vec![false; ops.len()];
     // Each move takes a resize to the left of a turn, so this ends.
     while let Some((turn_at, resize_at)) = next_move(&ops) {
         if let (Op::Rotate(turn), Op::Resize(r)) = (ops[turn_at].clone(), ops[resize_at].clone()) {
-            let r = match turn {
-                Rotation::R90 | Rotation::R270 => Resize {
+            let quarter = matches!(turn, Rotation::R90 | Rotation::R270);
+            let r = match quarter {
+                true => Resize {
                     width: r.height,
                     height: r.width,
                     mode: r.mode,
                 },
-                Rotation::R0 | Rotation::R180 => r,
+                false => r,
             };
             ops.remove(resize_at);
             ops.insert(turn_at, Op::Resize(r));
+            let flag = turned.remove(resize_at) ^ quarter;
+            turned.insert(turn_at, flag);
         }
     }
-    std::borrow::Cow::Owned(Action { ops })
+    (std::borrow::Cow::Owned(Action { ops }), turned)
 }
 
 /// The first turn that a resize can move before: (its index, the resize's).

@@ -239,7 +239,13 @@ pub fn process(
     limits: &Limits,
     resolver: &dyn WatermarkResolver,
 ) -> Result<Output, ImagingError> {
-    let action = &*geometry::resize_before_rotate(action);
+    let (action, turned) = geometry::reordered(action);
+    let action = &*action;
+    // A moved resize's error in the sides the user asked for.
+    let as_asked = |index: usize, e: ImagingError| match turned.get(index) {
+        Some(true) => e.turned(),
+        _ => e,
+    };
     let (lead_index, lead) = geometry::lead(action);
     let decoded = decode(input, limits, lead)?;
     let skip = decoded.lead_applied.then_some(lead_index);
@@ -334,10 +340,11 @@ pub fn process(
                 })?
             }
             Op::Resize(r) if index == lead_index && decoded.lead_frame.is_some() => {
-                geometry::resize_pixels(&mut state.pixels, r, decoded.lead_frame.as_ref(), limits)?
+                geometry::resize_pixels(&mut state.pixels, r, decoded.lead_frame.as_ref(), limits)
+                    .map_err(|e| as_asked(index, e))?
             }
             Op::Crop(_) | Op::Rotate(_) | Op::Resize(_) => {
-                geometry::apply(&mut state.pixels, op, limits)?
+                geometry::apply(&mut state.pixels, op, limits).map_err(|e| as_asked(index, e))?
             }
         }
         // The operations that make a new image (a watermark draws on the

@@ -702,6 +702,21 @@ fn info_gives_the_gps_altitude_with_its_reference() {
 }
 
 #[test]
+fn a_resize_moved_before_a_turn_names_the_sides_asked_for() {
+    // 300x200 turned is 200x300; w_20000 makes it 20000x30000, which the
+    // error says, though the resize ran first (as 30000x20000).
+    let png = png(&DynamicImage::ImageRgb8(RgbImage::new(300, 200)));
+    for (action, sides) in [
+        ("rotate:a_90|resize:w_20000", "20000x30000"),
+        ("rotate:a_90|rotate:a_90|resize:w_20000", "20000x13333"),
+        ("rotate:a_270|format:t_png|resize:h_20000", "13333x20000"),
+    ] {
+        let err = run(&png, action).unwrap_err().to_string();
+        assert!(err.contains(sides), "{action}: {err}");
+    }
+}
+
+#[test]
 fn info_bounds_exif_values_a_file_makes_huge() {
     // A Make of 100,000 shorts and a Model of 100,000 characters: left out
     // and cut, not copied into the result. One integer where a rational
