@@ -631,10 +631,51 @@ fn drop_empty_settings() {
     }
 }
 
+/// Exits on a command-line error as clap does, adding which `IMGFUNC_*`
+/// variable a refused value came from when it was not on the command line
+/// (clap names only the flag, which an operator who set the variable in an
+/// environment file never typed).
+fn exit_naming_the_variable(error: clap::Error) -> ! {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue};
+    let flag = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg.split([' ', '=']).next().map(str::to_string),
+        _ => None,
+    };
+    let typed = |long: &str| {
+        std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")))
+    };
+    let command = Cli::command();
+    let variable = flag.and_then(|flag| {
+        command
+            .get_subcommands()
+            .flat_map(|sub| sub.get_arguments())
+            .find(|arg| {
+                arg.get_long()
+                    .is_some_and(|long| flag == format!("--{long}"))
+            })
+            .filter(|arg| arg.get_long().is_some_and(|long| !typed(long)))
+            .and_then(|arg| arg.get_env())
+            .map(|name| name.to_string_lossy().into_owned())
+    });
+    match variable {
+        Some(name) if std::env::var_os(&name).is_some() => {
+            let text = error.render().to_string();
+            let note = format!("  (the value comes from the environment variable {name})");
+            match text.split_once("\n\n") {
+                Some((head, rest)) => eprint!("{head}\n{note}\n\n{rest}"),
+                None => eprintln!("{}\n{note}", text.trim_end()),
+            }
+            std::process::exit(error.exit_code());
+        }
+        _ => error.exit(),
+    }
+}
+
 fn main() -> ExitCode {
     drop_empty_settings();
     tune_allocator();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_naming_the_variable(e));
     let result = match cli.command {
         Command::Process(args) => process(args),
         Command::Bench(args) => bench(args),

@@ -374,6 +374,35 @@ fn serve_refuses_settings_that_would_make_it_useless() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("not a folder"), "{}", stderr(&out));
+    // A bad value from a variable names the variable too, not only the
+    // flag it stands for; one typed on the command line does not.
+    for (variable, value, flag) in [
+        ("IMGFUNC_WORKERS", "abc", "--workers"),
+        ("IMGFUNC_S3_VIRTUAL_HOSTS", "1", "--s3-virtual-hosts"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_imgfunc"))
+            .args(["serve", "--data", data])
+            .env(variable, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{variable}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(flag) && err.contains(&format!("environment variable {variable}")),
+            "{variable}: {err}"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_imgfunc"))
+        .args(["serve", "--data", data, "--workers", "abc"])
+        .env("IMGFUNC_WORKERS", "2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        !stderr(&out).contains("environment variable"),
+        "{}",
+        stderr(&out)
+    );
     // An address in use is named.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
