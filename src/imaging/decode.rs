@@ -252,6 +252,7 @@ pub fn decode(input: &[u8], limits: &Limits, lead: Lead<'_>) -> Result<Decoded, 
         ImageFormat::Webp if webp_is_animated(input) => {
             return decode_webp_animation(input, limits);
         }
+        ImageFormat::Tiff if tiff_is_ycbcr_jpeg(input) => return decode_tiff_ycbcr(input, limits),
         _ => return decode_generic(input, format, limits),
     };
     if let (Some(profile), Pixels::Still(img)) =
@@ -1033,6 +1034,61 @@ fn decode_webp_animation(input: &[u8], limits: &Limits) -> Result<Decoded, Imagi
         decoded.meta.orientation = orientation;
     }
     Ok(decoded)
+}
+
+/// Whether a TIFF is JPEG-compressed YCbCr, as libvips writes it at the
+/// default quality and sharp by default: the image crate refuses its
+/// colour type.
+fn tiff_is_ycbcr_jpeg(input: &[u8]) -> bool {
+    let Ok(mut decoder) = tiff::decoder::Decoder::new(Cursor::new(input)) else {
+        return false;
+    };
+    let compression = decoder.find_tag_unsigned::<u16>(tiff::tags::Tag::Compression);
+    matches!(decoder.colortype(), Ok(tiff::ColorType::YCbCr(8))) && matches!(compression, Ok(Some(7)))
+}
+
+/// A JPEG-compressed YCbCr TIFF: the tiff crate decodes its strips or
+/// tiles to full-size YCbCr samples, brought here to RGB as libjpeg does
+/// (full range, BT.601: what JPEG data holds whatever the TIFF's
+/// reference tags say).
+fn decode_tiff_ycbcr(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
+    let format = ImageFormat::Tiff;
+    let error = |e: tiff::TiffError| decode_error(format, e);
+    let mut tiff_limits = tiff::decoder::Limits::default();
+    let max_alloc = decoder_limits(limits).max_alloc.unwrap_or(u64::MAX);
+    tiff_limits.decoding_buffer_size = usize::try_from(max_alloc).unwrap_or(usize::MAX);
+    let mut decoder = tiff::decoder::Decoder::new(Cursor::new(input))
+        .map_err(error)?
+        .with_limits(tiff_limits);
+    let (width, height) = decoder.dimensions().map_err(error)?;
+    check_pixels(format, width, height, limits)?;
+    let orientation = decoder
+        .find_tag_unsigned::<u16>(tiff::tags::Tag::Orientation)
+        .ok()
+        .flatten()
+        .and_then(|o| u8::try_from(o).ok())
+        .filter(|o| (1..=8).contains(o))
+        .unwrap_or(1);
+    let profile = decoder.get_tag_u8_vec(tiff::tags::Tag::IccProfile).ok();
+    let tiff::decoder::DecodingResult::U8(mut samples) = decoder.read_image().map_err(error)?
+    else {
+        return Err(decode_error(format, "YCbCr samples that are not 8-bit"));
+    };
+    if samples.len() != width as usize * height as usize * 3 {
+        return Err(decode_error(format, "decoded buffer has the wrong size"));
+    }
+    for px in samples.chunks_exact_mut(3) {
+        let y = f32::from(px[0]);
+        let (cb, cr) = (f32::from(px[1]) - 128.0, f32::from(px[2]) - 128.0);
+        px[0] = (y + 1.402 * cr).round().clamp(0.0, 255.0) as u8;
+        px[1] = (y - 0.344_136 * cb - 0.714_136 * cr).round().clamp(0.0, 255.0) as u8;
+        px[2] = (y + 1.772 * cb).round().clamp(0.0, 255.0) as u8;
+    }
+    let img = image::RgbImage::from_raw(width, height, samples)
+        .map(DynamicImage::ImageRgb8)
+        .ok_or_else(|| decode_error(format, "decoded buffer has the wrong size"))?;
+    let meta = SourceMeta::still(format, (width, height), orientation, "srgb");
+    Ok(still_decoded(img, profile, meta))
 }
 
 /// Whether a TIFF's alpha is associated (its colours premultiplied by it,

@@ -717,6 +717,21 @@ fn a_resize_moved_before_a_turn_names_the_sides_asked_for() {
 }
 
 #[test]
+fn a_jpeg_compressed_ycbcr_tiff_is_decoded() {
+    // libvips' `compression=jpeg` at its default quality (and sharp's
+    // default TIFF) store YCbCr, 4:2:0, in strips of 128 rows: the same
+    // photo as storm.jpg, re-encoded, so close to its pixels. Its samples
+    // taken for RGB would be far off.
+    let (out, tiff) = run_image(&fixture("storm-ycbcr-jpeg.tif"), "format:t_png");
+    let (_, jpeg) = run_image(&fixture("storm.jpg"), "format:t_png");
+    assert_eq!((out.width, out.height), (480, 320));
+    let db = psnr(&tiff, &jpeg);
+    assert!(db > 40.0, "{db:.1} dB");
+    let info = run(&fixture("storm-ycbcr-jpeg.tif"), "info").unwrap().info.unwrap();
+    assert_eq!(info["type"], "tiff", "{info}");
+}
+
+#[test]
 fn info_bounds_exif_values_a_file_makes_huge() {
     // A Make of 100,000 shorts and a Model of 100,000 characters: left out
     // and cut, not copied into the result. One integer where a rational
