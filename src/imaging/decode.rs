@@ -1044,7 +1044,8 @@ fn tiff_is_ycbcr_jpeg(input: &[u8]) -> bool {
         return false;
     };
     let compression = decoder.find_tag_unsigned::<u16>(tiff::tags::Tag::Compression);
-    matches!(decoder.colortype(), Ok(tiff::ColorType::YCbCr(8))) && matches!(compression, Ok(Some(7)))
+    matches!(decoder.colortype(), Ok(tiff::ColorType::YCbCr(8)))
+        && matches!(compression, Ok(Some(7)))
 }
 
 /// A JPEG-compressed YCbCr TIFF: the tiff crate decodes its strips or
@@ -1081,7 +1082,9 @@ fn decode_tiff_ycbcr(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingEr
         let y = f32::from(px[0]);
         let (cb, cr) = (f32::from(px[1]) - 128.0, f32::from(px[2]) - 128.0);
         px[0] = (y + 1.402 * cr).round().clamp(0.0, 255.0) as u8;
-        px[1] = (y - 0.344_136 * cb - 0.714_136 * cr).round().clamp(0.0, 255.0) as u8;
+        px[1] = (y - 0.344_136 * cb - 0.714_136 * cr)
+            .round()
+            .clamp(0.0, 255.0) as u8;
         px[2] = (y + 1.772 * cb).round().clamp(0.0, 255.0) as u8;
     }
     let img = image::RgbImage::from_raw(width, height, samples)

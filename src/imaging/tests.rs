@@ -727,7 +727,10 @@ fn a_jpeg_compressed_ycbcr_tiff_is_decoded() {
     assert_eq!((out.width, out.height), (480, 320));
     let db = psnr(&tiff, &jpeg);
     assert!(db > 40.0, "{db:.1} dB");
-    let info = run(&fixture("storm-ycbcr-jpeg.tif"), "info").unwrap().info.unwrap();
+    let info = run(&fixture("storm-ycbcr-jpeg.tif"), "info")
+        .unwrap()
+        .info
+        .unwrap();
     assert_eq!(info["type"], "tiff", "{info}");
 }
 
