@@ -643,7 +643,11 @@ fn exit_naming_the_variable(error: clap::Error) -> ! {
         _ => None,
     };
     let typed = |long: &str| {
-        std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")))
+        let (flag, with_value) = (format!("--{long}"), format!("--{long}="));
+        std::env::args_os().any(|a| {
+            let a = a.to_string_lossy();
+            a == flag || a.starts_with(&with_value)
+        })
     };
     let command = Cli::command();
     let variable = flag.and_then(|flag| {

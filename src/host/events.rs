@@ -23,8 +23,12 @@ pub async fn post_events(
     // Parsing and matching take up to milliseconds an event (a bucket's
     // filters may run as regular expressions): off the async workers, so
     // that other requests are answered meanwhile.
+    // As many at a time as there are image threads (the semaphore is never
+    // closed).
+    let turn = Arc::clone(&state.matching).acquire_owned().await.ok();
     let matcher = Arc::clone(&state);
     let (jobs, unmatched, skipped) = super::finish(tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         jobs_of(&matcher, &body)
     }))
     .await?;

@@ -109,6 +109,10 @@ pub struct AppState {
     pub detached: tokio_util::task::TaskTracker,
     /// What is left of [`HostConfig::body_memory`], in [`BODY_UNIT`]s.
     bodies: Arc<tokio::sync::Semaphore>,
+    /// Event requests parsed and matched at once, on the blocking pool:
+    /// one per image thread, so that a flood of them cannot take every
+    /// core from the image work.
+    pub(super) matching: Arc<tokio::sync::Semaphore>,
     ready: AtomicBool,
 }
 
@@ -199,6 +203,7 @@ impl Host {
         let (queue, receiver) = queue::Queue::new(config.queue_bound, Arc::new(journal));
         let body_units =
             (config.body_memory / BODY_UNIT).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        let workers_count = config.workers.max(1);
         let state = Arc::new(AppState {
             config,
             store,
@@ -208,6 +213,7 @@ impl Host {
             queue,
             detached: tokio_util::task::TaskTracker::new(),
             bodies: Arc::new(tokio::sync::Semaphore::new(body_units)),
+            matching: Arc::new(tokio::sync::Semaphore::new(workers_count)),
             ready: AtomicBool::new(true),
         });
         let workers = queue::Workers::start(state.clone(), receiver);

@@ -74,26 +74,50 @@ pub fn png_profile(png: &[u8]) -> Option<Vec<u8>> {
 /// them) from `profile` to sRGB; see the module documentation for when
 /// they are left as they are.
 pub fn to_srgb(img: &mut DynamicImage, profile: &[u8]) {
-    if profile.len() > MAX_PROFILE_BYTES {
-        return;
-    }
-    let (layout, pixels) = match img {
-        DynamicImage::ImageRgb8(buf) => (Layout::Rgb, &mut **buf),
-        DynamicImage::ImageRgba8(buf) => (Layout::Rgba, &mut **buf),
+    let layout = match img {
+        DynamicImage::ImageRgb8(_) => Layout::Rgb,
+        DynamicImage::ImageRgba8(_) => Layout::Rgba,
         _ => return,
     };
-    let Some(transform) = transform_to_srgb(profile, layout) else {
-        return;
-    };
-    // In runs through a small buffer, not a second copy of the image.
-    let channels = if layout == Layout::Rgb { 3 } else { 4 };
-    let mut out = vec![0u8; 4096 * channels];
-    for run in pixels.chunks_mut(4096 * channels) {
-        let out = &mut out[..run.len()];
-        if transform.transform(run, out).is_err() {
-            return;
+    if let Some(conversion) = SrgbConversion::new(profile, layout) {
+        conversion.apply(img);
+    }
+}
+
+/// A conversion from a profile to sRGB, made once and applied to many
+/// images of one layout (an animation's RGBA frames).
+pub struct SrgbConversion {
+    transform: Transform,
+    layout: Layout,
+}
+
+impl SrgbConversion {
+    /// `None` where [`to_srgb`] would leave the pixels as they are.
+    pub fn new(profile: &[u8], layout: Layout) -> Option<SrgbConversion> {
+        if profile.len() > MAX_PROFILE_BYTES {
+            return None;
         }
-        run.copy_from_slice(out);
+        let transform = transform_to_srgb(profile, layout)?;
+        Some(SrgbConversion { transform, layout })
+    }
+
+    /// Converts `img`'s pixels in place, if it has this layout.
+    pub fn apply(&self, img: &mut DynamicImage) {
+        let pixels = match (img, self.layout) {
+            (DynamicImage::ImageRgb8(buf), Layout::Rgb) => &mut **buf,
+            (DynamicImage::ImageRgba8(buf), Layout::Rgba) => &mut **buf,
+            _ => return,
+        };
+        // In runs through a small buffer, not a second copy of the image.
+        let channels = if self.layout == Layout::Rgb { 3 } else { 4 };
+        let mut out = vec![0u8; 4096 * channels];
+        for run in pixels.chunks_mut(4096 * channels) {
+            let out = &mut out[..run.len()];
+            if self.transform.transform(run, out).is_err() {
+                return;
+            }
+            run.copy_from_slice(out);
+        }
     }
 }
 

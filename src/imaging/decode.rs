@@ -1019,9 +1019,11 @@ fn decode_webp_animation(input: &[u8], limits: &Limits) -> Result<Decoded, Imagi
     let mut decoded = collect_frames(frames, format, (width, height), repeat, limits)?;
     // Its colour profile and EXIF orientation, as for a still WebP, on
     // every frame.
-    if let Some(profile) = webp_chunk(input, b"ICCP") {
+    let profile = webp_chunk(input, b"ICCP");
+    let layout = moxcms::Layout::Rgba;
+    if let Some(conversion) = profile.and_then(|p| super::colour::SrgbConversion::new(p, layout)) {
         decoded.pixels.for_each_frame(|img| {
-            super::colour::to_srgb(img, profile);
+            conversion.apply(img);
             Ok(())
         })?;
     }
@@ -1063,6 +1065,13 @@ fn decode_tiff_ycbcr(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingEr
         .with_limits(tiff_limits);
     let (width, height) = decoder.dimensions().map_err(error)?;
     check_pixels(format, width, height, limits)?;
+    // The crate gives a planar file's first plane alone.
+    if let Ok(Some(2)) = decoder.find_tag_unsigned::<u16>(tiff::tags::Tag::PlanarConfiguration) {
+        return Err(decode_error(
+            format,
+            "YCbCr stored in separate planes (PlanarConfiguration 2) is not read",
+        ));
+    }
     let orientation = decoder
         .find_tag_unsigned::<u16>(tiff::tags::Tag::Orientation)
         .ok()

@@ -77,6 +77,17 @@ impl ImagingError {
                 height: width,
                 limit,
             },
+            ImagingError::AnimationTooLarge {
+                frames,
+                width,
+                height,
+                limit,
+            } => ImagingError::AnimationTooLarge {
+                frames,
+                width: height,
+                height: width,
+                limit,
+            },
             other => other,
         }
     }

@@ -50,13 +50,14 @@ pub(super) fn reordered(action: &Action) -> (std::borrow::Cow<'_, Action>, Vec<b
     while let Some((turn_at, resize_at)) = next_move(&ops) {
         if let (Op::Rotate(turn), Op::Resize(r)) = (ops[turn_at].clone(), ops[resize_at].clone()) {
             let quarter = matches!(turn, Rotation::R90 | Rotation::R270);
-            let r = match quarter {
-                true => Resize {
+            let r = if quarter {
+                Resize {
                     width: r.height,
                     height: r.width,
                     mode: r.mode,
-                },
-                false => r,
+                }
+            } else {
+                r
             };
             ops.remove(resize_at);
             ops.insert(turn_at, Op::Resize(r));

@@ -78,6 +78,11 @@ fn exif_text(field: &exif::Field) -> Option<String> {
             decimal(d.to_f64() + m.to_f64() / 60.0 + s.to_f64() / 3600.0)?
         }
         (V::Rational(parts), _) => decimal(parts.first()?.to_f64())?,
+        (V::SRational(parts), _) => decimal(parts.first()?.to_f64())?,
+        (V::Float(values), _) if values.len() == 1 => decimal(f64::from(values[0]))?,
+        (V::Double(values), _) if values.len() == 1 => decimal(values[0])?,
+        (V::SShort(values), _) if values.len() == 1 => values[0].to_string(),
+        (V::SLong(values), _) if values.len() == 1 => values[0].to_string(),
         (V::Byte(bytes), exif::Tag::GPSAltitudeRef) => match bytes.first()? {
             0 => "above sea level".to_string(),
             1 => "below sea level".to_string(),

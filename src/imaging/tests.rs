@@ -714,6 +714,12 @@ fn a_resize_moved_before_a_turn_names_the_sides_asked_for() {
         let err = run(&png, action).unwrap_err().to_string();
         assert!(err.contains(sides), "{action}: {err}");
     }
+    // The same for the frames of an animation (640x400, four frames).
+    let gif = fixture("ladybird-animated.gif");
+    let err = run(&gif, "rotate:a_90|resize:w_5000")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("4 frames of 5000x8000"), "{err}");
 }
 
 #[test]
@@ -744,6 +750,10 @@ fn info_bounds_exif_values_a_file_makes_huge() {
         (Tag::Make, Value::Short(vec![7; 100_000])),
         (Tag::Model, Value::Ascii(vec![vec![b'M'; 100_000]])),
         (Tag::FocalLength, Value::Long(vec![35])),
+        (
+            Tag::GPSAltitude,
+            Value::SRational(vec![exif::SRational { num: -5, denom: 2 }]),
+        ),
     ]);
     // Too long for one APP1 segment of a JPEG: in a PNG's eXIf chunk.
     let mut png = Vec::new();
@@ -764,6 +774,7 @@ fn info_bounds_exif_values_a_file_makes_huge() {
     );
     assert_eq!(info["model"], "M".repeat(256));
     assert_eq!(info["focallength"], "35", "{info}");
+    assert_eq!(info["gpsaltitude"], "-2.5", "{info}");
 }
 
 #[test]

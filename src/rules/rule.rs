@@ -105,10 +105,10 @@ impl ImageArgs {
     }
 }
 
-/// The longest `object_filters` pattern: a key is at most 1024 bytes, and
-/// a glob compiles to many times its own size (a `{a0,a1,…}` alternation
-/// of a megabyte took 60 MB).
-pub const MAX_PATTERN_BYTES: usize = 256;
+/// The longest `object_filters` pattern taken when rules are set: the
+/// longest key. A glob compiles to many times its own size (a `{a0,a1,…}`
+/// alternation of a megabyte took 60 MB).
+pub const MAX_PATTERN_BYTES: usize = 1024;
 
 /// A rule's `object_filters`, compiled once.
 ///
@@ -134,17 +134,6 @@ impl ObjectFilters {
         for (i, pattern) in patterns.iter().enumerate() {
             if pattern.is_empty() {
                 continue;
-            }
-            // Before it is compiled, which would take the memory and time.
-            if pattern.len() > MAX_PATTERN_BYTES {
-                return Err(RuleError::new(
-                    format!("object_filters[{i}]"),
-                    format!(
-                        "a pattern of {} bytes ({}): at most {MAX_PATTERN_BYTES}",
-                        pattern.len(),
-                        crate::shown(pattern)
-                    ),
-                ));
             }
             let glob = GlobBuilder::new(pattern)
                 .literal_separator(false)
