@@ -756,17 +756,10 @@ fn info_bounds_exif_values_a_file_makes_huge() {
         ),
     ]);
     // Too long for one APP1 segment of a JPEG: in a PNG's eXIf chunk.
-    let mut png = Vec::new();
-    image::RgbImage::from_pixel(16, 16, image::Rgb([9, 9, 9]))
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+    let info = run(&png_with_exif(&tiff, 16, 16), "info")
+        .unwrap()
+        .info
         .unwrap();
-    let mut chunk = (tiff.len() as u32).to_be_bytes().to_vec();
-    chunk.extend_from_slice(b"eXIf");
-    chunk.extend_from_slice(&tiff);
-    let crc = crc32fast::hash(&chunk[4..]);
-    chunk.extend_from_slice(&crc.to_be_bytes());
-    let png = [&png[..33], &chunk, &png[33..]].concat();
-    let info = run(&png, "info").unwrap().info.unwrap();
     assert!(
         info.get("make").is_none(),
         "{}",
@@ -777,21 +770,28 @@ fn info_bounds_exif_values_a_file_makes_huge() {
     assert_eq!(info["gpsaltitude"], "-2.5", "{info}");
 }
 
+/// A grey `width` x `height` PNG with `tiff` (EXIF) in an eXIf chunk after
+/// the signature and IHDR (8 + 25 bytes).
+fn png_with_exif(tiff: &[u8], width: u32, height: u32) -> Vec<u8> {
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(width, height, image::Rgb([9, 9, 9]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let mut chunk = (tiff.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(b"eXIf");
+    chunk.extend_from_slice(tiff);
+    let crc = crc32fast::hash(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    [&png[..33], &chunk, &png[33..]].concat()
+}
+
 #[test]
 fn a_png_is_turned_by_the_orientation_in_its_exif_chunk() {
     let tiff = exif_tiff(&[(exif::Tag::Orientation, exif::Value::Short(vec![6]))]);
-    let mut png = Vec::new();
-    image::RgbImage::from_pixel(40, 30, image::Rgb([9, 9, 9]))
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+    let info = run(&png_with_exif(&tiff, 40, 30), "info")
+        .unwrap()
+        .info
         .unwrap();
-    // An eXIf chunk after the signature and IHDR (8 + 25 bytes).
-    let mut chunk = (tiff.len() as u32).to_be_bytes().to_vec();
-    chunk.extend_from_slice(b"eXIf");
-    chunk.extend_from_slice(&tiff);
-    let crc = crc32fast::hash(&chunk[4..]);
-    chunk.extend_from_slice(&crc.to_be_bytes());
-    let png = [&png[..33], &chunk, &png[33..]].concat();
-    let info = run(&png, "info").unwrap().info.unwrap();
     assert_eq!(info["orientation"], 6, "{info}");
     assert_eq!(
         (info["width"].as_u64(), info["height"].as_u64()),
