@@ -114,6 +114,10 @@ struct ServeArgs {
     /// again; 0 fetches it for every invocation.
     #[arg(long, env = "IMGFUNC_WATERMARK_CACHE_SECS", default_value_t = 60)]
     watermark_cache_secs: u64,
+    /// Seconds caches may keep a `?image` answer without asking again
+    /// (`Cache-Control: public, max-age=`); 0 sends `no-cache`.
+    #[arg(long, env = "IMGFUNC_IMAGE_MAX_AGE", default_value_t = 0)]
+    image_max_age: u64,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -454,6 +458,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .collect::<anyhow::Result<_>>()?;
     config.sources.allow_private = args.watermark_allow_private;
     config.sources.cache_ttl = std::time::Duration::from_secs(args.watermark_cache_secs);
+    config.image_max_age = std::time::Duration::from_secs(args.image_max_age);
     config.sources.self_urls = vec![format!("http://{}", args.listen)];
     let store: Arc<dyn ObjectStore> = match &args.s3_endpoint {
         Some(endpoint) => {

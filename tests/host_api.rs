@@ -2659,3 +2659,105 @@ async fn matching_events_leaves_the_server_answering_and_is_bounded() {
     );
     host.stop().await;
 }
+
+/// `?image` behind a cache: a condition is judged only for a request that
+/// would succeed (a bad action is its error, not a 304), a tag names the
+/// limits it was made under, `image_max_age` lets proxies store the answer,
+/// and a made image being sent counts against the bodies' memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processed_images_behind_a_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = |host: &TestHost, key: &str, action: &str| {
+        format!("{}?image&action={action}", host.object_url("photos", key))
+    };
+    let mut config = test_config(dir.path());
+    config.image_max_age = Duration::from_secs(3600);
+    let host = TestHost::local(config).await;
+    let photo = fixture("images/storm.jpg");
+    let put = host.put_object("photos", "storm.jpg", photo.clone(), "image/jpeg");
+    assert_eq!(put.await.status(), 201);
+    let put = host.put_object("photos", "note.jpg", b"not an image".to_vec(), "image/jpeg");
+    assert_eq!(put.await.status(), 201);
+    let first = host
+        .http
+        .get(url(&host, "storm.jpg", "resize:w_40"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["cache-control"], "public, max-age=3600");
+    let tag = first.headers()["etag"].to_str().unwrap().to_owned();
+    let since = first.headers()["last-modified"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    // Conditions on requests that fail: their errors.
+    for (key, action, header, value, status) in [
+        (
+            "storm.jpg",
+            "resize:w_20000",
+            "if-modified-since",
+            since.as_str(),
+            413,
+        ),
+        ("note.jpg", "resize:w_40", "if-none-match", "*", 422),
+        (
+            "note.jpg",
+            "resize:w_40",
+            "if-modified-since",
+            since.as_str(),
+            422,
+        ),
+        ("storm.jpg", "resize:w_20000", "if-match", "\"nope\"", 413),
+    ] {
+        let response = host
+            .http
+            .get(url(&host, key, action))
+            .header(header, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{key} {action} {header}");
+    }
+    // On one that succeeds: 304 by date too, once the image is made.
+    let by_date = host
+        .http
+        .get(url(&host, "storm.jpg", "resize:w_40"))
+        .header("if-modified-since", &since)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_date.status(), 304);
+    assert_eq!(by_date.headers()["etag"], tag.as_str());
+    host.stop().await;
+
+    // The same source and action under other limits: another tag, so a
+    // cache revalidating the old one gets the new answer.
+    let mut config = test_config(dir.path());
+    config.limits.max_output_side = 8000;
+    // Room for one 64 KiB unit of bodies: a made image larger than that is
+    // refused while it would be sent, as a body would be while received.
+    config.body_memory = 64 << 10;
+    let host = TestHost::local(config).await;
+    let again = host
+        .http
+        .get(url(&host, "storm.jpg", "resize:w_40"))
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_ne!(again.headers()["etag"], tag.as_str());
+    assert_eq!(again.headers()["cache-control"], "no-cache");
+    let large = host
+        .http
+        .get(url(&host, "storm.jpg", "format:t_png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(large.status(), 503);
+    assert_eq!(large.headers()["retry-after"], "1");
+    let body: Value = large.json().await.unwrap();
+    assert_eq!(body["code"], "busy", "{body}");
+    host.stop().await;
+}

@@ -70,6 +70,11 @@ pub struct HostConfig {
     /// its connection is closed: a client trickling a byte now and then
     /// would otherwise hold a connection and its buffers for ever.
     pub client_timeout: Duration,
+    /// How long caches may keep a `?image` answer without asking again:
+    /// zero sends `Cache-Control: no-cache` (a cache asks each time, with
+    /// the tag), more `public, max-age=` that many seconds (what proxies
+    /// such as nginx and Varnish need to store it at all).
+    pub image_max_age: Duration,
 }
 
 impl HostConfig {
@@ -92,6 +97,7 @@ impl HostConfig {
             backend_retries: [5, 30, 120].map(Duration::from_secs).to_vec(),
             max_connections: 1024,
             client_timeout: Duration::from_secs(30),
+            image_max_age: Duration::ZERO,
         }
     }
 }
@@ -405,6 +411,43 @@ const DRAIN_OVER_LIMIT: usize = 64 << 20;
 /// The unit in which bodies are counted against
 /// [`HostConfig::body_memory`].
 const BODY_UNIT: usize = 64 << 10;
+
+/// A made image's bytes as a response body, counted against the bodies'
+/// memory ([`HostConfig::body_memory`]) until it has been sent: a slow
+/// client reading a large output holds it as long as it reads, and many
+/// of them would otherwise hold any number. Sent in 256 KiB pieces of the
+/// one buffer. Over the budget, 503 `busy` with `Retry-After: 1`.
+pub(super) fn counted_body(state: &AppState, bytes: Vec<u8>) -> Result<axum::body::Body, ApiError> {
+    let units = u32::try_from(bytes.len().div_ceil(BODY_UNIT).max(1)).unwrap_or(u32::MAX);
+    let held = state
+        .bodies
+        .clone()
+        .try_acquire_many_owned(units)
+        .map_err(|_| ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "request bodies and made images being sent take the {} MiB the server holds \
+                 for them; retry later",
+                    state.config.body_memory >> 20
+                ),
+            )
+        })?;
+    let bytes = Bytes::from(bytes);
+    const PIECE: usize = 256 << 10;
+    let pieces: Vec<Bytes> = (0..bytes.len())
+        .step_by(PIECE)
+        .map(|at| bytes.slice(at..(at + PIECE).min(bytes.len())))
+        .collect();
+    let stream = futures_util::StreamExt::map(futures_util::stream::iter(pieces), move |piece| {
+        // Held until the last piece is taken or the body is dropped.
+        let _held = &held;
+        Ok::<_, std::convert::Infallible>(piece)
+    });
+    Ok(axum::body::Body::from_stream(stream))
+}
 
 /// Once [`HostConfig::client_timeout`] has passed, a body must have come
 /// at this many bytes a second on average, or it is answered 408: a client

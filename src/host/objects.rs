@@ -1079,16 +1079,30 @@ fn set_object_headers(
 }
 
 /// A processed image's validators: a tag made from the source's tag, the
-/// action and this build (whose output for them may differ from another's),
-/// and the source's time. With `Cache-Control: no-cache` a cache keeps the
-/// image and asks each time, and an unchanged source answers 304 without
-/// being read or processed again.
-fn processed_validators(source: &store::ObjectMeta, action: &str) -> Validators {
+/// action, the limits and this build (whose sources and dependencies
+/// `build.rs` hashes: another build's output may differ), and the later of
+/// the source's time and this build's. A tag that matches was therefore
+/// made by the same work on the same source, which succeeded then and
+/// would again; an unchanged source answers 304 without being read or
+/// processed again.
+fn processed_validators(
+    source: &store::ObjectMeta,
+    action: &str,
+    limits: &imaging::Limits,
+) -> Validators {
     use md5::Digest;
     let of_source = Validators::of(source);
+    let limits = format!(
+        "{} {} {} {} {}",
+        limits.max_input_bytes,
+        limits.max_pixels,
+        limits.max_output_side,
+        limits.max_frames,
+        limits.max_animation_pixels
+    );
     let etag = of_source.etag.map(|tag| {
         let mut hash = md5::Md5::new();
-        for part in [tag.as_str(), action, env!("CARGO_PKG_VERSION")] {
+        for part in [tag.as_str(), action, &limits, env!("IMGFUNC_BUILD_ID")] {
             hash.update(part.as_bytes());
             hash.update([0]);
         }
@@ -1096,9 +1110,18 @@ fn processed_validators(source: &store::ObjectMeta, action: &str) -> Validators 
         // Weak: the same pixels, not promised byte for byte elsewhere.
         format!("W/\"{hex}\"")
     });
+    let built = env!("IMGFUNC_BUILD_TIME")
+        .parse::<u64>()
+        .ok()
+        .map(|secs| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs));
     Validators {
         etag,
-        modified: of_source.modified,
+        // A source with no time an HTTP date can hold gives none: a later
+        // change to it could not be told from the build's time.
+        modified: of_source.modified.map(|source| match built {
+            Some(built) if source >= std::time::UNIX_EPOCH => source.max(built),
+            _ => source,
+        }),
     }
 }
 
@@ -1125,26 +1148,30 @@ async fn process(
             "save and watermark_image run in rules (cloudfunc image), not in ?image requests",
         ));
     }
+    let max_age = state.config.image_max_age.as_secs();
     let cache = |headers: &mut HeaderMap, validators: &Validators| {
         validators.set(headers);
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        let control = match max_age {
+            0 => HeaderValue::from_static("no-cache"),
+            secs => HeaderValue::try_from(format!("public, max-age={secs}"))
+                .unwrap_or_else(|_| HeaderValue::from_static("no-cache")),
+        };
+        headers.insert(header::CACHE_CONTROL, control);
     };
-    // A conditional request asks the store for the source's tag alone
-    // first.
-    let conditional = [
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-    ]
-    .iter()
-    .any(|h| request.contains_key(h));
-    if conditional {
-        let validators = processed_validators(&state.store.head(bucket, key).await?, action_text);
-        if Validators::preconditions_fail(Some(&validators), request) {
-            return Err(precondition_failed(bucket, key));
-        }
-        if validators.not_modified(request) {
+    // A cache revalidating a tag it holds is answered from the source's
+    // tag alone: a tag that matches names work that succeeded (see
+    // [`processed_validators`]). Other conditions are judged once the image
+    // is made, since a request that fails (a bad action, a source that is
+    // not an image, lower limits) gets its error, not a 304 or 412 (RFC
+    // 9110, 13.2.1).
+    let revalidates = header_list(request, header::IF_NONE_MATCH)
+        .is_some_and(|tags| !tags.split(',').any(|t| t.trim() == "*"));
+    if revalidates {
+        let source = state.store.head(bucket, key).await?;
+        let validators = processed_validators(&source, action_text, &state.config.limits);
+        if !Validators::preconditions_fail(Some(&validators), request)
+            && validators.not_modified(request)
+        {
             let mut response = StatusCode::NOT_MODIFIED.into_response();
             cache(response.headers_mut(), &validators);
             return Ok(response);
@@ -1160,7 +1187,7 @@ async fn process(
     let turn = state.queue.shared_turn().await;
     let slot = state.runtime.image_slot().await;
     let limits = state.config.limits.clone();
-    let named = key.to_owned();
+    let (source_bucket, named) = (bucket.to_owned(), key.to_owned());
     let (bucket, key) = (bucket.to_owned(), key.to_owned());
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     let task = state.clone();
@@ -1185,12 +1212,28 @@ async fn process(
     .await?;
     let (meta, output) = output;
     // The tag of the source that was read.
-    let validators = processed_validators(&meta, action_text);
+    let validators = processed_validators(&meta, action_text, &state.config.limits);
+    if Validators::preconditions_fail(Some(&validators), request) {
+        return Err(precondition_failed(&source_bucket, &named));
+    }
+    if validators.not_modified(request) {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        cache(response.headers_mut(), &validators);
+        return Ok(response);
+    }
     let mut response = match (output.image, output.info) {
         (Some(image), _) => {
+            let length = image.bytes.len();
+            let body = super::counted_body(state, image.bytes)?;
             let mut response = (
-                [(header::CONTENT_TYPE, image.format.content_type())],
-                image.bytes,
+                [
+                    (
+                        header::CONTENT_TYPE,
+                        image.format.content_type().to_string(),
+                    ),
+                    (header::CONTENT_LENGTH, length.to_string()),
+                ],
+                body,
             )
                 .into_response();
             if let Ok(v) = HeaderValue::from_str(&disposition(&named, image.format)) {
