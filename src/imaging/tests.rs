@@ -723,6 +723,39 @@ fn a_resize_moved_before_a_turn_names_the_sides_asked_for() {
 }
 
 #[test]
+fn a_16_bit_tiff_is_brought_to_8_bits_a_strip_at_a_time_as_the_image_crate_would() {
+    // Grey, RGB and RGBA, each with a gradient that uses the low byte,
+    // written by the image crate (in strips; it writes no grey and alpha).
+    let (w, h) = (70u32, 90u32);
+    let sample = |x: u32, y: u32, c: u32| ((x * 937 + y * 613 + c * 10_007) % 65_536) as u16;
+    let grey = image::ImageBuffer::from_fn(w, h, |x, y| image::Luma([sample(x, y, 0)]));
+    let rgb = image::ImageBuffer::from_fn(w, h, |x, y| {
+        image::Rgb([sample(x, y, 0), sample(x, y, 1), sample(x, y, 2)])
+    });
+    let rgba = image::ImageBuffer::from_fn(w, h, |x, y| {
+        image::Rgba([sample(x, y, 0), sample(x, y, 1), sample(x, y, 2), 65_535])
+    });
+    for source in [
+        DynamicImage::ImageLuma16(grey),
+        DynamicImage::ImageRgb16(rgb),
+        DynamicImage::ImageRgba16(rgba),
+    ] {
+        let mut tiff = std::io::Cursor::new(Vec::new());
+        source
+            .write_to(&mut tiff, image::ImageFormat::Tiff)
+            .unwrap();
+        let tiff = tiff.into_inner();
+        assert!(
+            super::decode::decode_tiff_16(&tiff, &Limits::default()).is_some(),
+            "{:?} takes the strip path",
+            source.color()
+        );
+        let (_, got) = run_image(&tiff, "format:t_png");
+        assert_eq!(got.to_rgba8(), source.to_rgba8(), "{:?}", source.color());
+    }
+}
+
+#[test]
 fn a_jpeg_compressed_ycbcr_tiff_is_decoded() {
     // libvips' `compression=jpeg` at its default quality (and sharp's
     // default TIFF) store YCbCr, 4:2:0, in strips of 128 rows: the same
