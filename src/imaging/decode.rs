@@ -1174,6 +1174,12 @@ fn decode_tiff_16_strips(
     let mut pixels = vec![0u8; row * height as usize];
     let rows_per_strip = decoder.chunk_dimensions().1 as usize;
     let strips = decoder.strip_count().map_err(error)?;
+    if (strips as usize).saturating_mul(rows_per_strip) < height as usize {
+        return Err(decode_error(
+            format,
+            "its strips do not cover the image's rows",
+        ));
+    }
     for strip in 0..strips {
         let first = strip as usize * rows_per_strip;
         if first >= height as usize {
