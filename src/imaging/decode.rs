@@ -1141,7 +1141,12 @@ pub(super) fn decode_tiff_16(
         Some(1 | 2)
     );
     let planar_ok = matches!(tag(&mut decoder, Tag::PlanarConfiguration), None | Some(1));
-    let unsigned = matches!(tag(&mut decoder, Tag::SampleFormat), None | Some(1));
+    // One value for each sample.
+    let unsigned = match decoder.find_tag_unsigned_vec::<u16>(Tag::SampleFormat) {
+        Ok(None) => true,
+        Ok(Some(formats)) => formats.iter().all(|&f| f == 1),
+        Err(_) => false,
+    };
     let strips = decoder.get_chunk_type() == tiff::decoder::ChunkType::Strip;
     if !(photometric_ok && planar_ok && unsigned && strips) {
         return None;
