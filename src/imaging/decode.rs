@@ -1054,6 +1054,29 @@ fn tiff_is_ycbcr_jpeg(input: &[u8]) -> bool {
         && matches!(compression, Ok(Some(7)))
 }
 
+/// A TIFF decoder held to `limits`' memory bound.
+type TiffDecoder<'a> = tiff::decoder::Decoder<Cursor<&'a [u8]>>;
+
+fn tiff_decoder<'a>(input: &'a [u8], limits: &Limits) -> Result<TiffDecoder<'a>, tiff::TiffError> {
+    let mut tiff_limits = tiff::decoder::Limits::default();
+    let max_alloc = decoder_limits(limits).max_alloc.unwrap_or(u64::MAX);
+    tiff_limits.decoding_buffer_size = usize::try_from(max_alloc).unwrap_or(usize::MAX);
+    Ok(tiff::decoder::Decoder::new(Cursor::new(input))?.with_limits(tiff_limits))
+}
+
+/// A TIFF's orientation (1 when absent or not 1-8) and ICC profile.
+fn tiff_orientation_and_profile(decoder: &mut TiffDecoder<'_>) -> (u8, Option<Vec<u8>>) {
+    let orientation = decoder
+        .find_tag_unsigned::<u16>(tiff::tags::Tag::Orientation)
+        .ok()
+        .flatten()
+        .and_then(|o| u8::try_from(o).ok())
+        .filter(|o| (1..=8).contains(o))
+        .unwrap_or(1);
+    let profile = decoder.get_tag_u8_vec(tiff::tags::Tag::IccProfile).ok();
+    (orientation, profile)
+}
+
 /// A JPEG-compressed YCbCr TIFF: the tiff crate decodes its strips or
 /// tiles to full-size YCbCr samples, brought here to RGB as libjpeg does
 /// (full range, BT.601: what JPEG data holds whatever the TIFF's
@@ -1061,12 +1084,7 @@ fn tiff_is_ycbcr_jpeg(input: &[u8]) -> bool {
 fn decode_tiff_ycbcr(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingError> {
     let format = ImageFormat::Tiff;
     let error = |e: tiff::TiffError| decode_error(format, e);
-    let mut tiff_limits = tiff::decoder::Limits::default();
-    let max_alloc = decoder_limits(limits).max_alloc.unwrap_or(u64::MAX);
-    tiff_limits.decoding_buffer_size = usize::try_from(max_alloc).unwrap_or(usize::MAX);
-    let mut decoder = tiff::decoder::Decoder::new(Cursor::new(input))
-        .map_err(error)?
-        .with_limits(tiff_limits);
+    let mut decoder = tiff_decoder(input, limits).map_err(error)?;
     let (width, height) = decoder.dimensions().map_err(error)?;
     check_pixels(format, width, height, limits)?;
     // The crate gives a planar file's first plane alone.
@@ -1076,14 +1094,7 @@ fn decode_tiff_ycbcr(input: &[u8], limits: &Limits) -> Result<Decoded, ImagingEr
             "YCbCr stored in separate planes (PlanarConfiguration 2) is not read",
         ));
     }
-    let orientation = decoder
-        .find_tag_unsigned::<u16>(tiff::tags::Tag::Orientation)
-        .ok()
-        .flatten()
-        .and_then(|o| u8::try_from(o).ok())
-        .filter(|o| (1..=8).contains(o))
-        .unwrap_or(1);
-    let profile = decoder.get_tag_u8_vec(tiff::tags::Tag::IccProfile).ok();
+    let (orientation, profile) = tiff_orientation_and_profile(&mut decoder);
     let tiff::decoder::DecodingResult::U8(mut samples) = decoder.read_image().map_err(error)?
     else {
         return Err(decode_error(format, "YCbCr samples that are not 8-bit"));
@@ -1119,12 +1130,7 @@ pub(super) fn decode_tiff_16(
 ) -> Option<Result<Decoded, ImagingError>> {
     use tiff::tags::Tag;
     let format = ImageFormat::Tiff;
-    let mut tiff_limits = tiff::decoder::Limits::default();
-    let max_alloc = decoder_limits(limits).max_alloc.unwrap_or(u64::MAX);
-    tiff_limits.decoding_buffer_size = usize::try_from(max_alloc).unwrap_or(usize::MAX);
-    let mut decoder = tiff::decoder::Decoder::new(Cursor::new(input))
-        .ok()?
-        .with_limits(tiff_limits);
+    let mut decoder = tiff_decoder(input, limits).ok()?;
     let (channels, grey) = match decoder.colortype().ok()? {
         tiff::ColorType::Gray(16) => (1, true),
         tiff::ColorType::GrayA(16) => (2, true),
@@ -1157,7 +1163,7 @@ pub(super) fn decode_tiff_16(
 }
 
 fn decode_tiff_16_strips(
-    mut decoder: tiff::decoder::Decoder<Cursor<&[u8]>>,
+    mut decoder: TiffDecoder<'_>,
     channels: usize,
     grey: bool,
     input: &[u8],
@@ -1167,14 +1173,7 @@ fn decode_tiff_16_strips(
     let error = |e: tiff::TiffError| decode_error(format, e);
     let (width, height) = decoder.dimensions().map_err(error)?;
     check_pixels(format, width, height, limits)?;
-    let orientation = decoder
-        .find_tag_unsigned::<u16>(tiff::tags::Tag::Orientation)
-        .ok()
-        .flatten()
-        .and_then(|o| u8::try_from(o).ok())
-        .filter(|o| (1..=8).contains(o))
-        .unwrap_or(1);
-    let profile = decoder.get_tag_u8_vec(tiff::tags::Tag::IccProfile).ok();
+    let (orientation, profile) = tiff_orientation_and_profile(&mut decoder);
     let row = width as usize * channels;
     let mut pixels = vec![0u8; row * height as usize];
     let rows_per_strip = decoder.chunk_dimensions().1 as usize;
