@@ -59,7 +59,7 @@ pub async fn post_events(
 }
 
 /// The most events one request may carry; each is matched against its
-/// bucket's rules (see `MAX_FILTER_BYTES_PER_BUCKET`).
+/// bucket's rules (see `MAX_REGEX_FILTER_BYTES_PER_BUCKET`).
 pub const MAX_EVENTS_PER_REQUEST: usize = 1000;
 
 /// The jobs `body`'s events fire, how many events fired none, and the

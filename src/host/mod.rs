@@ -412,6 +412,22 @@ const DRAIN_OVER_LIMIT: usize = 64 << 20;
 /// [`HostConfig::body_memory`].
 const BODY_UNIT: usize = 64 << 10;
 
+/// 503 `busy` with `Retry-After: 1`: the bodies' memory is taken.
+fn bodies_full(state: &AppState) -> ApiError {
+    ApiError {
+        retry_after: Some(1),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!(
+                "request bodies being received and made images being sent take the {} MiB \
+                 the server holds for them; retry later",
+                state.config.body_memory >> 20
+            ),
+        )
+    }
+}
+
 /// A made image's bytes as a response body, counted against the bodies'
 /// memory ([`HostConfig::body_memory`]) until it has been sent: a slow
 /// client reading a large output holds it as long as it reads, and many
@@ -423,18 +439,7 @@ pub(super) fn counted_body(state: &AppState, bytes: Vec<u8>) -> Result<axum::bod
         .bodies
         .clone()
         .try_acquire_many_owned(units)
-        .map_err(|_| ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                format!(
-                    "request bodies and made images being sent take the {} MiB the server holds \
-                 for them; retry later",
-                    state.config.body_memory >> 20
-                ),
-            )
-        })?;
+        .map_err(|_| bodies_full(state))?;
     let bytes = Bytes::from(bytes);
     const PIECE: usize = 256 << 10;
     let pieces: Vec<Bytes> = (0..bytes.len())
@@ -521,18 +526,7 @@ async fn read_body(
     if over(DRAIN_OVER_LIMIT) || (waits && over(0)) {
         return Err(too_large());
     }
-    let busy = || ApiError {
-        retry_after: Some(1),
-        ..ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            format!(
-                "request bodies being received take the {} MiB the server holds for them; \
-                 retry later",
-                state.config.body_memory >> 20
-            ),
-        )
-    };
+    let busy = || bodies_full(state);
     // So does the 503 when the bodies' memory cannot hold the one
     // announced now.
     let room = state.bodies.available_permits().saturating_mul(BODY_UNIT) as u64;
